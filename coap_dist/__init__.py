@@ -1,0 +1,13 @@
+"""coap_dist: COAP (correlation-aware low-rank projected Adam/Adafactor) for distributed training.
+
+``COAPAdamW`` / ``COAPAdafactor`` replace ``torch.optim.AdamW``; ``param_groups(model)`` routes
+embeddings, heads, norms and biases to AdamW. Importing the package installs the distribution
+layouts (FSDP2 row shards are detected automatically; ``sharding="owner"`` shards state over
+DDP ranks) and makes ``torch.optim.COAP`` resolvable for DeepSpeed's JSON config.
+"""
+
+from coap_dist import distributed as distributed  # installs the layout resolver
+from coap_dist.optim import COAPAdafactor, COAPAdamW, param_groups
+
+__version__ = "0.1.0"
+__all__ = ["COAPAdafactor", "COAPAdamW", "__version__", "param_groups"]

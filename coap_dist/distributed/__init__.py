@@ -1,0 +1,47 @@
+"""Distribution layouts for COAP: one class per mode behind :class:`coap_dist.optim.layout.Layout`.
+
+* :class:`OwnerSharding` (``sharding="owner"``): DDP / replicated parameters, state sharded by
+  parameter owner (ZeRO-1, or ZeRO-2 with ``reduce_gradients=True``).
+* :class:`Fsdp2Local` (automatic for FSDP2/HSDP DTensor parameters, or ``sharding="local"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from coap_dist.distributed.fsdp2 import Fsdp2Local
+from coap_dist.distributed.owner import OwnerSharding
+from coap_dist.optim.layout import Layout, set_layout_resolver
+
+SHARDING_NAMES = ("none", "owner", "local")
+
+
+def resolve(params: Sequence[torch.nn.Parameter], sharding: Any, process_group: Any) -> Layout:
+    """Pick the layout: a Layout instance as given; FSDP2 DTensors -> LOCAL; 'owner' -> OWNER."""
+    if isinstance(sharding, Layout):
+        return sharding
+    from torch.distributed.tensor import DTensor
+
+    is_dtensor = any(isinstance(p, DTensor) for p in params)
+    if sharding is not None and sharding not in SHARDING_NAMES:
+        raise ValueError(f"invalid `sharding`={sharding!r}; must be one of {SHARDING_NAMES}, "
+                         "None (automatic) or a coap_dist.distributed layout instance")
+    if is_dtensor:
+        if sharding not in (None, "local"):
+            raise ValueError(f"`sharding`={sharding!r} is not available for FSDP2 (DTensor) "
+                             "parameters; use None or 'local'")
+        return Fsdp2Local()
+    if sharding == "owner":
+        return OwnerSharding(process_group)
+    if sharding == "local":
+        raise ValueError("`sharding`='local' needs FSDP2 (DTensor) parameters; for DDP use "
+                         "sharding='owner'")
+    return Layout()
+
+
+set_layout_resolver(resolve)
+
+__all__ = ["Fsdp2Local", "OwnerSharding", "resolve"]

@@ -1,0 +1,90 @@
+"""Blockwise dynamic 8-bit quantisation of optimizer moments (CPU and GPU tensors).
+
+A moment tensor x (any shape, numel N) is cut into consecutive blocks of ``BLOCK`` elements
+of its flattened view. Each block keeps s = max|x| in fp32 and every element as the index
+q in [0, 255] of the code value nearest to x / s:
+
+    quantize:    q_i = argmin_k |code_k - x_i / s_blk(i)|
+    dequantize:  x_i ~ code[q_i] * s_blk(i)
+
+The codebook is a *dynamic* (decade) map: decade d covers magnitudes [10^(d-7), 10^(d-6)]
+with 2^d linearly spaced values, so precision is relative down to 1e-7 of the block maximum.
+The signed map (first moment) spends one bit on the sign; the unsigned map (second moment,
+always >= 0) uses all 8 bits for magnitude, i.e. twice the resolution of a signed map.
+Both contain 0 and 1 exactly (the block maximum is stored without error).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+BLOCK = 4096
+
+
+@functools.cache
+def _magnitudes(count: int) -> tuple[float, ...]:
+    """`count - 1` positive decade values in (1e-7, 1), plus 1.0, sorted ascending."""
+    values: list[float] = []
+    decades = 7
+    weights = [2**d for d in range(decades)]
+    total = sum(weights)
+    budget = count - 1  # 1.0 is added separately
+    sizes = [max(1, budget * w // total) for w in weights]
+    sizes[-1] += budget - sum(sizes)
+    for d, n in enumerate(sizes):
+        lo, hi = 10.0 ** (d - decades), 10.0 ** (d - decades + 1)
+        step = (hi - lo) / n
+        values.extend(lo + step * (i + 0.5) for i in range(n))
+    values.append(1.0)
+    return tuple(sorted(values))
+
+
+@functools.cache
+def _codebook_cpu(signed: bool) -> tuple[Tensor, Tensor]:
+    if signed:
+        neg = -torch.tensor(_magnitudes(127), dtype=torch.float32)
+        pos = torch.tensor(_magnitudes(128), dtype=torch.float32)
+        code = torch.cat([neg, torch.zeros(1), pos])
+    else:
+        code = torch.cat([torch.zeros(1), torch.tensor(_magnitudes(255), dtype=torch.float32)])
+    code, _ = torch.sort(code)
+    mids = (code[1:] + code[:-1]) / 2
+    return code, mids
+
+
+def codebook(signed: bool, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """(code (256,), midpoints (255,)) of the signed or unsigned dynamic map, fp32."""
+    code, mids = _codebook_cpu(signed)
+    return code.to(device), mids.to(device)
+
+
+def num_blocks(numel: int, block: int = BLOCK) -> int:
+    """ceil(N / block): number of fp32 scales stored for N elements."""
+    return -(-numel // block)
+
+
+def quantize(x: Tensor, signed: bool, block: int = BLOCK) -> tuple[Tensor, Tensor]:
+    """x (any shape) -> (q uint8 of x's shape, scales fp32 (ceil(N/block),))."""
+    flat = x.detach().float().reshape(-1)
+    n = flat.numel()
+    nb = num_blocks(n, block)
+    padded = torch.nn.functional.pad(flat, (0, nb * block - n)).view(nb, block)
+    scales = padded.abs().amax(dim=1)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    normed = (padded / safe[:, None]).clamp_(-1.0, 1.0)
+    _, mids = codebook(signed, x.device)
+    q = torch.bucketize(normed, mids).to(torch.uint8)
+    return q.view(-1)[:n].view(x.shape), scales
+
+
+def dequantize(q: Tensor, scales: Tensor, signed: bool, block: int = BLOCK) -> Tensor:
+    """Inverse of :func:`quantize` up to the code spacing: fp32 tensor of q's shape."""
+    code, _ = codebook(signed, q.device)
+    flat = code[q.reshape(-1).long()]
+    n = flat.numel()
+    nb = scales.numel()
+    padded = torch.nn.functional.pad(flat, (0, nb * block - n)).view(nb, block)
+    return (padded * scales[:, None]).view(-1)[:n].view(q.shape)

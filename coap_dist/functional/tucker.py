@@ -1,0 +1,74 @@
+"""Tucker-2 projection of 4-D convolution gradients on their channel modes.
+
+For G of shape (O, I, kh, kw) and factors U0 (O x r0), U1 (I x r1) with orthonormal columns:
+
+    core(G) = G x_0 U0^T x_1 U1^T          shape (r0, r1, kh, kw)
+    back(C) = C x_0 U0 x_1 U1              shape (O, I, kh, kw)
+
+When only the output mode is compressed (1x1 kernels) U1 is absent and the core is
+(r0, I, kh, kw). Factors are refreshed by one warm-started HOOI sweep: U0 from the randomized
+SVD of the mode-0 unfolding of G x_1 U1^T started at the previous U0, then U1 likewise with the
+new U0. All factor maths runs in fp32 and the factors are returned in fp32; the caller stores
+them in its working dtype (bf16 works).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from coap_dist.functional.projection import rsvd
+
+SMALL_CONV_NUMEL = 9216
+"""Convolution weights with at most this many elements stay in plain AdamW."""
+
+
+def tucker_ranks(shape: tuple[int, ...] | torch.Size, rank_ratio_cnn: float) -> tuple[int, int | None]:
+    """(r0, r1) for a conv weight (O, I, kh, kw): kw == 1 -> (O // rho, None), else
+    (O // sqrt(rho), I // sqrt(rho)), each at least 1."""
+    o, i, _, kw = shape
+    if kw == 1:
+        return max(int(o // rank_ratio_cnn), 1), None
+    root = math.sqrt(rank_ratio_cnn)
+    return max(int(o // root), 1), max(int(i // root), 1)
+
+
+def core(g: Tensor, u0: Tensor, u1: Tensor | None) -> Tensor:
+    """G x_0 U0^T (x_1 U1^T): (O, I, kh, kw) -> (r0, r1 or I, kh, kw)."""
+    c = torch.einsum("oikl,or->rikl", g, u0.to(g.dtype))
+    if u1 is not None:
+        c = torch.einsum("rikl,is->rskl", c, u1.to(g.dtype))
+    return c
+
+
+def back(c: Tensor, u0: Tensor, u1: Tensor | None) -> Tensor:
+    """C x_0 U0 (x_1 U1): the full-size tensor of a core."""
+    if u1 is not None:
+        c = torch.einsum("rskl,is->rikl", c, u1.to(c.dtype))
+    return torch.einsum("rikl,or->oikl", c, u0.to(c.dtype))
+
+
+def _mode_basis(x: Tensor, mode: int, rank: int, warm: Tensor | None) -> Tensor:
+    """Leading `rank` left singular vectors (columns) of the mode-`mode` unfolding of x."""
+    unfold = x.movedim(mode, 0).reshape(x.shape[mode], -1)  # (dim x rest)
+    omega = None if warm is None else warm.float()
+    return rsvd(unfold.t(), rank, omega).t().contiguous()  # (dim x rank)
+
+
+def refresh_factors(g: Tensor, r0: int, r1: int | None, u0: Tensor | None,
+                    u1: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """New (U0, U1): HOSVD from the seeded Gaussian when no factors exist, otherwise one
+    warm-started HOOI sweep. Returns fp32 factors; non-finite if G is."""
+    gf = g.float()
+    if u0 is None:
+        new_u0 = _mode_basis(gf, 0, r0, None)
+        new_u1 = None if r1 is None else _mode_basis(gf, 1, r1, None)
+        return new_u0, new_u1
+    y = gf if u1 is None else torch.einsum("oikl,is->oskl", gf, u1.float())
+    new_u0 = _mode_basis(y, 0, r0, u0)
+    if r1 is None:
+        return new_u0, None
+    z = torch.einsum("oikl,or->rikl", gf, new_u0)
+    return new_u0, _mode_basis(z, 1, r1, u1)

@@ -1,0 +1,187 @@
+"""A LLaMA-style decoder (RMSNorm, rotary attention, SwiGLU MLP), free of parallelism.
+
+Parameter names follow the Meta reference layout so that name patterns are predictable:
+``tok_embeddings.weight`` (V x d), ``layers.{i}.attention.{wq,wk,wv,wo}.weight`` (d x d),
+``layers.{i}.feed_forward.{w1,w3}.weight`` (f x d), ``layers.{i}.feed_forward.w2.weight``
+(d x f), ``layers.{i}.{attention_norm,ffn_norm}.weight`` (d), ``norm.weight`` (d),
+``output.weight`` (V x d).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+    """Dimensions of a LLaMA-style model.
+
+    Attributes:
+        vocab_size: number of token ids V.
+        dim: hidden size d.
+        intermediate_size: SwiGLU width f.
+        n_layers: number of transformer blocks.
+        n_heads: attention heads (d must be divisible by it).
+        max_seq_len: longest sequence the rotary table covers.
+        norm_eps: RMSNorm epsilon.
+    """
+
+    vocab_size: int = 32000
+    dim: int = 512
+    intermediate_size: int = 1376
+    n_layers: int = 8
+    n_heads: int = 8
+    max_seq_len: int = 256
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "intermediate_size", "n_layers", "n_heads", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(
+                f"LlamaConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})"
+            )
+
+    def num_params(self) -> int:
+        """Exact parameter count: 2 V d + L (4 d^2 + 3 d f + 2 d) + d."""
+        d, f = self.dim, self.intermediate_size
+        return 2 * self.vocab_size * d + self.n_layers * (4 * d * d + 3 * d * f + 2 * d) + d
+
+
+# Published shapes (GaLore / COAP LLaMA recipes); "tiny" is a CPU-sized model with byte tokens.
+LLAMA_PRESETS: dict[str, LlamaConfig] = {
+    "tiny": LlamaConfig(vocab_size=256, dim=128, intermediate_size=344, n_layers=4, n_heads=4,
+                        max_seq_len=256),
+    "60m": LlamaConfig(vocab_size=32000, dim=512, intermediate_size=1376, n_layers=8, n_heads=8,
+                       max_seq_len=256),
+    "130m": LlamaConfig(vocab_size=32000, dim=768, intermediate_size=2048, n_layers=12,
+                        n_heads=12, max_seq_len=256),
+    "350m": LlamaConfig(vocab_size=32000, dim=1024, intermediate_size=2736, n_layers=24,
+                        n_heads=16, max_seq_len=256),
+    "1b": LlamaConfig(vocab_size=32000, dim=2048, intermediate_size=5461, n_layers=24,
+                      n_heads=32, max_seq_len=256),
+    "7b": LlamaConfig(vocab_size=32000, dim=4096, intermediate_size=11008, n_layers=32,
+                      n_heads=32, max_seq_len=2048),
+}
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w, over the last dim."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def _rotary_tables(head_dim: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (seq_len, head_dim // 2) for theta = 10000."""
+    inv = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv)
+    return angles.cos(), angles.sin()
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_even, x_odd) of x: (B, T, H, Dh) by the angle tables (T, Dh/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with rotary position embedding."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q = _apply_rotary(self.wq(x).view(b, t, self.n_heads, -1), cos, sin)
+        k = _apply_rotary(self.wk(x).view(b, t, self.n_heads, -1), cos, sin)
+        v = self.wv(x).view(b, t, self.n_heads, -1)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        return self.wo(y.transpose(1, 2).reshape(b, t, d))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    """Decoder-only LM: tokens (B, T) int64 -> logits (B, T, V)."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = _rotary_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, 0.02) for matrices, output projections scaled by 1/sqrt(2 L)."""
+        if self.tok_embeddings.weight.is_meta:
+            return
+        std = 0.02
+        for name, p in self.named_parameters():
+            if p.ndim == 2:
+                scale = 1.0 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
+                nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.output(self.norm(x))

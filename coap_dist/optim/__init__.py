@@ -1,0 +1,6 @@
+"""COAP optimizers (single-process math; distribution comes through a Layout)."""
+
+from coap_dist.optim.coap import COAPAdafactor, COAPAdamW
+from coap_dist.optim.params import param_groups
+
+__all__ = ["COAPAdafactor", "COAPAdamW", "param_groups"]

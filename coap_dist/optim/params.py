@@ -1,0 +1,58 @@
+"""``param_groups``: which parameters of a model COAP compresses and which stay in AdamW."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+HEAD_NAMES = ("output", "lm_head", "head", "classifier", "embed_out")
+"""Module names treated as output heads (kept in AdamW by default)."""
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) \
+        or "norm" in type(module).__name__.lower()
+
+
+def param_groups(model: nn.Module, *, adamw_patterns: Iterable[str] | None = None,
+                 coap_patterns: Iterable[str] | None = None,
+                 **coap_overrides: Any) -> list[dict[str, Any]]:
+    """Split a model's trainable parameters into a COAP group and an AdamW group.
+
+    Default rule: weights of linear and convolution layers go to COAP (``algorithm="auto"``:
+    small convolutions still fall back to AdamW inside the optimizer); embeddings, output heads
+    (modules named one of :data:`HEAD_NAMES`), normalisation layers, biases and every other
+    parameter with fewer than 2 dims go to ``algorithm="adamw"``. Name patterns (fnmatch on the
+    full parameter name, e.g. ``"layers.0.*"``) override: ``adamw_patterns`` first, then
+    ``coap_patterns``. ``coap_overrides`` (rank, update_interval, ...) go into the COAP group.
+    Shared (tied) parameters appear once. Empty groups are omitted.
+    """
+    adamw_pats = list(adamw_patterns or ())
+    coap_pats = list(coap_patterns or ())
+    seen: set[int] = set()
+    coap, adamw = [], []
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            leaf = mod_name.rsplit(".", 1)[-1]
+            if any(fnmatch.fnmatchcase(full, pat) for pat in adamw_pats):
+                to_coap = False
+            elif any(fnmatch.fnmatchcase(full, pat) for pat in coap_pats):
+                to_coap = True
+            else:
+                to_coap = (p.ndim in (2, 4) and p_name == "weight"
+                           and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+                           and leaf not in HEAD_NAMES and not _is_norm(module))
+            (coap if to_coap else adamw).append(p)
+    groups: list[dict[str, Any]] = []
+    if coap:
+        groups.append({"params": coap, "algorithm": "auto", **coap_overrides})
+    if adamw:
+        groups.append({"params": adamw, "algorithm": "adamw"})
+    return groups
