@@ -7,9 +7,9 @@ variant: P is r x n whatever m vs n) and
 
 * the step needs no communication: R_local = G_local P^T, moments sharded by rows,
   W_local <- W_local - alpha D_local P;
-* refreshes use small collectives on the shard sub-mesh only: CholeskyQR (r x r all-reduce)
-  and B = sum_k Q_k^T G_k (r x n all-reduce) for the randomized SVD, whose tiny SVD is
-  broadcast; the correlation objective's scalars and r x n gradient (one all-reduce);
+* refreshes use small collectives on the shard sub-mesh only: TSQR (one all-reduce of the
+  stacked r x r factors) and B = sum_k Q_k^T G_k (r x n all-reduce) for the randomized SVD,
+  whose tiny SVD is broadcast; the correlation objective's scalars and r x n gradient (one all-reduce);
 * a flag vector (one int per parameter) is all-reduced per step so that a non-finite
   gradient on any shard skips the step of that parameter on every shard.
 
@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from coap_dist.distributed.common import check_same_config
-from coap_dist.functional.projection import Broadcast, Reduce, Side
+from coap_dist.functional.projection import ShardGroup, Side
 from coap_dist.optim.layout import Layout, MatrixGeometry
 
 
@@ -52,6 +52,7 @@ class Fsdp2Local(Layout):
     def __init__(self) -> None:
         self._group: dist.ProcessGroup | None = None
         self._group_size = 1
+        self._shards: ShardGroup | None = None
 
     def bind(self, params: Sequence[torch.nn.Parameter], costs: Sequence[float],
              geometry: Sequence[MatrixGeometry | None]) -> None:
@@ -65,8 +66,21 @@ class Fsdp2Local(Layout):
             raise ValueError("COAP LOCAL layout: parameters are sharded over different process "
                              "groups; build one optimizer per mesh")
         if groups:
-            self._group = groups.pop()
-            self._group_size = dist.get_world_size(self._group)
+            self._group = group = groups.pop()
+            self._group_size = dist.get_world_size(group)
+            src = dist.get_global_rank(group, 0)
+
+            def total(t: Tensor) -> Tensor:
+                t = t.contiguous()
+                dist.all_reduce(t, group=group)
+                return t
+
+            def from_first(t: Tensor) -> Tensor:
+                t = t.contiguous()
+                dist.broadcast(t, src=src, group=group)
+                return t
+
+            self._shards = ShardGroup(total, from_first, dist.get_rank(group), self._group_size)
 
     def check_config(self, config: dict[str, Any], what: str) -> None:
         if self._group is not None:
@@ -84,30 +98,10 @@ class Fsdp2Local(Layout):
     def supports_tucker(self, p: Tensor) -> bool:
         return not self._sharded(p)
 
-    def reducer(self, p: Tensor) -> Reduce | None:
+    def shard_group(self, p: Tensor) -> ShardGroup | None:
         if not self._sharded(p):
             return None
-        group = self._group
-
-        def reduce(t: Tensor) -> Tensor:
-            t = t.contiguous()
-            dist.all_reduce(t, group=group)
-            return t
-
-        return reduce
-
-    def broadcaster(self, p: Tensor) -> Broadcast | None:
-        if not self._sharded(p):
-            return None
-        group = self._group
-        src = dist.get_global_rank(group, 0)
-
-        def broadcast(t: Tensor) -> Tensor:
-            t = t.contiguous()
-            dist.broadcast(t, src=src, group=group)
-            return t
-
-        return broadcast
+        return self._shards
 
     def wrap_state(self, p: Tensor, t: Tensor, rows_like_param: bool) -> Tensor:
         if not isinstance(p, DTensor):

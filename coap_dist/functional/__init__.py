@@ -1,6 +1,6 @@
 """Pure COAP math on local tensors: no optimizer state, no collectives.
 
-Functions that need sums over a row-sharded matrix take a ``reduce`` callback (identity in one
+Functions that need sums over a row-sharded matrix take a ``ShardGroup`` of callbacks (None in one
 process); see :mod:`coap_dist.functional.projection` for the canonical orientation used here.
 """
 

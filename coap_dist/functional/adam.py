@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from coap_dist.functional.projection import Reduce
+from coap_dist.functional.projection import ShardGroup
 
 
 def adam_step_size(lr: float, beta1: float, beta2: float, t: int) -> float:
@@ -42,7 +42,7 @@ def adafactor_beta2(t: int, decay_rate: float = -0.8) -> float:
 
 def adafactor_direction(r: Tensor, m: Tensor, v_row: Tensor, v_col: Tensor, *, beta1: float,
                         beta2t: float, eps1: float = 1e-30, clip_threshold: float = 1.0,
-                        global_rows: int, reduce: Reduce | None = None) -> Tensor:
+                        global_rows: int, shards: ShardGroup | None = None) -> Tensor:
     """Adafactor (factored second moment) on a projected gradient R (a x c), in place.
 
         v_row <- b2t v_row + (1 - b2t) mean_j(R^2 + eps1)          (a,)
@@ -51,23 +51,23 @@ def adafactor_direction(r: Tensor, m: Tensor, v_row: Tensor, v_col: Tensor, *, b
         U <- U / max(1, RMS(U) / clip_threshold)                    [global RMS]
         M <- b1 M + (1 - b1) U;   D = M
 
-    Row-sharded callers pass ``reduce`` and the global row count: the column statistics, the
+    Row-sharded callers pass ``shards`` and the global row count: the column statistics, the
     row-mean and the RMS are sums over all rows.
     """
     sq = r.float().square().add_(eps1)
     v_row.mul_(beta2t).add_(sq.mean(dim=1), alpha=1.0 - beta2t)
     col_sum = sq.sum(dim=0)
     row_sum = v_row.sum().reshape(1)
-    if reduce is not None:
-        packed = reduce(torch.cat([col_sum, row_sum]))
+    if shards is not None:
+        packed = shards.sum(torch.cat([col_sum, row_sum]))
         col_sum, row_sum = packed[:-1], packed[-1:]
     v_col.mul_(beta2t).add_(col_sum / global_rows, alpha=1.0 - beta2t)
     r_factor = (v_row / (row_sum / global_rows)).rsqrt_().unsqueeze(1)
     c_factor = v_col.rsqrt().unsqueeze(0)
     u = r.float() * r_factor * c_factor
     sq_sum = u.square().sum().reshape(1)
-    if reduce is not None:
-        sq_sum = reduce(sq_sum)
+    if shards is not None:
+        sq_sum = shards.sum(sq_sum)
     rms = (sq_sum / (global_rows * r.shape[1])).sqrt()
     u.div_((rms / clip_threshold).clamp_(min=1.0))
     m.mul_(beta1).add_(u.to(m.dtype), alpha=1.0 - beta1)

@@ -11,13 +11,14 @@ last one. For a weight of global shape (m, n):
   the transpose of the paper's m x r projector; all formulas are then the right-case ones.
 
 Functions only see local tensors. Where a quantity is a sum over the rows of a row-sharded
-matrix (FSDP ``Shard(0)``), they call ``reduce`` on a flat buffer (a sum over the shard group;
-identity in one process), so a distributed caller gets exactly the single-process result up to
-floating-point summation order. No function here communicates by itself.
+matrix (FSDP ``Shard(0)``), they call the caller's :class:`ShardGroup` (None in one process),
+so a distributed caller gets the single-process result up to floating-point summation order.
+No function here communicates by itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Literal
 
@@ -25,17 +26,24 @@ import torch
 from torch import Tensor
 
 Side = Literal["right", "left"]
-Reduce = Callable[[Tensor], Tensor]
-"""Sums a tensor over the shard group in place and returns it (identity in one process)."""
-Broadcast = Callable[[Tensor], Tensor]
-"""Makes a tensor identical on all ranks of the shard group (identity in one process)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardGroup:
+    """The collectives a row-sharded caller provides (None stands for one process).
+
+    ``sum`` returns the element-wise sum of a tensor over the ranks holding row shards;
+    ``broadcast`` returns the first rank's tensor on every rank; ``rank``/``world`` place this
+    shard among them.
+    """
+
+    sum: Callable[[Tensor], Tensor]
+    broadcast: Callable[[Tensor], Tensor]
+    rank: int
+    world: int
 
 REFERENCE_SEED = 3407
 """Seed of the Gaussian test matrix of the first randomized SVD (the reference uses it)."""
-
-
-def _identity(t: Tensor) -> Tensor:
-    return t
 
 
 def choose_side(global_shape: tuple[int, ...] | torch.Size, rule: str = "auto") -> Side:
@@ -93,19 +101,22 @@ def canonicalize_signs(p: Tensor) -> Tensor:
 
 
 def rsvd(g: Tensor, rank: int, omega: Tensor | None, *, oversample: int = 0,
-         power_iters: int = 0, reduce: Reduce | None = None, broadcast: Broadcast | None = None,
-         fix_signs: bool = True, seed: int = REFERENCE_SEED) -> Tensor:
+         power_iters: int = 0, shards: ShardGroup | None = None, fix_signs: bool = True,
+         seed: int = REFERENCE_SEED) -> Tensor:
     """Randomized SVD basis of the rows' span: P (r x b) with orthonormal rows.
 
     Y = G Omega (a x k, k = r + oversample); Q = orth(Y); B = Q^T G (k x b);
     P = first r right singular vectors of B. ``power_iters`` replaces Y by G (G^T Q) q times.
     With ``omega=None`` Omega is a seeded Gaussian; a warm start passes Omega = P_old^T.
 
-    One process (``reduce is None``): Householder QR, as the reference. Row-sharded: CholeskyQR
-    (Q_k = Y_k L^{-T} with L L^T = sum_k Y_k^T Y_k, one k x k all-reduce) and
+    One process: Householder QR, as the reference. Row-sharded: TSQR (each rank QR-factors its
+    Y_k = Q_k R_k, the stacked R_k (world k x k, one all-reduce) are QR-factored once more and
+    Q's rows are Q_k times their block), as stable as Householder QR even for the
+    ill-conditioned Y of low-rank gradients (CholeskyQR squares the condition number), then
     B = sum_k Q_k^T G_k (one k x b all-reduce); the small SVD is broadcast from the first rank.
-    Computed in fp32; the caller casts. Returns a non-finite P if G is non-finite or rank
-    deficient under CholeskyQR: the caller checks and keeps the old projector.
+    P does not depend on which orthonormal basis of Y is used (B changes by a k x k rotation
+    on the left), so sharded and single-process runs agree to rounding. Computed in fp32; the
+    caller casts. Returns a non-finite P if G is non-finite: the caller keeps the old one.
     """
     gf = g.float()
     b = gf.shape[1]
@@ -118,37 +129,38 @@ def rsvd(g: Tensor, rank: int, omega: Tensor | None, *, oversample: int = 0,
             omega = torch.cat([omega, extra], dim=1)
     y = gf @ omega
     for _ in range(power_iters):
-        q = _orthonormal_columns(y, reduce)
+        q = _orthonormal_columns(y, shards)
         z = gf.t() @ q
-        if reduce is not None:
-            z = reduce(z)
+        if shards is not None:
+            z = shards.sum(z)
         y = gf @ z
-    q = _orthonormal_columns(y, reduce)
+    q = _orthonormal_columns(y, shards)
     bmat = q.t() @ gf
-    if reduce is not None:
-        bmat = reduce(bmat)
+    if shards is not None:
+        bmat = shards.sum(bmat)
     if not torch.isfinite(bmat).all():
         return torch.full((rank, b), float("nan"), device=gf.device)
     _, _, vh = torch.linalg.svd(bmat, full_matrices=False)
     p = vh[:rank].contiguous()
     if fix_signs:
         p = canonicalize_signs(p)
-    if broadcast is not None:
-        p = broadcast(p)
+    if shards is not None:
+        p = shards.broadcast(p)
     return p
 
 
-def _orthonormal_columns(y: Tensor, reduce: Reduce | None) -> Tensor:
-    """Q with orthonormal columns spanning Y (a x k): Householder locally, CholeskyQR sharded."""
-    if reduce is None:
-        q, _ = torch.linalg.qr(y, mode="reduced")
-        return q
-    gram = reduce(y.t() @ y)
-    chol, info = torch.linalg.cholesky_ex(gram)
-    if int(info) != 0:
-        return torch.full_like(y, float("nan"))
-    # Q = Y L^{-T}: solve L^T-side triangular system for each row of Y.
-    return torch.linalg.solve_triangular(chol, y.t(), upper=False).t()
+def _orthonormal_columns(y: Tensor, shards: ShardGroup | None) -> Tensor:
+    """Q with orthonormal columns spanning Y (a x k): Householder QR, or TSQR over row shards."""
+    q_loc, r_loc = torch.linalg.qr(y, mode="reduced")
+    if shards is None:
+        return q_loc
+    k = y.shape[1]
+    rows = r_loc.shape[0]  # min(local rows, k): short or empty shards give fewer rows
+    stacked = torch.zeros((shards.world * k, k), dtype=y.dtype, device=y.device)
+    stacked[shards.rank * k:shards.rank * k + rows] = r_loc
+    stacked = shards.sum(stacked)
+    q_top, _ = torch.linalg.qr(stacked, mode="reduced")
+    return q_loc @ q_top[shards.rank * k:shards.rank * k + rows]
 
 
 def orthonormalize_rows(p: Tensor) -> Tensor:
@@ -161,7 +173,7 @@ def orthonormalize_rows(p: Tensor) -> Tensor:
 
 def correlation_update(g: Tensor, p: Tensor, m: Tensor, *, global_rows: int,
                        cos_axis: Literal["row", "col"], scale_free: bool, lr: float = 0.1,
-                       max_norm: float = 1.0, reduce: Reduce | None = None
+                       max_norm: float = 1.0, shards: ShardGroup | None = None
                        ) -> tuple[Tensor, Tensor]:
     """One clipped gradient step on COAP's correlation-aware objective; returns (P_new, L).
 
@@ -181,12 +193,12 @@ def correlation_update(g: Tensor, p: Tensor, m: Tensor, *, global_rows: int,
                     w1_i = 1 / (|u_i| |g_i|), w2_i = cos_i / |u_i|^2
         col cosine: dc/dP = (1/b) [(M^T G) * w1 - (M^T M P) * w2]   (column weights)
 
-    Every sum over rows goes through ``reduce`` in one flat buffer (so row shards get the
+    Every sum over rows goes through ``shards.sum`` in one flat buffer (so row shards get the
     global objective); the clip uses the global gradient norm. The scale-free mode then
     re-orthonormalizes P (QR). The reference mode reproduces the published update exactly
     (MSE normalisation, no re-orthonormalization): its step vanishes as |G|^2.
     """
-    red = reduce or _identity
+    red = shards.sum if shards is not None else (lambda t: t)
     gf, pf, mf = g.float(), p.float(), m.float()
     b = gf.shape[1]
     r = pf.shape[0]
@@ -253,13 +265,13 @@ def correlation_update(g: Tensor, p: Tensor, m: Tensor, *, global_rows: int,
     return p_new, err * (1.0 - c)
 
 
-def projection_residual(g: Tensor, p: Tensor, reduce: Reduce | None = None) -> Tensor:
+def projection_residual(g: Tensor, p: Tensor, shards: ShardGroup | None = None) -> Tensor:
     """Relative residual ||G - G P^T P||_F / ||G||_F (global over row shards)."""
     gf, pf = g.float(), p.float()
     e = gf - (gf @ pf.t()) @ pf
     sums = torch.stack([(e * e).sum(), (gf * gf).sum()])
-    if reduce is not None:
-        sums = reduce(sums)
+    if shards is not None:
+        sums = shards.sum(sums)
     return (sums[0] / sums[1].clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
 
 

@@ -340,7 +340,7 @@ class _COAPBase(Optimizer):
     def _refresh(self, p: Tensor, group: dict[str, Any], g: Tensor, due: str) -> bool:
         """Compute and install a new projector; False if it was rejected (kept the old)."""
         plan, st, lay = self._plans[p], self.state[p], self._layout
-        red, bc = lay.reducer(p), lay.broadcaster(p)
+        shards = lay.shard_group(p)
         if plan.kind == "conv":
             if not bool(torch.isfinite(g).all()) or (due == "init" and not bool(g.any())):
                 self._counters["init_deferred" if due == "init" else "refresh_keep_old"] += 1
@@ -373,8 +373,8 @@ class _COAPBase(Optimizer):
             # Global count of non-finite entries and |G| mass: a zero or non-finite first
             # gradient (DeepSpeed's construction-time step) does not initialise P.
             sums = torch.stack([(~torch.isfinite(gc)).sum().float(), gc.abs().sum().float()])
-            if red is not None:
-                sums = red(sums)
+            if shards is not None:
+                sums = shards.sum(sums)
             if bool(sums[0] > 0) or not bool(sums[1] > 0):
                 self._counters["init_deferred"] += 1
                 return False
@@ -383,11 +383,11 @@ class _COAPBase(Optimizer):
             new = fproj.correlation_update(
                 gc, proj_state, self._read(st, "exp_avg", True), global_rows=plan.rows,
                 cos_axis="row" if plan.side == "right" else "col", scale_free=not reference,
-                lr=group["projector_lr"], reduce=red)[0]
+                lr=group["projector_lr"], shards=shards)[0]
         else:
             omega = None if due == "init" else proj_state.float().t()
             new = fproj.rsvd(gc, plan.rank, omega, oversample=group["oversample"],
-                             power_iters=group["power_iters"], reduce=red, broadcast=bc,
+                             power_iters=group["power_iters"], shards=shards,
                              fix_signs=not reference)
         if not bool(torch.isfinite(new).all()):
             self._counters["refresh_keep_old"] += 1
@@ -403,7 +403,7 @@ class _COAPBase(Optimizer):
                 self._write(st, "exp_avg", m2, True)
                 self._write(st, "exp_avg_sq", v2, False)
         if due != "init":
-            self._last_residual = float(fproj.projection_residual(gc, new, red))
+            self._last_residual = float(fproj.projection_residual(gc, new, shards))
         proj_state.copy_(new)
         self._count_refresh(st, due)
         self._changed.add(p)
@@ -643,6 +643,6 @@ class COAPAdafactor(_COAPBase):
                 self._layout.local(st["exp_avg_sq_col"]), beta1=group["beta1"],
                 beta2t=fadam.adafactor_beta2(t, group["decay_rate"]), eps1=group["eps1"],
                 clip_threshold=group["clip_threshold"], global_rows=plan.rows,
-                reduce=self._layout.reducer(p))
+                shards=self._layout.shard_group(p))
             out[p] = self._low_rank_update(p, group, d, group["lr"] * group["scale"])
         return out

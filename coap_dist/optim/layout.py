@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from coap_dist.functional.projection import Broadcast, Reduce, Side
+from coap_dist.functional.projection import ShardGroup, Side
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,12 +96,8 @@ class Layout:
         """A projection side imposed by the layout (row shards must be right-projected)."""
         return None
 
-    def reducer(self, p: Tensor) -> Reduce | None:
-        """Sum over the ranks that hold shards of p (None: p is whole on this rank)."""
-        return None
-
-    def broadcaster(self, p: Tensor) -> Broadcast | None:
-        """Make a small tensor identical on the ranks sharing p (None: nothing to do)."""
+    def shard_group(self, p: Tensor) -> ShardGroup | None:
+        """Collectives over the ranks holding row shards of p (None: p is whole here)."""
         return None
 
     def supports_tucker(self, p: Tensor) -> bool:
