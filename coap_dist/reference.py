@@ -24,14 +24,32 @@ class ReferenceCOAPAdamW:
     other tensors get the reference AdamW. Hyperparameters as in ``coap_dist.COAPAdamW``.
     """
 
-    def __init__(self, params: list[Tensor], *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0, rank: int, update_interval: int,
-                 reproject_factor: int, scale: float = 1.0, projector_update: str = "scale_free",
-                 moments: str = "rotate", side: str = "auto", projector_lr: float = 0.1) -> None:
+    def __init__(
+        self,
+        params: list[Tensor],
+        *,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        rank: int,
+        update_interval: int,
+        reproject_factor: int,
+        scale: float = 1.0,
+        projector_update: str = "scale_free",
+        moments: str = "rotate",
+        side: str = "auto",
+        projector_lr: float = 0.1,
+    ) -> None:
         self.params = params
         self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
         self.rank, self.tu, self.f, self.scale = rank, update_interval, reproject_factor, scale
-        self.mode, self.moments, self.side_rule, self.plr = projector_update, moments, side, projector_lr
+        self.mode, self.moments, self.side_rule, self.plr = (
+            projector_update,
+            moments,
+            side,
+            projector_lr,
+        )
         self.state: list[dict[str, Tensor | int | str]] = [{"k": 0} for _ in params]
 
     # --- helpers in the paper's orientation -------------------------------------------------

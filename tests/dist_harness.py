@@ -12,7 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _entry(rank: int, world: int, init_file: str, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+def _entry(
+    rank: int, world: int, init_file: str, fn: Callable[..., None], args: tuple[Any, ...]
+) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -27,5 +29,6 @@ def run_workers(fn: Callable[..., None], world: int, *args: Any) -> None:
     """Run fn(rank, world, *args) in `world` processes with a gloo group; re-raise failures."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        mp.start_processes(_entry, args=(world, init_file, fn, args), nprocs=world,
-                           join=True, start_method="spawn")
+        mp.start_processes(
+            _entry, args=(world, init_file, fn, args), nprocs=world, join=True, start_method="spawn"
+        )

@@ -27,18 +27,23 @@ def resolve(params: Sequence[torch.nn.Parameter], sharding: Any, process_group: 
 
     is_dtensor = any(isinstance(p, DTensor) for p in params)
     if sharding is not None and sharding not in SHARDING_NAMES:
-        raise ValueError(f"invalid `sharding`={sharding!r}; must be one of {SHARDING_NAMES}, "
-                         "None (automatic) or a coap_dist.distributed layout instance")
+        raise ValueError(
+            f"invalid `sharding`={sharding!r}; must be one of {SHARDING_NAMES}, "
+            "None (automatic) or a coap_dist.distributed layout instance"
+        )
     if is_dtensor:
         if sharding not in (None, "local"):
-            raise ValueError(f"`sharding`={sharding!r} is not available for FSDP2 (DTensor) "
-                             "parameters; use None or 'local'")
+            raise ValueError(
+                f"`sharding`={sharding!r} is not available for FSDP2 (DTensor) "
+                "parameters; use None or 'local'"
+            )
         return Fsdp2Local()
     if sharding == "owner":
         return OwnerSharding(process_group)
     if sharding == "local":
-        raise ValueError("`sharding`='local' needs FSDP2 (DTensor) parameters; for DDP use "
-                         "sharding='owner'")
+        raise ValueError(
+            "`sharding`='local' needs FSDP2 (DTensor) parameters; for DDP use sharding='owner'"
+        )
     return Layout()
 
 

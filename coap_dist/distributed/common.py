@@ -35,13 +35,15 @@ def to_bytes(t: Tensor) -> Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
-def from_bytes(buf: Tensor, offset: int, dtype: torch.dtype, shape: Sequence[int]) -> tuple[Tensor, int]:
+def from_bytes(
+    buf: Tensor, offset: int, dtype: torch.dtype, shape: Sequence[int]
+) -> tuple[Tensor, int]:
     """Read a tensor of (dtype, shape) from a uint8 buffer at offset; returns it and the end."""
     numel = 1
     for s in shape:
         numel *= s
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    t = buf[offset:offset + nbytes].view(dtype).view(tuple(shape))
+    t = buf[offset : offset + nbytes].view(dtype).view(tuple(shape))
     return t, offset + nbytes
 
 
@@ -50,8 +52,9 @@ def global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
 
-def check_same_config(config: dict[str, object], group: dist.ProcessGroup | None,
-                      what: str) -> None:
+def check_same_config(
+    config: dict[str, object], group: dist.ProcessGroup | None, what: str
+) -> None:
     """Raise the same ValueError on every rank if ``config`` differs between ranks.
 
     One all_gather_object at construction: a rank built with other hyperparameters would
@@ -71,4 +74,5 @@ def check_same_config(config: dict[str, object], group: dist.ProcessGroup | None
                 raise ValueError(
                     f"{what}: hyperparameter `{key}` differs across ranks: {first.get(key)!r} on "
                     f"rank 0 vs {other.get(key)!r} on rank {r}; every rank must build the "
-                    "optimizer with the same arguments")
+                    "optimizer with the same arguments"
+                )

@@ -54,8 +54,12 @@ class Fsdp2Local(Layout):
         self._group_size = 1
         self._shards: ShardGroup | None = None
 
-    def bind(self, params: Sequence[torch.nn.Parameter], costs: Sequence[float],
-             geometry: Sequence[MatrixGeometry | None]) -> None:
+    def bind(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        costs: Sequence[float],
+        geometry: Sequence[MatrixGeometry | None],
+    ) -> None:
         groups = set()
         for p in params:
             if isinstance(p, DTensor):
@@ -63,8 +67,10 @@ class Fsdp2Local(Layout):
                 if dim is not None:
                     groups.add(p.device_mesh.get_group(dim))
         if len(groups) > 1:
-            raise ValueError("COAP LOCAL layout: parameters are sharded over different process "
-                             "groups; build one optimizer per mesh")
+            raise ValueError(
+                "COAP LOCAL layout: parameters are sharded over different process "
+                "groups; build one optimizer per mesh"
+            )
         if groups:
             self._group = group = groups.pop()
             self._group_size = dist.get_world_size(group)
@@ -114,8 +120,9 @@ class Fsdp2Local(Layout):
             placements = tuple(Replicate() for _ in range(mesh.ndim))
             shape = tuple(t.shape)
         stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(t, mesh, placements, run_check=False, shape=torch.Size(shape),
-                                  stride=stride)
+        return DTensor.from_local(
+            t, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride
+        )
 
     def agree(self, ok: Tensor, params: Sequence[Tensor]) -> Tensor:
         if self._group is None or self._group_size == 1:

@@ -5,10 +5,14 @@ packing on the compute cost m n r, rank-independent tie-break). The owner alone 
 parameter's COAP state (P, M, V), runs its projector refreshes and its Adam step. Results reach
 the other ranks by one broadcast per owner and step:
 
-* ``exchange="factor"`` (default): the rank-r direction D (a x r) and, when it changed, P;
-  every rank then applies W <- W - alpha D P itself (exactly rank r, bitwise identical to the
-  owner). Non-owners cache P (r x min(m, n) per matrix, reported as extra state bytes).
-* ``exchange="param"``: the owner sends the updated parameter (m n per matrix, no caches).
+* ``exchange="param"`` (default): the owner sends the updated parameter (m n per matrix,
+  like ZeRO-1's parameter all-gather); no rank holds anything for parameters it does not own,
+  so per-rank state is exactly 1/world of the single-process state (up to packing).
+* ``exchange="factor"``: the rank-r direction D (a x r) and, when it changed, P; every rank
+  then applies W <- W - alpha D P itself (exactly rank r, bitwise identical to the owner).
+  Less traffic (a r instead of a b per matrix and step) but every rank caches all projectors
+  (r x min(m, n) per matrix, reported as extra state bytes), which dominates per-rank memory
+  at large world sizes.
 
 Dense (AdamW) parameters always travel as updated values. Gradients either arrive averaged by
 DDP (ZeRO-1 semantics) or, with ``reduce_gradients=True``, the optimizer reduces each gradient
@@ -50,14 +54,23 @@ class OwnerSharding(Layout):
 
     name = "owner"
 
-    def __init__(self, process_group: dist.ProcessGroup | None = None, *,
-                 exchange: str = "factor", reduce_gradients: bool = False) -> None:
+    def __init__(
+        self,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        exchange: str = "param",
+        reduce_gradients: bool = False,
+    ) -> None:
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("sharding='owner' needs torch.distributed to be initialized "
-                               "(e.g. launched by torchrun and dist.init_process_group called)")
+            raise ValueError(
+                "invalid `sharding`='owner': it needs torch.distributed to be "
+                "initialized first (launch with torchrun and call "
+                "dist.init_process_group), or use sharding=None in one process"
+            )
         if exchange not in ("factor", "param"):
-            raise ValueError(f"OwnerSharding: invalid `exchange`={exchange!r}; must be "
-                             "'factor' or 'param'")
+            raise ValueError(
+                f"OwnerSharding: invalid `exchange`={exchange!r}; must be 'factor' or 'param'"
+            )
         self.group = process_group
         self.exchange = exchange
         self.reduce_gradients = reduce_gradients
@@ -68,8 +81,12 @@ class OwnerSharding(Layout):
         self._proj_cache: dict[Tensor, Tensor] = {}
         self._comm_bytes = 0
 
-    def bind(self, params: Sequence[torch.nn.Parameter], costs: Sequence[float],
-             geometry: Sequence[MatrixGeometry | None]) -> None:
+    def bind(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        costs: Sequence[float],
+        geometry: Sequence[MatrixGeometry | None],
+    ) -> None:
         self._params = list(params)
         owners = assign_owners(costs, self.world)
         self._owner = dict(zip(self._params, owners, strict=True))
@@ -97,12 +114,19 @@ class OwnerSharding(Layout):
         have = torch.tensor([p.grad is not None for p in self._params], dtype=torch.int32)
         dist.all_reduce(have, op=dist.ReduceOp.MAX, group=self.group)
         for r in range(self.world):
-            mine = [p for p, h in zip(self._params, have.tolist(), strict=True)
-                    if h and self._owner[p] == r]
+            mine = [
+                p
+                for p, h in zip(self._params, have.tolist(), strict=True)
+                if h and self._owner[p] == r
+            ]
             if not mine:
                 continue
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
-                              .reshape(-1).float() for p in mine])
+            flat = torch.cat(
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                    for p in mine
+                ]
+            )
             dist.reduce(flat, dst=self._src(r), op=dist.ReduceOp.SUM, group=self.group)
             self._comm_bytes += flat.numel() * flat.element_size()
             if r == self.rank:
@@ -110,15 +134,16 @@ class OwnerSharding(Layout):
                 off = 0
                 for p in mine:
                     n = p.numel()
-                    p.grad = flat[off:off + n].view_as(p).to(p.dtype)
+                    p.grad = flat[off : off + n].view_as(p).to(p.dtype)
                     off += n
         for p in self._params:
             if self._owner[p] != self.rank:
                 p.grad = None
 
     # ------------------------------------------------------------------------- updates
-    def commit(self, updates: dict[torch.nn.Parameter, Update],
-               params: Sequence[torch.nn.Parameter]) -> None:
+    def commit(
+        self, updates: dict[torch.nn.Parameter, Update], params: Sequence[torch.nn.Parameter]
+    ) -> None:
         for p, u in updates.items():
             if isinstance(u, LowRankUpdate):
                 apply_low_rank(p, u)
@@ -134,8 +159,10 @@ class OwnerSharding(Layout):
                     if u is None:
                         continue
                     if isinstance(u, LowRankUpdate) and self.exchange == "factor":
-                        header[i] = torch.tensor([_LOW, float(u.projector_changed), u.alpha,
-                                                  u.decay], dtype=torch.float64)
+                        header[i] = torch.tensor(
+                            [_LOW, float(u.projector_changed), u.alpha, u.decay],
+                            dtype=torch.float64,
+                        )
                         chunks.append(to_bytes(u.direction.to(p.dtype)))
                         if u.projector_changed:
                             chunks.append(to_bytes(u.projector.to(p.dtype)))
@@ -181,8 +208,9 @@ class OwnerSharding(Layout):
                     if h[1]:
                         proj, off = from_bytes(buf, off, p.dtype, pshape)
                         self._proj_cache[p] = proj.clone()
-                    apply_low_rank(p, LowRankUpdate(d, self._proj_cache[p], side, h[2], h[3],
-                                                    bool(h[1])))  # type: ignore[arg-type]
+                    apply_low_rank(
+                        p, LowRankUpdate(d, self._proj_cache[p], side, h[2], h[3], bool(h[1]))
+                    )  # type: ignore[arg-type]
                 elif h[0] == _APPLIED:
                     val, off = from_bytes(buf, off, p.dtype, p.shape)
                     p.copy_(val)
@@ -194,9 +222,12 @@ class OwnerSharding(Layout):
         return self._comm_bytes
 
     # ---------------------------------------------------------------------- checkpoints
-    def gather_state(self, state: dict[Tensor, dict[str, Any]],
-                     template: Callable[[torch.nn.Parameter], dict[str, Any]],
-                     params: Sequence[torch.nn.Parameter]) -> dict[Tensor, dict[str, Any]]:
+    def gather_state(
+        self,
+        state: dict[Tensor, dict[str, Any]],
+        template: Callable[[torch.nn.Parameter], dict[str, Any]],
+        params: Sequence[torch.nn.Parameter],
+    ) -> dict[Tensor, dict[str, Any]]:
         """Every parameter's state on every rank: one broadcast per owner, in index order."""
         full: dict[Tensor, dict[str, Any]] = {}
         for r in range(self.world):

@@ -20,11 +20,12 @@ def adam_step_size(lr: float, beta1: float, beta2: float, t: int) -> float:
     return lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
 
 
-def adam_directions(ms: list[Tensor], vs: list[Tensor], rs: list[Tensor], beta1: float,
-                    beta2: float, eps: float) -> list[Tensor]:
+def adam_directions(
+    ms: list[Tensor], vs: list[Tensor], rs: list[Tensor], beta1: float, beta2: float, eps: float
+) -> list[Tensor]:
     """Batched over tensors (torch._foreach):
 
-        M <- b1 M + (1 - b1) R;   V <- b2 V + (1 - b2) R^2;   D = M / (sqrt(V) + eps)
+    M <- b1 M + (1 - b1) R;   V <- b2 V + (1 - b2) R^2;   D = M / (sqrt(V) + eps)
     """
     torch._foreach_mul_(ms, beta1)
     torch._foreach_add_(ms, rs, alpha=1.0 - beta1)
@@ -40,9 +41,19 @@ def adafactor_beta2(t: int, decay_rate: float = -0.8) -> float:
     return 1.0 - math.pow(t, decay_rate)
 
 
-def adafactor_direction(r: Tensor, m: Tensor, v_row: Tensor, v_col: Tensor, *, beta1: float,
-                        beta2t: float, eps1: float = 1e-30, clip_threshold: float = 1.0,
-                        global_rows: int, shards: ShardGroup | None = None) -> Tensor:
+def adafactor_direction(
+    r: Tensor,
+    m: Tensor,
+    v_row: Tensor,
+    v_col: Tensor,
+    *,
+    beta1: float,
+    beta2t: float,
+    eps1: float = 1e-30,
+    clip_threshold: float = 1.0,
+    global_rows: int,
+    shards: ShardGroup | None = None,
+) -> Tensor:
     """Adafactor (factored second moment) on a projected gradient R (a x c), in place.
 
         v_row <- b2t v_row + (1 - b2t) mean_j(R^2 + eps1)          (a,)

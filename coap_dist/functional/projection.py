@@ -42,6 +42,7 @@ class ShardGroup:
     rank: int
     world: int
 
+
 REFERENCE_SEED = 3407
 """Seed of the Gaussian test matrix of the first randomized SVD (the reference uses it)."""
 
@@ -60,14 +61,17 @@ def choose_side(global_shape: tuple[int, ...] | torch.Size, rule: str = "auto") 
     return "right" if m >= n else "left"
 
 
-def resolve_rank(global_shape: tuple[int, ...] | torch.Size, rank: int | None,
-                 rank_ratio: float | None) -> int:
+def resolve_rank(
+    global_shape: tuple[int, ...] | torch.Size, rank: int | None, rank_ratio: float | None
+) -> int:
     """r = min(rank, min(m, n)), or max(min(m, n) // rank_ratio, 1) when a ratio is given."""
     small = min(global_shape[0], global_shape[1])
     if rank_ratio is not None:
         return max(int(small // rank_ratio), 1)
     if rank is None:
-        raise ValueError("COAP needs `rank` or `rank_ratio` for matrix parameters; neither was given")
+        raise ValueError(
+            "COAP needs `rank` or `rank_ratio` for matrix parameters; neither was given"
+        )
     return min(int(rank), small)
 
 
@@ -81,8 +85,9 @@ def project(g: Tensor, p: Tensor) -> Tensor:
     return g @ p.t()
 
 
-def gaussian_test_matrix(b: int, r: int, *, seed: int = REFERENCE_SEED,
-                         device: torch.device | str = "cpu") -> Tensor:
+def gaussian_test_matrix(
+    b: int, r: int, *, seed: int = REFERENCE_SEED, device: torch.device | str = "cpu"
+) -> Tensor:
     """Omega (b x r), N(0, 1) from a private generator: identical on every rank."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn((b, r), generator=gen, dtype=torch.float32).to(device)
@@ -100,9 +105,17 @@ def canonicalize_signs(p: Tensor) -> Tensor:
     return p * sign
 
 
-def rsvd(g: Tensor, rank: int, omega: Tensor | None, *, oversample: int = 0,
-         power_iters: int = 0, shards: ShardGroup | None = None, fix_signs: bool = True,
-         seed: int = REFERENCE_SEED) -> Tensor:
+def rsvd(
+    g: Tensor,
+    rank: int,
+    omega: Tensor | None,
+    *,
+    oversample: int = 0,
+    power_iters: int = 0,
+    shards: ShardGroup | None = None,
+    fix_signs: bool = True,
+    seed: int = REFERENCE_SEED,
+) -> Tensor:
     """Randomized SVD basis of the rows' span: P (r x b) with orthonormal rows.
 
     Y = G Omega (a x k, k = r + oversample); Q = orth(Y); B = Q^T G (k x b);
@@ -157,10 +170,10 @@ def _orthonormal_columns(y: Tensor, shards: ShardGroup | None) -> Tensor:
     k = y.shape[1]
     rows = r_loc.shape[0]  # min(local rows, k): short or empty shards give fewer rows
     stacked = torch.zeros((shards.world * k, k), dtype=y.dtype, device=y.device)
-    stacked[shards.rank * k:shards.rank * k + rows] = r_loc
+    stacked[shards.rank * k : shards.rank * k + rows] = r_loc
     stacked = shards.sum(stacked)
     q_top, _ = torch.linalg.qr(stacked, mode="reduced")
-    return q_loc @ q_top[shards.rank * k:shards.rank * k + rows]
+    return q_loc @ q_top[shards.rank * k : shards.rank * k + rows]
 
 
 def orthonormalize_rows(p: Tensor) -> Tensor:
@@ -171,10 +184,18 @@ def orthonormalize_rows(p: Tensor) -> Tensor:
     return (q * d).t().contiguous()
 
 
-def correlation_update(g: Tensor, p: Tensor, m: Tensor, *, global_rows: int,
-                       cos_axis: Literal["row", "col"], scale_free: bool, lr: float = 0.1,
-                       max_norm: float = 1.0, shards: ShardGroup | None = None
-                       ) -> tuple[Tensor, Tensor]:
+def correlation_update(
+    g: Tensor,
+    p: Tensor,
+    m: Tensor,
+    *,
+    global_rows: int,
+    cos_axis: Literal["row", "col"],
+    scale_free: bool,
+    lr: float = 0.1,
+    max_norm: float = 1.0,
+    shards: ShardGroup | None = None,
+) -> tuple[Tensor, Tensor]:
     """One clipped gradient step on COAP's correlation-aware objective; returns (P_new, L).
 
     In canonical orientation (G: a x b, P: r x b, M: a x r, all fp32):
@@ -221,11 +242,11 @@ def correlation_update(g: Tensor, p: Tensor, m: Tensor, *, global_rows: int,
         flat = red(torch.cat([scalars, stacked.flatten(), kk.flatten(), t2.flatten()]))
         f, gsq, cos_sum = flat[0], flat[1], flat[2]
         off = 3
-        s = flat[off:off + r * b].view(r, b)
-        t1 = flat[off + r * b:off + 2 * r * b].view(r, b)
+        s = flat[off : off + r * b].view(r, b)
+        t1 = flat[off + r * b : off + 2 * r * b].view(r, b)
         off += 2 * r * b
-        kk = flat[off:off + r * r].view(r, r)
-        t2 = flat[off + r * r:].view(r, r)
+        kk = flat[off : off + r * r].view(r, r)
+        t2 = flat[off + r * r :].view(r, r)
         c = cos_sum / global_rows
         dc = (t1 - t2 @ pf) / global_rows
     else:
@@ -236,13 +257,13 @@ def correlation_update(g: Tensor, p: Tensor, m: Tensor, *, global_rows: int,
         head = torch.stack([(e * e).sum(), gcol2.sum()])
         flat = red(torch.cat([head, gcol2, stacked.flatten(), kk.flatten(), mm.flatten()]))
         f, gsq = flat[0], flat[1]
-        gcol2 = flat[2:2 + b]
+        gcol2 = flat[2 : 2 + b]
         off = 2 + b
-        s = flat[off:off + r * b].view(r, b)
-        mg = flat[off + r * b:off + 2 * r * b].view(r, b)
+        s = flat[off : off + r * b].view(r, b)
+        mg = flat[off + r * b : off + 2 * r * b].view(r, b)
         off += 2 * r * b
-        kk = flat[off:off + r * r].view(r, r)
-        mm = flat[off + r * r:].view(r, r)
+        kk = flat[off : off + r * r].view(r, r)
+        mm = flat[off + r * r :].view(r, r)
         mmp = mm @ pf
         ug = (pf * mg).sum(0)
         un2 = (pf * mmp).sum(0)

@@ -25,14 +25,19 @@ SMALL_CONV_NUMEL = 9216
 """Convolution weights with at most this many elements stay in plain AdamW."""
 
 
-def tucker_ranks(shape: tuple[int, ...] | torch.Size, rank_ratio_cnn: float) -> tuple[int, int | None]:
+def tucker_ranks(
+    shape: tuple[int, ...] | torch.Size, rank_ratio_cnn: float
+) -> tuple[int, int | None]:
     """(r0, r1) for a conv weight (O, I, kh, kw): kw == 1 -> (O // rho, None), else
-    (O // sqrt(rho), I // sqrt(rho)), each at least 1."""
-    o, i, _, kw = shape
+    (O // sqrt(rho), I // sqrt(rho)), each at least 1 and at most the rank its mode unfolding
+    can have (r0 <= I kh kw, r1 <= O kh kw)."""
+    o, i, kh, kw = shape
     if kw == 1:
-        return max(int(o // rank_ratio_cnn), 1), None
+        return min(max(int(o // rank_ratio_cnn), 1), i * kh * kw), None
     root = math.sqrt(rank_ratio_cnn)
-    return max(int(o // root), 1), max(int(i // root), 1)
+    r0 = min(max(int(o // root), 1), i * kh * kw)
+    r1 = min(max(int(i // root), 1), o * kh * kw)
+    return r0, r1
 
 
 def core(g: Tensor, u0: Tensor, u1: Tensor | None) -> Tensor:
@@ -57,8 +62,9 @@ def _mode_basis(x: Tensor, mode: int, rank: int, warm: Tensor | None) -> Tensor:
     return rsvd(unfold.t(), rank, omega).t().contiguous()  # (dim x rank)
 
 
-def refresh_factors(g: Tensor, r0: int, r1: int | None, u0: Tensor | None,
-                    u1: Tensor | None) -> tuple[Tensor, Tensor | None]:
+def refresh_factors(
+    g: Tensor, r0: int, r1: int | None, u0: Tensor | None, u1: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
     """New (U0, U1): HOSVD from the seeded Gaussian when no factors exist, otherwise one
     warm-started HOOI sweep. Returns fp32 factors; non-finite if G is."""
     gf = g.float()

@@ -40,7 +40,14 @@ class LlamaConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "intermediate_size", "n_layers", "n_heads", "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "dim",
+            "intermediate_size",
+            "n_layers",
+            "n_heads",
+            "max_seq_len",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
@@ -57,18 +64,29 @@ class LlamaConfig:
 
 # Published shapes (GaLore / COAP LLaMA recipes); "tiny" is a CPU-sized model with byte tokens.
 LLAMA_PRESETS: dict[str, LlamaConfig] = {
-    "tiny": LlamaConfig(vocab_size=256, dim=128, intermediate_size=344, n_layers=4, n_heads=4,
-                        max_seq_len=256),
-    "60m": LlamaConfig(vocab_size=32000, dim=512, intermediate_size=1376, n_layers=8, n_heads=8,
-                       max_seq_len=256),
-    "130m": LlamaConfig(vocab_size=32000, dim=768, intermediate_size=2048, n_layers=12,
-                        n_heads=12, max_seq_len=256),
-    "350m": LlamaConfig(vocab_size=32000, dim=1024, intermediate_size=2736, n_layers=24,
-                        n_heads=16, max_seq_len=256),
-    "1b": LlamaConfig(vocab_size=32000, dim=2048, intermediate_size=5461, n_layers=24,
-                      n_heads=32, max_seq_len=256),
-    "7b": LlamaConfig(vocab_size=32000, dim=4096, intermediate_size=11008, n_layers=32,
-                      n_heads=32, max_seq_len=2048),
+    "tiny": LlamaConfig(
+        vocab_size=256, dim=128, intermediate_size=344, n_layers=4, n_heads=4, max_seq_len=256
+    ),
+    "60m": LlamaConfig(
+        vocab_size=32000, dim=512, intermediate_size=1376, n_layers=8, n_heads=8, max_seq_len=256
+    ),
+    "130m": LlamaConfig(
+        vocab_size=32000, dim=768, intermediate_size=2048, n_layers=12, n_heads=12, max_seq_len=256
+    ),
+    "350m": LlamaConfig(
+        vocab_size=32000, dim=1024, intermediate_size=2736, n_layers=24, n_heads=16, max_seq_len=256
+    ),
+    "1b": LlamaConfig(
+        vocab_size=32000, dim=2048, intermediate_size=5461, n_layers=24, n_heads=32, max_seq_len=256
+    ),
+    "7b": LlamaConfig(
+        vocab_size=32000,
+        dim=4096,
+        intermediate_size=11008,
+        n_layers=32,
+        n_heads=32,
+        max_seq_len=2048,
+    ),
 }
 
 
@@ -82,7 +100,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(
+            x
+        ) * self.weight
 
 
 def _rotary_tables(head_dim: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +193,11 @@ class Llama(nn.Module):
         std = 0.02
         for name, p in self.named_parameters():
             if p.ndim == 2:
-                scale = 1.0 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
+                scale = (
+                    1.0 / math.sqrt(2 * self.cfg.n_layers)
+                    if name.endswith(("wo.weight", "w2.weight"))
+                    else 1.0
+                )
                 nn.init.normal_(p, mean=0.0, std=std * scale)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -68,16 +68,27 @@ class _COAPBase(Optimizer):
 
     _adafactor = False
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *,
-                 state_bits: int | None, sharding: str | None, process_group: Any,
-                 skip_nonfinite: bool) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        state_bits: int | None,
+        sharding: str | None,
+        process_group: Any,
+        skip_nonfinite: bool,
+    ) -> None:
         name = type(self).__name__
         if state_bits not in STATE_BITS:
-            raise ValueError(f"{name}: invalid `state_bits`={state_bits!r}; must be one of "
-                             f"{STATE_BITS} (None: same dtype as the parameter)")
+            raise ValueError(
+                f"{name}: invalid `state_bits`={state_bits!r}; must be one of "
+                f"{STATE_BITS} (None: same dtype as the parameter)"
+            )
         if self._adafactor and state_bits == 8:
-            raise ValueError(f"{name}: invalid `state_bits`=8; 8-bit state is available for "
-                             "COAPAdamW only (Adafactor's factored moments are already tiny)")
+            raise ValueError(
+                f"{name}: invalid `state_bits`=8; 8-bit state is available for "
+                "COAPAdamW only (Adafactor's factored moments are already tiny)"
+            )
         self.state_bits = state_bits
         self.skip_nonfinite = skip_nonfinite
         super().__init__(params, defaults)
@@ -86,9 +97,11 @@ class _COAPBase(Optimizer):
         all_params = [p for g in self.param_groups for p in g["params"]]
         self._layout: Layout = resolve_layout(all_params, sharding, process_group)
         if state_bits == 8 and not self._layout.supports_quantized_state:
-            raise ValueError(f"{name}: invalid `state_bits`=8 under the `{self._layout.name}` "
-                             "layout; 8-bit state is supported in one process and with "
-                             "sharding='owner'. Use state_bits=16 or 32 here")
+            raise ValueError(
+                f"{name}: invalid `state_bits`=8 under the `{self._layout.name}` "
+                "layout; 8-bit state is supported in one process and with "
+                "sharding='owner'. Use state_bits=16 or 32 here"
+            )
         self._plans: dict[Tensor, _Plan] = {}
         n_matrix = 0
         for gi, group in enumerate(self.param_groups):
@@ -97,11 +110,18 @@ class _COAPBase(Optimizer):
                 n_matrix += plan.kind != "dense"
                 self._plans[p] = plan
         self._fix_stagger(n_matrix)
-        self._layout.bind(all_params, [self._cost(p) for p in all_params],
-                          [self._geometry(p) for p in all_params])
+        self._layout.bind(
+            all_params, [self._cost(p) for p in all_params], [self._geometry(p) for p in all_params]
+        )
         self._layout.check_config(self._fingerprint(), name)
-        self._counters = {"refreshes": 0, "recalibrations": 0, "projector_updates": 0,
-                          "nonfinite_skips": 0, "refresh_keep_old": 0, "init_deferred": 0}
+        self._counters = {
+            "refreshes": 0,
+            "recalibrations": 0,
+            "projector_updates": 0,
+            "nonfinite_skips": 0,
+            "refresh_keep_old": 0,
+            "init_deferred": 0,
+        }
         self._changed: set[Tensor] = set()
         self._projector_time = 0.0
         self._last_residual = float("nan")
@@ -130,15 +150,22 @@ class _COAPBase(Optimizer):
                     raise ValueError(
                         f"{where}: a 4-D weight of shape {shape} would be Tucker-projected, which "
                         f"the `{self._layout.name}` layout does not support; set "
-                        "rank_ratio_cnn=None (AdamW for convolutions) or use sharding='owner'")
-                return _Plan("conv", index, gi, ranks_cnn=ftucker.tucker_ranks(shape,
-                             group["rank_ratio_cnn"]), offset=n_matrix)
+                        "rank_ratio_cnn=None (AdamW for convolutions) or use sharding='owner'"
+                    )
+                return _Plan(
+                    "conv",
+                    index,
+                    gi,
+                    ranks_cnn=ftucker.tucker_ranks(shape, group["rank_ratio_cnn"]),
+                    offset=n_matrix,
+                )
             return _Plan("dense", index, gi)
         if algo == "coap":
             raise ValueError(
                 f"{where}: a {len(shape)}-D parameter of shape {shape} was put in a group with "
                 "algorithm='coap'; COAP projects 2-D matrices and 4-D convolutions only. Use "
-                "algorithm='adamw' (or 'auto') for this parameter")
+                "algorithm='adamw' (or 'auto') for this parameter"
+            )
         return _Plan("dense", index, gi)
 
     def _fix_stagger(self, n_matrix: int) -> None:
@@ -146,8 +173,11 @@ class _COAPBase(Optimizer):
             group = self._group_of(p)
             if plan.kind == "dense":
                 continue
-            offset = (plan.offset * group["update_interval"]) // max(n_matrix, 1) \
-                if group["stagger"] else 0
+            offset = (
+                (plan.offset * group["update_interval"]) // max(n_matrix, 1)
+                if group["stagger"]
+                else 0
+            )
             self._plans[p] = dataclasses.replace(plan, offset=offset)
 
     def _group_of(self, p: Tensor) -> dict[str, Any]:
@@ -165,8 +195,7 @@ class _COAPBase(Optimizer):
 
     def _fingerprint(self) -> dict[str, Any]:
         """Settings every rank must share: group hyperparameters, sizes, state_bits."""
-        out: dict[str, Any] = {"state_bits": self.state_bits,
-                               "skip_nonfinite": self.skip_nonfinite}
+        out: dict[str, Any] = {"state_bits": self.state_bits, "skip_nonfinite": self.skip_nonfinite}
         for i, g in enumerate(self.param_groups):
             for k, v in g.items():
                 out[f"param_groups[{i}].{k}"] = len(v) if k == "params" else v
@@ -179,15 +208,18 @@ class _COAPBase(Optimizer):
         return MatrixGeometry(plan.side, plan.rank, plan.rows, plan.cols)
 
     def _state_dtype(self, p: Tensor) -> torch.dtype:
-        if self.state_bits in (32, 8):
+        """dtype of unquantized state: projectors, Tucker factors, small or 16/32-bit moments.
+        8-bit state keeps projectors in the parameter dtype (they are not quantized)."""
+        if self.state_bits == 32:
             return torch.float32
         if self.state_bits == 16:
             return torch.bfloat16
         return p.dtype
 
     # ------------------------------------------------------------------------------ state
-    def _moment_tensors(self, p: Tensor, name: str, shape: tuple[int, ...], signed: bool,
-                        rows_like_param: bool) -> dict[str, Tensor]:
+    def _moment_tensors(
+        self, p: Tensor, name: str, shape: tuple[int, ...], signed: bool, rows_like_param: bool
+    ) -> dict[str, Tensor]:
         lay, dev = self._layout, self._layout.local(p).device
         numel = 1
         for s in shape:
@@ -196,7 +228,8 @@ class _COAPBase(Optimizer):
             q = torch.zeros(shape, dtype=torch.uint8, device=dev)
             scales = torch.zeros(fquant.num_blocks(numel), dtype=torch.float32, device=dev)
             return {f"{name}_q": lay.wrap_state(p, q, rows_like_param), f"{name}_scale": scales}
-        t = torch.zeros(shape, dtype=self._state_dtype(p), device=dev)
+        dtype = torch.float32 if self.state_bits == 8 else self._state_dtype(p)
+        t = torch.zeros(shape, dtype=dtype, device=dev)
         return {name: lay.wrap_state(p, t, rows_like_param)}
 
     def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -228,9 +261,11 @@ class _COAPBase(Optimizer):
         st.update(self._moment_tensors(p, "exp_avg", (local_rows, plan.rank), True, True))
         if self._adafactor:
             st["exp_avg_sq_row"] = lay.wrap_state(
-                p, torch.zeros(local_rows, dtype=torch.float32, device=dev), True)
+                p, torch.zeros(local_rows, dtype=torch.float32, device=dev), True
+            )
             st["exp_avg_sq_col"] = lay.wrap_state(
-                p, torch.zeros(plan.rank, dtype=torch.float32, device=dev), False)
+                p, torch.zeros(plan.rank, dtype=torch.float32, device=dev), False
+            )
         else:
             st.update(self._moment_tensors(p, "exp_avg_sq", (local_rows, plan.rank), False, True))
         return st
@@ -287,8 +322,8 @@ class _COAPBase(Optimizer):
             items = kept
         updates: dict[torch.nn.Parameter, Update] = {}
         low = [it for it in items if self._plans[it[0]].kind == "matrix"]
-        for p, group, g, _ in items:
-            self.state[p]["step"] += 1
+        for it in items:
+            self.state[it[0]]["step"] += 1
         if low:
             updates.update(self._low_rank_updates(low))
         for p, group, g, r in items:
@@ -349,8 +384,9 @@ class _COAPBase(Optimizer):
             warm0 = None if due == "init" else f0
             warm1 = None if due == "init" else f1
             n0, n1 = ftucker.refresh_factors(g, *plan.ranks_cnn, warm0, warm1)
-            if not bool(torch.isfinite(n0).all()) or (n1 is not None
-                                                      and not bool(torch.isfinite(n1).all())):
+            if not bool(torch.isfinite(n0).all()) or (
+                n1 is not None and not bool(torch.isfinite(n1).all())
+            ):
                 self._counters["refresh_keep_old"] += 1
                 return False
             if due != "init" and group["moments"] == "rotate":
@@ -358,8 +394,11 @@ class _COAPBase(Optimizer):
                 c1 = None if n1 is None else f1.float().t() @ n1
                 # Lifted core M x0 U0 x1 U1 re-projected: M x0 (U0_new^T U0) x1 (U1_new^T U1).
                 m = ftucker.core(self._read(st, "exp_avg", True).float(), c0, c1)
-                v = ftucker.core(self._read(st, "exp_avg_sq", False).float(), c0 * c0,
-                                 None if c1 is None else c1 * c1)
+                v = ftucker.core(
+                    self._read(st, "exp_avg_sq", False).float(),
+                    c0 * c0,
+                    None if c1 is None else c1 * c1,
+                )
                 self._write(st, "exp_avg", m, True)
                 self._write(st, "exp_avg_sq", v, False)
             f0.copy_(n0)
@@ -381,14 +420,26 @@ class _COAPBase(Optimizer):
         reference = group["projector_update"] == "reference"
         if due == "update":
             new = fproj.correlation_update(
-                gc, proj_state, self._read(st, "exp_avg", True), global_rows=plan.rows,
-                cos_axis="row" if plan.side == "right" else "col", scale_free=not reference,
-                lr=group["projector_lr"], shards=shards)[0]
+                gc,
+                proj_state,
+                self._read(st, "exp_avg", True),
+                global_rows=plan.rows,
+                cos_axis="row" if plan.side == "right" else "col",
+                scale_free=not reference,
+                lr=group["projector_lr"],
+                shards=shards,
+            )[0]
         else:
             omega = None if due == "init" else proj_state.float().t()
-            new = fproj.rsvd(gc, plan.rank, omega, oversample=group["oversample"],
-                             power_iters=group["power_iters"], shards=shards,
-                             fix_signs=not reference)
+            new = fproj.rsvd(
+                gc,
+                plan.rank,
+                omega,
+                oversample=group["oversample"],
+                power_iters=group["power_iters"],
+                shards=shards,
+                fix_signs=not reference,
+            )
         if not bool(torch.isfinite(new).all()):
             self._counters["refresh_keep_old"] += 1
             return due != "init"
@@ -418,8 +469,9 @@ class _COAPBase(Optimizer):
             self._counters["projector_updates"] += 1
 
     # --------------------------------------------------------------- per-kind moment steps
-    def _low_rank_updates(self, items: list[tuple[Tensor, dict[str, Any], Tensor, Tensor]]
-                          ) -> dict[torch.nn.Parameter, Update]:
+    def _low_rank_updates(
+        self, items: list[tuple[Tensor, dict[str, Any], Tensor, Tensor]]
+    ) -> dict[torch.nn.Parameter, Update]:
         """Adam on R for every COAP matrix, batched with torch._foreach per (dtype, group)."""
         out: dict[torch.nn.Parameter, Update] = {}
         buckets: dict[tuple[int, torch.dtype], list[Any]] = {}
@@ -443,13 +495,20 @@ class _COAPBase(Optimizer):
                 out[p] = self._low_rank_update(p, group, d, alpha)
         return out
 
-    def _low_rank_update(self, p: Tensor, group: dict[str, Any], d: Tensor,
-                         alpha: float) -> LowRankUpdate:
+    def _low_rank_update(
+        self, p: Tensor, group: dict[str, Any], d: Tensor, alpha: float
+    ) -> LowRankUpdate:
         st = self.state[p]
         changed = p in self._changed
         self._changed.discard(p)
-        return LowRankUpdate(d, self._layout.local(st["projector"]), self._plans[p].side, alpha,
-                             group["lr"] * group["weight_decay"], changed)
+        return LowRankUpdate(
+            d,
+            self._layout.local(st["projector"]),
+            self._plans[p].side,
+            alpha,
+            group["lr"] * group["weight_decay"],
+            changed,
+        )
 
     def _dense_step(self, p: Tensor, group: dict[str, Any], g: Tensor) -> None:
         """AdamW (reference form): W -= lr_t M / (sqrt(V) + eps); W -= lr wd W."""
@@ -494,8 +553,10 @@ class _COAPBase(Optimizer):
         saved = self.state
         params = [p for g in self.param_groups for p in g["params"]]
         full = self._layout.gather_state(
-            {p: s for p, s in saved.items() if s}, lambda p: self._new_state(p, self._group_of(p)),
-            params)
+            {p: s for p, s in saved.items() if s},
+            lambda p: self._new_state(p, self._group_of(p)),
+            params,
+        )
         try:
             self.state = full  # type: ignore[assignment]
             return super().state_dict()
@@ -517,7 +578,10 @@ class _COAPBase(Optimizer):
             device = self._layout.local(p).device
             self.state[p] = {
                 k: (v.clone() if v.ndim == 0 else v.to(device=device, copy=True))
-                if isinstance(v, Tensor) else v for k, v in saved.items()}
+                if isinstance(v, Tensor)
+                else v
+                for k, v in saved.items()
+            }
             if self._plans[p].kind == "matrix":
                 # Ranks that cache projectors get them again with the next update.
                 self._changed.add(p)
@@ -578,25 +642,59 @@ class COAPAdamW(_COAPBase):
         skip_nonfinite: skip the step of a parameter whose gradient is not finite.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, *, rank: int | None = None,
-                 rank_ratio: float | None = None, rank_ratio_cnn: float | None = None,
-                 update_interval: int = 32, reproject_factor: int = 5, scale: float = 1.0,
-                 projector_update: str = "scale_free", moments: str = "rotate",
-                 projection_side: str = "auto", oversample: int = 0, power_iters: int = 0,
-                 projector_lr: float = 0.1, stagger: bool = False, state_bits: int | None = None,
-                 sharding: str | None = None, process_group: Any = None,
-                 skip_nonfinite: bool = True) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        rank: int | None = None,
+        rank_ratio: float | None = None,
+        rank_ratio_cnn: float | None = None,
+        update_interval: int = 32,
+        reproject_factor: int = 5,
+        scale: float = 1.0,
+        projector_update: str = "scale_free",
+        moments: str = "rotate",
+        projection_side: str = "auto",
+        oversample: int = 0,
+        power_iters: int = 0,
+        projector_lr: float = 0.1,
+        stagger: bool = False,
+        state_bits: int | None = None,
+        sharding: str | None = None,
+        process_group: Any = None,
+        skip_nonfinite: bool = True,
+    ) -> None:
         defaults = _coap_defaults(
-            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-            weight_decay=weight_decay, rank=rank, rank_ratio=rank_ratio,
-            rank_ratio_cnn=rank_ratio_cnn, update_interval=update_interval,
-            reproject_factor=reproject_factor, scale=scale, projector_update=projector_update,
-            moments=moments, projection_side=projection_side, oversample=oversample,
-            power_iters=power_iters, projector_lr=projector_lr, stagger=stagger)
-        super().__init__(params, defaults, state_bits=state_bits, sharding=sharding,
-                         process_group=process_group, skip_nonfinite=skip_nonfinite)
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            rank=rank,
+            rank_ratio=rank_ratio,
+            rank_ratio_cnn=rank_ratio_cnn,
+            update_interval=update_interval,
+            reproject_factor=reproject_factor,
+            scale=scale,
+            projector_update=projector_update,
+            moments=moments,
+            projection_side=projection_side,
+            oversample=oversample,
+            power_iters=power_iters,
+            projector_lr=projector_lr,
+            stagger=stagger,
+        )
+        super().__init__(
+            params,
+            defaults,
+            state_bits=state_bits,
+            sharding=sharding,
+            process_group=process_group,
+            skip_nonfinite=skip_nonfinite,
+        )
 
 
 class COAPAdafactor(_COAPBase):
@@ -609,40 +707,87 @@ class COAPAdafactor(_COAPBase):
 
     _adafactor = True
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, beta1: float | None = 0.9,
-                 eps: float = 1e-6, weight_decay: float = 0.0, *, clip_threshold: float = 1.0,
-                 decay_rate: float = -0.8, eps1: float = 1e-30,
-                 betas: tuple[float, float] = (0.9, 0.999), rank: int | None = None,
-                 rank_ratio: float | None = None, rank_ratio_cnn: float | None = None,
-                 update_interval: int = 32, reproject_factor: int = 5, scale: float = 1.0,
-                 projector_update: str = "scale_free", moments: str = "rotate",
-                 projection_side: str = "auto", oversample: int = 0, power_iters: int = 0,
-                 projector_lr: float = 0.1, stagger: bool = False, state_bits: int | None = None,
-                 sharding: str | None = None, process_group: Any = None,
-                 skip_nonfinite: bool = True) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        beta1: float | None = 0.9,
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        eps1: float = 1e-30,
+        betas: tuple[float, float] = (0.9, 0.999),
+        rank: int | None = None,
+        rank_ratio: float | None = None,
+        rank_ratio_cnn: float | None = None,
+        update_interval: int = 32,
+        reproject_factor: int = 5,
+        scale: float = 1.0,
+        projector_update: str = "scale_free",
+        moments: str = "rotate",
+        projection_side: str = "auto",
+        oversample: int = 0,
+        power_iters: int = 0,
+        projector_lr: float = 0.1,
+        stagger: bool = False,
+        state_bits: int | None = None,
+        sharding: str | None = None,
+        process_group: Any = None,
+        skip_nonfinite: bool = True,
+    ) -> None:
         defaults = _coap_defaults(
-            lr=lr, beta1=beta1, eps=eps, weight_decay=weight_decay,
-            clip_threshold=clip_threshold, decay_rate=decay_rate, eps1=eps1,
-            betas=tuple(betas), rank=rank, rank_ratio=rank_ratio, rank_ratio_cnn=rank_ratio_cnn,
-            update_interval=update_interval, reproject_factor=reproject_factor, scale=scale,
-            projector_update=projector_update, moments=moments, projection_side=projection_side,
-            oversample=oversample, power_iters=power_iters, projector_lr=projector_lr,
-            stagger=stagger)
-        super().__init__(params, defaults, state_bits=state_bits, sharding=sharding,
-                         process_group=process_group, skip_nonfinite=skip_nonfinite)
+            lr=lr,
+            beta1=beta1,
+            eps=eps,
+            weight_decay=weight_decay,
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            eps1=eps1,
+            betas=tuple(betas),
+            rank=rank,
+            rank_ratio=rank_ratio,
+            rank_ratio_cnn=rank_ratio_cnn,
+            update_interval=update_interval,
+            reproject_factor=reproject_factor,
+            scale=scale,
+            projector_update=projector_update,
+            moments=moments,
+            projection_side=projection_side,
+            oversample=oversample,
+            power_iters=power_iters,
+            projector_lr=projector_lr,
+            stagger=stagger,
+        )
+        super().__init__(
+            params,
+            defaults,
+            state_bits=state_bits,
+            sharding=sharding,
+            process_group=process_group,
+            skip_nonfinite=skip_nonfinite,
+        )
 
-    def _low_rank_updates(self, items: list[tuple[Tensor, dict[str, Any], Tensor, Tensor]]
-                          ) -> dict[torch.nn.Parameter, Update]:
+    def _low_rank_updates(
+        self, items: list[tuple[Tensor, dict[str, Any], Tensor, Tensor]]
+    ) -> dict[torch.nn.Parameter, Update]:
         out: dict[torch.nn.Parameter, Update] = {}
         for p, group, _, r in items:
             st, plan = self.state[p], self._plans[p]
             t = int(st["step"].item())
             m = self._layout.local(st["exp_avg"])
             d = fadam.adafactor_direction(
-                r, m, self._layout.local(st["exp_avg_sq_row"]),
-                self._layout.local(st["exp_avg_sq_col"]), beta1=group["beta1"],
-                beta2t=fadam.adafactor_beta2(t, group["decay_rate"]), eps1=group["eps1"],
-                clip_threshold=group["clip_threshold"], global_rows=plan.rows,
-                shards=self._layout.shard_group(p))
+                r,
+                m,
+                self._layout.local(st["exp_avg_sq_row"]),
+                self._layout.local(st["exp_avg_sq_col"]),
+                beta1=group["beta1"],
+                beta2t=fadam.adafactor_beta2(t, group["decay_rate"]),
+                eps1=group["eps1"],
+                clip_threshold=group["clip_threshold"],
+                global_rows=plan.rows,
+                shards=self._layout.shard_group(p),
+            )
             out[p] = self._low_rank_update(p, group, d, group["lr"] * group["scale"])
         return out

@@ -17,9 +17,20 @@ SIDES = ("auto", "right", "left")
 STATE_BITS = (None, 32, 16, 8)
 
 COAP_KEYS = (
-    "algorithm", "rank", "rank_ratio", "rank_ratio_cnn", "update_interval", "reproject_factor",
-    "scale", "projector_update", "moments", "projection_side", "oversample", "power_iters",
-    "projector_lr", "stagger",
+    "algorithm",
+    "rank",
+    "rank_ratio",
+    "rank_ratio_cnn",
+    "update_interval",
+    "reproject_factor",
+    "scale",
+    "projector_update",
+    "moments",
+    "projection_side",
+    "oversample",
+    "power_iters",
+    "projector_lr",
+    "stagger",
 )
 
 
@@ -47,8 +58,11 @@ def validate_group(group: Mapping[str, Any], where: str, *, adafactor: bool = Fa
     if not _is_number(eps) or eps < 0:
         fail("eps", "must be a finite number >= 0")
     betas = group.get("betas")
-    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-            or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)):
+    if (
+        not isinstance(betas, (tuple, list))
+        or len(betas) != 2
+        or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)
+    ):
         fail("betas", "must be a pair of numbers, each in [0, 1)")
     if adafactor:
         beta1 = group.get("beta1")

@@ -73,8 +73,12 @@ class Layout:
     name = "single"
     supports_quantized_state = True
 
-    def bind(self, params: Sequence[torch.nn.Parameter], costs: Sequence[float],
-             geometry: Sequence[MatrixGeometry | None]) -> None:
+    def bind(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        costs: Sequence[float],
+        geometry: Sequence[MatrixGeometry | None],
+    ) -> None:
         """Called once with every parameter in optimizer order, its compute cost and, for
         COAP matrices, its geometry."""
 
@@ -114,8 +118,9 @@ class Layout:
     def begin_step(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Before the step (e.g. reduce gradients to their owners)."""
 
-    def commit(self, updates: dict[torch.nn.Parameter, Update],
-               params: Sequence[torch.nn.Parameter]) -> None:
+    def commit(
+        self, updates: dict[torch.nn.Parameter, Update], params: Sequence[torch.nn.Parameter]
+    ) -> None:
         """Make every rank's parameters reflect the updates computed on this rank."""
         for p, u in updates.items():
             if isinstance(u, LowRankUpdate):
@@ -129,9 +134,12 @@ class Layout:
         """Bytes this rank sent and received for the optimizer in the last step."""
         return 0
 
-    def gather_state(self, state: dict[Tensor, dict[str, Any]],
-                     template: Callable[[torch.nn.Parameter], dict[str, Any]],
-                     params: Sequence[torch.nn.Parameter]) -> dict[Tensor, dict[str, Any]]:
+    def gather_state(
+        self,
+        state: dict[Tensor, dict[str, Any]],
+        template: Callable[[torch.nn.Parameter], dict[str, Any]],
+        params: Sequence[torch.nn.Parameter],
+    ) -> dict[Tensor, dict[str, Any]]:
         """The full per-parameter state, layout-independent, on every rank."""
         return state
 
@@ -150,11 +158,14 @@ def set_layout_resolver(fn: LayoutResolver) -> None:
     _resolver = fn
 
 
-def resolve_layout(params: Sequence[torch.nn.Parameter], sharding: str | None,
-                   process_group: Any) -> Layout:
+def resolve_layout(
+    params: Sequence[torch.nn.Parameter], sharding: str | None, process_group: Any
+) -> Layout:
     """The layout for these parameters: one process unless a resolver says otherwise."""
     if _resolver is None:
         if sharding not in (None, "none"):
-            raise ValueError(f"sharding={sharding!r} needs coap_dist.distributed (import coap_dist)")
+            raise ValueError(
+                f"sharding={sharding!r} needs coap_dist.distributed (import coap_dist)"
+            )
         return Layout()
     return _resolver(params, sharding, process_group)

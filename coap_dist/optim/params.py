@@ -13,13 +13,19 @@ HEAD_NAMES = ("output", "lm_head", "head", "classifier", "embed_out")
 
 
 def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) \
+    return (
+        isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))
         or "norm" in type(module).__name__.lower()
+    )
 
 
-def param_groups(model: nn.Module, *, adamw_patterns: Iterable[str] | None = None,
-                 coap_patterns: Iterable[str] | None = None,
-                 **coap_overrides: Any) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module,
+    *,
+    adamw_patterns: Iterable[str] | None = None,
+    coap_patterns: Iterable[str] | None = None,
+    **coap_overrides: Any,
+) -> list[dict[str, Any]]:
     """Split a model's trainable parameters into a COAP group and an AdamW group.
 
     Default rule: weights of linear and convolution layers go to COAP (``algorithm="auto"``:
@@ -46,9 +52,13 @@ def param_groups(model: nn.Module, *, adamw_patterns: Iterable[str] | None = Non
             elif any(fnmatch.fnmatchcase(full, pat) for pat in coap_pats):
                 to_coap = True
             else:
-                to_coap = (p.ndim in (2, 4) and p_name == "weight"
-                           and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
-                           and leaf not in HEAD_NAMES and not _is_norm(module))
+                to_coap = (
+                    p.ndim in (2, 4)
+                    and p_name == "weight"
+                    and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+                    and leaf not in HEAD_NAMES
+                    and not _is_norm(module)
+                )
             (coap if to_coap else adamw).append(p)
     groups: list[dict[str, Any]] = []
     if coap:

@@ -39,8 +39,9 @@ TOL = 2e-5
 
 def _model() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 10), nn.Tanh(), nn.Linear(10, 40), nn.LayerNorm(40),
-                         nn.Linear(40, 2))
+    return nn.Sequential(
+        nn.Linear(16, 10), nn.Tanh(), nn.Linear(10, 40), nn.LayerNorm(40), nn.Linear(40, 2)
+    )
 
 
 def _global_batch(step: int) -> torch.Tensor:
@@ -72,11 +73,17 @@ def _sharded(world: int) -> tuple[nn.Module, torch.optim.Optimizer]:
 
 def _local_batch(step: int, rank: int, world: int) -> torch.Tensor:
     per = GLOBAL_BATCH // world
-    return _global_batch(step)[rank * per:(rank + 1) * per]
+    return _global_batch(step)[rank * per : (rank + 1) * per]
 
 
-def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int, world: int,
-           ref: tuple[nn.Module, torch.optim.Optimizer] | None = None) -> None:
+def _train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    steps: range,
+    rank: int,
+    world: int,
+    ref: tuple[nn.Module, torch.optim.Optimizer] | None = None,
+) -> None:
     for step in steps:
         _loss(model, _local_batch(step, rank, world)).backward()
         if ref is not None:
@@ -129,15 +136,20 @@ def _phase_save(rank: int, world: int, tmp: str) -> None:
     ref_model = _model()
     ref_opt = coap_dist.COAPAdamW(ref_model.parameters(), **KW, projection_side="right")
     _train(model, opt, range(SAVE_AT), rank, world, (ref_model, ref_opt))
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-             checkpoint_id=os.path.join(tmp, "ckpt"))
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+        checkpoint_id=os.path.join(tmp, "ckpt"),
+    )
     _train(model, opt, range(SAVE_AT, STEPS), rank, world, (ref_model, ref_opt))
     _check_state(model, opt, world)
     skips = torch.tensor([opt.metrics()["optim/nonfinite_skips"]])
     assert float(skips) == 1.0, "every rank skipped the NaN step of that matrix"
     # Per-rank bytes: sharded moments partition the 1-process moments; projectors replicate.
-    proj_bytes = sum(opt.state[p]["projector"].to_local().nbytes
-                     for p in model.parameters() if "projector" in opt.state[p])
+    proj_bytes = sum(
+        opt.state[p]["projector"].to_local().nbytes
+        for p in model.parameters()
+        if "projector" in opt.state[p]
+    )
     mine = torch.tensor([opt.state_bytes() - proj_bytes])
     dist.all_reduce(mine)
     assert int(mine) == ref_opt.state_bytes() - proj_bytes

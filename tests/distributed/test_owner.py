@@ -9,6 +9,7 @@ with different hyperparameters.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -28,7 +29,7 @@ def _model() -> nn.Module:
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     dims = [24, 32, 20, 28, 16, 24, 12]
-    for a, b in zip(dims[:-1], dims[1:], strict=True):
+    for a, b in itertools.pairwise(dims):
         layers += [nn.Linear(a, b), nn.Tanh()]
     layers.append(nn.LayerNorm(12))
     return nn.Sequential(*layers)
@@ -49,7 +50,9 @@ def _worker(rank: int, world: int, ckpt_dir: str) -> None:
     ddp = nn.parallel.DistributedDataParallel(model)
     ref_model = _model()
     ref = coap_dist.COAPAdamW(coap_dist.param_groups(ref_model, **KW), **KW)
-    opt = coap_dist.COAPAdamW(coap_dist.param_groups(model, **KW), **KW, sharding="owner")
+    opt = coap_dist.COAPAdamW(
+        coap_dist.param_groups(model, **KW), **KW, sharding=OwnerSharding(exchange="factor")
+    )
     params, ref_params = list(model.parameters()), list(ref_model.parameters())
     matrices = [i for i, p in enumerate(params) if p.ndim == 2]
     lay = opt.layout
@@ -194,6 +197,6 @@ def _mismatch_error(rank: int) -> None:
 
 
 @pytest.mark.distributed
-def test_owner_sharding_2_then_3_ranks(tmp_path: "os.PathLike[str]") -> None:
+def test_owner_sharding_2_then_3_ranks(tmp_path: os.PathLike[str]) -> None:
     run_workers(_worker, 2, str(tmp_path))
     run_workers(_worker, 3, str(tmp_path))

@@ -1,0 +1,310 @@
+"""optimizer.step() time: COAP vs torch AdamW (foreach) vs GaLore, on LLaMA-shaped matrices.
+
+Only ``step()`` is timed: the parameters are a stack of LLaMA linear weights (per layer
+wq, wk, wv, wo: d x d; w1, w3: f x d; w2: d x f) whose gradients are fixed random tensors set
+once, so there is no forward or backward pass. Each run builds a fresh optimizer and takes
+``T_u * F + 1`` steps, k = 0 .. T_u*F, which covers:
+
+* k = 0: state creation and the first projector (COAP: randomized SVD; GaLore: full SVD);
+* k = 1 .. T_u*F: exactly one refresh cycle: plain steps, F - 1 projector updates
+  (k % T_u == 0; GaLore does a full SVD at each) and one recalibration at k = T_u*F.
+
+Reported per optimizer (median over interleaved repeats): the amortised step time (mean over
+the cycle k = 1 .. T_u*F), the median plain step, the median update step, the recalibration
+step, the first step and the cycle maximum. Runs are interleaved (optimizer order rotates
+every repeat) so that load from other processes on the machine hits all of them alike.
+
+Run (about 2-3 minutes on 2 cores with the defaults)::
+
+    python benchmarks/step_time.py
+    python benchmarks/step_time.py --layers 1 --repeats 2 --no-reference   # quicker
+
+Writes ``benchmarks/results/step_time.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, machine_info, machine_markdown, markdown_table, write_results
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+def llama_matrices(dim: int, ffn: int, layers: int) -> list[tuple[str, tuple[int, int]]]:
+    """(name, shape) of the linear weights of ``layers`` LLaMA blocks (Meta layout)."""
+    shapes: list[tuple[str, tuple[int, int]]] = []
+    for i in range(layers):
+        for w in ("wq", "wk", "wv", "wo"):
+            shapes.append((f"layers.{i}.attention.{w}.weight", (dim, dim)))
+        shapes.append((f"layers.{i}.feed_forward.w1.weight", (ffn, dim)))
+        shapes.append((f"layers.{i}.feed_forward.w2.weight", (dim, ffn)))
+        shapes.append((f"layers.{i}.feed_forward.w3.weight", (ffn, dim)))
+    return shapes
+
+
+def make_params(
+    shapes: list[tuple[str, tuple[int, int]]], dtype: torch.dtype, seed: int = 0
+) -> list[nn.Parameter]:
+    """Parameters N(0, 0.02) with fixed gradients N(0, 1e-3) (the same for every run)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for _, shape in shapes:
+        p = nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(dtype))
+        p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(dtype)
+        params.append(p)
+    return params
+
+
+def factories(args: argparse.Namespace) -> dict[str, OptimizerFactory]:
+    """Optimizer constructors by label, all with the same lr, rank and refresh interval."""
+    out: dict[str, OptimizerFactory] = {
+        "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0, foreach=True),
+    }
+    if not args.no_coap:
+        try:
+            from coap_dist import COAPAdamW
+        except ImportError as err:
+            raise SystemExit(
+                f"coap_dist.COAPAdamW is not importable ({err}); use --no-coap"
+            ) from err
+
+        def coap(mode: str) -> OptimizerFactory:
+            return lambda ps: COAPAdamW(
+                [{"params": ps, "algorithm": "coap"}],
+                lr=1e-3,
+                rank=args.rank,
+                update_interval=args.update_interval,
+                reproject_factor=args.reproject_factor,
+                projector_update=mode,
+            )
+
+        out["coap"] = coap("scale_free")
+        if not args.no_reference:
+            out["coap_reference"] = coap("reference")
+    if not args.no_galore:
+        try:
+            from galore_torch import GaLoreAdamW
+        except ImportError as err:
+            raise SystemExit(
+                f"galore_torch is not importable ({err}); install it with "
+                "`pip install -c .ci/constraints.txt galore-torch` or use --no-galore"
+            ) from err
+
+        def galore(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
+            group = {
+                "params": ps,
+                "rank": args.rank,
+                "update_proj_gap": args.update_interval,
+                "scale": 1.0,
+                "proj_type": "std",
+            }
+            return GaLoreAdamW([group], lr=1e-3, no_deprecation_warning=True)
+
+        out["galore"] = galore
+    return out
+
+
+def time_run(factory: OptimizerFactory, params: list[nn.Parameter], steps: int) -> list[float]:
+    """Seconds taken by each of ``steps`` calls of ``step()`` on a fresh optimizer."""
+    opt = factory(params)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def summarize(times: list[float], update_interval: int, reproject_factor: int) -> dict[str, float]:
+    """Step-time statistics of one run (k = 0 .. T_u*F), in milliseconds."""
+    cycle = update_interval * reproject_factor
+    body = times[1 : cycle + 1]
+    plain = [t for k, t in enumerate(times) if k > 0 and k % update_interval]
+    update = [times[k] for k in range(update_interval, cycle, update_interval)]
+    ms = 1e3
+    return {
+        "amortised_ms": statistics.fmean(body) * ms,
+        "plain_median_ms": statistics.median(plain) * ms,
+        "update_median_ms": (statistics.median(update) * ms) if update else float("nan"),
+        "recalibration_ms": times[cycle] * ms,
+        "first_step_ms": times[0] * ms,
+        "cycle_max_ms": max(body) * ms,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Interleaved repeats of every optimizer; returns the JSON-ready result."""
+    torch.set_num_threads(args.threads)
+    machine_at_start = machine_info()
+    wall0 = time.perf_counter()
+    dtype = DTYPES[args.dtype]
+    shapes = llama_matrices(args.dim, args.ffn, args.layers)
+    builders = factories(args)
+    labels = list(builders)
+    steps = args.update_interval * args.reproject_factor + 1
+    raw: dict[str, list[list[float]]] = {label: [] for label in labels}
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for rep in range(args.repeats):
+        order = labels[rep % len(labels) :] + labels[: rep % len(labels)]
+        for label in order:
+            params = make_params(shapes, dtype, seed=args.seed)
+            t0 = time.perf_counter()
+            raw[label].append(time_run(builders[label], params, steps))
+            print(
+                f"repeat {rep + 1}/{args.repeats} {label:>15}: {time.perf_counter() - t0:6.1f} s",
+                flush=True,
+            )
+    runs = {
+        label: [summarize(t, args.update_interval, args.reproject_factor) for t in raw[label]]
+        for label in labels
+    }
+    summary = {
+        label: {key: statistics.median(r[key] for r in runs[label]) for key in runs[label][0]}
+        for label in labels
+    }
+    ratios: dict[str, dict[str, float]] = {}
+    pairs = [(label, "adamw") for label in labels if label != "adamw"]
+    pairs += [(label, "galore") for label in labels if label.startswith("coap")]
+    for label, base in pairs:
+        if base in summary:
+            ratios[f"{label}/{base}"] = {
+                key: summary[label][key] / summary[base][key]
+                for key in ("amortised_ms", "plain_median_ms", "cycle_max_ms")
+            }
+    n_params = sum(m * n for _, (m, n) in shapes)
+    return {
+        "benchmark": "step_time",
+        "machine": machine_at_start,
+        "load_average_1m_at_end": machine_info()["load_average_1m"],
+        "wall_seconds": time.perf_counter() - wall0,
+        "config": {
+            "dim": args.dim,
+            "ffn": args.ffn,
+            "layers": args.layers,
+            "matrices": len(shapes),
+            "parameters": n_params,
+            "dtype": args.dtype,
+            "rank": args.rank,
+            "update_interval": args.update_interval,
+            "reproject_factor": args.reproject_factor,
+            "steps_per_run": steps,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "galore_update_proj_gap": args.update_interval,
+            "galore_proj_type": "std",
+            "coap_options": "defaults (moments='rotate', stagger=False) except the mode",
+        },
+        "summary_ms": summary,
+        "ratios": ratios,
+        "runs_ms": runs,
+        "raw_step_seconds": raw,
+    }
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """Human-readable report of :func:`run`'s result."""
+    cfg, summary = result["config"], result["summary_ms"]
+    keys = [
+        "amortised_ms",
+        "plain_median_ms",
+        "update_median_ms",
+        "recalibration_ms",
+        "first_step_ms",
+        "cycle_max_ms",
+    ]
+    rows = [[label, *(f"{s[k]:.2f}" for k in keys)] for label, s in summary.items()]
+    ratio_rows = [
+        [name, *(f"{v[k]:.2f}" for k in ("amortised_ms", "plain_median_ms", "cycle_max_ms"))]
+        for name, v in result["ratios"].items()
+    ]
+    return "\n\n".join(
+        [
+            "# optimizer.step() time",
+            f"{cfg['layers']} LLaMA blocks of linear weights (d={cfg['dim']}, f={cfg['ffn']}; "
+            f"{cfg['matrices']} matrices, {cfg['parameters']:,} parameters, {cfg['dtype']}), "
+            f"rank {cfg['rank']}, update interval T_u={cfg['update_interval']} (GaLore "
+            f"update_proj_gap too), reproject factor F={cfg['reproject_factor']}; "
+            f"{cfg['steps_per_run']} steps per run (k = 0 .. T_u*F), {cfg['repeats']} interleaved "
+            f"repeats, medians; {cfg['threads']} torch thread(s). Fixed random gradients, no "
+            "forward/backward. `amortised` = mean step over one full refresh cycle k = 1 .. T_u*F.",
+            markdown_table(
+                [
+                    "optimizer (ms)",
+                    "amortised",
+                    "plain (median)",
+                    "update step",
+                    "recalibration",
+                    "first step",
+                    "cycle max",
+                ],
+                rows,
+            ),
+            "## Ratios (same run)",
+            markdown_table(["ratio", "amortised", "plain", "cycle max"], ratio_rows),
+            "## Machine (at start)",
+            machine_markdown(result["machine"]),
+            f"Load average at the end: {result['load_average_1m_at_end']:.2f}; "
+            f"benchmark wall time {result['wall_seconds']:.0f} s.",
+        ]
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options (defaults: two LLaMA-60M blocks, rank 128, T_u 32, F 5)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dim", type=int, default=512, help="hidden size d (LLaMA-60M: 512)")
+    p.add_argument("--ffn", type=int, default=1376, help="MLP width f (LLaMA-60M: 1376)")
+    p.add_argument("--layers", type=int, default=2, help="number of blocks")
+    p.add_argument("--rank", type=int, default=128, help="rank for COAP and GaLore")
+    p.add_argument("--update-interval", type=int, default=32, help="T_u (GaLore proj gap)")
+    p.add_argument("--reproject-factor", type=int, default=5, help="F")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-coap", action="store_true", help="skip COAP")
+    p.add_argument("--no-reference", action="store_true", help="skip COAP reference mode")
+    p.add_argument("--no-galore", action="store_true", help="skip GaLore")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the markdown report, write JSON and markdown files."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in (
+        "dim",
+        "ffn",
+        "layers",
+        "rank",
+        "update_interval",
+        "reproject_factor",
+        "repeats",
+        "threads",
+    ):
+        if getattr(args, flag) < 1:
+            parser.error(f"argument --{flag.replace('_', '-')}: must be a positive integer")
+    result = run(args)
+    report = to_markdown(result)
+    print(report)
+    for path in write_results("step_time", result, report, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

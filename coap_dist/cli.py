@@ -1,0 +1,254 @@
+"""``coap-dist`` command line.
+
+Examples::
+
+    coap-dist memory --model 1b --optimizer coap --rank 512 --dtype bf16
+    coap-dist memory --model 7b --optimizer coap8bit --rank 1024 --world-size 8
+    coap-dist memory --model 1b --rank 512 --all          # every optimizer, ratio to bf16 AdamW
+
+Figures are optimizer-state bytes (moment + projector tensors, see ``coap_dist.memory``)
+computed from shapes alone: nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from coap_dist.memory import MIB, OPTIMIZERS, StateBytes, estimate_state_bytes
+from coap_dist.models.llama import LLAMA_PRESETS
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+LOWRANK_OPTIMIZERS = ("galore", "coap", "coap8bit")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse prefixes the flag name to the error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``coap-dist`` argument parser (sub-command ``memory``)."""
+    parser = argparse.ArgumentParser(prog="coap-dist", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    mem = sub.add_parser(
+        "memory",
+        help="estimate optimizer-state memory of a LLaMA preset",
+        description="Optimizer-state memory (MiB = 2**20 bytes) of a LLaMA preset, from "
+        "shapes alone. Counts moments, projectors and 8-bit quantization scales; "
+        "step counters are not counted.",
+    )
+    mem.add_argument("--model", required=True, choices=sorted(LLAMA_PRESETS), help="LLaMA preset")
+    mem.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=None,
+        help="optimizer to estimate (omit with --all)",
+    )
+    mem.add_argument(
+        "--all",
+        action="store_true",
+        help="every optimizer side by side, with the ratio to bf16 AdamW",
+    )
+    mem.add_argument(
+        "--rank", type=_positive_int, default=None, help="projection rank r (galore/coap/coap8bit)"
+    )
+    mem.add_argument(
+        "--rank-ratio",
+        type=_positive_float,
+        default=None,
+        help="rank as min(m, n) // RATIO (used when --rank is absent)",
+    )
+    mem.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="bf16",
+        help="parameter dtype; full-precision state uses it (default bf16)",
+    )
+    mem.add_argument(
+        "--state-dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="dtype of unquantized moments and projectors (default: --dtype; "
+        "COAPAdamW state_bits=32/16 is fp32/bf16)",
+    )
+    mem.add_argument(
+        "--world-size",
+        type=_positive_int,
+        default=1,
+        help="ranks sharing the state (owner mode, greedy packing)",
+    )
+    mem.add_argument(
+        "--packing",
+        choices=("bytes", "compute"),
+        default="bytes",
+        help="owner-packing cost: state bytes, or COAPAdamW's compute model (m n r per matrix)",
+    )
+    mem.add_argument(
+        "--projector-cache",
+        action="store_true",
+        help="count the copy of every non-owned projector that owner mode keeps on each rank",
+    )
+    mem.add_argument(
+        "--adamw-patterns",
+        default=None,
+        help="comma-separated fnmatch patterns of parameter names kept in AdamW, as in "
+        "coap_dist.param_groups (always: embeddings, output head, norms, biases)",
+    )
+    mem.add_argument(
+        "--per-param",
+        action="store_true",
+        help="also print one line per parameter (single optimizer only)",
+    )
+    mem.set_defaults(subparser=mem)
+    return parser
+
+
+def _format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Right-aligned plain-text table (first column left-aligned)."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / MIB:,.1f}"
+
+
+def _rows(results: Sequence[StateBytes], world_size: int) -> list[list[str]]:
+    rows = [
+        ["moments", *(_mib(r.moments) for r in results)],
+        ["projectors", *(_mib(r.projectors) for r in results)],
+        ["quant scales", *(_mib(r.quant_scales) for r in results)],
+        ["total", *(_mib(r.total) for r in results)],
+    ]
+    if world_size > 1:
+        rows.append([f"max per rank (of {world_size})", *(_mib(r.max_per_rank) for r in results)])
+        rows.append(["mean per rank", *(_mib(r.mean_per_rank) for r in results)])
+    return rows
+
+
+def _memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.all and args.optimizer is not None:
+        parser.error("argument --all: not allowed with --optimizer (--all shows every optimizer)")
+    if not args.all and args.optimizer is None:
+        parser.error("argument --optimizer: required unless --all is given")
+    if args.all and args.per_param:
+        parser.error("argument --per-param: not allowed with --all")
+    names = list(OPTIMIZERS) if args.all else [args.optimizer]
+    if (
+        args.rank is None
+        and args.rank_ratio is None
+        and any(n in LOWRANK_OPTIMIZERS for n in names)
+    ):
+        which = "--all" if args.all else f"--optimizer {args.optimizer}"
+        parser.error(f"argument --rank: {which} needs --rank (or --rank-ratio)")
+    patterns = None
+    if args.adamw_patterns is not None:
+        patterns = [p for p in args.adamw_patterns.split(",") if p]
+    dtype = DTYPES[args.dtype]
+    results = [
+        estimate_state_bytes(
+            args.model,
+            name,
+            rank=args.rank,
+            rank_ratio=args.rank_ratio,
+            dtype=dtype,
+            state_dtype=DTYPES[args.state_dtype] if args.state_dtype else None,
+            world_size=args.world_size,
+            packing=args.packing,
+            projector_cache=args.projector_cache,
+            adamw_patterns=patterns,
+            per_param=args.per_param,
+        )
+        for name in names
+    ]
+    rank_text = (
+        f"rank {args.rank}"
+        if args.rank is not None
+        else f"rank ratio {args.rank_ratio}"
+        if args.rank_ratio is not None
+        else "full rank"
+    )
+    print(
+        f"model {args.model} ({LLAMA_PRESETS[args.model].num_params():,} params), "
+        f"dtype {args.dtype}, {rank_text}, world size {args.world_size}; "
+        "optimizer state in MiB"
+    )
+    rows = _rows(results, args.world_size)
+    if args.all:
+        baseline = estimate_state_bytes(
+            args.model,
+            "adamw",
+            dtype=torch.bfloat16,
+            world_size=args.world_size,
+            packing=args.packing,
+            projector_cache=args.projector_cache,
+            adamw_patterns=patterns,
+        )
+        rows.append(["ratio to bf16 AdamW", *(f"{r.total / baseline.total:.3f}" for r in results)])
+    print(_format_table(["", *names], rows))
+    if args.per_param and results[0].per_param is not None:
+        print()
+        prow = [
+            [
+                p.name,
+                "x".join(map(str, p.shape)),
+                p.algorithm,
+                p.side or "-",
+                str(p.rank) if p.rank is not None else "-",
+                f"{p.total:,}",
+            ]
+            for p in results[0].per_param
+        ]
+        print(_format_table(["parameter", "shape", "algorithm", "side", "rank", "bytes"], prow))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``coap-dist`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "memory":
+        return _memory(args, args.subparser)
+    parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks choices
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

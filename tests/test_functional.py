@@ -1,0 +1,182 @@
+"""Functional math against the slow oracle and against autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coap_dist import COAPAdamW
+from coap_dist.functional import projection as fproj
+from coap_dist.functional import quant, tucker
+from coap_dist.reference import ReferenceCOAPAdamW
+
+
+def _lowrank_grads(
+    shapes: list[tuple[int, ...]], steps: int, scale: float
+) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    basis = [torch.randn(s, generator=gen) for s in shapes]
+    return [
+        [(b + 0.3 * torch.randn(b.shape, generator=gen)) * scale for b in basis]
+        for _ in range(steps)
+    ]
+
+
+@pytest.mark.parametrize("mode", ["reference", "scale_free"])
+@pytest.mark.parametrize("moments", ["keep", "rotate"])
+@pytest.mark.parametrize("scale", [1.0, 1e-4])
+def test_optimizer_matches_oracle(mode: str, moments: str, scale: float) -> None:
+    """Fast COAPAdamW == formula-by-formula oracle over 2+ refresh cycles (right, left, dense)."""
+    torch.manual_seed(0)
+    shapes = [(48, 32), (24, 40), (16,), (33, 33)]
+    init = [torch.randn(s) for s in shapes]
+    fast = [w.clone().requires_grad_() for w in init]
+    slow = [w.clone() for w in init]
+    kw = dict(
+        lr=1e-2,
+        weight_decay=0.1,
+        rank=6,
+        update_interval=3,
+        reproject_factor=2,
+        scale=0.5,
+        projector_update=mode,
+        moments=moments,
+    )
+    opt, ref = COAPAdamW(fast, **kw), ReferenceCOAPAdamW(slow, **kw)
+    for grads in _lowrank_grads(shapes, 14, scale):  # refreshes at 0, 3, 6, 9, 12
+        for w, g in zip(fast, grads, strict=True):
+            w.grad = g.clone()
+        opt.step()
+        ref.step(grads)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a.detach(), b, atol=5e-6, rtol=1e-5)
+    assert opt.metrics()["optim/refreshes"] == 15  # 5 refreshes x 3 matrices
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("scale_free", [False, True])
+def test_correlation_gradient_matches_autograd(side: str, scale_free: bool) -> None:
+    """Closed-form dL/dP (both cosine axes) equals autograd on the written-out objective."""
+    torch.manual_seed(0)
+    m, n = (30, 12) if side == "right" else (12, 30)
+    r = 4
+    g = torch.randn(m, n, dtype=torch.float64)
+    mom = torch.randn(m if side == "right" else r, r if side == "right" else n, dtype=torch.float64)
+    gc = fproj.canonical(g, side)
+    mc = mom if side == "right" else mom.t()
+    p0 = torch.linalg.qr(torch.randn(gc.shape[1], r, dtype=torch.float64))[0].t()
+    p0 = p0 + 0.01 * torch.randn_like(p0)  # not exactly orthonormal: exercises the (2I - Q) term
+    lr = 1e-3  # small enough that the clip does not act
+    new, loss = fproj.correlation_update(
+        gc.float(),
+        p0.float(),
+        mc.float(),
+        global_rows=gc.shape[0],
+        cos_axis="row" if side == "right" else "col",
+        scale_free=scale_free,
+        lr=lr,
+    )
+    # autograd in the paper's orientation
+    pp = (p0 if side == "right" else p0.t()).clone().requires_grad_(True)
+    if side == "right":
+        recon, lifted = g @ pp.t() @ pp, mom @ pp
+    else:
+        recon, lifted = pp @ pp.t() @ g, pp @ mom
+    err = (recon - g).pow(2).sum() / (g.pow(2).sum() if scale_free else g.numel())
+    obj = err * (1 - torch.nn.functional.cosine_similarity(lifted, g, dim=1).mean())
+    obj.backward()
+    grad = pp.grad if side == "right" else pp.grad.t()
+    assert float(loss) == pytest.approx(float(obj), rel=1e-4)
+    expect = p0 - lr * grad
+    if scale_free:
+        expect = fproj.orthonormalize_rows(expect).double()
+    torch.testing.assert_close(new.double(), expect, atol=1e-5, rtol=1e-4)
+
+
+def test_default_update_moves_projector_reference_does_not() -> None:
+    """At gradient entries of 1e-4 the scale-free update moves P and lowers the residual; the
+    published update does not move P at all (its gradient scales with |G|^2)."""
+    torch.manual_seed(0)
+    m, n, r = 256, 128, 16
+    u = torch.linalg.qr(torch.randn(m, r))[0]
+    v = torch.linalg.qr(torch.randn(n, r))[0]
+    g = (u @ torch.diag(torch.linspace(3, 1, r)) @ v.t() + 0.05 * torch.randn(m, n)) * 1e-4
+    g = g / g.abs().mean() * 1e-4
+    p = fproj.rsvd(torch.randn(m, n), r, None)  # a poor subspace
+    before = float(fproj.projection_residual(g, p))
+    new, ref = p, p
+    residuals = []
+    for _ in range(20):  # 20 projector updates (T_u apart in training), same gradient statistics
+        new, _ = fproj.correlation_update(
+            g, new, g @ new.t(), global_rows=m, cos_axis="row", scale_free=True
+        )
+        residuals.append(float(fproj.projection_residual(g, new)))
+        ref, _ = fproj.correlation_update(
+            g, ref, g @ ref.t(), global_rows=m, cos_axis="row", scale_free=False
+        )
+    moved = float((new - p).norm() / p.norm())
+    assert moved > 0.05
+    assert all(b < a for a, b in zip([before, *residuals], residuals, strict=False))
+    assert residuals[-1] < before - 0.01
+    torch.testing.assert_close(new @ new.t(), torch.eye(r), atol=1e-5, rtol=0)
+    assert float((ref - p).norm() / p.norm()) < 1e-9  # the documented defect: P never moves
+
+
+def test_rsvd_captures_energy_and_warm_start_converges() -> None:
+    torch.manual_seed(0)
+    a = torch.randn(200, 20) @ torch.randn(20, 100) + 0.01 * torch.randn(200, 100)
+    p = fproj.rsvd(a, 20, None)
+    torch.testing.assert_close(p @ p.t(), torch.eye(20), atol=1e-5, rtol=0)
+    assert float(fproj.projection_residual(a, p)) < 0.02
+    p2 = fproj.rsvd(a, 20, p.t(), oversample=4, power_iters=1)
+    assert float(fproj.projection_residual(a, p2)) <= float(fproj.projection_residual(a, p)) + 1e-6
+
+
+def test_rotate_moments_is_exact_for_first_moment() -> None:
+    torch.manual_seed(0)
+    p_old = fproj.rsvd(torch.randn(40, 30), 6, None)
+    p_new = fproj.rsvd(torch.randn(40, 30), 6, None)
+    m, v = torch.randn(40, 6), torch.rand(40, 6)
+    m2, v2 = fproj.rotate_moments(m, v, fproj.rotation(p_old, p_new))
+    torch.testing.assert_close(m2, (m @ p_old) @ p_new.t())  # lift, then re-project
+    assert bool((v2 >= 0).all())
+
+
+def test_quantization_round_trip_and_unsigned_map() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(10_000) * 1e-3
+    q, s = quant.quantize(x, signed=True)
+    assert q.dtype == torch.uint8 and s.numel() == quant.num_blocks(10_000)
+    err = (quant.dequantize(q, s, signed=True) - x).abs().max() / x.abs().max()
+    assert float(err) < 0.01
+    v = x.square()
+    for signed, bound in ((False, 0.02), (True, 0.04)):
+        qv, sv = quant.quantize(v, signed=signed)
+        rel = ((quant.dequantize(qv, sv, signed=signed) - v).abs() / v.clamp_min(1e-12)).median()
+        assert float(rel) < bound
+    # the unsigned map uses all 256 codes for v >= 0: twice the resolution of the signed one
+    code_u, _ = quant.codebook(False)
+    code_s, _ = quant.codebook(True)
+    assert int((code_u >= 0).sum()) == 256 and int((code_s >= 0).sum()) == 129
+    # block maxima are stored exactly
+    xb = torch.tensor([0.5, -2.0, 1.0])
+    qb, sb = quant.quantize(xb, signed=True)
+    assert float(quant.dequantize(qb, sb, signed=True)[1]) == -2.0
+
+
+def test_tucker_projection_round_trip() -> None:
+    torch.manual_seed(0)
+    g = torch.randn(32, 16, 3, 3)
+    r0, r1 = tucker.tucker_ranks(g.shape, 4.0)
+    assert (r0, r1) == (16, 8)
+    u0, u1 = tucker.refresh_factors(g, r0, r1, None, None)
+    torch.testing.assert_close(u0.t() @ u0, torch.eye(r0), atol=1e-5, rtol=0)
+    assert u1 is not None
+    core = tucker.core(g, u0, u1)
+    assert core.shape == (16, 8, 3, 3)
+    full = tucker.back(tucker.core(g, torch.eye(32), torch.eye(16)), torch.eye(32), torch.eye(16))
+    torch.testing.assert_close(full, g)
+    w0, w1 = tucker.refresh_factors(g, r0, r1, u0, u1)  # warm HOOI sweep does not get worse
+    res = lambda a, b: float((g - tucker.back(tucker.core(g, a, b), a, b)).norm())  # noqa: E731
+    assert res(w0, w1) <= res(u0, u1) + 1e-4
+    assert tucker.tucker_ranks((64, 32, 1, 1), 4.0) == (16, None)

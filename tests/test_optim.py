@@ -1,0 +1,315 @@
+"""COAPAdamW / COAPAdafactor in one process: errors, checkpoints, convergence, conv, 8-bit."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import coap_dist
+from coap_dist import COAPAdafactor, COAPAdamW, param_groups
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(32, 64),
+        nn.GELU(),
+        nn.LayerNorm(64),
+        nn.Linear(64, 48),
+        nn.GELU(),
+        nn.Linear(48, 8),
+    )
+
+
+BAD: list[tuple[dict[str, Any], str]] = [
+    ({}, "neither `rank` nor `rank_ratio`"),
+    ({"rank": 0}, "`rank`=0"),
+    ({"rank": -3}, "`rank`=-3"),
+    ({"rank": 2.5}, "`rank`=2.5"),
+    ({"rank_ratio": 0}, "`rank_ratio`=0"),
+    ({"rank": 4, "update_interval": 0}, "`update_interval`=0"),
+    ({"rank": 4, "reproject_factor": 0}, "`reproject_factor`=0"),
+    ({"rank": 4, "betas": (0.9, 1.0)}, "`betas`"),
+    ({"rank": 4, "betas": (-0.1, 0.99)}, "`betas`"),
+    ({"rank": 4, "lr": -1e-3}, "`lr`=-0.001"),
+    ({"rank": 4, "eps": -1.0}, "`eps`=-1.0"),
+    ({"rank": 4, "weight_decay": -0.1}, "`weight_decay`=-0.1"),
+    ({"rank": 4, "projector_update": "magic"}, "`projector_update`='magic'"),
+    ({"rank": 4, "moments": "lift"}, "`moments`='lift'"),
+    ({"rank": 4, "projection_side": "up"}, "`projection_side`='up'"),
+    ({"rank": 4, "state_bits": 4}, "`state_bits`=4"),
+    ({"rank": 4, "scale": 0.0}, "`scale`=0.0"),
+    ({"rank": 4, "rank_ratio_cnn": -2}, "`rank_ratio_cnn`=-2"),
+    ({"rank": 4, "sharding": "zero9"}, "`sharding`='zero9'"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD)
+def test_bad_input_names_the_field(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        COAPAdamW(_mlp().parameters(), **kwargs)
+
+
+def test_bad_group_and_shapes() -> None:
+    w3 = nn.Parameter(torch.zeros(4, 4, 4))
+    with pytest.raises(ValueError, match=r"3-D parameter .* algorithm='coap'"):
+        COAPAdamW([{"params": [w3], "algorithm": "coap"}], rank=2)
+    w5 = nn.Parameter(torch.zeros(2, 2, 2, 2, 2))
+    with pytest.raises(ValueError, match="5-D parameter"):
+        COAPAdamW([{"params": [w5], "algorithm": "coap"}], rank=2)
+    # in "auto" groups such tensors simply use AdamW
+    opt = COAPAdamW([w3, w5], rank=2)
+    assert set(opt.state[w3]) == {"step", "exp_avg", "exp_avg_sq"}
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: invalid `update_interval`=0"):
+        COAPAdamW(
+            [
+                {"params": [nn.Parameter(torch.zeros(3, 3))]},
+                {"params": [nn.Parameter(torch.zeros(3, 3))], "update_interval": 0},
+            ],
+            rank=2,
+        )
+    with pytest.raises(ValueError, match="`beta1`=None"):
+        COAPAdafactor(_mlp().parameters(), rank=4, beta1=None)
+    with pytest.raises(
+        ValueError, match=r"invalid `sharding`='owner': it needs torch\.distributed"
+    ):
+        COAPAdamW(_mlp().parameters(), rank=4, sharding="owner")
+
+
+def test_param_groups_routing() -> None:
+    from coap_dist.models import LLAMA_PRESETS, Llama
+
+    model = Llama(LLAMA_PRESETS["tiny"])
+    groups = param_groups(model, rank=8)
+    names = {id(p): n for n, p in model.named_parameters()}
+    coap = {names[id(p)] for p in groups[0]["params"]}
+    adamw = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["rank"] == 8 and groups[1]["algorithm"] == "adamw"
+    assert "layers.0.attention.wq.weight" in coap and "layers.3.feed_forward.w2.weight" in coap
+    assert {"tok_embeddings.weight", "output.weight", "norm.weight"} <= adamw
+    assert not any("norm" in n for n in coap)
+    g2 = param_groups(model, adamw_patterns=["layers.0.*"], coap_patterns=["output.weight"])
+    coap2 = {names[id(p)] for p in g2[0]["params"]}
+    assert "output.weight" in coap2 and "layers.0.attention.wq.weight" not in coap2
+
+
+def _train(
+    opt_factory: Any,
+    steps: int,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    conv: bool = False,
+) -> tuple[list[float], nn.Module, torch.optim.Optimizer]:
+    model = _conv_net(seed) if conv else _mlp(seed)
+    model = model.to(dtype)
+    opt = opt_factory(model)
+    gen = torch.Generator().manual_seed(123)
+    teacher = _conv_net(99).to(dtype) if conv else _mlp(99).to(dtype)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn((16, 3, 12, 12) if conv else (64, 32), generator=gen).to(dtype)
+        with torch.no_grad():
+            y = teacher(x)
+        loss = (model(x) - y).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, model, opt
+
+
+def test_regression_close_to_adamw() -> None:
+    """Teacher-student regression, rank 16 of 32-64-wide layers, 200 steps: COAP (default
+    modes) ends within 35% of AdamW's loss (measured 1.30x) and better than with the
+    reference's `moments="keep"` (measured 0.0104 vs 0.0115)."""
+    adamw, _, _ = _train(lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, eps=1e-6), 200)
+    coap, _, opt = _train(
+        lambda m: COAPAdamW(
+            param_groups(m), lr=3e-3, rank=16, update_interval=10, reproject_factor=4
+        ),
+        200,
+    )
+    keep, _, _ = _train(
+        lambda m: COAPAdamW(
+            param_groups(m),
+            lr=3e-3,
+            rank=16,
+            update_interval=10,
+            reproject_factor=4,
+            moments="keep",
+        ),
+        200,
+    )
+    avg = lambda xs: sum(xs[-20:]) / 20  # noqa: E731
+    assert avg(coap) < 0.3 * avg(coap[:20])
+    assert avg(coap) <= 1.35 * avg(adamw), (avg(coap), avg(adamw))
+    assert avg(coap) < avg(keep)
+    assert opt.metrics()["optim/refreshes"] == 3 * 20  # 3 matrices, k = 0, 10, ..., 190
+
+
+def test_state_dict_round_trip_is_bitwise() -> None:
+    """Save at step 7, torch.load(weights_only=True) into a fresh optimizer, continue: the
+    trajectory equals the uninterrupted run bit for bit (fp32, 8-bit, conv)."""
+    for conv, bits in ((False, None), (False, 8), (True, None)):
+
+        def factory(m: nn.Module, bits: int | None = bits) -> COAPAdamW:
+            return COAPAdamW(
+                param_groups(m),
+                lr=1e-3,
+                rank=6,
+                rank_ratio_cnn=2.0,
+                update_interval=2,
+                reproject_factor=2,
+                state_bits=bits,
+            )
+
+        _, full_model, _ = _train(factory, 14, conv=conv)
+        _, model, opt = _train(factory, 7, conv=conv)
+        buf = io.BytesIO()
+        torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buf)
+        buf.seek(0)
+        ck = torch.load(buf, weights_only=True)
+        fresh = _conv_net(0) if conv else _mlp(0)
+        fresh.load_state_dict(ck["model"])
+        fresh_opt = factory(fresh)
+        fresh_opt.load_state_dict(ck["optim"])
+        gen = torch.Generator().manual_seed(123)
+        teacher = _conv_net(99) if conv else _mlp(99)
+        for step in range(14):
+            x = torch.randn((16, 3, 12, 12) if conv else (64, 32), generator=gen)
+            if step < 7:
+                continue
+            with torch.no_grad():
+                y = teacher(x)
+            (fresh(x) - y).square().mean().backward()
+            fresh_opt.step()
+            fresh_opt.zero_grad()
+        for a, b in zip(fresh.parameters(), full_model.parameters(), strict=True):
+            assert torch.equal(a, b), (conv, bits)
+
+
+class _ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 48, 3, padding=1)
+        self.c2 = nn.Conv2d(48, 64, 3, padding=1)  # 27648 elements: Tucker-projected
+        self.c3 = nn.Conv2d(64, 160, 1)  # 10240 elements, 1x1: output mode only
+        self.head = nn.Linear(160, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.c2(x))
+        return self.head(self.c3(x).mean(dim=(2, 3)))
+
+
+def _conv_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return _ConvNet()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [None, 8])
+def test_conv_and_8bit_over_two_cycles(dtype: torch.dtype, bits: int | None) -> None:
+    """Tucker convs and 8-bit state over >= 2 full refresh cycles (T_u F = 4, 12 steps)."""
+
+    def factory(m: nn.Module) -> COAPAdamW:
+        return COAPAdamW(
+            param_groups(m),
+            lr=2e-3,
+            rank=8,
+            rank_ratio_cnn=4.0,
+            update_interval=2,
+            reproject_factor=2,
+            state_bits=bits,
+        )
+
+    losses, model, opt = _train(factory, 12, dtype=dtype, conv=True)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    st2, st3 = opt.state[model.c2.weight], opt.state[model.c3.weight]
+    assert st2["factor0"].shape == (64, 32) and st2["factor1"].shape == (48, 24)
+    assert st3["factor0"].shape == (160, 40) and "factor1" not in st3
+    assert float(st2["refreshes"]) == 6.0  # k = 0, 2, 4, 6, 8, 10
+    assert st2["factor0"].dtype == dtype  # factors are never quantized: parameter dtype
+    f = st2["factor0"].float()
+    torch.testing.assert_close(
+        f.t() @ f, torch.eye(32), atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0
+    )
+    if bits == 8:
+        assert st2["exp_avg_q"].dtype == torch.uint8 and st2["exp_avg_q"].shape == (32, 24, 3, 3)
+        assert "exp_avg_sq_scale" in st2
+    assert "exp_avg" in opt.state[model.c1.weight] or "exp_avg_q" in opt.state[model.c1.weight]
+    assert "projector" not in opt.state[model.head.weight]  # output heads stay in AdamW
+
+
+def test_nonfinite_gradient_keeps_projector_and_skips_step() -> None:
+    model = _mlp()
+    opt = COAPAdamW(param_groups(model), lr=1e-2, rank=4, update_interval=2, reproject_factor=2)
+    w = model[0].weight
+    x = torch.randn(8, 32)
+    for step in range(5):
+        model(x).square().mean().backward()
+        if step == 4:  # k = 4: a recalibration
+            w.grad[3, 3] = float("inf")
+            before = (
+                w.detach().clone(),
+                opt.state[w]["projector"].clone(),
+                opt.state[w]["exp_avg"].clone(),
+            )
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(w, before[0])
+    assert torch.equal(opt.state[w]["projector"], before[1])
+    assert torch.equal(opt.state[w]["exp_avg"], before[2])
+    assert float(opt.state[w]["step"]) == 4.0
+    m = opt.metrics()
+    assert m["optim/nonfinite_skips"] == 1 and m["optim/refresh_keep_old"] == 1
+    # A zero first gradient (DeepSpeed's construction-time step) does not initialise P.
+    fresh = COAPAdamW(param_groups(_mlp()), rank=4)
+    for p in fresh.param_groups[0]["params"]:
+        p.grad = torch.zeros_like(p)
+    fresh.step()
+    p0 = fresh.param_groups[0]["params"][0]
+    assert float(fresh.state[p0]["step"]) == 0 and not fresh.state[p0]["projector"].any()
+    assert fresh.metrics()["optim/init_deferred"] == 3
+
+
+def test_adafactor_trains_and_round_trips() -> None:
+    losses, model, opt = _train(
+        lambda m: COAPAdafactor(param_groups(m), lr=3e-3, rank=16, update_interval=5), 60
+    )
+    assert losses[-1] < 0.5 * losses[0]
+    st = opt.state[model[0].weight]
+    assert st["exp_avg_sq_row"].shape == (64,) and st["exp_avg_sq_col"].shape == (16,)
+    sd = opt.state_dict()
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    opt.load_state_dict(torch.load(buf, weights_only=True))
+
+
+def test_state_bytes_exact_and_bf16_state() -> None:
+    model = _mlp().to(torch.bfloat16)
+    opt = COAPAdamW(param_groups(model), rank=8)
+    # 64x32 (right): P 8x32, M,V 64x8; 48x64 (left): P 8x48, M,V 64x8; 8x48 (left, r = 8):
+    # P 8x8, M,V 48x8; biases and LayerNorm -> AdamW. All bf16.
+    expect = 0
+    expect += 2 * (8 * 32 + 2 * 64 * 8)
+    expect += 2 * (8 * 48 + 2 * 64 * 8)
+    expect += 2 * (8 * 8 + 2 * 48 * 8)
+    dense = sum(p.numel() for p in opt.param_groups[1]["params"])
+    expect += 2 * 2 * dense
+    assert opt.state_bytes() == expect
+    assert opt.state[model[0].weight]["exp_avg"].dtype == torch.bfloat16
+    opt32 = COAPAdamW(param_groups(model), rank=8, state_bits=32)
+    assert opt32.state_bytes() == 2 * expect
+    assert opt32.state[model[0].weight]["exp_avg"].dtype == torch.float32
+
+
+def test_torch_optim_coap_is_registered() -> None:
+    assert torch.optim.COAP is coap_dist.COAPAdamW  # type: ignore[attr-defined]
+    assert torch.optim.COAPAdafactor is coap_dist.COAPAdafactor  # type: ignore[attr-defined]
