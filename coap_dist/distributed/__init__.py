@@ -3,6 +3,8 @@
 * :class:`OwnerSharding` (``sharding="owner"``): DDP / replicated parameters, state sharded by
   parameter owner (ZeRO-1, or ZeRO-2 with ``reduce_gradients=True``).
 * :class:`Fsdp2Local` (automatic for FSDP2/HSDP DTensor parameters, or ``sharding="local"``).
+* :class:`Fsdp1Sharding` (``sharding=Fsdp1Sharding(fsdp_model)``): FSDP1 with
+  ``use_orig_params=True``; whole matrices assembled from flat fragments on their owners.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import torch
 
+from coap_dist.distributed.fsdp1 import Fsdp1Sharding
 from coap_dist.distributed.fsdp2 import Fsdp2Local
 from coap_dist.distributed.owner import OwnerSharding
 from coap_dist.optim.layout import Layout, set_layout_resolver
@@ -49,4 +52,4 @@ def resolve(params: Sequence[torch.nn.Parameter], sharding: Any, process_group: 
 
 set_layout_resolver(resolve)
 
-__all__ = ["Fsdp2Local", "OwnerSharding", "resolve"]
+__all__ = ["Fsdp1Sharding", "Fsdp2Local", "OwnerSharding", "resolve"]

@@ -21,9 +21,10 @@ host synchronisation per step on a vector of flags (and, when sharded, one tiny 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -92,9 +93,16 @@ class _COAPBase(Optimizer):
         self.state_bits = state_bits
         self.skip_nonfinite = skip_nonfinite
         super().__init__(params, defaults)
+        # The parameters as built, per group. A wrapper may later swap other tensors into the
+        # groups (DeepSpeed's fp32 copies or flat ZeRO partitions): see _params_this_step.
+        self._logical: dict[int, list[Tensor]] = {
+            id(g): list(g["params"]) for g in self.param_groups
+        }
+        self._logical_groups: list[dict[str, Any]] = list(self.param_groups)
         for i, group in enumerate(self.param_groups):
             validate_group(group, f"{name} param_groups[{i}]", adafactor=self._adafactor)
         all_params = [p for g in self.param_groups for p in g["params"]]
+        self._all_params = all_params
         self._layout: Layout = resolve_layout(all_params, sharding, process_group)
         if state_bits == 8 and not self._layout.supports_quantized_state:
             raise ValueError(
@@ -181,7 +189,7 @@ class _COAPBase(Optimizer):
             self._plans[p] = dataclasses.replace(plan, offset=offset)
 
     def _group_of(self, p: Tensor) -> dict[str, Any]:
-        return self.param_groups[self._plans[p].group]
+        return self._logical_groups[self._plans[p].group]
 
     def _cost(self, p: Tensor) -> float:
         """Compute cost for owner assignment: m n r for COAP matrices, numel otherwise."""
@@ -214,13 +222,13 @@ class _COAPBase(Optimizer):
             return torch.float32
         if self.state_bits == 16:
             return torch.bfloat16
-        return p.dtype
+        return self._layout.param(p).dtype  # a wrapper's fp32 master copy, if any
 
     # ------------------------------------------------------------------------------ state
     def _moment_tensors(
         self, p: Tensor, name: str, shape: tuple[int, ...], signed: bool, rows_like_param: bool
     ) -> dict[str, Tensor]:
-        lay, dev = self._layout, self._layout.local(p).device
+        lay, dev = self._layout, self._layout.param(p).device
         numel = 1
         for s in shape:
             numel *= s
@@ -236,7 +244,7 @@ class _COAPBase(Optimizer):
         """Eagerly allocated state (same keys on every rank that holds p)."""
         plan = self._plans[p]
         lay = self._layout
-        local = lay.local(p)
+        local = lay.param(p)
         dev = local.device
         st: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32)}
         if plan.kind == "dense":
@@ -296,14 +304,15 @@ class _COAPBase(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         lay = self._layout
-        all_params = [p for g in self.param_groups for p in g["params"]]
+        groups = self._params_this_step()
+        all_params = self._all_params
         lay.begin_step(all_params)
         items: list[tuple[Tensor, dict[str, Any], Tensor, Tensor]] = []  # (p, group, g, R or g)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or not lay.owns(p):
+        for group, params in groups:
+            for p in params:
+                g = lay.grad(p) if lay.owns(p) else None
+                if g is None:
                     continue
-                g = lay.local(p.grad)
                 if g.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 r = self._prepare(p, group, g)
@@ -336,6 +345,65 @@ class _COAPBase(Optimizer):
                 updates[p] = AppliedUpdate()
         lay.commit(updates, all_params)
         return loss
+
+    def _params_this_step(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        """(group, parameters to update) for the groups present now. When a wrapper has swapped
+        other tensors into the groups, the layout maps them back to the parameters the
+        optimizer was built with (``Layout.adopt``; it may cover a subset per call), and state
+        is created for parameters it newly assigns to this rank."""
+        groups = self.param_groups
+        name = type(self).__name__
+        try:
+            logical = [self._logical[id(g)] for g in groups]
+        except KeyError:
+            raise RuntimeError(
+                f"{name}: a parameter group was added or replaced after construction; build "
+                "the optimizer with all its groups"
+            ) from None
+        current = [g["params"] for g in groups]
+        if all(
+            len(c) == len(q) and all(a is b for a, b in zip(c, q, strict=True))
+            for c, q in zip(current, logical, strict=True)
+        ):
+            return list(zip(groups, logical, strict=True))
+        active = self._layout.adopt(current, logical)
+        if active is None:
+            raise RuntimeError(
+                f"{name}: a wrapper replaced the optimizer's parameter tensors (e.g. flat ZeRO "
+                f"partitions) and the `{self._layout.name}` layout cannot map them back to "
+                "matrices. Under DeepSpeed, name the optimizer in the JSON config "
+                '("optimizer": {"type": "COAP"}) after `import coap_dist`, or pass '
+                "optimizer=lambda params: COAPAdamW(params, ...) to deepspeed.initialize"
+            )
+        keep = set(active)
+        out = []
+        for g, params in zip(groups, logical, strict=True):
+            mine = [p for p in params if p in keep]
+            for p in mine:
+                if not self.state.get(p) and self._layout.owns(p):
+                    self.state[p] = self._new_state(p, g)
+            out.append((g, mine))
+        return out
+
+    @contextlib.contextmanager
+    def _logical_view(self) -> Iterator[None]:
+        """Put the parameters the optimizer was built with (the keys of its state) back into the
+        groups for torch's state_dict / load_state_dict, then restore the wrapper's tensors,
+        also into the new group dicts that load_state_dict creates."""
+        groups = list(self.param_groups)
+        swapped = [g["params"] for g in groups]
+        for g in groups:
+            g["params"] = self._logical[id(g)]
+        try:
+            yield
+        finally:
+            new = list(self.param_groups)
+            for old, g, params in zip(groups, new, swapped, strict=True):
+                if g is not old:
+                    self._logical[id(g)] = self._logical.pop(id(old))
+                    i = next(k for k, x in enumerate(self._logical_groups) if x is old)
+                    self._logical_groups[i] = g
+                g["params"] = params
 
     def _due(self, p: Tensor, group: dict[str, Any], k: int) -> str | None:
         """Which projector refresh is due at completed-step count k (None: none)."""
@@ -521,7 +589,7 @@ class _COAPBase(Optimizer):
         v.mul_(b2).addcmul_(gm, gm, value=1.0 - b2)
         self._write(st, "exp_avg", m, True)
         self._write(st, "exp_avg_sq", v, False)
-        w = self._layout.local(p)
+        w = self._layout.param(p)
         denom = v.sqrt().add_(group["eps"])
         t = int(st["step"].item())
         step_size = fadam.adam_step_size(group["lr"], b1, b2, t)
@@ -538,7 +606,7 @@ class _COAPBase(Optimizer):
         (d,) = fadam.adam_directions([m], [v], [core.to(m.dtype)], b1, b2, group["eps"])
         self._write(st, "exp_avg", m, True)
         self._write(st, "exp_avg_sq", v, False)
-        w = self._layout.local(p)
+        w = self._layout.param(p)
         t = int(st["step"].item())
         alpha = fadam.adam_step_size(group["lr"], b1, b2, t) * group["scale"]
         w.add_(ftucker.back(d.to(w.dtype), st["factor0"], st.get("factor1")), alpha=-alpha)
@@ -550,32 +618,36 @@ class _COAPBase(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Tensors only (loads with ``torch.load(..., weights_only=True)``). Sharded-owner
         layouts return the full, layout-independent state on every rank."""
+        self._params_this_step()
         saved = self.state
-        params = [p for g in self.param_groups for p in g["params"]]
-        full = self._layout.gather_state(
-            {p: s for p, s in saved.items() if s},
-            lambda p: self._new_state(p, self._group_of(p)),
-            params,
-        )
-        try:
-            self.state = full  # type: ignore[assignment]
-            return super().state_dict()
-        finally:
-            self.state = saved
+        with self._logical_view():
+            params = [p for g in self.param_groups for p in g["params"]]
+            full = self._layout.gather_state(
+                {p: s for p, s in saved.items() if s},
+                lambda p: self._new_state(p, self._group_of(p)),
+                params,
+            )
+            try:
+                self.state = full  # type: ignore[assignment]
+                return super().state_dict()
+            finally:
+                self.state = saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load hyperparameters and state. Unlike torch's default, state tensors keep their
         saved dtype (fp32 state of bf16 weights, uint8 codes) and are copied, never aliased
         with the caller's dict; ranks keep only the state their layout assigns them."""
-        super().load_state_dict(state_dict)
+        self._params_this_step()
+        with self._logical_view():
+            super().load_state_dict(state_dict)
+            params = [p for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params, strict=True):
             saved = state_dict["state"].get(saved_id)
             if saved is None or not self._layout.keep_state(p):
                 self.state.pop(p, None)
                 continue
-            device = self._layout.local(p).device
+            device = self._layout.param(p).device
             self.state[p] = {
                 k: (v.clone() if v.ndim == 0 else v.to(device=device, copy=True))
                 if isinstance(v, Tensor)

@@ -96,6 +96,23 @@ class Layout:
     def global_shape(self, p: Tensor) -> torch.Size:
         return p.shape
 
+    def param(self, p: Tensor) -> Tensor:
+        """The tensor the optimizer updates in place for p (its local shard by default)."""
+        return self.local(p)
+
+    def grad(self, p: Tensor) -> Tensor | None:
+        """The gradient matching :meth:`param` (None if p has none this step)."""
+        return None if p.grad is None else self.local(p.grad)
+
+    def adopt(
+        self, current: Sequence[Sequence[Tensor]], logical: Sequence[Sequence[Tensor]]
+    ) -> list[Tensor] | None:
+        """A wrapper swapped other tensors into the optimizer's groups (``current``, per group;
+        ``logical``: the parameters the optimizer was built with). Map them so that
+        :meth:`param` / :meth:`grad` reach them, and return the parameters this step() call
+        covers; None if this layout cannot map them (the optimizer then raises)."""
+        return None
+
     def forced_side(self, p: Tensor) -> Side | None:
         """A projection side imposed by the layout (row shards must be right-projected)."""
         return None
@@ -124,7 +141,7 @@ class Layout:
         """Make every rank's parameters reflect the updates computed on this rank."""
         for p, u in updates.items():
             if isinstance(u, LowRankUpdate):
-                apply_low_rank(self.local(p), u)
+                apply_low_rank(self.param(p), u)
 
     def extra_state_bytes(self) -> int:
         """Bytes held for the optimizer outside ``optimizer.state`` (e.g. projector caches)."""

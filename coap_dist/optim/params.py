@@ -52,9 +52,9 @@ def param_groups(
             elif any(fnmatch.fnmatchcase(full, pat) for pat in coap_pats):
                 to_coap = True
             else:
+                # By module type and name, not p.ndim: under FSDP1 a weight is a 1-D fragment.
                 to_coap = (
-                    p.ndim in (2, 4)
-                    and p_name == "weight"
+                    p_name == "weight"
                     and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
                     and leaf not in HEAD_NAMES
                     and not _is_norm(module)

@@ -1,0 +1,123 @@
+"""FSDP1 (``use_orig_params=True``) with Fsdp1Sharding, and torch's ZeroRedundancyOptimizer
+and fairscale's OSS wrapping COAPAdamW, on 2 and 3 gloo processes, bitwise against single-process COAPAdamW fed
+the same averaged gradients over two full refresh cycles (fragments starting and ending
+mid-row; empty fragments on 3 ranks), plus an owner-state checkpoint round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.optim import ZeroRedundancyOptimizer
+
+import coap_dist
+from coap_dist.distributed import Fsdp1Sharding
+from tests.dist_harness import run_workers
+
+KW = dict(lr=1e-2, weight_decay=0.1, rank=3, update_interval=2, reproject_factor=2, scale=0.5)
+STEPS = 9
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    # 7x5 = 35 elements etc.: flat shard boundaries fall mid-row
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 4))
+
+
+def _batch(rank: int, step: int) -> torch.Tensor:
+    return torch.randn(6, 5, generator=torch.Generator().manual_seed(100 * step + rank))
+
+
+def _fsdp1(rank: int, world: int) -> None:
+    fsdp = FSDP(_model(), use_orig_params=True, device_id=torch.device("cpu"))
+    ref_model = _model()
+    ref = coap_dist.COAPAdamW(coap_dist.param_groups(ref_model), **KW)
+    lay = Fsdp1Sharding(fsdp)
+    opt = coap_dist.COAPAdamW(coap_dist.param_groups(fsdp), **KW, sharding=lay)
+    frag_sizes = [p.numel() for p in fsdp.parameters()]
+    full_sizes = [p.numel() for p in ref_model.parameters()]
+    assert sum(frag_sizes) < sum(full_sizes)  # really sharded
+    for step in range(STEPS):
+        fsdp(_batch(rank, step)).square().mean().backward()
+        with FSDP.summon_full_params(fsdp, with_grads=True):
+            for p, q in zip(fsdp.parameters(), ref_model.parameters(), strict=True):
+                q.grad = p.grad.detach().clone().view_as(q)
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+        ref.zero_grad()
+        with FSDP.summon_full_params(fsdp):
+            for i, (p, q) in enumerate(zip(fsdp.parameters(), ref_model.parameters(), strict=True)):
+                assert torch.equal(p.detach().view_as(q), q.detach()), f"step {step} param {i}"
+    for p in fsdp.parameters():
+        if lay.owns(p) and p in lay._frag and len(lay.global_shape(p)) == 2:
+            assert float(opt.state[p]["refreshes"]) == 5.0  # k = 0, 2, 4, 6, 8
+            m, n = lay.global_shape(p)
+            assert opt.state[p]["exp_avg"].shape == ((m, 3) if m >= n else (n, 3))
+    # Layout-independent checkpoint: equals the single-process state, loads in one process.
+    sd = opt.state_dict()
+    for k, st in ref.state_dict()["state"].items():
+        for key, val in st.items():
+            assert torch.equal(sd["state"][k][key], val), (k, key)
+    mine = torch.tensor([opt.state_bytes()])
+    dist.all_reduce(mine)
+    assert int(mine) == ref.state_bytes()
+
+
+def _zero_redundancy(rank: int, world: int) -> None:
+    model, ref_model = _model(), _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=coap_dist.COAPAdamW, **KW)
+    ref = coap_dist.COAPAdamW(ref_model.parameters(), **KW)
+    for step in range(STEPS):
+        ddp(_batch(rank, step)).square().mean().backward()
+        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+        ref.zero_grad()
+        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+            assert torch.equal(p, q), f"ZeroRedundancyOptimizer step {step}"
+    local = opt.optim
+    assert isinstance(local, coap_dist.COAPAdamW)
+    matrices = [p for g in local.param_groups for p in g["params"] if p.ndim == 2]
+    assert all(float(local.state[p]["refreshes"]) == 5.0 for p in matrices)
+
+
+def _fairscale_oss(rank: int, world: int) -> None:
+    from fairscale.optim import OSS
+
+    model, ref_model = _model(), _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = OSS(model.parameters(), optim=coap_dist.COAPAdamW, **KW)
+    ref = coap_dist.COAPAdamW(ref_model.parameters(), **KW)
+    for step in range(STEPS):
+        ddp(_batch(rank, step)).square().mean().backward()
+        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+        ref.zero_grad()
+        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+            assert torch.equal(p, q), f"fairscale OSS step {step}"
+    assert isinstance(opt.optim, coap_dist.COAPAdamW)
+    opt.consolidate_state_dict(recipient_rank=0)
+    if rank == 0:
+        sd = opt.state_dict()
+        assert len(sd["state"]) == len(list(model.parameters()))
+
+
+def _worker(rank: int, world: int) -> None:
+    _fsdp1(rank, world)
+    _zero_redundancy(rank, world)
+    _fairscale_oss(rank, world)
+
+
+@pytest.mark.distributed
+def test_fsdp1_and_zero_redundancy_2_and_3_ranks() -> None:
+    run_workers(_worker, 2)
+    run_workers(_worker, 3)
