@@ -184,6 +184,46 @@ def _phase_resume(rank: int, world: int, tmp: str) -> None:
         assert diff < TOL, f"resume on {world} ranks differs at {n} by {diff}"
 
 
+def _phase_hsdp(rank: int, world: int, tmp: str) -> None:
+    """HSDP on a (replicate 2 x shard 2) mesh: collectives on the shard sub-mesh only."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model = _model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = coap_dist.COAPAdamW(model.parameters(), **KW)
+    assert opt.layout._group_size == 2  # the shard sub-mesh, not the world
+    ref_model = _model()
+    ref_opt = coap_dist.COAPAdamW(ref_model.parameters(), **KW, projection_side="right")
+    shard_rank = mesh.get_local_rank("shard")
+    replica = mesh.get_local_rank("replicate")
+    for step in range(STEPS):
+        x = _global_batch(step)
+        per = GLOBAL_BATCH // 4
+        part = x[(2 * replica + shard_rank) * per:(2 * replica + shard_rank + 1) * per]
+        _loss(model, part).backward()
+        _loss(ref_model, x).backward()
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        diff = (p.full_tensor() - q).abs().max().item()
+        assert diff < TOL, f"HSDP differs from 1-process by {diff}"
+    w = model[0].weight
+    assert opt.state[w]["exp_avg"].placements == w.placements == (Replicate(), Shard(0))
+    proj = opt.state[w]["projector"].to_local()
+    sums = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(sums, proj.double().sum().reshape(1))
+    assert all(torch.equal(s, sums[0]) for s in sums)
+
+
+@pytest.mark.distributed
+def test_fsdp2_hsdp_2x2_mesh(tmp_path: os.PathLike[str]) -> None:
+    run_workers(_phase_hsdp, 4, str(tmp_path))
+
+
 @pytest.mark.distributed
 def test_fsdp2_local_save_on_2_resume_on_3_and_1(tmp_path: os.PathLike[str]) -> None:
     tmp = str(tmp_path)
