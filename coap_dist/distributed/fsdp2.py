@@ -53,6 +53,7 @@ class Fsdp2Local(Layout):
         self._group: dist.ProcessGroup | None = None
         self._group_size = 1
         self._shards: ShardGroup | None = None
+        self._comm_bytes = 0
 
     def bind(
         self,
@@ -79,11 +80,13 @@ class Fsdp2Local(Layout):
             def total(t: Tensor) -> Tensor:
                 t = t.contiguous()
                 dist.all_reduce(t, group=group)
+                self._comm_bytes += t.numel() * t.element_size()
                 return t
 
             def from_first(t: Tensor) -> Tensor:
                 t = t.contiguous()
                 dist.broadcast(t, src=src, group=group)
+                self._comm_bytes += t.numel() * t.element_size()
                 return t
 
             self._shards = ShardGroup(total, from_first, dist.get_rank(group), self._group_size)
@@ -129,9 +132,13 @@ class Fsdp2Local(Layout):
             return ok
         flags = ok.to(torch.int32)
         dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self._group)
+        self._comm_bytes += flags.numel() * flags.element_size()
         return flags.bool()
 
+    def begin_step(self, params: Sequence[torch.nn.Parameter]) -> None:
+        self._comm_bytes = 0
+
     def communicated_bytes(self) -> int:
-        # Per step: the flag vector; refresh collectives are counted by the optimizer's
-        # projector timing, not here.
-        return 0
+        """Bytes all-reduced or broadcast by this rank in the last step: the flag vector
+        every step, plus the refresh collectives on steps with projector refreshes."""
+        return self._comm_bytes
