@@ -313,3 +313,21 @@ def test_state_bytes_exact_and_bf16_state() -> None:
 def test_torch_optim_coap_is_registered() -> None:
     assert torch.optim.COAP is coap_dist.COAPAdamW  # type: ignore[attr-defined]
     assert torch.optim.COAPAdafactor is coap_dist.COAPAdafactor  # type: ignore[attr-defined]
+
+
+def test_stagger_spreads_refreshes() -> None:
+    """stagger=True offsets each matrix's schedule so refreshes spread over the interval."""
+    ws = [nn.Parameter(torch.randn(12, 8)) for _ in range(3)]
+    counts = {}
+    for stagger in (False, True):
+        opt = COAPAdamW(ws, lr=1e-3, rank=2, update_interval=3, reproject_factor=2, stagger=stagger)
+        per_step = []
+        for _ in range(7):
+            for w in ws:
+                w.grad = torch.randn_like(w)
+            before = opt.metrics()["optim/refreshes"]
+            opt.step()
+            per_step.append(opt.metrics()["optim/refreshes"] - before)
+        counts[stagger] = per_step
+    assert counts[False] == [3, 0, 0, 3, 0, 0, 3]  # all matrices at k = 0, 3, 6
+    assert counts[True] == [3, 1, 1, 1, 1, 1, 1]  # k = 0 for all, then one matrix per step

@@ -111,7 +111,7 @@ class Fsdp1Sharding(OwnerSharding):
                 off += n
             both = torch.cat([values, grads])
             dist.reduce(both, dst=self._src(r), op=dist.ReduceOp.SUM, group=self.group)
-            self._comm_bytes += 2 * both.numel() * both.element_size()
+            self._comm_bytes += both.numel() * both.element_size() * (self.world > 1)
             if r == self.rank:
                 values, grads = both[: sum(sizes)], both[sum(sizes) :]
                 off = 0
@@ -143,7 +143,7 @@ class Fsdp1Sharding(OwnerSharding):
                     sum(self._frag[p][0].numel() for p in moved), dtype=moved[0].dtype
                 )
             dist.broadcast(buf, src=self._src(r), group=self.group)
-            self._comm_bytes += buf.numel() * buf.element_size()
+            self._comm_bytes += buf.numel() * buf.element_size() * (self.world > 1)
             off = 0
             with torch.no_grad():
                 for p in moved:

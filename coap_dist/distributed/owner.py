@@ -108,7 +108,7 @@ class OwnerSharding(Layout):
     # ----------------------------------------------------------------------- gradients
     def begin_step(self, params: Sequence[torch.nn.Parameter]) -> None:
         self._comm_bytes = 0
-        if not self.reduce_gradients:
+        if not self.reduce_gradients or self.world == 1:
             return
         # Agree on which parameters have a gradient anywhere (frozen / unused on some ranks).
         have = torch.tensor([p.grad is not None for p in self._params], dtype=torch.int32)
@@ -147,6 +147,8 @@ class OwnerSharding(Layout):
         for p, u in updates.items():
             if isinstance(u, LowRankUpdate):
                 apply_low_rank(p, u)
+        if self.world == 1:
+            return
         for r in range(self.world):
             owned = [p for p in params if self._owner[p] == r]
             if not owned:
@@ -229,6 +231,8 @@ class OwnerSharding(Layout):
         params: Sequence[torch.nn.Parameter],
     ) -> dict[Tensor, dict[str, Any]]:
         """Every parameter's state on every rank: one broadcast per owner, in index order."""
+        if self.world == 1:
+            return state
         full: dict[Tensor, dict[str, Any]] = {}
         for r in range(self.world):
             owned = [p for p in params if self._owner[p] == r]

@@ -52,18 +52,17 @@ Update = LowRankUpdate | AppliedUpdate
 
 
 def apply_low_rank(w: Tensor, u: LowRankUpdate) -> None:
-    """In place: W <- W - alpha * D P (right) or W - alpha * (D P)^T (left); W <- W - decay W.
+    """In place: W <- (1 - decay) (W - alpha back(D)), back(D) = D P (right) or (D P)^T (left).
 
-    ``addmm_`` forms the rank-r product straight into W: no full-size temporary.
+    This is the update followed by decoupled weight decay W <- W - decay W, folded into one
+    ``addmm_`` (beta = 1 - decay): the rank-r product goes straight into W, with no full-size
+    temporary and one pass over W.
     """
     d = u.direction.to(w.dtype)
     p = u.projector.to(w.dtype)
-    if u.side == "right":
-        w.addmm_(d, p, alpha=-u.alpha)
-    else:
-        w.addmm_(p.t(), d.t(), alpha=-u.alpha)
-    if u.decay > 0:
-        w.add_(w, alpha=-u.decay)
+    keep = 1.0 - u.decay
+    a, b = (d, p) if u.side == "right" else (p.t(), d.t())
+    w.addmm_(a, b, beta=keep, alpha=-u.alpha * keep)
 
 
 class Layout:
