@@ -3,6 +3,7 @@
 * :class:`OwnerSharding` (``sharding="owner"``): DDP / replicated parameters, state sharded by
   parameter owner (ZeRO-1, or ZeRO-2 with ``reduce_gradients=True``).
 * :class:`Fsdp2Local` (automatic for FSDP2/HSDP DTensor parameters, or ``sharding="local"``).
+* :class:`Fsdp2Owner` (FSDP2/HSDP with ``sharding="owner"``): exact whole-matrix COAP.
 * :class:`Fsdp1Sharding` (``sharding=Fsdp1Sharding(fsdp_model)``): FSDP1 with
   ``use_orig_params=True``; whole matrices assembled from flat fragments on their owners.
 """
@@ -14,8 +15,9 @@ from typing import Any
 
 import torch
 
+from coap_dist.distributed.fragments import FragmentOwnerSharding
 from coap_dist.distributed.fsdp1 import Fsdp1Sharding
-from coap_dist.distributed.fsdp2 import Fsdp2Local
+from coap_dist.distributed.fsdp2 import Fsdp2Local, Fsdp2Owner
 from coap_dist.distributed.owner import OwnerSharding
 from coap_dist.optim.layout import Layout, set_layout_resolver
 
@@ -35,12 +37,7 @@ def resolve(params: Sequence[torch.nn.Parameter], sharding: Any, process_group: 
             "None (automatic) or a coap_dist.distributed layout instance"
         )
     if is_dtensor:
-        if sharding not in (None, "local"):
-            raise ValueError(
-                f"`sharding`={sharding!r} is not available for FSDP2 (DTensor) "
-                "parameters; use None or 'local'"
-            )
-        return Fsdp2Local()
+        return Fsdp2Owner(params) if sharding == "owner" else Fsdp2Local()
     if sharding == "owner":
         return OwnerSharding(process_group)
     if sharding == "local":
@@ -52,4 +49,11 @@ def resolve(params: Sequence[torch.nn.Parameter], sharding: Any, process_group: 
 
 set_layout_resolver(resolve)
 
-__all__ = ["Fsdp1Sharding", "Fsdp2Local", "OwnerSharding", "resolve"]
+__all__ = [
+    "FragmentOwnerSharding",
+    "Fsdp1Sharding",
+    "Fsdp2Local",
+    "Fsdp2Owner",
+    "OwnerSharding",
+    "resolve",
+]

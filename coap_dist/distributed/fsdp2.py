@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from coap_dist.distributed.common import check_same_config
+from coap_dist.distributed.fragments import FragmentOwnerSharding
 from coap_dist.functional.projection import ShardGroup, Side
 from coap_dist.optim.layout import Layout, MatrixGeometry
 
@@ -142,3 +143,44 @@ class Fsdp2Local(Layout):
         """Bytes all-reduced or broadcast by this rank in the last step: the flag vector
         every step, plus the refresh collectives on steps with projector refreshes."""
         return self._comm_bytes
+
+
+class Fsdp2Owner(FragmentOwnerSharding):
+    """OWNER strategy for FSDP2 / HSDP (``sharding="owner"``): exact whole-matrix COAP.
+
+    Each rank's ``Shard(0)`` row block is a fragment of the flattened parameter; owners
+    assemble full gradients and values over the shard group, run the single-process math
+    (reference side rule, any rank, Tucker and 8-bit state included) and broadcast the updated
+    parameters (see :class:`~coap_dist.distributed.fragments.FragmentOwnerSharding`). With
+    HSDP every replica does the same work over its own shard group. The state is plain
+    per-owner tensors; ``state_dict()`` returns the full state, identical on every rank (so
+    DCP may deduplicate it safely) and loadable at any world size.
+    """
+
+    name = "fsdp2_owner"
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        groups = set()
+        for p in params:
+            dim = _shard_dim(p) if isinstance(p, DTensor) else None
+            if dim is None:
+                raise ValueError(
+                    "sharding='owner' under FSDP2 needs every parameter to be a Shard(0) "
+                    f"DTensor; got a {type(p).__name__} of shape {tuple(p.shape)}"
+                )
+            groups.add(p.device_mesh.get_group(dim))
+        if len(groups) != 1:
+            raise ValueError("COAP OWNER layout: parameters are sharded over different groups")
+        super().__init__(groups.pop())
+        for p in params:
+            _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            row = 1
+            for s in p.shape[1:]:
+                row *= s
+            start = offset[0] * row if p._local_tensor.numel() else 0
+            self._frag[p] = (p.shape, start, start + p._local_tensor.numel())
+
+    def local(self, t: Tensor) -> Tensor:
+        return t._local_tensor if isinstance(t, DTensor) else t

@@ -201,7 +201,7 @@ def _phase_hsdp(rank: int, world: int, tmp: str) -> None:
     for step in range(STEPS):
         x = _global_batch(step)
         per = GLOBAL_BATCH // 4
-        part = x[(2 * replica + shard_rank) * per:(2 * replica + shard_rank + 1) * per]
+        part = x[(2 * replica + shard_rank) * per : (2 * replica + shard_rank + 1) * per]
         _loss(model, part).backward()
         _loss(ref_model, x).backward()
         opt.step()
@@ -219,6 +219,64 @@ def _phase_hsdp(rank: int, world: int, tmp: str) -> None:
     assert all(torch.equal(s, sums[0]) for s in sums)
 
 
+def _phase_owner(rank: int, world: int, tmp: str) -> None:
+    """FSDP2 with sharding='owner' (3 ranks, uneven and empty shards): bitwise equal to one
+    process fed the same gradients (reference side rule: left projections too; 8-bit state
+    option), DCP save/load round trip bitwise."""
+    mesh = init_device_mesh("cpu", (world,))
+    model = _model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    kw = dict(KW, state_bits=8)
+    opt = coap_dist.COAPAdamW(model.parameters(), **kw, sharding="owner")
+    assert opt.layout.name == "fsdp2_owner"
+    ref_model = _model()
+    ref = coap_dist.COAPAdamW(ref_model.parameters(), **kw)
+
+    def run(steps: range, m: nn.Module, o: torch.optim.Optimizer, check: bool) -> None:
+        for step in steps:
+            _loss(m, _local_batch(step, rank, world)).backward()
+            if check:
+                for p, q in zip(m.parameters(), ref_model.parameters(), strict=True):
+                    q.grad = p.grad.full_tensor()
+            o.step()
+            o.zero_grad()
+            if check:
+                ref.step()
+                ref.zero_grad()
+                for p, q in zip(m.parameters(), ref_model.parameters(), strict=True):
+                    assert torch.equal(p.full_tensor(), q.detach()), f"owner step {step}"
+
+    run(range(SAVE_AT), model, opt, True)
+    path = os.path.join(tmp, "owner_ckpt")
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+        checkpoint_id=path,
+    )
+    run(range(SAVE_AT, STEPS), model, opt, True)
+    left = model[0].weight  # 10 x 16: a left projection, P stored as r x 10
+    if opt.layout.owns(left):
+        assert opt.state[left]["projector"].shape == (4, 10)
+        assert opt.state[left]["exp_avg"].shape == (16, 4)  # < 4096 elements: kept in fp32
+        assert float(opt.state[left]["refreshes"]) == 5.0
+    final = {n: p.full_tensor() for n, p in model.named_parameters()}
+    model2 = _model()
+    for layer in model2:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model2, mesh=mesh)
+    opt2 = coap_dist.COAPAdamW(model2.parameters(), **kw, sharding="owner")
+    sd = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(model2, sd["model"])
+    set_optimizer_state_dict(model2, opt2, sd["optim"])
+    run(range(SAVE_AT, STEPS), model2, opt2, False)
+    for n, p in model2.named_parameters():
+        assert torch.equal(p.full_tensor(), final[n]), f"owner DCP resume differs at {n}"
+
+
 @pytest.mark.distributed
 def test_fsdp2_hsdp_2x2_mesh(tmp_path: os.PathLike[str]) -> None:
     run_workers(_phase_hsdp, 4, str(tmp_path))
@@ -229,6 +287,7 @@ def test_fsdp2_local_save_on_2_resume_on_3_and_1(tmp_path: os.PathLike[str]) -> 
     tmp = str(tmp_path)
     run_workers(_phase_save, 2, tmp)
     run_workers(_phase_resume, 3, tmp)
+    run_workers(_phase_owner, 3, tmp)
     # One process, no process group: plain tensors loaded from the sharded checkpoint.
     model = _model()
     opt = coap_dist.COAPAdamW(model.parameters(), **KW, projection_side="right")
