@@ -1,0 +1,345 @@
+"""DeepSpeed ``"optimizer": {"type": "COAP"}`` under ZeRO stages 0-3, fp32 and bf16 (CPU, gloo).
+
+ONE spawn of 2 processes builds every engine below in turn, in the same process group, from a
+JSON-style config that names the optimizer only by ``"type": "COAP"`` (no
+``zero_allow_untested_optimizer``), with ``model_parameters=model.parameters()``:
+
+    stage 0 fp32 | stage 0 bf16 (FP16_UnfusedOptimizer) | stage 1 fp32 | stage 1 bf16
+    stage 1 bf16 + fp32 gradient accumulation (BF16_Optimizer) | stage 2 fp32
+    stage 2 bf16 with gradient_accumulation_steps=2 | stage 3 fp32 | stage 3 bf16 under zero.Init
+    stage 2 fp32 with "type": "COAPAdafactor"
+
+For each: the loss falls (COAPAdamW); every COAP matrix has state on exactly one rank (stages 1-3) or on
+every rank (stage 0) with low-rank shapes, ``step`` equal to the number of optimizer steps (not
+micro-steps) and the expected number of projector refreshes (catches silent no-ops); per-rank
+optimizer-state bytes are below 60% of AdamW's under the same stage (fp32 moments on the fp32
+master partition: 8 bytes per element held); the trajectory matches single-process COAPAdamW on
+the rank-averaged gradient (fp32: weights to rtol 1e-4 / atol 1e-5 after 8 steps; bf16: losses
+to rtol 5e-2). Selected configs also save a checkpoint at step 4 with ``engine.save_checkpoint``,
+load it into a fresh engine and check that 4 more steps reproduce the uninterrupted run. Invalid
+setups (optimizer offload, an unknown JSON key) must fail at ``deepspeed.initialize``, and
+every shipped ``configs/deepspeed/*.json`` must initialize and step.
+
+DeepSpeed JIT-compiles a shared-memory collective op on the first CPU ``initialize`` (minutes;
+cached in ``TORCH_EXTENSIONS_DIR``). These tests use the cached op when it is there and
+otherwise skip building it (gloo carries every collective, which is all this test needs), so a
+cold cache costs nothing here. Set ``COAP_TEST_DS_BUILD_SHM=1`` to force the build.
+``COAP_TEST_DS_CASES=stage2-fp32,stage3-fp32`` runs a subset (when debugging).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import coap_dist
+from tests.dist_harness import run_workers
+
+KW = dict(lr=1e-2, weight_decay=0.1, rank=8, update_interval=2, reproject_factor=2, scale=0.5)
+STEPS = 8  # refreshes at k = 0, 2, 4 (recalibration), 6
+REFRESHES = 4
+SAVE_AT = 4
+WORLD = 2
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "deepspeed")
+MICRO = 4  # rows per micro-batch per rank
+
+# (label, zero stage, bf16, extra config, zero.Init, checkpoint round-trip)
+CASES: list[tuple[str, int, bool, dict[str, Any], bool, bool]] = [
+    ("stage0-fp32", 0, False, {}, False, False),
+    ("stage0-bf16", 0, True, {}, False, True),
+    ("stage1-fp32", 1, False, {}, False, False),
+    ("stage1-bf16", 1, True, {}, False, False),
+    ("stage1-bf16-fp32acc", 1, True, {"data_types": {"grad_accum_dtype": "fp32"}}, False, True),
+    ("stage2-fp32", 2, False, {}, False, True),
+    ("stage2-bf16-ga2", 2, True, {"gradient_accumulation_steps": 2}, False, False),
+    (
+        "stage2-fp32-adafactor",
+        2,
+        False,
+        {"optimizer": {"type": "COAPAdafactor", "params": KW}},
+        False,
+        False,
+    ),
+    ("stage3-fp32", 3, False, {}, False, False),
+    ("stage3-bf16-zero-init", 3, True, {}, True, True),
+]
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(24, 64)
+        self.fc2 = nn.Linear(64, 48)
+        self.norm = nn.LayerNorm(48)
+        self.fc3 = nn.Linear(48, 40)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.norm(torch.tanh(self.fc2(torch.tanh(self.fc1(x))))))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return _Net()
+
+
+_TEACHER = torch.randn(24, 40, generator=torch.Generator().manual_seed(123)) / 24**0.5
+
+
+def _batch(rank: int, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A micro-batch of rank ``rank``: inputs and a learnable (linear teacher) target."""
+    g = torch.Generator().manual_seed(10_000 * step + 100 * micro + rank)
+    x = torch.randn(MICRO, 24, generator=g)
+    return x, x @ _TEACHER
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    dtype = next(model.parameters()).dtype
+    return (model(x.to(dtype)).float() - y).square().mean()
+
+
+def _config(stage: int, bf16: bool, extra: dict[str, Any]) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "gradient_clipping": 0.0,  # the single-process reference does not clip
+        "bf16": {"enabled": bf16},
+        "optimizer": {"type": "COAP", "params": dict(KW)},
+        "steps_per_print": 1 << 30,
+    }
+    cfg.update(extra)
+    cfg["train_batch_size"] = MICRO * WORLD * cfg["gradient_accumulation_steps"]
+    return cfg
+
+
+def _coap(engine: Any) -> Any:
+    """The COAP optimizer inside the engine's ZeRO / mixed-precision wrappers."""
+    opt = engine.optimizer
+    while not isinstance(opt, (coap_dist.COAPAdamW, coap_dist.COAPAdafactor)):
+        opt = opt.optimizer
+    return opt
+
+
+def _build(stage: int, bf16: bool, extra: dict[str, Any], zero_init: bool) -> Any:
+    import deepspeed
+
+    cfg = _config(stage, bf16, extra)
+    if zero_init:
+        with deepspeed.zero.Init(config_dict_or_path=cfg):
+            model = _model()
+    else:
+        model = _model()
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=cfg, dist_init_required=False
+    )
+    return engine
+
+
+def _train(engine: Any, rank: int, steps: range) -> list[float]:
+    losses = []
+    ga = engine.gradient_accumulation_steps()
+    for step in steps:
+        total = 0.0
+        for micro in range(ga):
+            loss = _loss(engine, *_batch(rank, step, micro))
+            engine.backward(loss)
+            engine.step()
+            total += float(loss.detach()) / ga
+        mean = torch.tensor([total])
+        dist.all_reduce(mean)
+        losses.append(float(mean) / WORLD)
+    return losses
+
+
+def _full_params(engine: Any) -> list[torch.Tensor]:
+    """Full fp32 weights of the engine's model, in parameter order, on every rank."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    if hasattr(params[0], "ds_id"):
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().float().clone() for p in params]
+    return [p.detach().float().clone() for p in params]
+
+
+def _reference(ga: int, cls: type) -> tuple[list[torch.Tensor], list[float]]:
+    """Single-process COAP (``cls``) on the mean gradient over ranks and micro-batches."""
+    model = _model()
+    opt = cls(model.parameters(), **KW)
+    losses = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        total = 0.0
+        for r in range(WORLD):
+            for micro in range(ga):
+                loss = _loss(model, *_batch(r, step, micro)) / (WORLD * ga)
+                loss.backward()
+                total += float(loss.detach())
+        losses.append(total)
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()], losses
+
+
+def _check_state(label: str, engine: Any, stage: int, rank: int) -> tuple[int, int]:
+    """COAP state of every matrix; returns (COAP state bytes, AdamW state bytes) of this rank."""
+    opt = _coap(engine)
+    params = list(engine.module.parameters())
+    for p in params:
+        shape = tuple(getattr(p, "ds_shape", None) or p.shape)
+        st = opt.state.get(p)
+        held = torch.tensor([1 if st else 0])
+        dist.all_reduce(held)
+        if len(shape) == 2:
+            expect = WORLD if stage == 0 else 1
+            assert int(held) == expect, f"{label}: {shape} matrix state on {int(held)} ranks"
+            if not st:
+                continue
+            rows, cols = (shape[0], shape[1]) if shape[0] >= shape[1] else (shape[1], shape[0])
+            r = KW["rank"]
+            assert tuple(st["projector"].shape) == (r, cols), (label, shape)
+            assert tuple(st["exp_avg"].shape) == (rows, r), (label, shape)
+            assert st["exp_avg"].dtype == torch.float32, (label, st["exp_avg"].dtype)
+            assert float(st["refreshes"]) == REFRESHES, (label, shape, st["refreshes"])
+            assert float(st["step"]) == STEPS, (label, shape, st["step"])
+        else:
+            assert int(held) >= 1, f"{label}: no rank holds state of a {shape} parameter"
+            if st:
+                assert float(st["step"]) == STEPS, (label, shape, st["step"])
+    numel = sum(int(torch.Size(getattr(p, "ds_shape", None) or p.shape).numel()) for p in params)
+    held = numel if stage == 0 else -(-numel // WORLD)
+    return opt.state_bytes(), 8 * held
+
+
+def _worker(rank: int, world: int, ckpt_root: str, port: int) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
+    import deepspeed
+    import deepspeed.comm.torch as ds_torch_comm
+
+    ext_dir = os.environ.get("TORCH_EXTENSIONS_DIR", "")
+    cached = glob.glob(os.path.join(ext_dir, "**", "deepspeed_shm_comm*.so"), recursive=True)
+    if not cached and os.environ.get("COAP_TEST_DS_BUILD_SHM") != "1":
+        ds_torch_comm.build_shm_op = lambda: None  # see the module docstring
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+
+    only = [c for c in os.environ.get("COAP_TEST_DS_CASES", "").split(",") if c]
+    if not only:
+        _check_errors()
+        _check_shipped_configs(rank)
+    refs = {
+        (1, False): _reference(1, coap_dist.COAPAdamW),
+        (2, False): _reference(2, coap_dist.COAPAdamW),
+        (1, True): _reference(1, coap_dist.COAPAdafactor),
+    }
+    report = []
+    for label, stage, bf16, extra, zero_init, ckpt in CASES:
+        if only and label not in only:
+            continue
+        engine = _build(stage, bf16, extra, zero_init)
+        ga = engine.gradient_accumulation_steps()
+        ckpt_dir = os.path.join(ckpt_root, label)
+        if ckpt:
+            first = _train(engine, rank, range(SAVE_AT))
+            engine.save_checkpoint(ckpt_dir, tag="t")
+            losses = first + _train(engine, rank, range(SAVE_AT, STEPS))
+        else:
+            losses = _train(engine, rank, range(STEPS))
+        adafactor = "optimizer" in extra
+        if not adafactor:  # (COAPAdafactor does not descend in 8 steps here, nor in 1 process)
+            assert losses[-1] < 0.9 * losses[0], (label, losses)
+        coap_bytes, adamw_bytes = _check_state(label, engine, stage, rank)
+        assert coap_bytes < 0.6 * adamw_bytes, (label, coap_bytes, adamw_bytes)
+        ref_params, ref_losses = refs[(ga, adafactor)]
+        if bf16:
+            torch.testing.assert_close(losses, ref_losses, rtol=5e-2, atol=0.0, msg=label)
+        else:
+            torch.testing.assert_close(
+                losses, ref_losses, rtol=1e-4, atol=1e-6, msg=f"{label}: {losses} vs {ref_losses}"
+            )
+            for i, (p, q) in enumerate(zip(_full_params(engine), ref_params, strict=True)):
+                torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=f"{label} param {i}")
+        if ckpt:
+            final = _full_params(engine)
+            resumed = _build(stage, bf16, extra, zero_init)
+            resumed.load_checkpoint(ckpt_dir, tag="t")
+            again = _train(resumed, rank, range(SAVE_AT, STEPS))
+            torch.testing.assert_close(again, losses[SAVE_AT:], rtol=1e-6, atol=0.0, msg=label)
+            for i, (p, q) in enumerate(zip(_full_params(resumed), final, strict=True)):
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=f"{label} resumed {i}")
+            _check_state(label + " resumed", resumed, stage, rank)
+            resumed.destroy()
+        all_bytes = [None] * WORLD
+        dist.all_gather_object(all_bytes, coap_bytes)
+        report.append((label, all_bytes, adamw_bytes))
+        engine.destroy()
+    if rank == 0:
+        for label, per_rank, adamw in report:
+            print(f"[coap-ds] {label}: COAP state bytes per rank {per_rank}, AdamW {adamw}")
+
+
+def _check_errors() -> None:
+    """Invalid setups fail at deepspeed.initialize with an error naming the problem."""
+    offload = _config(2, False, {})
+    offload["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    with pytest.raises(ValueError, match=r"offload_optimizer.*not supported"):
+        _build_cfg(offload)
+    typo = _config(2, False, {})
+    typo["optimizer"]["params"]["rnak"] = 4
+    with pytest.raises(TypeError, match="rnak"):
+        _build_cfg(typo)
+
+
+def _check_shipped_configs(rank: int) -> None:
+    """Every configs/deepspeed/*.json initializes as shipped (batch size adapted), steps, and
+    creates COAP state."""
+    paths = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.json")))
+    assert len(paths) == 8, paths
+    for path in paths:
+        with open(path) as f:
+            cfg = json.load(f)
+        cfg["train_micro_batch_size_per_gpu"] = MICRO
+        cfg["gradient_accumulation_steps"] = 1
+        engine, *_ = _build_cfg(cfg)
+        _train(engine, rank, range(2))
+        opt = _coap(engine)
+        refreshed = torch.tensor([sum(float(st.get("refreshes", 0)) for st in opt.state.values())])
+        dist.all_reduce(refreshed)
+        copies = WORLD if cfg["zero_optimization"]["stage"] == 0 else 1
+        assert float(refreshed) == 3 * copies, (path, float(refreshed))  # 3 matrices, k = 0
+        engine.destroy()
+
+
+def _build_cfg(cfg: dict[str, Any]) -> Any:
+    import deepspeed
+
+    model = _model()
+    return deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=cfg, dist_init_required=False
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.deepspeed
+@pytest.mark.distributed
+def test_deepspeed_coap_all_stages(tmp_path: os.PathLike[str]) -> None:
+    pytest.importorskip("deepspeed")
+    run_workers(_worker, WORLD, str(tmp_path), _free_port())
