@@ -7,9 +7,12 @@ World sizes 1, 2 and 3 on this machine (gloo, one thread per process), for every
 
 The model is a stack of LLaMA-60M-shaped linear layers (d = 512, f = 1376); each run takes one
 full refresh cycle (T_u * F + 1 steps) from fresh optimizer state. Reported per strategy and
-world size: the largest per-rank ``state_bytes()``, the largest per-rank time spent in
-projector refreshes (``optim/projector_time_s``), and the mean per-step bytes the optimizer
-communicated (``optim/comm_bytes_per_step``; gradient reduction by DDP/FSDP is not included).
+world size: the largest per-rank ``state_bytes()``, the largest per-rank share of the refresh
+work (sum of a_local b r over the projectors a rank computes, over the total of all ranks), the
+largest per-rank wall time in projector refreshes (``optim/projector_time_s``; on this 2-core
+machine it includes waiting for the other processes in collectives), and the mean per-step
+bytes the optimizer communicated (``optim/comm_bytes_per_step``; DDP/FSDP gradient reduction
+is not included).
 
 Run (about 4 minutes on 2 cores)::
 
@@ -49,6 +52,20 @@ def _model(layers: int) -> nn.Module:
             nn.LayerNorm(512),
         ]
     return nn.Sequential(*blocks)
+
+
+def _refresh_work(opt: torch.optim.Optimizer) -> int:
+    """This rank's share of the refresh work: sum of a_local * b * r over the matrices whose
+    projector it computes (a_local: its rows of the moments; randomized SVD costs ~ a b r)."""
+    from torch.distributed.tensor import DTensor
+
+    work = 0
+    for st in opt.state.values():
+        if "projector" in st:
+            moments, proj = st["exp_avg"], st["projector"]
+            rows = moments.to_local().shape[0] if isinstance(moments, DTensor) else moments.shape[0]
+            work += rows * proj.shape[0] * proj.shape[1]
+    return work
 
 
 def _worker(
@@ -96,7 +113,13 @@ def _worker(
         comm += int(opt.metrics()["optim/comm_bytes_per_step"])
     m = opt.metrics()
     row = torch.tensor(
-        [float(opt.state_bytes()), m["optim/projector_time_s"], comm / steps], dtype=torch.float64
+        [
+            float(opt.state_bytes()),
+            m["optim/projector_time_s"],
+            comm / steps,
+            float(_refresh_work(opt)),
+        ],
+        dtype=torch.float64,
     )
     rows = [torch.zeros_like(row) for _ in range(world)]
     dist.all_gather(rows, row)
@@ -137,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                 "state_mib_max": float(rows[:, 0].max()) / 2**20,
                 "state_mib_sum": float(rows[:, 0].sum()) / 2**20,
                 "refresh_s_max": float(rows[:, 1].max()),
+                "refresh_work_share_max": float(rows[:, 3].max() / rows[:, 3].sum()),
                 "comm_kib_per_step_max": float(rows[:, 2].max()) / 1024,
             }
             results.append(rec)
@@ -148,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             "ranks",
             "state MiB / rank (max)",
             "vs 1 rank",
+            "refresh work share / rank (max)",
             "refresh s / rank (max)",
             "vs 1 rank",
             "optimizer comm KiB / step",
@@ -158,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                 r["world"],
                 f"{r['state_mib_max']:.2f}",
                 f"{r['state_mib_max'] / base[r['strategy']]['state_mib_max']:.2f}",
+                f"{r['refresh_work_share_max']:.2f}",
                 f"{r['refresh_s_max']:.3f}",
                 f"{r['refresh_s_max'] / base[r['strategy']]['refresh_s_max']:.2f}",
                 f"{r['comm_kib_per_step_max']:.1f}",
