@@ -324,7 +324,9 @@ class _COAPBase(Optimizer):
             flags = torch.ones(len(all_params), dtype=torch.bool)
             if items:
                 idx = torch.tensor([self._plans[it[0]].index for it in items])
-                flags[idx] = torch.stack([torch.isfinite(it[3]).all() for it in items]).cpu()
+                # sum(t) is finite iff every entry is (NaN/Inf propagate): one fast reduction
+                # per tensor instead of a full-size boolean mask.
+                flags[idx] = torch.isfinite(torch.stack([it[3].sum() for it in items])).cpu()
             ok = lay.agree(flags, all_params).tolist()
             kept = [it for it in items if ok[self._plans[it[0]].index]]
             self._counters["nonfinite_skips"] += len(items) - len(kept)
@@ -335,12 +337,12 @@ class _COAPBase(Optimizer):
             self.state[it[0]]["step"] += 1
         if low:
             updates.update(self._low_rank_updates(low))
-        for p, group, g, r in items:
-            kind = self._plans[p].kind
-            if kind == "dense":
-                self._dense_step(p, group, g)
-                updates[p] = AppliedUpdate()
-            elif kind == "conv":
+        dense = [it for it in items if self._plans[it[0]].kind == "dense"]
+        if dense:
+            self._dense_steps(dense)
+            updates.update((it[0], AppliedUpdate()) for it in dense)
+        for p, group, _, r in items:
+            if self._plans[p].kind == "conv":
                 self._conv_step(p, group, r)
                 updates[p] = AppliedUpdate()
         lay.commit(updates, all_params)
@@ -578,24 +580,45 @@ class _COAPBase(Optimizer):
             changed,
         )
 
-    def _dense_step(self, p: Tensor, group: dict[str, Any], g: Tensor) -> None:
-        """AdamW (reference form): W -= lr_t M / (sqrt(V) + eps); W -= lr wd W."""
-        st = self.state[p]
-        b1, b2 = group["betas"]
-        m = self._read(st, "exp_avg", True)
-        v = self._read(st, "exp_avg_sq", False)
-        gm = g.to(m.dtype)
-        m.mul_(b1).add_(gm, alpha=1.0 - b1)
-        v.mul_(b2).addcmul_(gm, gm, value=1.0 - b2)
-        self._write(st, "exp_avg", m, True)
-        self._write(st, "exp_avg_sq", v, False)
-        w = self._layout.param(p)
-        denom = v.sqrt().add_(group["eps"])
-        t = int(st["step"].item())
-        step_size = fadam.adam_step_size(group["lr"], b1, b2, t)
-        w.addcdiv_(m.to(w.dtype), denom.to(w.dtype), value=-step_size)
-        if group["weight_decay"] > 0:
-            w.add_(w, alpha=-group["lr"] * group["weight_decay"])
+    def _dense_steps(self, items: list[tuple[Tensor, dict[str, Any], Tensor, Tensor]]) -> None:
+        """AdamW (reference form), batched with torch._foreach per (group, dtypes):
+
+        M <- b1 M + (1 - b1) G;  V <- b2 V + (1 - b2) G^2;
+        W <- W - lr_t M / (sqrt(V) + eps);  W <- (1 - lr wd) W
+        """
+        buckets: dict[tuple[int, torch.dtype, torch.dtype], list[Any]] = {}
+        for p, group, g, _ in items:
+            st = self.state[p]
+            m = self._read(st, "exp_avg", True)
+            w = self._layout.param(p)
+            buckets.setdefault((id(group), m.dtype, w.dtype), []).append((p, group, g, m, w))
+        for bucket in buckets.values():
+            group = bucket[0][1]
+            b1, b2 = group["betas"]
+            ms = [it[3] for it in bucket]
+            vs = [self._read(self.state[it[0]], "exp_avg_sq", False) for it in bucket]
+            gs = [it[2].to(ms[0].dtype) for it in bucket]
+            ws = [it[4] for it in bucket]
+            torch._foreach_mul_(ms, b1)
+            torch._foreach_add_(ms, gs, alpha=1.0 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, gs, gs, value=1.0 - b2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, group["eps"])
+            sizes = [
+                -fadam.adam_step_size(group["lr"], b1, b2, int(self.state[it[0]]["step"].item()))
+                for it in bucket
+            ]
+            if ws[0].dtype == ms[0].dtype:
+                torch._foreach_addcdiv_(ws, ms, denom, sizes)
+            else:
+                num = [m.to(ws[0].dtype) for m in ms]
+                torch._foreach_addcdiv_(ws, num, [d.to(ws[0].dtype) for d in denom], sizes)
+            if group["weight_decay"] > 0:
+                torch._foreach_mul_(ws, 1.0 - group["lr"] * group["weight_decay"])
+            for it, m, v in zip(bucket, ms, vs, strict=True):
+                self._write(self.state[it[0]], "exp_avg", m, True)
+                self._write(self.state[it[0]], "exp_avg_sq", v, False)
 
     def _conv_step(self, p: Tensor, group: dict[str, Any], core: Tensor) -> None:
         """Adam on the Tucker core; W -= lr_t alpha back(D); W -= lr wd W."""
