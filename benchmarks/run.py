@@ -1,0 +1,435 @@
+"""One entry point for the benchmarks: run some or all, then regenerate ``SUMMARY.md``.
+
+::
+
+    python benchmarks/run.py all            # every benchmark, full settings (~45-60 min)
+    python benchmarks/run.py memory         # memory.py
+    python benchmarks/run.py speed          # step_time.py, then train_step.py
+    python benchmarks/run.py convergence    # convergence.py
+    python benchmarks/run.py distributed    # distributed.py
+    python benchmarks/run.py summary        # only regenerate SUMMARY.md from the JSON files
+    python benchmarks/run.py all --quick    # smoke check of everything in a few minutes
+
+Each benchmark is its script's ``main(argv)``. Full runs write to ``benchmarks/results/``;
+``--quick`` runs write to ``outputs/benchmarks-quick/`` (ignored by git) unless ``--out`` says
+otherwise, so smoke checks never overwrite measured results. ``SUMMARY.md`` in the output
+folder is rebuilt from the JSON files found there (never from numbers typed in by hand): the
+headline table marks each target met / not met with its figure and what limits it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO_ROOT, RESULTS_DIR, markdown_table
+
+QUICK_DIR = REPO_ROOT / "outputs" / "benchmarks-quick"
+
+# (module, name of its output-folder option, full argv, quick argv)
+SCRIPTS: dict[str, list[tuple[str, str, list[str], list[str]]]] = {
+    "memory": [("memory", "--out", [], ["--measure-models="])],
+    "speed": [
+        (
+            "step_time",
+            "--out",
+            [],
+            shlex.split("--layers 1 --repeats 1 --update-interval 4 --reproject-factor 2"),
+        ),
+        (
+            "train_step",
+            "--out",
+            [],
+            shlex.split(
+                "--preset tiny --layers 1 --batch 1 --seq-len 16 --rank 8 --update-interval 2 "
+                "--reproject-factor 2 --plain-steps 2 --repeats 1 "
+                "--optimizers adamw,coap,coap_reference,galore,apollo,adamw8bit_bnb"
+            ),
+        ),
+    ],
+    "convergence": [("convergence", "--out", [], ["--quick"])],
+    "distributed": [
+        (
+            "distributed",
+            "--out-dir",
+            [],
+            shlex.split("--worlds 1 2 --layers 1 --update-interval 2"),
+        )
+    ],
+}
+ORDER = ("memory", "speed", "convergence", "distributed")
+
+# Targets (the issue's acceptance figures).
+MEMORY_TARGET = 0.40  # COAP state / bf16 AdamW state, LLaMA-1B shapes
+TRAIN_STEP_TARGET = 1.10  # full train step, COAP / AdamW
+STEP_VS_GALORE_TARGET = 0.50  # optimizer.step amortised, COAP / GaLore
+CONVERGENCE_TARGET = 1.02  # final validation loss, COAP / AdamW
+MIB = 2**20
+
+
+def run_script(module: str, argv: list[str]) -> float:
+    """Import ``benchmarks/<module>.py`` and call its ``main(argv)``; wall seconds.
+
+    Raises ``RuntimeError`` when ``main`` returns a non-zero status.
+    """
+    t0 = time.perf_counter()
+    status = importlib.import_module(module).main(argv)
+    if status not in (None, 0):
+        raise RuntimeError(f"{module}.main returned {status}")
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------- summary
+def _load(out_dir: Path, name: str) -> dict[str, Any] | None:
+    path = out_dir / f"{name}.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _status(ok: bool | None) -> str:
+    return {True: "**met**", False: "**not met**", None: "not measured"}[ok]
+
+
+Row = list[str]
+
+
+def memory_target(memory: dict[str, Any] | None) -> Row:
+    """COAP optimizer state <= 0.40 x bf16 AdamW on LLaMA-1B shapes (estimator, 1 rank)."""
+    name = f"COAP optimizer state <= {MEMORY_TARGET:.2f} x bf16 AdamW, LLaMA-1B shapes"
+    if memory is None:
+        return [name, "-", _status(None), "memory.json missing: `run.py memory`"]
+    est = {
+        r["optimizer"]: r["total"]
+        for r in memory["estimates"]
+        if r["model"] == "1b" and r["world_size"] == 1
+    }
+    if "coap" not in est or "adamw" not in est:
+        return [name, "-", _status(None), "memory.json has no 1b estimate"]
+    ratio = est["coap"] / est["adamw"]
+    rank = memory.get("ranks", {}).get("1b", "?")
+    figure = f"{est['coap'] / MIB:,.0f} vs {est['adamw'] / MIB:,.0f} MiB = {ratio:.3f}"
+    note = f"estimator (shapes only, bf16, rank {rank}, one rank, no sharding)"
+    measured = {(r["model"], r["optimizer"]): r["measured"]["total"] for r in memory["measured"]}
+    if ("60m", "coap") in measured and ("60m", "adamw") in measured:
+        m = measured[("60m", "coap")] / measured[("60m", "adamw")]
+        note += f"; measured on a real 60m model: {m:.3f} (embeddings dominate at that size)"
+    return [name, figure, _status(ratio <= MEMORY_TARGET), note]
+
+
+def _same_matrices(train_step: dict[str, Any], step_time: dict[str, Any] | None) -> bool:
+    """Whether step_time.json timed exactly the projected matrices of train_step.json."""
+    if step_time is None:
+        return False
+    a, b = train_step["config"], step_time["config"]
+    keys = ("dim", "ffn", "layers", "rank", "dtype", "threads")
+    return all(a.get(k) == b.get(k) for k in keys) and "coap" in step_time["summary_ms"]
+
+
+def train_step_target(
+    train_step: dict[str, Any] | None, step_time: dict[str, Any] | None = None
+) -> Row:
+    """Full train step (forward + backward + step) with COAP <= 1.10 x AdamW.
+
+    When ``step_time`` timed the same projected matrices, the note splits COAP's extra
+    optimizer time (plain step, vs AdamW) into the projected matrices (step_time.json) and the
+    rest: embeddings, head and norms on COAP's AdamW path.
+    """
+    name = f"Full train step with COAP <= {TRAIN_STEP_TARGET:.2f} x AdamW"
+    if train_step is None or "coap/adamw" not in train_step.get("ratios", {}):
+        return [name, "-", _status(None), "train_step.json missing: `run.py speed`"]
+    cfg = train_step["config"]
+    r = train_step["ratios"]["coap/adamw"]["total"]
+    composed, measured, plain = r["composed_amortised_ms"], r["amortised_ms"], r["plain_median_ms"]
+    figure = (
+        f"{composed:.3f} amortised at T_u={cfg['compose_interval']}, F={cfg['compose_factor']} "
+        f"(measured cycle at T_u={cfg['update_interval']}, F={cfg['reproject_factor']}: "
+        f"{measured:.3f}; plain step {plain:.3f}; spike {r['cycle_max_ms']:.2f})"
+    )
+    opt = train_step["summary_ms"]["coap"]["opt"]["composed_amortised_ms"]
+    total = train_step["summary_ms"]["coap"]["total"]["composed_amortised_ms"]
+    note = (
+        f"judged on the composed figure (COAP's default interval; the measured cycle refreshes "
+        f"{cfg['compose_interval'] / cfg['update_interval']:g}x more often to fit the time "
+        f"budget). CPU, {cfg['threads']} thread, {cfg['batch']} x {cfg['seq_len']} tokens per "
+        f"step: the optimizer is {100 * opt / total:.0f}% of COAP's step here, far more than at "
+        "GPU batch sizes, so this over-states the overhead"
+    )
+    if plain > TRAIN_STEP_TARGET:
+        note += (
+            f"; COAP's plain step alone is {plain:.2f}x AdamW's, so no refresh interval "
+            "reaches the target on this machine"
+        )
+    if _same_matrices(train_step, step_time):
+        assert step_time is not None
+        ts_opt = train_step["summary_ms"]
+        extra = ts_opt["coap"]["opt"]["plain_median_ms"] - ts_opt["adamw"]["opt"]["plain_median_ms"]
+        st = step_time["summary_ms"]
+        projected = st["coap"]["plain_median_ms"] - st["adamw"]["plain_median_ms"]
+        note += (
+            f". Of COAP's extra {extra:.0f} ms per plain optimizer step, the projected matrices "
+            f"account for {projected:.0f} ms (step_time.json, same matrices); the other "
+            f"{extra - projected:.0f} ms are COAP's AdamW path on the "
+            f"{cfg['dense_parameters'] / 1e6:.1f} M embedding, head and norm parameters, "
+            "slower than torch's foreach AdamW"
+        )
+    return [name, figure, _status(composed <= TRAIN_STEP_TARGET), note]
+
+
+def step_vs_galore_target(step_time: dict[str, Any] | None) -> Row:
+    """COAP optimizer.step amortised <= 0.5 x GaLore's at equal rank and interval."""
+    name = f"COAP optimizer.step amortised <= {STEP_VS_GALORE_TARGET:.2f} x GaLore's"
+    if step_time is None or "coap/galore" not in step_time.get("ratios", {}):
+        return [name, "-", _status(None), "step_time.json missing: `run.py speed`"]
+    cfg = step_time["config"]
+    r = step_time["ratios"]["coap/galore"]
+    figure = (
+        f"{r['amortised_ms']:.3f} (plain step {r['plain_median_ms']:.3f}, spike "
+        f"{r['cycle_max_ms']:.3f}; rank {cfg['rank']}, T_u={cfg['update_interval']}, "
+        f"F={cfg['reproject_factor']})"
+    )
+    plain = r["plain_median_ms"]
+    ok = r["amortised_ms"] <= STEP_VS_GALORE_TARGET
+    if ok:
+        limit = (
+            f"COAP's plain step is {plain:.2f}x GaLore's; GaLore's full SVD every "
+            f"T_u={cfg['update_interval']} steps decides the ratio"
+        )
+    elif plain > STEP_VS_GALORE_TARGET:
+        limit = (
+            f"COAP's plain (non-refresh) step alone is {plain:.2f}x GaLore's, and plain steps "
+            f"are {cfg['update_interval'] - 1} of every {cfg['update_interval']}: the target "
+            "needs a cheaper plain step (projection, low-rank Adam, back-projection), not a "
+            "cheaper refresh"
+        )
+    else:
+        limit = (
+            f"the plain step ({plain:.2f}x) is under the target; COAP's refresh steps "
+            "push the amortised ratio over it"
+        )
+    note = (
+        f"{limit}. CPU, {cfg['threads']} thread, fixed random gradients, "
+        f"{cfg['layers']} LLaMA-60M blocks ({cfg['dtype']}); GaLore's SVD and COAP's matmuls "
+        "scale differently on a GPU"
+    )
+    return [name, figure, _status(ok), note]
+
+
+def _conv(conv: dict[str, Any], label: str) -> tuple[float, float] | None:
+    s = conv["summary"].get(label)
+    return None if s is None else (s["final_val_mean"], s["final_val_spread"])
+
+
+def convergence_targets(conv: dict[str, Any] | None) -> list[Row]:
+    """COAP within 2% of AdamW, no worse than GaLore; default no worse than reference mode."""
+    names = [
+        f"COAP final val loss within {100 * (CONVERGENCE_TARGET - 1):.0f}% of AdamW",
+        "COAP final val loss no worse than GaLore",
+        "COAP default mode no worse than reference mode",
+    ]
+    pairs = [("coap", "adamw"), ("coap", "galore"), ("coap", "coap_reference")]
+    if conv is None:
+        return [[n, "-", _status(None), "convergence.json missing"] for n in names]
+    cfg = conv["config"]
+    budget = (
+        f"tiny LLaMA, {cfg['tokens_per_run']:,} tokens, {len(cfg['seeds'])} seeds, "
+        f"rank {cfg['rank']}, T_u={cfg['update_interval']}"
+    )
+    if conv.get("quick"):
+        budget = "QUICK MODE (smoke check, meaningless): " + budget
+    rows = []
+    for name, (a, b) in zip(names, pairs, strict=True):
+        fa, fb = _conv(conv, a), _conv(conv, b)
+        if fa is None or fb is None:
+            rows.append([name, "-", _status(None), f"`{a}` or `{b}` not in convergence.json"])
+            continue
+        ratio = fa[0] / fb[0]
+        limit = CONVERGENCE_TARGET if b == "adamw" else 1.0
+        ok = math.isfinite(ratio) and ratio <= limit
+        lr_a, lr_b = conv["chosen_lr"][a], conv["chosen_lr"][b]
+        figure = (
+            f"{fa[0]:.4f} vs {fb[0]:.4f} = {ratio:.4f} (lr {lr_a:g} vs {lr_b:g}; "
+            f"seed spread {fa[1]:.4f} / {fb[1]:.4f})"
+        )
+        gap = abs(fa[0] - fb[0])
+        noise = "within" if gap <= max(fa[1], fb[1]) else "outside"
+        rows.append([name, figure, _status(ok), f"{budget}; the gap is {noise} the seed spread"])
+    return rows
+
+
+def _speed_section(train_step: dict[str, Any]) -> list[str]:
+    cfg = train_step["config"]
+    rows = []
+    for label, parts in train_step["summary_ms"].items():
+        r = train_step["ratios"].get(f"{label}/adamw")
+        rows.append(
+            [
+                label,
+                f"{parts['total']['composed_amortised_ms']:.0f}",
+                f"{r['total']['composed_amortised_ms']:.3f}" if r else "1",
+                f"{r['total']['amortised_ms']:.3f}" if r else "1",
+                f"{r['total']['cycle_max_ms']:.2f}" if r else "1",
+                f"{r['opt']['composed_amortised_ms']:.2f}" if r else "1",
+            ]
+        )
+    lines = [
+        "## Full train step (train_step.json)",
+        f"LLaMA-{cfg['model'].split('-', 1)[1]}, {cfg['layers']} blocks, batch {cfg['batch']} x "
+        f"{cfg['seq_len']}, rank {cfg['rank']}; {cfg['threads']} CPU thread(s), load average "
+        f"{train_step['machine']['load_average_1m']:.1f} at start. Ratios to AdamW from the same "
+        "run.",
+        markdown_table(
+            [
+                "optimizer",
+                f"step ms @{cfg['compose_interval']}x{cfg['compose_factor']}",
+                "step / AdamW (composed)",
+                f"step / AdamW (measured, T_u={cfg['update_interval']})",
+                "spike / AdamW",
+                "optimizer part / AdamW",
+            ],
+            rows,
+        ),
+    ]
+    if train_step.get("unavailable"):
+        lines.append(
+            "Not measured: "
+            + "; ".join(f"`{k}`: {v}" for k, v in train_step["unavailable"].items())
+        )
+    return lines
+
+
+def _convergence_section(conv: dict[str, Any]) -> list[str]:
+    cfg = conv["config"]
+    rows = [
+        [
+            label,
+            f"{s['lr']:g}" + (" (edge)" if s["lr_at_grid_edge"] else ""),
+            " / ".join(f"{v:.4f}" for v in s["final_val_per_seed"]),
+            f"{s['final_val_mean']:.4f}",
+            f"{s.get('vs_adamw', float('nan')):.4f}",
+        ]
+        for label, s in conv["summary"].items()
+    ]
+    lines = [
+        "## Convergence (convergence.json)",
+        f"Tiny LLaMA on Shakespeare bytes, {cfg['tokens_per_run']:,} tokens per run, lr from the "
+        f"same sweep ({', '.join(f'{x:g}' for x in cfg['lrs'])}) for each optimizer. "
+        "![curves](convergence.png)",
+        markdown_table(
+            ["optimizer", "lr", "final val (per seed)", "mean", "/ AdamW"],
+            rows,
+        ),
+    ]
+    if conv.get("unavailable"):
+        lines.append("Not run: " + "; ".join(f"`{k}`: {v}" for k, v in conv["unavailable"].items()))
+    return lines
+
+
+def _sources(results: dict[str, dict[str, Any] | None]) -> list[str]:
+    rows = []
+    for name, data in results.items():
+        if data is None:
+            rows.append([f"{name}.json", "missing", "-", "-"])
+            continue
+        machine = data.get("machine", {})
+        wall = data.get("wall_seconds")
+        rows.append(
+            [
+                f"[{name}.json]({name}.json)",
+                machine.get("date_utc", "?"),
+                f"{machine.get('load_average_1m', float('nan')):.1f}",
+                f"{wall:.0f}" if isinstance(wall, int | float) else "-",
+            ]
+        )
+    return [
+        "## Sources",
+        markdown_table(["file", "date (UTC)", "load avg at start", "wall s"], rows),
+    ]
+
+
+def write_summary(out_dir: Path) -> Path:
+    """Rebuild ``{out_dir}/SUMMARY.md`` from the JSON results in ``out_dir``; its path."""
+    results = {
+        name: _load(out_dir, name)
+        for name in ("memory", "step_time", "train_step", "convergence", "distributed")
+    }
+    rows = [
+        memory_target(results["memory"]),
+        train_step_target(results["train_step"], results["step_time"]),
+        step_vs_galore_target(results["step_time"]),
+        *convergence_targets(results["convergence"]),
+    ]
+    gpu = any((data or {}).get("machine", {}).get("cuda_available") for data in results.values())
+    parts = [
+        "# Benchmark summary",
+        "Generated by `python benchmarks/run.py` from the JSON files in this folder; do not "
+        "edit by hand.",
+        markdown_table(["target", "figure", "status", "basis / what limits it"], rows),
+        "GPU figures: "
+        + (
+            "see the per-benchmark reports (a CUDA device was visible)."
+            if gpu
+            else "none — no GPU machine was lent to this session; every figure above is "
+            "from CPU runs."
+        ),
+    ]
+    if results["train_step"] is not None:
+        parts += _speed_section(results["train_step"])
+    if results["convergence"] is not None:
+        parts += _convergence_section(results["convergence"])
+    parts += _sources(results)
+    path = out_dir / "SUMMARY.md"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(parts).rstrip() + "\n", encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen benchmarks (each failure is reported, the rest still run), then
+    regenerate SUMMARY.md; exit status 1 if any benchmark failed."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=[*ORDER, "all", "summary"])
+    parser.add_argument("--quick", action="store_true", help="smoke-check settings")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output folder (default {RESULTS_DIR}, or {QUICK_DIR} with --quick)",
+    )
+    args = parser.parse_args(argv)
+    out_dir: Path = args.out or (QUICK_DIR if args.quick else RESULTS_DIR)
+    groups = ORDER if args.what == "all" else () if args.what == "summary" else (args.what,)
+    failed: list[str] = []
+    timings: list[tuple[str, float]] = []
+    for group in groups:
+        for module, out_flag, full, quick in SCRIPTS[group]:
+            script_argv = [*(quick if args.quick else full), out_flag, str(out_dir)]
+            print(f"=== {module}.py {' '.join(script_argv)}", flush=True)
+            try:
+                timings.append((module, run_script(module, script_argv)))
+            except (Exception, SystemExit) as err:  # report and go on with the others
+                traceback.print_exception(err)
+                failed.append(module)
+    for module, seconds in timings:
+        print(f"{module}: {seconds:.0f} s")
+    path = write_summary(out_dir)
+    print(path.read_text(encoding="utf-8"))
+    print(f"wrote {path}")
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
