@@ -1,0 +1,103 @@
+"""The job: validate the config, join the process group, train each optimizer of the
+comparison in turn on the same data, then (rank 0) print the table and write
+``summary.json`` and ``loss_curves.png`` into the run dir."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coap_dist.train.config import TrainConfig
+from coap_dist.train.data import load_tokens
+from coap_dist.train.loop import train_run
+from coap_dist.train.parallelize import (
+    DistEnv,
+    broadcast_object,
+    close_distributed,
+    init_distributed,
+)
+from coap_dist.train.report import RunResult, format_table, plot_losses, write_summary
+
+log = logging.getLogger("coap_dist.train")
+
+
+def run(config: dict[str, Any], output_dir: Path) -> list[RunResult]:
+    """Run the whole job described by a resolved Hydra config.
+
+    Args:
+        config: ``OmegaConf.to_container(cfg, resolve=True)`` of ``configs/train.yaml``.
+        output_dir: this process's Hydra run dir; rank 0's is used by all ranks.
+
+    Returns:
+        one :class:`RunResult` per optimizer, in the order trained.
+    """
+    cfg = TrainConfig.from_dict(config)
+    env = init_distributed(cfg)
+    try:
+        threads = cpu_threads(cfg.threads, env)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        out_dir = Path(broadcast_object(str(output_dir.resolve()), env))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tokens = load_tokens(cfg.data)
+        if env.is_main:
+            log.info(
+                "model %s (%.2fM parameters), strategy %s on %d process(es), %s (%d threads), "
+                "data %s (%d train / %d val tokens), run dir %s",
+                cfg.model.name,
+                cfg.model.to_llama().num_params() / 1e6,
+                cfg.strategy.name,
+                env.world_size,
+                env.device,
+                torch.get_num_threads(),
+                cfg.data.name,
+                len(tokens[0]),
+                len(tokens[1]),
+                out_dir,
+            )
+        results = [train_run(cfg, opt, env, out_dir, tokens, config) for opt in cfg.runs]
+        if env.is_main:
+            report(cfg, results, out_dir)
+        return results
+    finally:
+        close_distributed()
+
+
+def cpu_threads(setting: int | str | None, env: DistEnv) -> int | None:
+    """The intra-op thread count for this process (``None``: leave torch's choice).
+
+    ``auto`` on CPU, unless ``OMP_NUM_THREADS`` decides (torchrun sets it): the cores this
+    process may use, shared among the local ranks, less those other processes keep busy
+    (1-minute load average at start), at least 1. On a shared machine, more threads than idle
+    cores makes every parallel region wait for a descheduled thread, which costs far more than
+    the parallelism gains.
+    """
+    if setting != "auto":
+        return setting if isinstance(setting, int) else None
+    if env.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, ((cores or 1) - busy) // local_ranks)
+
+
+def report(cfg: TrainConfig, results: list[RunResult], out_dir: Path) -> None:
+    """Print the comparison table and where the outputs are; write summary and plot."""
+    print(format_table(results), flush=True)
+    summary = out_dir / "summary.json"
+    write_summary(results, summary)
+    paths = [("summary", summary)]
+    if cfg.logger.name != "none":
+        paths.insert(0, ("metrics", out_dir / cfg.logger.filename))
+    if cfg.plot:
+        png = out_dir / "loss_curves.png"
+        title = f"{cfg.model.name} on {cfg.data.name}, {cfg.strategy.name}"
+        plot_losses(results, png, title)
+        paths.append(("loss curves", png))
+    for label, path in paths:
+        print(f"{label}: {path}", flush=True)

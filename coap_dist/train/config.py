@@ -1,0 +1,532 @@
+"""Validated, typed view of the training app's Hydra config; side-effect free.
+
+Hydra composes a plain tree from ``coap_dist/configs``; :meth:`TrainConfig.from_dict` turns it
+into frozen kw-only dataclasses whose ``__post_init__`` checks every value, so a bad value fails
+before any process group, model or file exists, with a message that names the field as it is
+spelled on the command line, e.g. ``optimizer.rank must be a positive int, got -3``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from coap_dist.models.llama import LlamaConfig
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message names the field (``optimizer.rank``)."""
+
+
+# ----------------------------------------------------------------------------- value checks
+
+
+def _int(field: str, value: object, *, low: int = 1) -> int:
+    """``value`` as an int >= ``low`` (bools are rejected: ``True`` is no step count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = "a positive int" if low == 1 else f"an int >= {low}"
+        raise ConfigError(f"{field} must be {what}, got {value!r}")
+    return value
+
+
+def _float(
+    field: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> float:
+    """``value`` as a float in the interval given by ``low``/``high`` (ints are accepted)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{field} must be a number, got {value!r}")
+    x = float(value)
+    below = low is not None and (x <= low if open_low else x < low)
+    above = high is not None and (x >= high if open_high else x > high)
+    if below or above or x != x:
+        lo = "(" if open_low else "["
+        hi = ")" if open_high else "]"
+        interval = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+        raise ConfigError(f"{field} must be in {interval}, got {value!r}")
+    return x
+
+
+def _bool(field: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{field} must be true or false, got {value!r}")
+    return value
+
+
+def _str(field: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{field} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _choice(field: str, value: object, choices: tuple[Any, ...]) -> Any:
+    if value not in choices:
+        raise ConfigError(f"{field} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    """Normalize a field of a frozen dataclass inside ``__post_init__``."""
+    object.__setattr__(obj, name, value)
+
+
+_D = TypeVar("_D")
+
+
+def _from_mapping(
+    cls: type[_D], section: str, data: object, allowed: set[str] | None = None, **extra: Any
+) -> _D:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown or missing keys by name."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{section} must be a mapping, got {data!r}")
+    names = {f.name for f in dataclasses.fields(cls) if f.init} - set(extra)
+    allowed = names if allowed is None else allowed
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        keys = ", ".join(f"{section}.{k}" for k in unknown)
+        raise ConfigError(f"unknown config key {keys}; {section} accepts {sorted(allowed)}")
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in extra
+    }
+    missing = sorted(required - set(data))
+    if missing:
+        raise ConfigError(f"missing config key {', '.join(f'{section}.{k}' for k in missing)}")
+    return cls(**dict(data), **extra)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A LLaMA shape (``configs/model/*.yaml``); ``name`` labels it in logs."""
+
+    name: str
+    vocab_size: int
+    dim: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    max_seq_len: int
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _str("model.name", self.name)
+        _set(self, "norm_eps", _float("model.norm_eps", self.norm_eps, low=0.0, open_low=True))
+        try:
+            self.to_llama()
+        except ValueError as err:
+            raise ConfigError(str(err).replace("LlamaConfig.", "model.")) from None
+
+    def to_llama(self) -> LlamaConfig:
+        """The :class:`LlamaConfig` the model is built from."""
+        fields = dataclasses.asdict(self)
+        fields.pop("name")
+        return LlamaConfig(**fields)
+
+
+OPTIMIZER_KINDS = ("coap", "coap_adafactor", "adamw", "galore", "apollo")
+_PROJECTOR_KEYS = {"rank", "rank_ratio", "update_interval", "reproject_factor", "scale"}
+_OPTIMIZER_KEYS: dict[str, set[str]] = {
+    "adamw": {"betas", "eps", "weight_decay"},
+    "coap": {"betas", "eps", "weight_decay", "projector_update", "moments", "state_bits"}
+    | _PROJECTOR_KEYS,
+    "coap_adafactor": {
+        "beta1",
+        "betas",
+        "eps",
+        "weight_decay",
+        "projector_update",
+        "moments",
+        "state_bits",
+    }
+    | _PROJECTOR_KEYS,
+    "galore": {"betas", "eps", "weight_decay", "rank", "update_proj_gap", "scale", "proj_type"},
+    "apollo": {
+        "betas",
+        "eps",
+        "weight_decay",
+        "rank",
+        "update_proj_gap",
+        "scale",
+        "proj",
+        "scale_type",
+        "proj_type",
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """One optimizer recipe (``configs/optimizer/*.yaml``).
+
+    ``kind`` picks the implementation and which keys are accepted: ``coap`` ->
+    ``coap_dist.COAPAdamW``, ``coap_adafactor`` -> ``coap_dist.COAPAdafactor``, ``adamw`` ->
+    ``torch.optim.AdamW``, ``galore`` -> ``galore_torch.GaLoreAdamW``, ``apollo`` ->
+    ``apollo_torch.APOLLOAdamW``. ``name`` labels the run in the table, logs and checkpoints.
+    ``where`` is the config key the section came from (``optimizer`` or ``baseline``).
+    """
+
+    name: str
+    kind: str
+    lr: float
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    beta1: float = 0.9
+    rank: int | None = None
+    rank_ratio: float | None = None
+    update_interval: int = 32
+    reproject_factor: int = 5
+    scale: float = 1.0
+    projector_update: str = "scale_free"
+    moments: str = "rotate"
+    state_bits: int | None = None
+    update_proj_gap: int = 200
+    proj_type: str = "std"
+    proj: str = "random"
+    scale_type: str = "channel"
+    where: str = dataclasses.field(default="optimizer", repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, where: str, data: object) -> OptimizerConfig:
+        """Build from the ``where`` section, accepting only the keys of its ``kind``."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where} must be a mapping, got {data!r}")
+        kind = _choice(f"{where}.kind", data.get("kind"), OPTIMIZER_KINDS)
+        allowed = {"name", "kind", "lr"} | _OPTIMIZER_KEYS[kind]
+        return _from_mapping(cls, where, data, allowed, where=where)
+
+    def __post_init__(self) -> None:
+        w = self.where
+        _str(f"{w}.name", self.name)
+        _choice(f"{w}.kind", self.kind, OPTIMIZER_KINDS)
+        _set(self, "lr", _float(f"{w}.lr", self.lr, low=0.0, open_low=True))
+        _set(self, "weight_decay", _float(f"{w}.weight_decay", self.weight_decay, low=0.0))
+        if not isinstance(self.betas, list | tuple) or len(self.betas) != 2:
+            raise ConfigError(f"{w}.betas must be a pair [beta1, beta2], got {self.betas!r}")
+        betas = tuple(
+            _float(f"{w}.betas[{i}]", b, low=0.0, high=1.0, open_high=True)
+            for i, b in enumerate(self.betas)
+        )
+        _set(self, "betas", betas)
+        _set(self, "eps", _float(f"{w}.eps", self.eps, low=0.0, open_low=True))
+        _set(self, "beta1", _float(f"{w}.beta1", self.beta1, low=0.0, high=1.0, open_high=True))
+        if self.rank is not None:
+            _int(f"{w}.rank", self.rank)
+        if self.rank_ratio is not None:
+            _set(self, "rank_ratio", _float(f"{w}.rank_ratio", self.rank_ratio, low=1.0))
+        if self.rank is not None and self.rank_ratio is not None:
+            raise ConfigError(
+                f"{w}.rank ({self.rank}) and {w}.rank_ratio ({self.rank_ratio}) are both set; "
+                f"set one of them to null"
+            )
+        if self.kind in ("galore", "apollo") and self.rank is None:
+            raise ConfigError(f"{w}.rank must be a positive int for kind {self.kind}, got None")
+        _int(f"{w}.update_interval", self.update_interval)
+        _int(f"{w}.reproject_factor", self.reproject_factor)
+        _set(self, "scale", _float(f"{w}.scale", self.scale, low=0.0, open_low=True))
+        _choice(f"{w}.projector_update", self.projector_update, ("scale_free", "reference"))
+        _choice(f"{w}.moments", self.moments, ("rotate", "keep"))
+        _choice(f"{w}.state_bits", self.state_bits, (None, 32, 16, 8))
+        _int(f"{w}.update_proj_gap", self.update_proj_gap)
+        _choice(f"{w}.proj_type", self.proj_type, ("std", "reverse_std", "left", "right", "full"))
+        _choice(f"{w}.proj", self.proj, ("random", "svd"))
+        _choice(f"{w}.scale_type", self.scale_type, ("channel", "tensor"))
+
+    def kwargs(self) -> dict[str, Any]:
+        """The constructor arguments of this kind (everything but ``name``/``kind``)."""
+        return {k: getattr(self, k) for k in sorted(_OPTIMIZER_KEYS[self.kind] | {"lr"})}
+
+    def as_dict(self) -> dict[str, Any]:
+        """The section as it would be written in YAML (for logs and checkpoints)."""
+        return {"name": self.name, "kind": self.kind, **self.kwargs()}
+
+
+STRATEGIES = ("single", "ddp", "ddp_sharded", "fsdp2", "hsdp", "deepspeed")
+_STRATEGY_KEYS: dict[str, set[str]] = {
+    "single": set(),
+    "ddp": set(),
+    "ddp_sharded": set(),
+    "fsdp2": {"reshard_after_forward"},
+    "hsdp": {"reshard_after_forward", "replicate_degree"},
+    "deepspeed": {"zero_stage", "extra"},
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StrategyConfig:
+    """How the model and optimizer are spread over processes (``configs/strategy``).
+
+    ``single``: one process. ``ddp``: replicated model and optimizer. ``ddp_sharded``: DDP with
+    optimizer state sharded by owner rank (COAP ``sharding="owner"``, ZeRO-1 for AdamW).
+    ``fsdp2``/``hsdp``: ``fully_shard`` per block (``hsdp`` on a 2-D mesh of
+    ``replicate_degree`` replicas). ``deepspeed``: a DeepSpeed engine at ``zero_stage``, with
+    ``extra`` merged into its JSON config.
+    """
+
+    name: str
+    reshard_after_forward: bool = True
+    replicate_degree: int = 1
+    zero_stage: int | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: object) -> StrategyConfig:
+        """Build from the ``strategy`` section, accepting only the keys of its ``name``."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"strategy must be a mapping, got {data!r}")
+        name = _choice("strategy.name", data.get("name"), STRATEGIES)
+        return _from_mapping(cls, "strategy", data, {"name"} | _STRATEGY_KEYS[name])
+
+    def __post_init__(self) -> None:
+        _choice("strategy.name", self.name, STRATEGIES)
+        _bool("strategy.reshard_after_forward", self.reshard_after_forward)
+        _int("strategy.replicate_degree", self.replicate_degree)
+        if self.name == "deepspeed":
+            _choice("strategy.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        elif self.zero_stage is not None:
+            raise ConfigError(f"strategy.zero_stage applies to deepspeed only, not {self.name}")
+        if not isinstance(self.extra, Mapping):
+            raise ConfigError(f"strategy.extra must be a mapping, got {self.extra!r}")
+
+    @property
+    def distributed(self) -> bool:
+        """Whether this strategy needs a process group."""
+        return self.name != "single"
+
+
+DATA_KINDS = ("shakespeare", "memmap")
+_DATA_KEYS = {
+    "shakespeare": {"val_docs"},
+    "memmap": {"train_path", "val_path", "dtype", "vocab_size"},
+}
+MEMMAP_DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Token source (``configs/data``).
+
+    ``shakespeare``: the packaged corpus as byte tokens (vocabulary 256), with the works named
+    in ``val_docs`` held out for validation. ``memmap``: the user's pre-tokenized flat arrays
+    of token ids (``train_path``, ``val_path``, element type ``dtype``, ids < ``vocab_size``).
+    """
+
+    name: str
+    val_docs: tuple[str, ...] = ("macbeth_gut.txt", "twelfth_night_gut.txt")
+    train_path: str | None = None
+    val_path: str | None = None
+    dtype: str = "uint16"
+    vocab_size: int = 256
+
+    @classmethod
+    def from_dict(cls, data: object) -> DataConfig:
+        """Build from the ``data`` section, accepting only the keys of its ``name``."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"data must be a mapping, got {data!r}")
+        name = _choice("data.name", data.get("name"), DATA_KINDS)
+        return _from_mapping(cls, "data", data, {"name"} | _DATA_KEYS[name])
+
+    def __post_init__(self) -> None:
+        _choice("data.name", self.name, DATA_KINDS)
+        if not isinstance(self.val_docs, list | tuple) or not self.val_docs:
+            raise ConfigError(f"data.val_docs must be a non-empty list, got {self.val_docs!r}")
+        _set(self, "val_docs", tuple(_str("data.val_docs[]", d) for d in self.val_docs))
+        if self.name == "memmap":
+            for key in ("train_path", "val_path"):
+                path = _str(f"data.{key}", getattr(self, key))
+                if path == "???":
+                    raise ConfigError(f"data.{key} must be set to the path of a token file")
+        _choice("data.dtype", self.dtype, MEMMAP_DTYPES)
+        _int("data.vocab_size", self.vocab_size)
+
+
+LOGGERS = ("none", "jsonl", "wandb")
+_LOGGER_KEYS = {
+    "none": set(),
+    "jsonl": {"filename"},
+    "wandb": {"project", "entity", "mode", "group", "tags", "filename"},
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoggerConfig:
+    """Where per-step metrics go (``configs/logger``): nowhere, a JSON-lines file, or wandb.
+
+    ``wandb`` also writes the JSON-lines file ``filename`` so a run always leaves its numbers
+    on disk; ``mode`` is wandb's (``online``, ``offline``, ``disabled``).
+    """
+
+    name: str
+    filename: str = "metrics.jsonl"
+    project: str = "coap_dist"
+    entity: str | None = None
+    mode: str = "online"
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: object) -> LoggerConfig:
+        """Build from the ``logger`` section, accepting only the keys of its ``name``."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"logger must be a mapping, got {data!r}")
+        name = _choice("logger.name", data.get("name"), LOGGERS)
+        return _from_mapping(cls, "logger", data, {"name"} | _LOGGER_KEYS[name])
+
+    def __post_init__(self) -> None:
+        _choice("logger.name", self.name, LOGGERS)
+        _str("logger.filename", self.filename)
+        _str("logger.project", self.project)
+        _choice("logger.mode", self.mode, ("online", "offline", "disabled"))
+        if not isinstance(self.tags, list | tuple):
+            raise ConfigError(f"logger.tags must be a list, got {self.tags!r}")
+        _set(self, "tags", tuple(_str("logger.tags[]", t) for t in self.tags))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Validation: every ``every`` steps (0: only at the end) on ``batches`` fixed batches."""
+
+    every: int = 0
+    batches: int = 8
+
+    def __post_init__(self) -> None:
+        _int("eval.every", self.every, low=0)
+        _int("eval.batches", self.batches)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Save every ``every`` steps (0: never) under ``dir`` (relative to the run dir)."""
+
+    every: int = 0
+    dir: str = "checkpoints"
+
+    def __post_init__(self) -> None:
+        _int("checkpoint.every", self.every, low=0)
+        _str("checkpoint.dir", self.dir)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The whole run (``configs/train.yaml``); see that file for what each key does."""
+
+    model: ModelConfig
+    optimizer: OptimizerConfig
+    baseline: OptimizerConfig | None = None
+    strategy: StrategyConfig
+    data: DataConfig
+    logger: LoggerConfig
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    seed: int = 0
+    compare: bool = True
+    steps: int = 100
+    batch_size: int = 16
+    seq_len: int = 128
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    resume: str | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    threads: int | str | None = "auto"
+    progress: bool = True
+    plot: bool = True
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Validate a resolved Hydra config (``OmegaConf.to_container(cfg, resolve=True)``)."""
+        data = {k: v for k, v in data.items() if k != "hydra"}
+        sections: dict[str, Any] = {
+            "model": lambda d: _from_mapping(ModelConfig, "model", d),
+            "optimizer": lambda d: OptimizerConfig.from_dict("optimizer", d),
+            "baseline": lambda d: None if d is None else OptimizerConfig.from_dict("baseline", d),
+            "strategy": StrategyConfig.from_dict,
+            "data": DataConfig.from_dict,
+            "logger": LoggerConfig.from_dict,
+            "eval": lambda d: _from_mapping(EvalConfig, "eval", d),
+            "checkpoint": lambda d: _from_mapping(CheckpointConfig, "checkpoint", d),
+        }
+        built: dict[str, Any] = dict(data)
+        for key, build in sections.items():
+            if key in data:
+                built[key] = build(data[key])
+        return _from_mapping(cls, "config", built)
+
+    def __post_init__(self) -> None:
+        _int("seed", self.seed, low=0)
+        _bool("compare", self.compare)
+        _int("steps", self.steps)
+        _int("batch_size", self.batch_size)
+        _int("seq_len", self.seq_len)
+        _int("warmup_steps", self.warmup_steps, low=0)
+        _choice("lr_schedule", self.lr_schedule, ("cosine", "linear", "constant"))
+        _set(self, "min_lr_ratio", _float("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0))
+        _set(self, "max_grad_norm", _float("max_grad_norm", self.max_grad_norm, low=0.0))
+        _int("log_every", self.log_every)
+        if self.resume is not None:
+            _str("resume", self.resume)
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+        _choice("precision", self.precision, ("fp32", "bf16"))
+        if isinstance(self.threads, str) and self.threads != "auto":
+            raise ConfigError(f"threads must be a positive int, auto or null, got {self.threads!r}")
+        if self.threads is not None and self.threads != "auto":
+            _int("threads", self.threads)
+        _bool("progress", self.progress)
+        _bool("plot", self.plot)
+        self._check_combination()
+
+    def _check_combination(self) -> None:
+        """Cross-field rules: each message names the fields that disagree."""
+        if self.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"seq_len ({self.seq_len}) must be <= model.max_seq_len ({self.model.max_seq_len})"
+            )
+        if self.warmup_steps >= self.steps:
+            raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
+        data_vocab = 256 if self.data.name == "shakespeare" else self.data.vocab_size
+        if data_vocab > self.model.vocab_size:
+            raise ConfigError(
+                f"data vocabulary ({data_vocab}) exceeds model.vocab_size ({self.model.vocab_size})"
+            )
+        for opt in self.runs:
+            if opt.kind in ("galore", "apollo") and self.strategy.name not in ("single", "ddp"):
+                raise ConfigError(
+                    f"{opt.where}.kind={opt.kind} supports strategy single or ddp only, "
+                    f"got strategy.name={self.strategy.name}"
+                )
+            zero_stage = self.strategy.zero_stage or 0
+            if opt.kind.startswith("coap") and opt.state_bits == 8 and zero_stage >= 1:
+                raise ConfigError(
+                    f"{opt.where}.state_bits=8 is not supported under DeepSpeed ZeRO stages 1-3, "
+                    f"got strategy.zero_stage={zero_stage}; use deepspeed_zero0 or state_bits=16"
+                )
+        if self.resume is not None and len(self.runs) > 1:
+            raise ConfigError(
+                "resume continues one optimizer's run; set compare=false (the checkpoint "
+                f"belongs to one of {[o.name for o in self.runs]})"
+            )
+
+    @property
+    def runs(self) -> list[OptimizerConfig]:
+        """The optimizers trained one after the other: ``optimizer``, then ``baseline`` when
+        ``compare`` is set and it is a different recipe."""
+        runs = [self.optimizer]
+        if self.compare and self.baseline is not None and self.baseline.name != self.optimizer.name:
+            runs.append(self.baseline)
+        return runs

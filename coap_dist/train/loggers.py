@@ -1,0 +1,118 @@
+"""Metric sinks of the training app, chosen by the ``logger`` config group: ``none``,
+``jsonl`` (one JSON object per record in the run dir) or ``wandb`` (JSON lines plus a wandb
+run, imported lazily from :mod:`coap_dist.integrations.wandb`). Only rank 0 logs; the other
+ranks get :class:`NullLogger`.
+
+A record is a flat mapping such as ``{"step": 10, "train/loss": 3.2, "train/lr": 0.003,
+"optim/state_bytes": 123456, "optim/refreshes": 1.0}``; the JSON lines also carry
+``"run": <optimizer name>`` so the runs of a comparison share one file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from coap_dist.train.config import LoggerConfig
+
+
+class MetricsLogger(Protocol):
+    """Where records go."""
+
+    def log(self, record: Mapping[str, Any], step: int) -> None:
+        """Record the metrics of ``step``."""
+
+    def close(self) -> None:
+        """Flush and release."""
+
+
+class NullLogger:
+    """Drops everything (``logger=none`` and ranks other than 0)."""
+
+    def log(self, record: Mapping[str, Any], step: int) -> None:
+        """Do nothing."""
+
+    def close(self) -> None:
+        """Do nothing."""
+
+
+class JsonlLogger:
+    """Appends ``{"run": run, "step": step, **record}`` as one JSON line per call to ``path``."""
+
+    def __init__(self, path: Path, run: str) -> None:
+        self.path = path
+        self.run = run
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a", encoding="utf-8")
+
+    def log(self, record: Mapping[str, Any], step: int) -> None:
+        """Write one line and flush, so a crashed run keeps its numbers. Non-finite floats
+        become ``null`` (strict JSON, readable by jq and pandas alike)."""
+        line = {"run": self.run, "step": step, **record}
+        clean = {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in line.items()
+        }
+        self._file.write(json.dumps(clean, allow_nan=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+
+class TeeLogger:
+    """Sends every record to each of ``loggers``."""
+
+    def __init__(self, *loggers: MetricsLogger) -> None:
+        self.loggers = loggers
+
+    def log(self, record: Mapping[str, Any], step: int) -> None:
+        """Log to all."""
+        for logger in self.loggers:
+            logger.log(record, step)
+
+    def close(self) -> None:
+        """Close all."""
+        for logger in self.loggers:
+            logger.close()
+
+
+def build_logger(
+    cfg: LoggerConfig,
+    *,
+    run_name: str,
+    out_dir: Path,
+    config: Mapping[str, Any],
+    is_main: bool,
+) -> MetricsLogger:
+    """The logger of one optimizer run.
+
+    Args:
+        cfg: the ``logger`` section.
+        run_name: the optimizer's name (the wandb run name, the ``run`` field of JSON lines).
+        out_dir: the run dir (JSON lines file, wandb's files).
+        config: the resolved config, stored with the wandb run.
+        is_main: whether this is global rank 0.
+    """
+    if not is_main or cfg.name == "none":
+        return NullLogger()
+    jsonl = JsonlLogger(out_dir / cfg.filename, run_name)
+    if cfg.name == "jsonl":
+        return jsonl
+    from coap_dist.integrations.wandb import WandbLogger
+
+    wandb_logger = WandbLogger(
+        project=cfg.project,
+        entity=cfg.entity,
+        name=run_name,
+        group=cfg.group,
+        tags=cfg.tags,
+        mode=cfg.mode,
+        config=config,
+        dir=str(out_dir),
+        rank=0,
+    )
+    return TeeLogger(jsonl, wandb_logger)

@@ -1,0 +1,249 @@
+"""Config tree and validation: every combination meant to work composes and validates; bad
+values fail early with a message naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+import subprocess
+import sys
+from importlib import resources
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from coap_dist.models.llama import LLAMA_PRESETS
+from coap_dist.train.config import ConfigError, TrainConfig
+
+from .conftest import REPO, compose_dict
+
+CONFIGS = resources.files("coap_dist.configs")
+
+
+def options(group: str) -> list[str]:
+    """The option names of a config group, from the packaged YAML files."""
+    return sorted(p.name[: -len(".yaml")] for p in CONFIGS.joinpath(group).iterdir())
+
+
+MEMMAP = ["data.train_path=/x/train.bin", "data.val_path=/x/val.bin", "data.vocab_size=256"]
+
+
+def meant_to_work(opt: dict, strategy: dict) -> bool:
+    """GaLore/APOLLO have no sharded form; 8-bit COAP state has none under ZeRO 1-3."""
+    if opt["kind"] in ("galore", "apollo"):
+        return strategy["name"] in ("single", "ddp")
+    return not (opt.get("state_bits") == 8 and (strategy.get("zero_stage") or 0) >= 1)
+
+
+def test_groups_hold_the_documented_options() -> None:
+    assert options("model") == ["130m", "1b", "350m", "60m", "7b", "tiny"]
+    assert options("optimizer") == [
+        "adamw",
+        "apollo",
+        "coap",
+        "coap_8bit",
+        "coap_adafactor",
+        "galore",
+    ]
+    assert options("strategy") == [
+        "ddp",
+        "ddp_sharded",
+        "deepspeed_zero0",
+        "deepspeed_zero1",
+        "deepspeed_zero2",
+        "deepspeed_zero3",
+        "fsdp2",
+        "hsdp",
+        "single",
+    ]
+    assert options("data") == ["memmap", "shakespeare"]
+    assert options("logger") == ["jsonl", "none", "wandb"]
+
+
+def test_default_config_compares_coap_with_adamw() -> None:
+    cfg = TrainConfig.from_dict(compose_dict())
+    assert [o.name for o in cfg.runs] == ["coap", "adamw"]
+    assert (cfg.model.name, cfg.strategy.name, cfg.data.name, cfg.logger.name) == (
+        "tiny",
+        "single",
+        "shakespeare",
+        "jsonl",
+    )
+    assert not TrainConfig.from_dict(compose_dict(["compare=false"])).runs[1:]
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA_PRESETS))
+def test_model_configs_have_the_published_dimensions(name: str) -> None:
+    cfg = TrainConfig.from_dict(compose_dict([f"model={name}", "seq_len=128"]))
+    assert cfg.model.to_llama() == LLAMA_PRESETS[name]
+
+
+def test_every_optimizer_strategy_pair_composes() -> None:
+    """Hydra composes all 6 x 9 pairs; the ones meant to work validate, the others fail
+    naming the fields that clash."""
+    with initialize_config_module(config_module="coap_dist.configs", version_base="1.3"):
+        for opt, strategy in itertools.product(options("optimizer"), options("strategy")):
+            overrides = [f"optimizer={opt}", f"strategy={strategy}"]
+            data = OmegaConf.to_container(compose(config_name="train", overrides=overrides))
+            if meant_to_work(data["optimizer"], data["strategy"]):
+                parsed = TrainConfig.from_dict(data)
+                assert parsed.optimizer.name == opt
+                assert parsed.strategy.name == data["strategy"]["name"]
+            else:
+                with pytest.raises(ConfigError, match=r"optimizer\.(kind|state_bits)=.*strategy"):
+                    TrainConfig.from_dict(data)
+
+
+def test_full_product_of_groups_validates() -> None:
+    """All model x optimizer x baseline x strategy x data x logger combinations meant to work:
+    sections are composed once per option and recombined (Hydra composes each pair above)."""
+    sections = {
+        group: {
+            name: compose_dict([f"{group}={name}", *(MEMMAP if name == "memmap" else [])])[group]
+            for name in options(group)
+        }
+        for group in ("model", "optimizer", "strategy", "data", "logger")
+    }
+    base = compose_dict(["seq_len=128"])
+    checked = 0
+    for model, opt, strategy, data, logger in itertools.product(
+        *map(dict.values, sections.values())
+    ):
+        if not meant_to_work(opt, strategy):
+            continue
+        config = {
+            **base,
+            "model": model,
+            "optimizer": opt,
+            "strategy": strategy,
+            "data": data,
+            "logger": logger,
+        }
+        TrainConfig.from_dict(config)
+        checked += 1
+    pairs = 9 * 3 + 6 + 2 * 2  # adamw, coap, coap_adafactor; coap_8bit; galore, apollo
+    assert checked == 6 * pairs * 2 * 3
+
+
+def test_baseline_is_its_own_choice() -> None:
+    cfg = TrainConfig.from_dict(compose_dict(["optimizer=coap_8bit", "optimizer@baseline=galore"]))
+    assert [(o.name, o.where) for o in cfg.runs] == [
+        ("coap_8bit", "optimizer"),
+        ("galore", "baseline"),
+    ]
+    assert cfg.optimizer.state_bits == 8
+    same = TrainConfig.from_dict(compose_dict(["optimizer=adamw"]))
+    assert [o.name for o in same.runs] == ["adamw"]
+
+
+BAD = [
+    (
+        ["optimizer.rank=-3", "optimizer.rank_ratio=null"],
+        "optimizer.rank must be a positive int, got -3",
+    ),
+    (["optimizer.rank=8"], "optimizer.rank (8) and optimizer.rank_ratio (4.0) are both set"),
+    (["optimizer.rank_ratio=0.5"], "optimizer.rank_ratio must be in [1.0, inf], got 0.5"),
+    (["optimizer.lr=0"], "optimizer.lr must be in (0.0, inf], got 0"),
+    (["optimizer.betas=[0.9]"], "optimizer.betas must be a pair [beta1, beta2], got [0.9]"),
+    (["optimizer.betas=[0.9,1.5]"], "optimizer.betas[1] must be in [0.0, 1.0), got 1.5"),
+    (["optimizer.state_bits=4"], "optimizer.state_bits must be one of [None, 32, 16, 8], got 4"),
+    (["optimizer.moments=spin"], "optimizer.moments must be one of"),
+    (["+optimizer.momentum=0.9"], "unknown config key optimizer.momentum"),
+    (["+baseline.rank=4"], "unknown config key baseline.rank"),
+    (["baseline.lr=-1"], "baseline.lr must be in"),
+    (["steps=0"], "steps must be a positive int, got 0"),
+    (["steps=ten"], "steps must be a positive int, got 'ten'"),
+    (["batch_size=true"], "batch_size must be a positive int, got True"),
+    (["seq_len=512"], "seq_len (512) must be <= model.max_seq_len (256)"),
+    (["warmup_steps=500"], "warmup_steps (500) must be < steps"),
+    (["eval.every=-1"], "eval.every must be an int >= 0, got -1"),
+    (["checkpoint.every=-5"], "checkpoint.every must be an int >= 0, got -5"),
+    (["model.dim=130"], "model.dim (130) must be divisible by n_heads (4)"),
+    (["model.n_layers=0"], "model.n_layers must be a positive integer, got 0"),
+    (
+        ["model=60m", "data=memmap", *MEMMAP[:2], "data.vocab_size=50000"],
+        "data vocabulary (50000) exceeds model.vocab_size (32000)",
+    ),
+    (["strategy=ddp", "+strategy.zero_stage=2"], "unknown config key strategy.zero_stage"),
+    (
+        ["strategy=deepspeed_zero2", "strategy.zero_stage=4"],
+        "strategy.zero_stage must be one of [0, 1, 2, 3], got 4",
+    ),
+    (
+        ["strategy=hsdp", "strategy.replicate_degree=0"],
+        "strategy.replicate_degree must be a positive int, got 0",
+    ),
+    (
+        ["strategy=fsdp2", "optimizer=galore"],
+        "optimizer.kind=galore supports strategy single or ddp only, got strategy.name=fsdp2",
+    ),
+    (
+        ["strategy=deepspeed_zero2", "optimizer=coap_8bit"],
+        "optimizer.state_bits=8 is not supported under DeepSpeed ZeRO stages 1-3, "
+        "got strategy.zero_stage=2",
+    ),
+    (["logger=wandb", "logger.mode=sometimes"], "logger.mode must be one of"),
+    (["data.val_docs=[]"], "data.val_docs must be a non-empty list"),
+    (["resume=/some/checkpoint"], "resume continues one optimizer's run; set compare=false"),
+    (["threads=many"], "threads must be a positive int, auto or null, got 'many'"),
+    (["threads=0"], "threads must be a positive int, got 0"),
+    (["device=tpu"], "device must be one of ['auto', 'cpu', 'cuda'], got 'tpu'"),
+    (["precision=fp8"], "precision must be one of"),
+    (["+learning_rate=1"], "unknown config key config.learning_rate"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_values_name_the_field(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TrainConfig.from_dict(compose_dict(overrides))
+
+
+def test_configs_are_frozen_dataclasses() -> None:
+    cfg = TrainConfig.from_dict(compose_dict())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.steps = 3  # type: ignore[misc]
+    assert cfg.optimizer.betas == (0.9, 0.999)
+
+
+def test_cli_reports_a_bad_value_and_exits_2(tmp_path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coap_dist.train",
+            "optimizer.rank=-3",
+            "optimizer.rank_ratio=null",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "optimizer.rank must be a positive int, got -3" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_memmap_paths_are_mandatory() -> None:
+    from omegaconf.errors import MissingMandatoryValue
+
+    with pytest.raises(MissingMandatoryValue, match=r"data\.train_path"):
+        compose_dict(["data=memmap"])
+
+
+def test_submitit_launcher_config_composes() -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    search = f"hydra.searchpath=[file://{REPO / 'configs' / 'submitit'}]"
+    with initialize_config_module(config_module="coap_dist.configs", version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[search, "hydra/launcher=slurm"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8

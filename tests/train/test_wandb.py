@@ -1,0 +1,50 @@
+"""wandb logging: imported lazily, rank 0 only, works offline with no network."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from coap_dist.train.app import run
+
+from .conftest import FAST, compose_dict
+
+
+def test_other_ranks_never_import_wandb() -> None:
+    code = (
+        "import sys\n"
+        "from coap_dist.integrations.wandb import WandbLogger\n"
+        "logger = WandbLogger(project='p', name='n', mode='offline', rank=1)\n"
+        "logger.log({'train/loss': 1.0}, step=1)\n"
+        "logger.close()\n"
+        "assert not logger.active and 'wandb' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_offline_run_logs_the_optimizer_metrics(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    overrides = [*FAST, "compare=false", "logger=wandb", "logger.mode=offline", "plot=false"]
+    (result,) = run(compose_dict(overrides), tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("run-*.wandb"))  # the offline log `wandb sync` uploads
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == [2, 4]
+    for key in (
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "optim/state_bytes_rank0",
+        "optim/refreshes",
+        "optim/projector_time_s",
+        "optim/projection_residual",
+    ):
+        assert key in train[-1], key
+    assert result.name == "coap"
