@@ -79,3 +79,18 @@ def write_results(name: str, data: dict[str, Any], markdown: str, out_dir: Path)
     json_path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     md_path.write_text(markdown.rstrip() + "\n", encoding="utf-8")
     return [json_path, md_path]
+
+
+def require_positive(parser: Any, args: Any, flags: Sequence[str]) -> None:
+    """argparse error unless every named option of ``args`` is an integer >= 1."""
+    for flag in flags:
+        if getattr(args, flag) < 1:
+            parser.error(f"argument --{flag.replace('_', '-')}: must be a positive integer")
+
+
+def publish(name: str, result: dict[str, Any], report: str, out_dir: Path) -> int:
+    """Print the markdown report, write ``{name}.json`` / ``.md`` to out_dir; exit status 0."""
+    print(report)
+    for path in write_results(name, result, report, out_dir):
+        print(f"wrote {path}")
+    return 0

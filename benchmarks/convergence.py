@@ -55,7 +55,8 @@ from _common import (
     machine_info,
     machine_markdown,
     markdown_table,
-    write_results,
+    publish,
+    require_positive,
 )
 from train_step import LABELS, LowRankConfig, Unavailable, build_optimizer
 
@@ -482,29 +483,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
-    for flag in (
-        "steps",
-        "sweep_steps",
-        "batch",
-        "seq_len",
-        "eval_every",
-        "eval_batches",
-        "rank",
-        "update_interval",
-        "reproject_factor",
-        "threads",
-    ):
-        if getattr(args, flag) < 1:
-            parser.error(f"argument --{flag.replace('_', '-')}: must be a positive integer")
+    require_positive(
+        parser,
+        args,
+        (
+            "steps",
+            "sweep_steps",
+            "batch",
+            "seq_len",
+            "eval_every",
+            "eval_batches",
+            "rank",
+            "update_interval",
+            "reproject_factor",
+            "threads",
+        ),
+    )
     if not args.lrs or not args.seeds:
         parser.error("--lrs and --seeds must each name at least one value")
     if args.seq_len > LLAMA_PRESETS["tiny"].max_seq_len:
         parser.error(f"--seq-len must be at most {LLAMA_PRESETS['tiny'].max_seq_len}")
     result = run(args)
-    report = to_markdown(result)
-    print(report)
-    for path in write_results("convergence", result, report, args.out):
-        print(f"wrote {path}")
+    publish("convergence", result, to_markdown(result), args.out)
     png = plot(result, args.out / "convergence.png")
     print(f"wrote {png}" if png else "matplotlib is not installed: no convergence.png")
     return 0

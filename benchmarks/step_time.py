@@ -37,7 +37,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, machine_info, machine_markdown, markdown_table, write_results
+from _common import (
+    RESULTS_DIR,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    publish,
+    require_positive,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -286,24 +293,22 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the markdown report, write JSON and markdown files."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in (
-        "dim",
-        "ffn",
-        "layers",
-        "rank",
-        "update_interval",
-        "reproject_factor",
-        "repeats",
-        "threads",
-    ):
-        if getattr(args, flag) < 1:
-            parser.error(f"argument --{flag.replace('_', '-')}: must be a positive integer")
+    require_positive(
+        parser,
+        args,
+        (
+            "dim",
+            "ffn",
+            "layers",
+            "rank",
+            "update_interval",
+            "reproject_factor",
+            "repeats",
+            "threads",
+        ),
+    )
     result = run(args)
-    report = to_markdown(result)
-    print(report)
-    for path in write_results("step_time", result, report, args.out):
-        print(f"wrote {path}")
-    return 0
+    return publish("step_time", result, to_markdown(result), args.out)
 
 
 if __name__ == "__main__":

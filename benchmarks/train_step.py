@@ -62,7 +62,8 @@ from _common import (
     machine_info,
     machine_markdown,
     markdown_table,
-    write_results,
+    publish,
+    require_positive,
 )
 
 from coap_dist.models.llama import LLAMA_PRESETS, Llama
@@ -580,27 +581,25 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the markdown report, write JSON and markdown files."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in (
-        "layers",
-        "batch",
-        "seq_len",
-        "rank",
-        "update_interval",
-        "reproject_factor",
-        "plain_steps",
-        "compose_interval",
-        "compose_factor",
-        "repeats",
-        "threads",
-    ):
-        if getattr(args, flag) < 1:
-            parser.error(f"argument --{flag.replace('_', '-')}: must be a positive integer")
+    require_positive(
+        parser,
+        args,
+        (
+            "layers",
+            "batch",
+            "seq_len",
+            "rank",
+            "update_interval",
+            "reproject_factor",
+            "plain_steps",
+            "compose_interval",
+            "compose_factor",
+            "repeats",
+            "threads",
+        ),
+    )
     result = run(args)
-    report = to_markdown(result)
-    print(report)
-    for path in write_results("train_step", result, report, args.out):
-        print(f"wrote {path}")
-    return 0
+    return publish("train_step", result, to_markdown(result), args.out)
 
 
 if __name__ == "__main__":
