@@ -209,6 +209,7 @@ def correlation_update(
     which is the reference's row-wise cosine of the original m x n matrix in both cases.
     Closed-form gradient, with R = G P^T, E = G - R P, S = R^T G, K = R^T R, Q = P P^T:
 
+        ||E||^2 = ||G||^2 - 2 tr(K) + tr(K Q)
         d||E||^2/dP = -2 [(2I - Q) S - K P]
         row cosine: dc/dP = (1/a) [(M * w1)^T G - ((M * w2)^T M) P],
                     w1_i = 1 / (|u_i| |g_i|), w2_i = cos_i / |u_i|^2
@@ -224,7 +225,6 @@ def correlation_update(
     b = gf.shape[1]
     r = pf.shape[0]
     rr = gf @ pf.t()
-    e = gf - rr @ pf
     qq = pf @ pf.t()
     eps = 1e-8
     if cos_axis == "row":
@@ -238,10 +238,10 @@ def correlation_update(
         stacked = torch.cat([rr, mf * w1[:, None]], dim=1).t() @ gf  # (2r x b)
         kk = rr.t() @ rr
         t2 = (mf * w2[:, None]).t() @ mf
-        scalars = torch.stack([(e * e).sum(), gn2.sum(), cos.sum()])
+        scalars = torch.stack([gn2.sum(), cos.sum()])
         flat = red(torch.cat([scalars, stacked.flatten(), kk.flatten(), t2.flatten()]))
-        f, gsq, cos_sum = flat[0], flat[1], flat[2]
-        off = 3
+        gsq, cos_sum = flat[0], flat[1]
+        off = 2
         s = flat[off : off + r * b].view(r, b)
         t1 = flat[off + r * b : off + 2 * r * b].view(r, b)
         off += 2 * r * b
@@ -254,11 +254,10 @@ def correlation_update(
         kk = rr.t() @ rr
         mm = mf.t() @ mf
         gcol2 = (gf * gf).sum(0)
-        head = torch.stack([(e * e).sum(), gcol2.sum()])
-        flat = red(torch.cat([head, gcol2, stacked.flatten(), kk.flatten(), mm.flatten()]))
-        f, gsq = flat[0], flat[1]
-        gcol2 = flat[2 : 2 + b]
-        off = 2 + b
+        flat = red(torch.cat([gcol2, stacked.flatten(), kk.flatten(), mm.flatten()]))
+        gcol2 = flat[:b]
+        gsq = gcol2.sum()
+        off = b
         s = flat[off : off + r * b].view(r, b)
         mg = flat[off + r * b : off + 2 * r * b].view(r, b)
         off += 2 * r * b
@@ -273,6 +272,8 @@ def correlation_update(
         w2 = torch.where(un2 > 0, cos / un.square(), torch.zeros_like(cos))
         c = cos.sum() / b
         dc = (mg * w1[None, :] - mmp * w2[None, :]) / b
+    # ||G - G P^T P||^2 = ||G||^2 - 2 tr(K) + tr(K Q): no full-size residual matrix.
+    f = (gsq - 2.0 * torch.trace(kk) + (kk * qq).sum()).clamp_min(0.0)
     z = gsq.clamp_min(torch.finfo(torch.float32).tiny) if scale_free else float(global_rows * b)
     eye = torch.eye(r, device=pf.device, dtype=pf.dtype)
     de = -2.0 * ((2.0 * eye - qq) @ s - kk @ pf) / z
@@ -286,14 +287,18 @@ def correlation_update(
     return p_new, err * (1.0 - c)
 
 
-def projection_residual(g: Tensor, p: Tensor, shards: ShardGroup | None = None) -> Tensor:
-    """Relative residual ||G - G P^T P||_F / ||G||_F (global over row shards)."""
-    gf, pf = g.float(), p.float()
-    e = gf - (gf @ pf.t()) @ pf
-    sums = torch.stack([(e * e).sum(), (gf * gf).sum()])
+def projection_residual(g: Tensor, r: Tensor, shards: ShardGroup | None = None) -> Tensor:
+    """Relative residual ||G - G P^T P||_F / ||G||_F from R = G P^T (global over row shards).
+
+    For P with orthonormal rows ||G - G P^T P||^2 = ||G||^2 - ||R||^2, so this costs two sums
+    of squares, no matrix product (an estimate when P is not exactly orthonormal, as in the
+    reference mode).
+    """
+    sums = torch.stack([r.float().square().sum(), g.float().square().sum()])
     if shards is not None:
         sums = shards.sum(sums)
-    return (sums[0] / sums[1].clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
+    ratio = sums[0] / sums[1].clamp_min(torch.finfo(torch.float32).tiny)
+    return (1.0 - ratio).clamp_min(0.0).sqrt()
 
 
 def rotation(p_old: Tensor, p_new: Tensor) -> Tensor:

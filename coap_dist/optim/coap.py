@@ -440,7 +440,11 @@ class _COAPBase(Optimizer):
             return ftucker.core(g, u0, st.get("factor1"))
         proj = self._layout.local(st["projector"])
         gc = fproj.canonical(g, plan.side)
-        return fproj.project(gc, proj.to(gc.dtype))
+        r = fproj.project(gc, proj.to(gc.dtype))
+        if due is not None and p in self._changed:  # a new projector: report how well it fits
+            shards = self._layout.shard_group(p)
+            self._last_residual = float(fproj.projection_residual(gc, r, shards))
+        return r
 
     def _refresh(self, p: Tensor, group: dict[str, Any], g: Tensor, due: str) -> bool:
         """Compute and install a new projector; False if it was rejected (kept the old)."""
@@ -523,8 +527,6 @@ class _COAPBase(Optimizer):
                 m2, v2 = fproj.rotate_moments(m, v, c)
                 self._write(st, "exp_avg", m2, True)
                 self._write(st, "exp_avg_sq", v2, False)
-        if due != "init":
-            self._last_residual = float(fproj.projection_residual(gc, new, shards))
         proj_state.copy_(new)
         self._count_refresh(st, due)
         self._changed.add(p)
