@@ -70,14 +70,7 @@ class FragmentOwnerSharding(OwnerSharding):
         self._comm_bytes = 0
         self._full.clear()
         self._full_grad.clear()
-        have = torch.tensor([p.grad is not None for p in self._params], dtype=torch.int32)
-        dist.all_reduce(have, op=dist.ReduceOp.MAX, group=self.group)
-        for r in range(self.world):
-            mine = [
-                p
-                for p, h in zip(self._params, have.tolist(), strict=True)
-                if h and self._owner[p] == r
-            ]
+        for r, mine in enumerate(self._with_grad_by_owner()):
             if not mine:
                 continue
             sizes = [self._frag[p][0].numel() for p in mine]

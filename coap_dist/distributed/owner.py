@@ -106,19 +106,22 @@ class OwnerSharding(Layout):
         return global_rank(self.group, r)
 
     # ----------------------------------------------------------------------- gradients
+    def _with_grad_by_owner(self) -> list[list[Tensor]]:
+        """Per owner rank, its parameters that have a gradient on ANY rank (one all-reduce),
+        so that frozen or unused parameters on some ranks cannot desynchronise collectives."""
+        have = torch.tensor([p.grad is not None for p in self._params], dtype=torch.int32)
+        dist.all_reduce(have, op=dist.ReduceOp.MAX, group=self.group)
+        by_owner: list[list[Tensor]] = [[] for _ in range(self.world)]
+        for p, h in zip(self._params, have.tolist(), strict=True):
+            if h:
+                by_owner[self._owner[p]].append(p)
+        return by_owner
+
     def begin_step(self, params: Sequence[torch.nn.Parameter]) -> None:
         self._comm_bytes = 0
         if not self.reduce_gradients or self.world == 1:
             return
-        # Agree on which parameters have a gradient anywhere (frozen / unused on some ranks).
-        have = torch.tensor([p.grad is not None for p in self._params], dtype=torch.int32)
-        dist.all_reduce(have, op=dist.ReduceOp.MAX, group=self.group)
-        for r in range(self.world):
-            mine = [
-                p
-                for p, h in zip(self._params, have.tolist(), strict=True)
-                if h and self._owner[p] == r
-            ]
+        for r, mine in enumerate(self._with_grad_by_owner()):
             if not mine:
                 continue
             flat = torch.cat(

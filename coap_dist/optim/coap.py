@@ -192,14 +192,18 @@ class _COAPBase(Optimizer):
         return self._logical_groups[self._plans[p].group]
 
     def _cost(self, p: Tensor) -> float:
-        """Compute cost for owner assignment: m n r for COAP matrices, numel otherwise."""
+        """Refresh compute cost for owner assignment: randomized SVDs cost ~ m n r for a COAP
+        matrix and ~ numel (r0 + r1) for a Tucker convolution; AdamW parameters cost numel."""
         plan = self._plans[p]
         if plan.kind == "matrix":
             return float(plan.rows * plan.cols * plan.rank)
         numel = 1
         for s in self._layout.global_shape(p):
             numel *= s
-        return float(numel) * (8.0 if plan.kind == "conv" else 1.0)
+        if plan.kind == "conv":
+            r0, r1 = plan.ranks_cnn
+            return float(numel * (r0 + (r1 or 0)))
+        return float(numel)
 
     def _fingerprint(self) -> dict[str, Any]:
         """Settings every rank must share: group hyperparameters, sizes, state_bits."""

@@ -5,6 +5,8 @@ mid-row; empty fragments on 3 ranks), plus an owner-state checkpoint round trip.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -66,10 +68,11 @@ def _fsdp1(rank: int, world: int) -> None:
     assert int(mine) == ref.state_bytes()
 
 
-def _zero_redundancy(rank: int, world: int) -> None:
+def _train_wrapped(rank: int, make: Any, what: str) -> tuple[nn.Module, Any]:
+    """DDP + an optimizer wrapper around COAPAdamW vs 1-process COAPAdamW, bitwise per step."""
     model, ref_model = _model(), _model()
     ddp = nn.parallel.DistributedDataParallel(model)
-    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=coap_dist.COAPAdamW, **KW)
+    opt = make(model.parameters())
     ref = coap_dist.COAPAdamW(ref_model.parameters(), **KW)
     for step in range(STEPS):
         ddp(_batch(rank, step)).square().mean().backward()
@@ -80,7 +83,16 @@ def _zero_redundancy(rank: int, world: int) -> None:
         opt.zero_grad()
         ref.zero_grad()
         for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
-            assert torch.equal(p, q), f"ZeroRedundancyOptimizer step {step}"
+            assert torch.equal(p, q), f"{what} step {step}"
+    return model, opt
+
+
+def _zero_redundancy(rank: int, world: int) -> None:
+    _, opt = _train_wrapped(
+        rank,
+        lambda ps: ZeroRedundancyOptimizer(ps, optimizer_class=coap_dist.COAPAdamW, **KW),
+        "ZeroRedundancyOptimizer",
+    )
     local = opt.optim
     assert isinstance(local, coap_dist.COAPAdamW)
     matrices = [p for g in local.param_groups for p in g["params"] if p.ndim == 2]
@@ -90,20 +102,9 @@ def _zero_redundancy(rank: int, world: int) -> None:
 def _fairscale_oss(rank: int, world: int) -> None:
     from fairscale.optim import OSS
 
-    model, ref_model = _model(), _model()
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = OSS(model.parameters(), optim=coap_dist.COAPAdamW, **KW)
-    ref = coap_dist.COAPAdamW(ref_model.parameters(), **KW)
-    for step in range(STEPS):
-        ddp(_batch(rank, step)).square().mean().backward()
-        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
-            q.grad = p.grad.clone()
-        opt.step()
-        ref.step()
-        opt.zero_grad()
-        ref.zero_grad()
-        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
-            assert torch.equal(p, q), f"fairscale OSS step {step}"
+    model, opt = _train_wrapped(
+        rank, lambda ps: OSS(ps, optim=coap_dist.COAPAdamW, **KW), "fairscale OSS"
+    )
     assert isinstance(opt.optim, coap_dist.COAPAdamW)
     opt.consolidate_state_dict(recipient_rank=0)
     if rank == 0:
