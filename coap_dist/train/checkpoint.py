@@ -99,18 +99,8 @@ def save(path: Path, strategy: Strategy, meta: dict[str, Any]) -> None:
             torch.save(state, tmp / _STATE)
     elif fmt == "dcp":
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
 
-        model, optimizer = strategy.model, strategy.optimizer
-        assert model is not None and optimizer is not None
-        state = {
-            "model": get_model_state_dict(model),
-            "optimizer": get_optimizer_state_dict(model, optimizer),
-        }
-        dcp.save(state, checkpoint_id=str(tmp))
+        dcp.save(_dcp_state(strategy), checkpoint_id=str(tmp))
     elif fmt == "deepspeed":
         assert strategy.model is not None
         strategy.model.save_checkpoint(str(tmp), tag="engine")
@@ -123,6 +113,21 @@ def save(path: Path, strategy: Strategy, meta: dict[str, Any]) -> None:
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
     barrier(env)
+
+
+def _dcp_state(strategy: Strategy) -> dict[str, Any]:
+    """Model and optimizer state dicts in torch.distributed.checkpoint form (DTensor shards)."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    model, optimizer = strategy.model, strategy.optimizer
+    assert model is not None and optimizer is not None
+    return {
+        "model": get_model_state_dict(model),
+        "optimizer": get_optimizer_state_dict(model, optimizer),
+    }
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -162,18 +167,12 @@ def load(path: Path, strategy: Strategy, run_name: str) -> dict[str, Any]:
     elif fmt == "dcp":
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict,
-            get_optimizer_state_dict,
             set_model_state_dict,
             set_optimizer_state_dict,
         )
 
         model, optimizer = strategy.model, strategy.optimizer
-        assert model is not None and optimizer is not None
-        state = {
-            "model": get_model_state_dict(model),
-            "optimizer": get_optimizer_state_dict(model, optimizer),
-        }
+        state = _dcp_state(strategy)
         dcp.load(state, checkpoint_id=str(path))
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
