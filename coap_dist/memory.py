@@ -66,12 +66,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from coap_dist.distributed.common import assign_owners
+from coap_dist.distributed.placement import lpt as assign_owners
 from coap_dist.functional import projection as fproj
 from coap_dist.functional import quant as fquant
 from coap_dist.functional import tucker as ftucker
 from coap_dist.models.llama import LLAMA_PRESETS, Llama, LlamaConfig
-from coap_dist.optim.coap import QUANT_MIN_NUMEL
+from coap_dist.optim.spec import QUANT_MIN_NUMEL
 from coap_dist.optim.params import param_groups
 
 __all__ = [

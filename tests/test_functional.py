@@ -102,7 +102,7 @@ def test_default_update_moves_projector_reference_does_not() -> None:
     v = torch.linalg.qr(torch.randn(n, r))[0]
     g = (u @ torch.diag(torch.linspace(3, 1, r)) @ v.t() + 0.05 * torch.randn(m, n)) * 1e-4
     g = g / g.abs().mean() * 1e-4
-    p = fproj.rsvd(torch.randn(m, n), r, None)  # a poor subspace
+    p, _ = fproj.rsvd(torch.randn(m, n), r, None)  # a poor subspace
     before = float(fproj.projection_residual(g, fproj.project(g, p)))
     new, ref = p, p
     residuals = []
@@ -125,10 +125,11 @@ def test_default_update_moves_projector_reference_does_not() -> None:
 def test_rsvd_captures_energy_and_warm_start_converges() -> None:
     torch.manual_seed(0)
     a = torch.randn(200, 20) @ torch.randn(20, 100) + 0.01 * torch.randn(200, 100)
-    p = fproj.rsvd(a, 20, None)
+    p, ok = fproj.rsvd(a, 20, None)
+    assert bool(ok)
     torch.testing.assert_close(p @ p.t(), torch.eye(20), atol=1e-5, rtol=0)
     assert float(fproj.projection_residual(a, fproj.project(a, p))) < 0.02
-    p2 = fproj.rsvd(a, 20, p.t(), oversample=4, power_iters=1)
+    p2, _ = fproj.rsvd(a, 20, p, oversample=4, power_iters=1)
     assert (
         float(fproj.projection_residual(a, fproj.project(a, p2)))
         <= float(fproj.projection_residual(a, fproj.project(a, p))) + 1e-6
@@ -137,8 +138,8 @@ def test_rsvd_captures_energy_and_warm_start_converges() -> None:
 
 def test_rotate_moments_is_exact_for_first_moment() -> None:
     torch.manual_seed(0)
-    p_old = fproj.rsvd(torch.randn(40, 30), 6, None)
-    p_new = fproj.rsvd(torch.randn(40, 30), 6, None)
+    p_old, _ = fproj.rsvd(torch.randn(40, 30), 6, None)
+    p_new, _ = fproj.rsvd(torch.randn(40, 30), 6, None)
     m, v = torch.randn(40, 6), torch.rand(40, 6)
     m2, v2 = fproj.rotate_moments(m, v, fproj.rotation(p_old, p_new))
     torch.testing.assert_close(m2, (m @ p_old) @ p_new.t())  # lift, then re-project
@@ -172,14 +173,45 @@ def test_tucker_projection_round_trip() -> None:
     g = torch.randn(32, 16, 3, 3)
     r0, r1 = tucker.tucker_ranks(g.shape, 4.0)
     assert (r0, r1) == (16, 8)
-    u0, u1 = tucker.refresh_factors(g, r0, r1, None, None)
+    u0, u1, ok = tucker.refresh_factors(g, r0, r1, None, None)
+    assert bool(ok)
     torch.testing.assert_close(u0.t() @ u0, torch.eye(r0), atol=1e-5, rtol=0)
     assert u1 is not None
     core = tucker.core(g, u0, u1)
     assert core.shape == (16, 8, 3, 3)
     full = tucker.back(tucker.core(g, torch.eye(32), torch.eye(16)), torch.eye(32), torch.eye(16))
     torch.testing.assert_close(full, g)
-    w0, w1 = tucker.refresh_factors(g, r0, r1, u0, u1)  # warm HOOI sweep does not get worse
+    w0, w1, _ = tucker.refresh_factors(g, r0, r1, u0, u1)  # warm HOOI sweep: no worse
     res = lambda a, b: float((g - tucker.back(tucker.core(g, a, b), a, b)).norm())  # noqa: E731
     assert res(w0, w1) <= res(u0, u1) + 1e-4
     assert tucker.tucker_ranks((64, 32, 1, 1), 4.0) == (16, None)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_row_split_refresh_equals_whole(side: str) -> None:
+    """A team's partial sums over row blocks give the single-process refresh: the Gram form of
+    the randomized SVD spans what Householder QR spans, and the correlation step and
+    Adafactor's statistics summed over blocks equal the whole-matrix ones."""
+    torch.manual_seed(0)
+    a, b, r = 60, 24, 5
+    g = torch.randn(a, 8) @ torch.randn(8, b) + 0.01 * torch.randn(a, b)
+    blocks = [(0, 17), (17, 18), (18, 60)]  # uneven, one single row
+    whole, ok = fproj.rsvd(g, r, None)
+    omega = fproj.sketch_matrix(b, r, None, oversample=0, device=torch.device("cpu"))
+    parts = [fproj.gram_partials(g[i:j] @ omega, g[i:j]) for i, j in blocks]
+    team, ok2 = fproj.basis_from_gram(sum(w for w, _ in parts), sum(z for _, z in parts), r)
+    assert bool(ok) and bool(ok2)
+    torch.testing.assert_close(team.t() @ team, whole.t() @ whole, atol=1e-4, rtol=0)
+    torch.testing.assert_close(team, whole, atol=1e-4, rtol=0)  # signs fixed the same way
+    m = torch.randn(a, r)
+    axis = "row" if side == "right" else "col"
+    ref, _ = fproj.correlation_update(g, whole, m, global_rows=a, cos_axis=axis, scale_free=True)
+    flat = sum(fproj.correlation_partials(g[i:j], whole, m[i:j], cos_axis=axis) for i, j in blocks)
+    new, _ = fproj.correlation_from_sums(flat, whole, global_rows=a, cos_axis=axis, scale_free=True)
+    torch.testing.assert_close(new, ref, atol=1e-5, rtol=1e-5)
+    # rank-deficient sketch (Y of rank 3 < k = 5): still an orthonormal basis, finite
+    low = torch.randn(a, 3) @ torch.randn(3, b)
+    wz = [fproj.gram_partials(low[i:j] @ omega, low[i:j]) for i, j in blocks]
+    p_low, ok3 = fproj.basis_from_gram(sum(w for w, _ in wz), sum(z for _, z in wz), r)
+    assert bool(ok3) and bool(torch.isfinite(p_low).all())
+    torch.testing.assert_close(p_low @ p_low.t(), torch.eye(r), atol=1e-4, rtol=0)

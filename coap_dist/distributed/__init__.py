@@ -1,59 +1,65 @@
 """Distribution layouts for COAP: one class per mode behind :class:`coap_dist.optim.layout.Layout`.
 
-* :class:`OwnerSharding` (``sharding="owner"``): DDP / replicated parameters, state sharded by
-  parameter owner (ZeRO-1, or ZeRO-2 with ``reduce_gradients=True``).
-* :class:`Fsdp2Local` (automatic for FSDP2/HSDP DTensor parameters, or ``sharding="local"``).
-* :class:`Fsdp2Owner` (FSDP2/HSDP with ``sharding="owner"``): exact whole-matrix COAP.
+The layout is bound at the first ``step()`` from the tensors in the optimizer's groups:
+
+* one process, or DDP with replicated state (default): :class:`OwnerLayout` over whole
+  tensors with one rank (``"single"``);
+* :class:`OwnerSharding` (``sharding="owner"`` under DDP): state sharded over the
+  data-parallel group (ZeRO-1; ZeRO-2 with ``reduce_gradients=True``);
+* :class:`Fsdp2Local` (automatic for FSDP2 / HSDP DTensor parameters, or
+  ``sharding="local"``): row shards, projectors split by rows;
+* :class:`Fsdp2Owner` (FSDP2 / HSDP with ``sharding="owner"``): the owner protocol;
 * :class:`Fsdp1Sharding` (``sharding=Fsdp1Sharding(fsdp_model)``): FSDP1 with
-  ``use_orig_params=True``; whole matrices assembled from flat fragments on their owners.
+  ``use_orig_params=True``;
+* DeepSpeed ZeRO 0-3: ``coap_dist.integrations.deepspeed``, from the partitions the engine
+  hands the optimizer.
+
+:mod:`coap_dist.distributed.placement` plans where state lives (pure, shared with the
+memory estimator); :mod:`coap_dist.distributed.comm` counts every collective.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor
 
-from coap_dist.distributed.fragments import FragmentOwnerSharding
 from coap_dist.distributed.fsdp1 import Fsdp1Sharding
 from coap_dist.distributed.fsdp2 import Fsdp2Local, Fsdp2Owner
-from coap_dist.distributed.owner import OwnerSharding
+from coap_dist.distributed.owner import OwnerLayout, OwnerSharding, ReplicatedView
 from coap_dist.optim.layout import Layout, set_layout_resolver
 
-SHARDING_NAMES = ("none", "owner", "local")
 
-
-def resolve(params: Sequence[torch.nn.Parameter], sharding: Any, process_group: Any) -> Layout:
-    """Pick the layout: a Layout instance as given; FSDP2 DTensors -> LOCAL; 'owner' -> OWNER."""
+def resolve(
+    groups: list[dict[str, Any]],
+    built: list[list[Tensor | None]],
+    sharding: Any,
+    process_group: Any,
+) -> Layout:
+    """The layout for the tensors in the optimizer's groups now (see the module docstring)."""
     if isinstance(sharding, Layout):
         return sharding
-    from torch.distributed.tensor import DTensor
-
-    is_dtensor = any(isinstance(p, DTensor) for p in params)
-    if sharding is not None and sharding not in SHARDING_NAMES:
-        raise ValueError(
-            f"invalid `sharding`={sharding!r}; must be one of {SHARDING_NAMES}, "
-            "None (automatic) or a coap_dist.distributed layout instance"
-        )
-    if is_dtensor:
-        return Fsdp2Owner(params) if sharding == "owner" else Fsdp2Local()
-    if sharding == "owner":
-        return OwnerSharding(process_group)
+    if any(isinstance(t, DTensor) for g in groups for t in g["params"]):
+        return Fsdp2Owner() if sharding == "owner" else Fsdp2Local()
     if sharding == "local":
         raise ValueError(
-            "`sharding`='local' needs FSDP2 (DTensor) parameters; for DDP use sharding='owner'"
+            "invalid `sharding`='local': it needs FSDP2 (DTensor) parameters; for DDP use "
+            "sharding='owner'"
         )
-    return Layout()
+    if sharding == "owner":
+        return OwnerSharding(process_group)
+    return OwnerLayout(ReplicatedView(solo=True))
 
 
 set_layout_resolver(resolve)
 
 __all__ = [
-    "FragmentOwnerSharding",
     "Fsdp1Sharding",
     "Fsdp2Local",
     "Fsdp2Owner",
+    "OwnerLayout",
     "OwnerSharding",
+    "ReplicatedView",
     "resolve",
 ]

@@ -1,26 +1,30 @@
-"""LOCAL layout for FSDP2 / HSDP (``fully_shard``): COAP on row shards, no per-step traffic.
+"""FSDP2 / HSDP (``fully_shard``): the LOCAL layout (default) and the owner view.
 
 FSDP2 hands the optimizer DTensor parameters and gradients sharded ``Shard(0)`` by rows
-(torch.chunk split: uneven and empty shards happen); HSDP adds a replicate mesh dimension.
-A right projection is row-decomposable, so every matrix is right-projected (the shard-aware
-variant: P is r x n whatever m vs n) and
+(``torch.chunk`` split: uneven and empty shards happen); HSDP adds a replicate mesh dimension,
+and everything below runs over the shard sub-mesh (every replica does the same).
 
-* the step needs no communication: R_local = G_local P^T, moments sharded by rows,
-  W_local <- W_local - alpha D_local P;
-* refreshes use small collectives on the shard sub-mesh only: TSQR (one all-reduce of the
-  stacked r x r factors) and B = sum_k Q_k^T G_k (r x n all-reduce) for the randomized SVD,
-  whose tiny SVD is broadcast; the correlation objective's scalars and r x n gradient (one all-reduce);
-* a flag vector (one int per parameter) is all-reduced per step so that a non-finite
-  gradient on any shard skips the step of that parameter on every shard.
+:class:`Fsdp2Local` (automatic for DTensor parameters): COAP on the row shards FSDP2 already
+gives each rank. Every matrix is right-projected (the shard-aware variant: R = G P^T is
+row-decomposable), its moments are kept for the local rows, and its projector P (r x b) is
+split by ITS rows the same way, so every state tensor is a ``Shard(0)`` DTensor and per-rank
+state is 1/N. A plain step costs two collectives whatever the world size: the flag
+all-reduce and one all-gather of every active matrix's P shards (then R_local = G_local P^T,
+W_local <- keep (W_local - alpha D_local P) with no further traffic). A refresh step adds a
+reduce-scatter of every due matrix's row sums to the rank computing its small SVD (or
+correlation step; per step LPT on a b r) and an all-gather of the new projectors; a power
+iteration adds two all-reduces. ``torch.distributed.checkpoint`` saves the DTensor state once
+and reshards it to any world size on load.
 
-State is stored as DTensors: moments ``Shard(0)`` with the global shape, P ``Replicate``, so
-``torch.distributed.checkpoint`` (``get_optimizer_state_dict``) saves it once and reshards it
-to any world size on load.
+:class:`Fsdp2Owner` (``sharding="owner"``): the exact whole-matrix owner protocol of
+:mod:`coap_dist.distributed.owner` on the same row shards (reference side rule, Tucker and
+8-bit state included).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,159 +32,534 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from coap_dist.distributed.common import check_same_config
-from coap_dist.distributed.fragments import FragmentOwnerSharding
-from coap_dist.functional.projection import ShardGroup, Side
-from coap_dist.optim.layout import Layout, MatrixGeometry
+from coap_dist.distributed.comm import Comm
+from coap_dist.distributed.owner import FragmentView, OwnerLayout, check_settings
+from coap_dist.distributed.placement import Range, chunk_range, lpt
+from coap_dist.functional import projection as fproj
+from coap_dist.optim import kernels
+from coap_dist.optim.layout import Core, DenseWork, Layout, MatrixWork, Update, Work
+from coap_dist.optim.spec import ParamSpec, state_shapes
+from coap_dist.optim.storage import allocate, nbytes_of, read_moment
 
 
 def _shard_dim(p: DTensor) -> int | None:
-    """Mesh dimension on which p is row-sharded (Shard(0)), or None."""
+    """Mesh dimension on which p is row-sharded (Shard(0)), or None if replicated."""
+    dim = None
     for mesh_dim, placement in enumerate(p.placements):
         if isinstance(placement, Shard):
-            if placement.dim != 0:
-                raise ValueError(f"COAP LOCAL layout needs Shard(0) row shards, got {p.placements}")
-            return mesh_dim
-    return None
+            if placement.dim != 0 or dim is not None:
+                raise ValueError(
+                    f"COAP under FSDP2 needs parameters sharded by rows (one Shard(0)), got "
+                    f"placements {p.placements} for a parameter of shape {tuple(p.shape)}"
+                )
+            dim = mesh_dim
+        elif not isinstance(placement, Replicate):
+            raise ValueError(f"COAP under FSDP2: unsupported placement {placement} of {tuple(p.shape)}")
+    return dim
+
+
+def _attach_dtensors(current: list[list[Tensor]]) -> tuple[list[DTensor], dist.ProcessGroup | None, int]:
+    """The DTensor parameters, their shard group and its size (checked to be one)."""
+    flat = [t for g in current for t in g]
+    if not all(isinstance(t, DTensor) for t in flat):
+        kinds = sorted({type(t).__name__ for t in flat})
+        raise ValueError(
+            f"COAP under FSDP2: every parameter must be a DTensor from fully_shard, got {kinds}; "
+            "apply fully_shard to the root module (after the blocks) so that it covers all "
+            "parameters"
+        )
+    groups = set()
+    for t in flat:
+        assert isinstance(t, DTensor)
+        dim = _shard_dim(t)
+        if dim is not None:
+            groups.add(t.device_mesh.get_group(dim))
+    if len(groups) > 1:
+        raise ValueError(
+            "COAP under FSDP2: parameters are sharded over different process groups; build "
+            "one optimizer per mesh"
+        )
+    group = groups.pop() if groups else None
+    world = dist.get_world_size(group) if group is not None else 1
+    return flat, group, world  # type: ignore[return-value]
+
+
+def _rows_range(p: DTensor, world: int, rank: int) -> Range:
+    """Rows [start, stop) of p held by shard rank ``rank`` (all rows when replicated)."""
+    if _shard_dim(p) is None:
+        return 0, p.shape[0]
+    return chunk_range(p.shape[0], world, rank)
+
+
+class Fsdp2View(FragmentView):
+    """FSDP2 row shards as fragments of the flattened parameters (for the owner protocol)."""
+
+    name = "fsdp2_owner"
+
+    def __init__(self) -> None:
+        self._params: list[DTensor] = []
+
+    def attach(self, current: list[list[Tensor]], built: list[list[Tensor | None]]) -> list[Tensor]:
+        self._params, self.group, self._world = _attach_dtensors(current)
+        self.remember(current, current)  # type: ignore[arg-type]
+        return list(self._params)
+
+    def device(self) -> torch.device:
+        return self._params[0]._local_tensor.device if self._params else torch.device("cpu")
+
+    def global_shape(self, index: int) -> tuple[int, ...]:
+        return tuple(self._params[index].shape)
+
+    def dtype(self, index: int) -> torch.dtype:
+        return self._params[index].dtype
+
+    def fragments(self, comm: Comm) -> list[list[Range] | None]:
+        out: list[list[Range] | None] = []
+        for p in self._params:
+            if _shard_dim(p) is None:
+                out.append(None)
+                continue
+            row = math.prod(p.shape[1:])
+            out.append(
+                [(a * row, b * row) for a, b in (chunk_range(p.shape[0], self._world, r) for r in range(self._world))]
+            )
+        return out
+
+    def local(self, index: int) -> Tensor | None:
+        return self._params[index]._local_tensor
+
+    def grad(self, index: int) -> Tensor | None:
+        g = self._params[index].grad
+        return None if g is None else g._local_tensor
+
+
+class Fsdp2Owner(OwnerLayout):
+    """``sharding="owner"`` under FSDP2 / HSDP: the owner protocol on FSDP2's row shards."""
+
+    def __init__(self, *, split: bool = True) -> None:
+        super().__init__(Fsdp2View(), split=split)
 
 
 class Fsdp2Local(Layout):
-    """Row-shard layout for DTensor parameters from ``fully_shard`` (FSDP2) and HSDP meshes."""
+    """The LOCAL layout (module docstring): COAP on FSDP2's row shards, P split by rows."""
 
     name = "fsdp2_local"
-    supports_quantized_state = False
 
     def __init__(self) -> None:
-        self._group: dist.ProcessGroup | None = None
-        self._group_size = 1
-        self._shards: ShardGroup | None = None
-        self._comm_bytes = 0
+        self._core: Core | None = None
+        self._dparams: list[DTensor] = []
+        self.specs: list[ParamSpec] = []
+        self._sizes: list[int] = []
+        self._current: list[Tensor] = []
+        self._full_p: dict[int, Tensor] = {}
 
-    def bind(
-        self,
-        params: Sequence[torch.nn.Parameter],
-        costs: Sequence[float],
-        geometry: Sequence[MatrixGeometry | None],
-    ) -> None:
-        groups = set()
-        for p in params:
-            if isinstance(p, DTensor):
-                dim = _shard_dim(p)
-                if dim is not None:
-                    groups.add(p.device_mesh.get_group(dim))
-        if len(groups) > 1:
-            raise ValueError(
-                "COAP LOCAL layout: parameters are sharded over different process "
-                "groups; build one optimizer per mesh"
-            )
-        if groups:
-            self._group = group = groups.pop()
-            self._group_size = dist.get_world_size(group)
-            src = dist.get_global_rank(group, 0)
+    # ------------------------------------------------------------------------------ bind
+    def bind(self, core: Core) -> list[ParamSpec]:
+        current = [list(g["params"]) for g in core.param_groups]
+        self._core = core
+        self._dparams, self.group, self.world = _attach_dtensors(current)
+        self.params = list(self._dparams)
+        self._sizes = [len(g) for g in current]
+        self._current = [t for g in current for t in g]
+        self.device = self._dparams[0]._local_tensor.device
+        self.comm = Comm(self.group, self.device, solo=self.group is None)
+        self.rank = self.comm.rank
+        shapes = [tuple(p.shape) for p in self._dparams]
+        self.group_of = [gi for gi, g in enumerate(current) for _ in g]
+        specs = core.plan(shapes, [p.dtype for p in self._dparams], self.group_of, True)
+        for s in specs:
+            if s.kind == "conv":
+                raise ValueError(
+                    f"{core.name}: a 4-D weight of shape {s.shape} would be Tucker-projected, "
+                    "which the FSDP2 default layout (row shards) does not support; set "
+                    "rank_ratio_cnn=None (AdamW for convolutions) or sharding='owner'"
+                )
+            if s.fmt.quantized:
+                raise ValueError(
+                    f"{core.name}: invalid `state_bits`=8 under the FSDP2 default layout "
+                    "(row-shard DTensor state); use sharding='owner' for 8-bit state under "
+                    "FSDP2, or state_bits=16 / 32"
+                )
+        check_settings(self.comm, core.settings(), core.name)
+        self.specs = specs
+        return specs
 
-            def total(t: Tensor) -> Tensor:
-                t = t.contiguous()
-                dist.all_reduce(t, group=group)
-                self._comm_bytes += t.numel() * t.element_size()
-                return t
+    def _rows(self, i: int) -> Range:
+        return _rows_range(self._dparams[i], self.world, self.rank)
 
-            def from_first(t: Tensor) -> Tensor:
-                t = t.contiguous()
-                dist.broadcast(t, src=src, group=group)
-                self._comm_bytes += t.numel() * t.element_size()
-                return t
+    def _sharded(self, i: int) -> bool:
+        return self.world > 1 and _shard_dim(self._dparams[i]) is not None
 
-            self._shards = ShardGroup(total, from_first, dist.get_rank(group), self._group_size)
+    def _p_rows(self, i: int, rank: int | None = None) -> Range:
+        """Rows of matrix i's projector kept by ``rank`` (all when not sharded)."""
+        s = self.specs[i]
+        if not self._sharded(i):
+            return 0, s.rank
+        return chunk_range(s.rank, self.world, self.rank if rank is None else rank)
 
-    def check_config(self, config: dict[str, Any], what: str) -> None:
-        if self._group is not None:
-            check_same_config(config, self._group, what)
-
-    def _sharded(self, p: Tensor) -> bool:
-        return isinstance(p, DTensor) and _shard_dim(p) is not None and self._group_size > 1
-
-    def local(self, t: Tensor) -> Tensor:
-        return t._local_tensor if isinstance(t, DTensor) else t
-
-    def forced_side(self, p: Tensor) -> Side | None:
-        return "right" if isinstance(p, DTensor) and _shard_dim(p) is not None else None
-
-    def supports_tucker(self, p: Tensor) -> bool:
-        return not self._sharded(p)
-
-    def shard_group(self, p: Tensor) -> ShardGroup | None:
-        if not self._sharded(p):
+    # ------------------------------------------------------------------------------ step
+    def begin(self) -> list[int] | None:
+        assert self._core is not None
+        self.comm.reset()
+        current = [list(g["params"]) for g in self._core.param_groups]
+        if [len(g) for g in current] != self._sizes or any(
+            a is not b for a, b in zip((t for g in current for t in g), self._current, strict=True)
+        ):
             return None
-        return self._shards
+        return list(range(len(self._dparams)))
 
-    def wrap_state(self, p: Tensor, t: Tensor, rows_like_param: bool) -> Tensor:
-        if not isinstance(p, DTensor):
+    def local_grad(self, index: int) -> Tensor | None:
+        g = self._dparams[index].grad
+        return None if g is None else g._local_tensor
+
+    def agree(self, values: Tensor) -> list[float]:
+        if self.world > 1:
+            self.comm.all_reduce(values)
+        return values.cpu().tolist()
+
+    def _state(self, i: int) -> dict[str, Any]:
+        assert self._core is not None
+        return self._core.state[self._dparams[i]]
+
+    def ensure_state(self, index: int) -> None:
+        assert self._core is not None
+        p = self._dparams[index]
+        if self._core.state.get(p):
+            return
+        s = self.specs[index]
+        local = p._local_tensor
+        if s.kind == "matrix":
+            a0, a1 = self._rows(index)
+            p0, p1 = self._p_rows(index)
+            shapes = state_shapes(s, rows=a1 - a0, holder=False)
+            shapes["projector"] = ((p1 - p0, s.cols), s.fmt.projector_dtype)
+        else:
+            shapes = state_shapes(s, numel=local.numel(), local_shape=tuple(local.shape))
+        self._core.state[p] = allocate(shapes, self.device)
+
+    def gather(self, active: Sequence[int]) -> Work:
+        assert self._core is not None
+        self._active = list(active)
+        mats = [i for i in self._active if self.specs[i].kind == "matrix"]
+        self._full_p = self._all_gather_projectors(mats)
+        work = Work([], [], [])
+        for i in self._active:
+            p, s = self._dparams[i], self.specs[i]
+            group = self._core.param_groups[self.group_of[i]]
+            g = p.grad
+            assert g is not None
+            st = self._state(i)
+            if s.kind == "matrix":
+                work.matrices.append(
+                    MatrixWork(i, s, group, st, self._rows(i), g._local_tensor, self._full_p[i], self._sharded(i))
+                )
+            else:
+                work.dense.append(DenseWork(i, s, group, st, p._local_tensor, g._local_tensor))
+        return work
+
+    def _all_gather_projectors(self, mats: Sequence[int]) -> dict[int, Tensor]:
+        """Every active matrix's whole P: one all-gather per projector dtype of the row
+        shards, each padded to ceil(r / N) rows."""
+        out: dict[int, Tensor] = {}
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i in mats:
+            if not self._sharded(i):
+                out[i] = self._state(i)["projector"]
+            else:
+                by_dtype.setdefault(self.specs[i].fmt.projector_dtype, []).append(i)
+        for dtype, items in by_dtype.items():
+            chunk = [-(-self.specs[i].rank // self.world) * self.specs[i].cols for i in items]
+            buf = torch.zeros(sum(chunk), dtype=dtype, device=self.device)
+            off = 0
+            for i, c in zip(items, chunk, strict=True):
+                mine = self._state(i)["projector"].reshape(-1)
+                buf[off : off + mine.numel()] = mine
+                off += c
+            gathered = self.comm.all_gather(buf).view(self.world, -1)
+            off = 0
+            for i, c in zip(items, chunk, strict=True):
+                s = self.specs[i]
+                parts = []
+                for r in range(self.world):
+                    p0, p1 = self._p_rows(i, r)
+                    parts.append(gathered[r, off : off + (p1 - p0) * s.cols].view(p1 - p0, s.cols))
+                out[i] = torch.cat(parts)
+                off += c
+        return out
+
+    # --------------------------------------------------------------------------- refresh
+    def refresh(self, work: Work, due: Mapping[int, str]) -> list[Tensor]:
+        oks: list[Tensor] = []
+        split = [i for i in sorted(due) if self._sharded(i)]
+        for mw in work.matrices:
+            kind = due.get(mw.index)
+            if kind is not None and not mw.split:
+                p_new, ok = kernels.refresh_whole(mw, kind)
+                mw.projector = kernels.install_projector(mw, p_new, ok, kind, holder=False)
+                self._store(mw.index, mw.projector)
+                oks.append(ok)
+        if split:
+            oks.extend(self._split_refresh(work, split, due))
+        for i in due:
+            self._state(i)["refreshes"] += 1
+        return oks
+
+    def _store(self, i: int, proj: Tensor) -> None:
+        """Keep this rank's rows of a (new) projector."""
+        p0, p1 = self._p_rows(i)
+        self._state(i)["projector"].copy_(proj[p0:p1])
+
+    def _split_refresh(self, work: Work, items: list[int], due: Mapping[int, str]) -> list[Tensor]:
+        mine = {mw.index: mw for mw in work.matrices}
+        cost = [float(self.specs[i].rows * self.specs[i].cols * self.specs[i].rank) for i in items]
+        holder = dict(zip(items, lpt(cost, self.world), strict=True))
+        sketch: dict[int, Tensor] = {}
+        rsvd_items = [i for i in items if due[i] != "update"]
+        for i in rsvd_items:
+            mw = mine[i]
+            omega = fproj.sketch_matrix(
+                mw.spec.cols,
+                mw.spec.rank,
+                None if due[i] == "init" else mw.projector,
+                oversample=mw.group["oversample"],
+                device=self.device,
+            )
+            sketch[i] = mw.grad.float() @ omega
+        iters = max((mine[i].group["power_iters"] for i in rsvd_items), default=0)
+        for it in range(iters):
+            part = [i for i in rsvd_items if mine[i].group["power_iters"] > it]
+            grams = self._all_reduce_list([sketch[i].double().t() @ sketch[i].double() for i in part])
+            zs = self._all_reduce_list(
+                [
+                    mine[i].grad.float().t() @ (sketch[i].double() @ fproj.inverse_sqrt(w)).float()
+                    for i, w in zip(part, grams, strict=True)
+                ]
+            )
+            for i, z in zip(part, zs, strict=True):
+                sketch[i] = mine[i].grad.float() @ z
+        # Row sums of every due matrix, to the rank computing its refresh.
+        partials: dict[int, list[Tensor]] = {}
+        for i in items:
+            mw = mine[i]
+            if due[i] == "update":
+                partials[i] = [
+                    fproj.correlation_partials(
+                        mw.grad, mw.projector, read_moment(mw.state, "exp_avg", True), cos_axis="row"
+                    )
+                ]
+            else:
+                partials[i] = list(fproj.gram_partials(sketch[i], mw.grad))
+        sums = self._reduce_to_holders(items, holder, partials)
+        results: dict[int, Tensor] = {}
+        oks: list[Tensor] = []
+        for i, total in sums.items():
+            mw = mine[i]
+            reference = mw.group["projector_update"] == "reference"
+            if due[i] == "update":
+                p_new, _ = fproj.correlation_from_sums(
+                    total[0].float(),
+                    mw.projector,
+                    global_rows=mw.spec.rows,
+                    cos_axis="row",
+                    scale_free=not reference,
+                    lr=mw.group["projector_lr"],
+                )
+                ok = fproj.all_finite(p_new)
+            else:
+                p_new, ok = fproj.basis_from_gram(
+                    total[0], total[1].float(), mw.spec.rank, fix_signs=not reference
+                )
+            results[i] = torch.cat([p_new.float().reshape(-1), ok.float().reshape(1)])
+            oks.append(ok)
+        news = self._gather_from_holders(items, holder, results)
+        for i in items:
+            mw, s = mine[i], self.specs[i]
+            flat = news[i]
+            p_new, ok = flat[:-1].view(s.rank, s.cols), flat[-1] > 0.5
+            mw.projector = kernels.install_projector(mw, p_new, ok, due[i], holder=False)
+            self._store(i, mw.projector)
+        return oks
+
+    def _all_reduce_list(self, tensors: list[Tensor]) -> list[Tensor]:
+        if not tensors:
+            return []
+        dtype = tensors[0].dtype
+        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+        self.comm.all_reduce(flat)
+        out, off = [], 0
+        for t in tensors:
+            out.append(flat[off : off + t.numel()].view(t.shape))
+            off += t.numel()
+        return out
+
+    def _reduce_to_holders(
+        self, items: list[int], holder: Mapping[int, int], partials: Mapping[int, list[Tensor]]
+    ) -> dict[int, list[Tensor]]:
+        """One reduce-scatter (fp64): rank q receives the sums of the matrices it holds."""
+        seg: list[list[int]] = [[] for _ in range(self.world)]
+        for i in items:
+            seg[holder[i]].append(i)
+        sizes = [sum(t.numel() for i in s for t in partials[i]) for s in seg]
+        width = max(sizes)
+        buf = torch.zeros(self.world * width, dtype=torch.float64, device=self.device)
+        for q, s in enumerate(seg):
+            off = q * width
+            for i in s:
+                for t in partials[i]:
+                    buf[off : off + t.numel()] = t.reshape(-1).double()
+                    off += t.numel()
+        got = self.comm.reduce_scatter(buf)
+        out: dict[int, list[Tensor]] = {}
+        off = 0
+        for i in seg[self.rank]:
+            parts = []
+            for t in partials[i]:
+                parts.append(got[off : off + t.numel()].view(t.shape))
+                off += t.numel()
+            out[i] = parts
+        return out
+
+    def _gather_from_holders(
+        self, items: list[int], holder: Mapping[int, int], results: Mapping[int, Tensor]
+    ) -> dict[int, Tensor]:
+        """One all-gather: every holder's results (flat fp32), on every rank."""
+        seg: list[list[int]] = [[] for _ in range(self.world)]
+        for i in items:
+            seg[holder[i]].append(i)
+        size = {i: self.specs[i].rank * self.specs[i].cols + 1 for i in items}
+        width = max(sum(size[i] for i in s) for s in seg)
+        mine = torch.zeros(width, dtype=torch.float32, device=self.device)
+        off = 0
+        for i in seg[self.rank]:
+            mine[off : off + size[i]] = results[i]
+            off += size[i]
+        got = self.comm.all_gather(mine).view(self.world, width)
+        out: dict[int, Tensor] = {}
+        for q, s in enumerate(seg):
+            off = 0
+            for i in s:
+                out[i] = got[q, off : off + size[i]]
+                off += size[i]
+        return out
+
+    def team_sum(
+        self, partials: Mapping[int, Tensor], sizes: Mapping[int, int]
+    ) -> dict[int, Tensor]:
+        split = [i for i in sorted(sizes) if self._sharded(i)]
+        out = {i: t for i, t in partials.items() if not self._sharded(i)}
+        if split:
+            summed = self._all_reduce_list([partials[i].float() for i in split])
+            out.update(zip(split, summed, strict=True))
+        return out
+
+    def scatter(self, updates: Sequence[Update], work: Work) -> None:
+        mats = {mw.index: mw for mw in work.matrices}
+        for u in updates:
+            w = self._dparams[u.index]._local_tensor
+            proj = mats[u.index].projector.to(w.dtype)
+            w.addmm_(u.direction.to(w.dtype), proj, beta=u.keep, alpha=-u.alpha * u.keep)
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "optim/comm_calls_per_step": float(self.comm.calls),
+            "optim/comm_bytes_per_step": float(max(self.comm.sent, self.comm.received)),
+        }
+
+    # ------------------------------------------------------------------------ checkpoints
+    def state_bytes(self) -> int:
+        assert self._core is not None
+        return sum(nbytes_of(self._core.state[p]) for p in self._dparams if self._core.state.get(p))
+
+    def _wrap(self, i: int, key: str, t: Tensor) -> Tensor:
+        """A local state tensor as the DTensor a checkpoint stores (no communication)."""
+        p, s = self._dparams[i], self.specs[i]
+        if t.ndim == 0:
             return t
         mesh = p.device_mesh
-        if rows_like_param and _shard_dim(p) is not None:
-            placements = p.placements
-            shape = (p.shape[0], *t.shape[1:])
+        if key in ("exp_avg_sq_col",) or _shard_dim(p) is None:
+            placements: tuple[Any, ...] = tuple(Replicate() for _ in range(mesh.ndim))
+            shape: tuple[int, ...] = tuple(t.shape)
         else:
-            placements = tuple(Replicate() for _ in range(mesh.ndim))
-            shape = tuple(t.shape)
+            placements = p.placements
+            if s.kind == "matrix":
+                rows = s.rank if key == "projector" else s.rows
+                shape = (rows, *t.shape[1:])
+            else:
+                shape = s.shape
         stride = torch.empty(shape, device="meta").stride()
         return DTensor.from_local(
             t, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride
         )
 
-    def agree(self, ok: Tensor, params: Sequence[Tensor]) -> Tensor:
-        if self._group is None or self._group_size == 1:
-            return ok
-        flags = ok.to(torch.int32)
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self._group)
-        self._comm_bytes += flags.numel() * flags.element_size()
-        return flags.bool()
+    def state_dict(self, saved: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        sd = saved()
+        sd["state"] = {
+            i: {k: self._wrap(i, k, v) if isinstance(v, Tensor) else v for k, v in st.items()}
+            for i, st in sd["state"].items()
+        }
+        return sd
 
-    def begin_step(self, params: Sequence[torch.nn.Parameter]) -> None:
-        self._comm_bytes = 0
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        assert self._core is not None
+        for i, p in enumerate(self._dparams):
+            saved = sd["state"].get(i)
+            if not saved:
+                self._core.state.pop(p, None)
+                continue
+            self.ensure_state(i)
+            st = self._state(i)
+            for k, v in saved.items():
+                st[k] = self._local_piece(i, k, v, st[k])
 
-    def communicated_bytes(self) -> int:
-        """Bytes all-reduced or broadcast by this rank in the last step: the flag vector
-        every step, plus the refresh collectives on steps with projector refreshes."""
-        return self._comm_bytes
+    def _local_piece(self, i: int, key: str, v: Any, mine: Tensor) -> Tensor:
+        """This rank's part of a saved tensor: the local shard of a DTensor, or the rows of a
+        whole (single-process) tensor that this rank keeps."""
+        if isinstance(v, DTensor):
+            v = v._local_tensor
+        elif v.ndim and tuple(v.shape) != tuple(mine.shape):
+            s = self.specs[i]
+            if key == "projector":
+                a, b = self._p_rows(i)
+            elif key == "exp_avg_sq_col":
+                a, b = 0, v.shape[0]
+            else:
+                a, b = self._rows(i)
+            v = v.reshape(-1, *mine.shape[1:])[a:b] if s.kind == "matrix" else v[a:b]
+        if tuple(v.shape) != tuple(mine.shape):
+            raise ValueError(
+                f"COAP (fsdp2_local): saved `{key}` of parameter {i} has local shape "
+                f"{tuple(v.shape)}, expected {tuple(mine.shape)}"
+            )
+        return v.to(mine.device if mine.ndim else torch.device("cpu"), copy=True)
 
+    def consolidate(self, to: int) -> dict[int, dict[str, Any]] | None:
+        """Whole single-process state on rank ``to``: every rank sends its row shards."""
+        assert self._core is not None
+        full: dict[int, dict[str, Any]] = {}
+        for i, p in enumerate(self._dparams):
+            st = self._core.state.get(p)
+            if not st:
+                continue
+            out: dict[str, Any] = {}
+            for k, v in st.items():
+                if v.ndim == 0:
+                    out[k] = v.clone()
+                elif k == "exp_avg_sq_col" or not self._sharded(i):
+                    out[k] = v.detach().cpu().clone()
+                else:
+                    out[k] = self._gather_rows(v, to)
+            if self.rank == to:
+                full[i] = out
+        return full if self.rank == to else None
 
-class Fsdp2Owner(FragmentOwnerSharding):
-    """OWNER strategy for FSDP2 / HSDP (``sharding="owner"``): exact whole-matrix COAP.
-
-    Each rank's ``Shard(0)`` row block is a fragment of the flattened parameter; owners
-    assemble full gradients and values over the shard group, run the single-process math
-    (reference side rule, any rank, Tucker and 8-bit state included) and broadcast the updated
-    parameters (see :class:`~coap_dist.distributed.fragments.FragmentOwnerSharding`). With
-    HSDP every replica does the same work over its own shard group. The state is plain
-    per-owner tensors; ``state_dict()`` returns the full state, identical on every rank (so
-    DCP may deduplicate it safely) and loadable at any world size.
-    """
-
-    name = "fsdp2_owner"
-
-    def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        groups = set()
-        for p in params:
-            dim = _shard_dim(p) if isinstance(p, DTensor) else None
-            if dim is None:
-                raise ValueError(
-                    "sharding='owner' under FSDP2 needs every parameter to be a Shard(0) "
-                    f"DTensor; got a {type(p).__name__} of shape {tuple(p.shape)}"
-                )
-            groups.add(p.device_mesh.get_group(dim))
-        if len(groups) != 1:
-            raise ValueError("COAP OWNER layout: parameters are sharded over different groups")
-        super().__init__(groups.pop())
-        for p in params:
-            _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-            row = 1
-            for s in p.shape[1:]:
-                row *= s
-            start = offset[0] * row if p._local_tensor.numel() else 0
-            self._frag[p] = (p.shape, start, start + p._local_tensor.numel())
-
-    def local(self, t: Tensor) -> Tensor:
-        return t._local_tensor if isinstance(t, DTensor) else t
+    def _gather_rows(self, v: Tensor, to: int) -> Tensor | None:
+        """Row shards of every rank concatenated on rank ``to`` (padded all-gather)."""
+        rows = torch.tensor([v.shape[0]], device=self.device)
+        counts = self.comm.all_gather(rows).tolist()
+        width = max(counts)
+        pad = torch.zeros((width, *v.shape[1:]), dtype=v.dtype, device=self.device)
+        pad[: v.shape[0]] = v
+        got = self.comm.all_gather(pad).view(self.world, width, *v.shape[1:])
+        if self.rank != to:
+            return None
+        return torch.cat([got[q, : counts[q]] for q in range(self.world)]).cpu()

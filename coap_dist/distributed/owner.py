@@ -1,65 +1,1203 @@
-"""OWNER layout for replicated parameters (DDP): optimizer state sharded by parameter.
+"""The OWNER protocol: one layout for DDP, FSDP1, FSDP2 ``sharding="owner"`` and DeepSpeed.
 
-Every parameter is owned by one rank of the data-parallel group (longest-processing-time
-packing on the compute cost m n r, rank-independent tie-break). The owner alone holds the
-parameter's COAP state (P, M, V), runs its projector refreshes and its Adam step. Results reach
-the other ranks by one broadcast per owner and step:
+A :class:`FragmentView` (one per wrapper: DDP's whole tensors here, FSDP1 and FSDP2 in their
+files, DeepSpeed ZeRO 1-3 in ``coap_dist.integrations.deepspeed``) says which flat range of
+every parameter this rank holds and where its gradient is. :class:`OwnerLayout` does the rest
+the same way for all of them, from the placement of
+:func:`~coap_dist.distributed.placement.owner_placement` (every rank computes the same one):
 
-* ``exchange="param"`` (default): the owner sends the updated parameter (m n per matrix,
-  like ZeRO-1's parameter all-gather); no rank holds anything for parameters it does not own,
-  so per-rank state is exactly 1/world of the single-process state (up to packing).
-* ``exchange="factor"``: the rank-r direction D (a x r) and, when it changed, P; every rank
-  then applies W <- W - alpha D P itself (exactly rank r, bitwise identical to the owner).
-  Less traffic (a r instead of a b per matrix and step) but every rank caches all projectors
-  (r x min(m, n) per matrix, reported as extra state bytes), which dominates per-rank memory
-  at large world sizes.
+* AdamW parameters: each rank runs AdamW on the flat piece it keeps (its own fragment on
+  sharded layouts; a 1/N range of the concatenated parameters under DDP);
+* a COAP matrix lives whole on one rank (exact single-process math) or, when that would put
+  more than ``imbalance`` x the mean state on a rank, its canonical rows are split over a
+  *team* and its projector P kept by one *holder*;
+* Tucker convolutions live whole on one rank.
 
-Dense (AdamW) parameters always travel as updated values. Gradients either arrive averaged by
-DDP (ZeRO-1 semantics) or, with ``reduce_gradients=True``, the optimizer reduces each gradient
-straight to its owner at the start of ``step()`` and non-owners drop theirs (ZeRO-2 semantics:
-use it without DDP). The result is bitwise equal to single-process COAPAdamW in fp32.
+One plain step costs THREE collectives whatever the world size, each batching every
+parameter: the gradient check (one all-reduce of a flag vector; the step's only host sync),
+the gradient round (one ``all_to_all``: the gradient rectangles each rank holds go to the
+ranks that compute them, P to the other members of a team) and the update round (one
+``all_to_all``: for every rank holding weights a matrix piece touches, the cheaper of its
+update rectangles or its factors D (rows x r) and P (r x b)). Splitting is rare at small N:
+then the gradient round is empty under DDP and the update round carries D and P.
+
+Bytes per rank per plain step are at most the gradient bytes it holds (sent) and the
+gradient bytes of the rows it computes (received), plus, for every matrix it holds weights
+of, min(update rectangles, D rows and P), plus AdamW pieces under DDP (ZeRO-1's parameter
+all-gather, for those only). Refreshes of whole matrices are local; a team's refresh adds
+two rounds (members send their partial sums, r x r and r x b, to the holder; the holder
+sends the new P back), plus four per power iteration.
+
+Checkpoints: one process (or replicated state) serves the single-process state dict. A
+sharded rank cannot: ``state_dict()`` raises at once unless ``consolidate_state_dict(to)``
+ran on every rank before (ZeroRedundancyOptimizer's convention), which gathers the
+single-process state on rank ``to``; ``load_state_dict`` of that full form keeps each rank's
+pieces, at any world size. DeepSpeed saves each rank's pieces (``rank_local``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import abc
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from coap_dist.distributed.common import (
-    assign_owners,
-    check_same_config,
-    from_bytes,
-    global_rank,
-    group_size_rank,
-    to_bytes,
-)
-from coap_dist.functional.projection import Side
+from coap_dist.distributed.boxes import Box, intersect, region_of, view_in_fragment, view_in_region
+from coap_dist.distributed.comm import Comm, Expect
+from coap_dist.distributed.placement import Piece, Placement, Range, owner_placement
+from coap_dist.functional import projection as fproj
+from coap_dist.optim import kernels
 from coap_dist.optim.layout import (
+    ConvWork,
+    Core,
+    DenseWork,
     Layout,
-    LowRankUpdate,
-    MatrixGeometry,
+    MatrixWork,
     Update,
-    apply_low_rank,
+    Work,
+    refuse_fsdp1,
 )
+from coap_dist.optim.spec import ParamSpec, state_shapes
+from coap_dist.optim.storage import allocate, assemble, nbytes_of, read_moment, slice_full
 
-_NONE, _LOW, _APPLIED = 0, 1, 2
+__all__ = ["FragmentView", "OwnerLayout", "OwnerSharding", "ReplicatedView", "check_settings"]
 
 
-class OwnerSharding(Layout):
-    """Shard optimizer state and work by parameter owner over ``process_group``."""
+def check_settings(comm: Comm, settings: Mapping[str, Any], what: str) -> None:
+    """Raise the same ValueError on every rank if ranks were built with other settings (one
+    object all-gather at bind: a rank with other hyperparameters would issue other
+    collectives later and hang the job)."""
+    if comm.world == 1:
+        return
+    gathered = comm.all_gather_objects(dict(settings))
+    first = gathered[0]
+    assert isinstance(first, dict)
+    for r, other in enumerate(gathered[1:], start=1):
+        assert isinstance(other, dict)
+        for key in sorted(set(first) | set(other)):
+            if first.get(key) != other.get(key):
+                raise ValueError(
+                    f"{what}: hyperparameter `{key}` differs across ranks: {first.get(key)!r} on "
+                    f"rank 0 vs {other.get(key)!r} on rank {r}; every rank must build the "
+                    "optimizer with the same arguments"
+                )
 
-    name = "owner"
+
+class FragmentView(abc.ABC):
+    """How a wrapper hands this rank its share of every parameter.
+
+    Attributes:
+        name: the layout name reported by the optimizer.
+        group: process group the state is sharded over (ignored when ``solo``).
+        group_of: the optimizer group of each parameter :meth:`attach` returned.
+        solo: one rank keeps all state (one process, or DDP with replicated state).
+        reduced: gradients arrive averaged over the group (False: this rank's own, to be
+            summed by the optimizer, ZeRO-2 without DDP).
+        rank_local: checkpoints hold each rank's pieces (DeepSpeed's per-rank files).
+    """
+
+    name = "fragments"
+    group: dist.ProcessGroup | None = None
+    solo = False
+    reduced = True
+    rank_local = False
+
+    @abc.abstractmethod
+    def attach(self, current: list[list[Tensor]], built: list[list[Tensor | None]]) -> list[Tensor]:
+        """The tensors state is keyed by, in optimizer order, from the tensors in the
+        optimizer's groups now (``current``) and those it was built with (``built``; None
+        where one was freed). Raises ValueError naming what to do if they cannot be mapped."""
+
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """Device of every tensor this rank updates."""
+
+    @abc.abstractmethod
+    def global_shape(self, index: int) -> tuple[int, ...]:
+        """Shape of the whole parameter."""
+
+    @abc.abstractmethod
+    def dtype(self, index: int) -> torch.dtype:
+        """dtype of the tensor updated (a wrapper's fp32 master copy, if any)."""
+
+    @abc.abstractmethod
+    def fragments(self, comm: Comm) -> list[list[Range] | None]:
+        """Per parameter, the flat range [start, stop) of its row-major flattening that each
+        rank holds (empty ranges allowed), or None when every rank holds it whole."""
+
+    @abc.abstractmethod
+    def local(self, index: int) -> Tensor | None:
+        """Contiguous storage of this rank's fragment (1-D), or the whole tensor; None if it
+        holds no element."""
+
+    @abc.abstractmethod
+    def grad(self, index: int) -> Tensor | None:
+        """Gradient matching :meth:`local` (None if absent this step)."""
+
+    def begin(self, current: list[list[Tensor]]) -> list[int] | None:
+        """Indices taking part in this ``step()`` call; None if the tensors in the groups
+        changed since :meth:`attach` (the optimizer then binds again)."""
+        if [len(g) for g in current] != self._sizes or any(
+            a is not b for a, b in zip((t for g in current for t in g), self._current, strict=True)
+        ):
+            return None
+        return list(range(len(self.group_of)))
+
+    def remember(self, current: list[list[Tensor]], params: list[list[Tensor | None]]) -> None:
+        """Keep the identity of the group tensors seen at attach (for :meth:`begin`) and the
+        group of each parameter (``params``: the per-group lists the state is keyed by)."""
+        self._sizes = [len(g) for g in current]
+        self._current = [t for g in current for t in g]
+        self.group_of = [gi for gi, g in enumerate(params) for _ in g]
+
+    def describe(self) -> dict[str, Any]:
+        """What a rank-local checkpoint records to refuse loading elsewhere."""
+        return {"view": self.name}
+
+
+class ReplicatedView(FragmentView):
+    """Every rank holds whole parameters: one process, DDP, DeepSpeed stage 0. ``solo``:
+    state replicated, no communication; otherwise state sharded over ``group``
+    (``reduced=False``: each rank's own gradients, summed by the optimizer).
+
+    When a wrapper put same-shape copies in the groups (DeepSpeed stage 0's fp32 masters),
+    the copies are what is updated and the parameters the optimizer was built with stay the
+    keys of its state."""
+
+    name = "single"
+
+    def __init__(
+        self, group: dist.ProcessGroup | None = None, *, solo: bool, reduced: bool = True
+    ) -> None:
+        self.group = group
+        self.solo = solo
+        self.reduced = reduced
+        self.name = "single" if solo else "owner"
+        self._tensors: list[Tensor] = []
+
+    def attach(self, current: list[list[Tensor]], built: list[list[Tensor | None]]) -> list[Tensor]:
+        flat = [t for g in current for t in g]
+        refuse_fsdp1(flat)
+        for t in flat:
+            if not t.is_contiguous():
+                raise ValueError(
+                    f"COAP: a parameter of shape {tuple(t.shape)} is not contiguous (e.g. "
+                    "channels_last); make it contiguous before building the optimizer"
+                )
+        devices = {t.device for t in flat}
+        if len(devices) > 1:
+            raise ValueError(
+                f"COAP: parameters are on several devices {sorted(map(str, devices))}; build "
+                "one optimizer per device"
+            )
+        keys = [t for g in built for t in g]
+        copies = (
+            [len(g) for g in current] == [len(g) for g in built]
+            and all(k is not None and k.shape == t.shape for k, t in zip(keys, flat, strict=True))
+        )
+        self._tensors = flat
+        self.remember(current, current)  # type: ignore[arg-type]
+        return keys if copies else flat  # type: ignore[return-value]
+
+    def device(self) -> torch.device:
+        return self._tensors[0].device if self._tensors else torch.device("cpu")
+
+    def global_shape(self, index: int) -> tuple[int, ...]:
+        return tuple(self._tensors[index].shape)
+
+    def dtype(self, index: int) -> torch.dtype:
+        return self._tensors[index].dtype
+
+    def fragments(self, comm: Comm) -> list[list[Range] | None]:
+        return [None] * len(self._tensors)
+
+    def local(self, index: int) -> Tensor | None:
+        return self._tensors[index]
+
+    def grad(self, index: int) -> Tensor | None:
+        return self._tensors[index].grad
+
+
+@dataclasses.dataclass
+class _Entry:
+    """Per-parameter bound facts (the same on every rank except ``mine``)."""
+
+    spec: ParamSpec
+    shape2: tuple[int, int]
+    frags: list[Range] | None
+    holder: int
+    pieces: tuple[Piece, ...]
+    mine: Piece | None
+    split: bool
+
+    @property
+    def team(self) -> tuple[int, ...]:
+        return tuple(p.rank for p in self.pieces)
+
+    def region(self, piece: Piece) -> Box:
+        """W2 box of a piece: rows / columns of a matrix, flat range of the rest."""
+        if self.spec.kind == "matrix":
+            return region_of((piece.start, piece.stop), self.shape2, self.spec.side == "right")
+        if self.spec.kind == "conv":
+            return Box(0, 1, 0, self.shape2[1])
+        return Box(0, 1, piece.start, piece.stop)
+
+    def fragment(self, rank: int) -> Range:
+        """Flat range rank holds (everything when replicated)."""
+        return (0, self.spec.numel) if self.frags is None else self.frags[rank]
+
+
+class OwnerLayout(Layout):
+    """The owner protocol over a :class:`FragmentView` (module docstring).
+
+    Args:
+        view: how the wrapper hands over parameters.
+        split: allow splitting a matrix's rows over ranks to keep state balanced (False:
+            every matrix whole on one rank, exact, the largest matrix then sets the floor).
+        imbalance: the largest rank's state at most this multiple of the mean (with split).
+    """
+
+    def __init__(self, view: FragmentView, *, split: bool = True, imbalance: float = 1.10) -> None:
+        if not imbalance >= 1.0:
+            raise ValueError(f"OwnerLayout: invalid `imbalance`={imbalance!r}; must be >= 1")
+        self.view = view
+        self.split = split
+        self.imbalance = imbalance
+        self.name = view.name
+        self.world = 1
+        self.rank = 0
+        self.placement: Placement | None = None
+        self._core: Core | None = None
+        self._entries: list[_Entry] = []
+        self._params: list[Tensor] = []
+        self._recv_grad: list[list[tuple[int, list[Box]]]] = []
+        self._send_grad: list[list[tuple[int, list[Box]]]] = []
+        self._factor: list[dict[int, bool]] = []
+        self._factor_rows: list[dict[tuple[int, int], tuple[int, int]]] = []
+        self._active: list[int] = []
+
+    # ------------------------------------------------------------------------------ bind
+    def bind(self, core: Core) -> list[ParamSpec]:
+        view = self.view
+        self._core = core
+        params = view.attach([list(g["params"]) for g in core.param_groups], core.built)
+        self._params = params
+        self.params = params
+        self.device = view.device()
+        self.comm = Comm(None if view.solo else view.group, self.device, solo=view.solo)
+        self.world, self.rank = self.comm.world, self.comm.rank
+        shapes = [view.global_shape(i) for i in range(len(params))]
+        self.group_of = view.group_of
+        specs = core.plan(shapes, [view.dtype(i) for i in range(len(params))], self.group_of, False)
+        check_settings(self.comm, core.settings(), core.name)
+        frags = view.fragments(self.comm)
+        self.placement = owner_placement(
+            specs, self.world, frags, split=self.split, imbalance=self.imbalance
+        )
+        self._entries = []
+        for spec in specs:
+            i = spec.index
+            shape2 = (spec.shape[0], spec.shape[1]) if spec.kind == "matrix" else (1, spec.numel)
+            pieces = self.placement.pieces[i]
+            self._entries.append(
+                _Entry(
+                    spec,
+                    shape2,
+                    frags[i],
+                    self.placement.holder[i],
+                    pieces,
+                    self.placement.piece(i, self.rank),
+                    spec.lowrank and not self.placement.whole(i),
+                )
+            )
+        self._tables()
+        return specs
+
+    def _tables(self) -> None:
+        """Who sends which gradient rectangles to whom, and the update mode of each
+        destination: computed once, the same on every rank."""
+        me = self.rank
+        n = len(self._entries)
+        self._recv_grad = [[] for _ in range(n)]
+        self._send_grad = [[] for _ in range(n)]
+        self._factor = [{} for _ in range(n)]
+        self._factor_rows = [{} for _ in range(n)]
+        for i, e in enumerate(self._entries):
+            if e.spec.kind == "dense" and e.frags is not None:
+                continue  # AdamW on own fragments: nothing moves
+            ncols = e.shape2[1]
+            sources = range(self.world) if e.frags is not None or not self.view.reduced else ()
+            for pc in e.pieces:
+                region = e.region(pc)
+                for q in sources:
+                    if q == pc.rank and e.frags is not None:
+                        continue  # own fragment: copied locally
+                    frag = (0, e.spec.numel) if e.frags is None else e.frags[q]
+                    boxes = intersect(frag, region, ncols)
+                    if not boxes:
+                        continue
+                    if pc.rank == me and q != me:
+                        self._recv_grad[i].append((q, boxes))
+                    if q == me and pc.rank != me:
+                        self._send_grad[i].append((pc.rank, boxes))
+            if e.spec.kind == "matrix":
+                self._update_modes(i, e)
+
+    def _update_modes(self, i: int, e: _Entry) -> None:
+        """For each rank holding weights of matrix i: factors (D rows + P) if fewer bytes than
+        its update rectangles, with the rows of each member's D it needs."""
+        spec = e.spec
+        esz = self.view.dtype(i).itemsize
+        for d in range(self.world):
+            frag = e.fragment(d)
+            if frag[1] <= frag[0]:
+                continue
+            upd = fac = 0
+            rows: dict[int, tuple[int, int]] = {}
+            for pc in e.pieces:
+                if pc.rank == d:
+                    continue
+                boxes = intersect(frag, e.region(pc), e.shape2[1])
+                if not boxes:
+                    continue
+                upd += sum(b.numel for b in boxes) * esz
+                if spec.side == "right":
+                    lo, hi = min(b.r0 for b in boxes), max(b.r1 for b in boxes)
+                else:
+                    lo, hi = min(b.c0 for b in boxes), max(b.c1 for b in boxes)
+                rows[pc.rank] = (lo - pc.start, hi - pc.start)
+                fac += (hi - lo) * spec.rank * esz
+            if not rows:
+                continue
+            if d not in e.team and d != e.holder:
+                fac += spec.rank * spec.cols * esz
+            self._factor[i][d] = fac < upd
+            for t, rr in rows.items():
+                self._factor_rows[i][(t, d)] = rr
+
+    # ------------------------------------------------------------------------------ step
+    def begin(self) -> list[int] | None:
+        assert self._core is not None
+        self.comm.reset()
+        return self.view.begin([list(g["params"]) for g in self._core.param_groups])
+
+    def local_grad(self, index: int) -> Tensor | None:
+        return self.view.grad(index)
+
+    def agree(self, values: Tensor) -> list[float]:
+        if self.world > 1:
+            self.comm.all_reduce(values)
+        return values.cpu().tolist()
+
+    def ensure_state(self, index: int) -> None:
+        assert self._core is not None
+        p = self._params[index]
+        if self._core.state.get(p):
+            return
+        e = self._entries[index]
+        holder = e.holder == self.rank
+        if e.mine is None and not holder:
+            return
+        if e.spec.kind == "matrix":
+            if e.mine is None:
+                shapes = {
+                    k: v
+                    for k, v in state_shapes(e.spec, holder=True).items()
+                    if k in ("step", "refreshes", "projector")
+                }
+            else:
+                shapes = state_shapes(e.spec, rows=e.mine.size, holder=holder)
+        elif e.spec.kind == "dense":
+            assert e.mine is not None
+            shapes = state_shapes(e.spec, numel=e.mine.size, local_shape=self._dense_shape(index))
+        else:
+            shapes = state_shapes(e.spec)
+        self._core.state[p] = allocate(shapes, self.device)
+
+    def _dense_shape(self, index: int) -> tuple[int, ...]:
+        """Shape of an AdamW piece's moments: the shape of the tensor it updates (the
+        fragment as the wrapper hands it, the parameter when whole, else flat)."""
+        e = self._entries[index]
+        assert e.mine is not None
+        if e.frags is not None:
+            local = self.view.local(index)
+            assert local is not None
+            return tuple(local.shape)
+        return e.spec.shape if e.mine.size == e.spec.numel else (e.mine.size,)
+
+    def _state(self, index: int) -> dict[str, Any]:
+        assert self._core is not None
+        return self._core.state[self._params[index]]
+
+    def _group(self, index: int) -> dict[str, Any]:
+        assert self._core is not None
+        return self._core.param_groups[self.group_of[index]]
+
+    def _grad_box(self, index: int, box: Box) -> Tensor:
+        e = self._entries[index]
+        g = self.view.grad(index)
+        assert g is not None
+        return view_in_fragment(g, e.fragment(self.rank)[0], e.shape2[1], box)
+
+    def gather(self, active: Sequence[int]) -> Work:
+        self._active = list(active)
+        me = self.rank
+        sends: dict[int, list[Tensor]] = {}
+        expects: dict[int, list[Expect]] = {}
+        for i in self._active:
+            e = self._entries[i]
+            gdt = self.view.dtype(i)
+            for t, boxes in self._send_grad[i]:
+                sends.setdefault(t, []).extend(self._grad_box(i, b) for b in boxes)
+            for q, boxes in self._recv_grad[i]:
+                expects.setdefault(q, []).extend(Expect(b.shape, gdt) for b in boxes)
+            if e.spec.kind == "matrix" and e.split:
+                pshape = (e.spec.rank, e.spec.cols)
+                if e.holder == me:
+                    proj = self._state(i)["projector"]
+                    for t in e.team:
+                        if t != me:
+                            sends.setdefault(t, []).append(proj)
+                elif e.mine is not None:
+                    expects.setdefault(e.holder, []).append(
+                        Expect(pshape, e.spec.fmt.projector_dtype)
+                    )
+        got = self.comm.exchange(sends, expects)
+        cursor = {q: 0 for q in got}
+        work = Work([], [], [])
+        for i in self._active:
+            e = self._entries[i]
+            received: list[tuple[Box, Tensor]] = []
+            for q, boxes in self._recv_grad[i]:
+                for b in boxes:
+                    received.append((b, got[q][cursor[q]]))
+                    cursor[q] += 1
+            proj = None
+            if e.spec.kind == "matrix" and e.split and e.mine is not None and e.holder != me:
+                proj = got[e.holder][cursor[e.holder]]
+                cursor[e.holder] += 1
+            if e.mine is None:
+                continue
+            self._add_work(work, i, e, received, proj)
+        return work
+
+    def _add_work(
+        self,
+        work: Work,
+        i: int,
+        e: _Entry,
+        received: list[tuple[Box, Tensor]],
+        proj: Tensor | None,
+    ) -> None:
+        assert e.mine is not None
+        st, group = self._state(i), self._group(i)
+        if e.spec.kind == "dense" and e.frags is not None:
+            local, g = self.view.local(i), self.view.grad(i)
+            assert local is not None and g is not None
+            work.dense.append(DenseWork(i, e.spec, group, st, local, g))
+            return
+        region = e.region(e.mine)
+        block = self._region_grad(i, e, region, received)
+        if e.spec.kind == "dense":
+            local = self.view.local(i)
+            assert local is not None
+            weight = local.view(-1)[e.mine.start : e.mine.stop].view(self._dense_shape(i))
+            work.dense.append(DenseWork(i, e.spec, group, st, weight, block.view(weight.shape)))
+        elif e.spec.kind == "conv":
+            work.convs.append(ConvWork(i, e.spec, group, st, block.reshape(e.spec.shape)))
+        else:
+            canon = fproj.canonical(block, e.spec.side)
+            p = st["projector"] if proj is None else proj
+            rows = (e.mine.start, e.mine.stop)
+            work.matrices.append(MatrixWork(i, e.spec, group, st, rows, canon, p, e.split))
+
+    def _region_grad(
+        self, i: int, e: _Entry, region: Box, received: list[tuple[Box, Tensor]]
+    ) -> Tensor:
+        """This rank's region of the gradient (W2 coordinates): a view of the whole local
+        gradient under DDP, else assembled from its own fragment and the rectangles
+        received (summed, divided by the world size, when gradients are not reduced)."""
+        g = self.view.grad(i)
+        if e.frags is None and self.view.reduced:
+            assert g is not None
+            return view_in_region(g.reshape(e.shape2), Box(0, e.shape2[0], 0, e.shape2[1]), region)
+        dtype = self.view.dtype(i)
+        if not self.view.reduced:
+            buf = torch.zeros(region.shape, dtype=dtype, device=self.device)
+            if g is not None:
+                buf += view_in_region(g.reshape(e.shape2), Box(0, e.shape2[0], 0, e.shape2[1]), region)
+            for b, t in received:
+                view_in_region(buf, region, b).add_(t.view(b.shape))
+            return buf.div_(self.world)
+        buf = torch.empty(region.shape, dtype=dtype, device=self.device)
+        if g is not None:
+            for b in intersect(e.fragment(self.rank), region, e.shape2[1]):
+                view_in_region(buf, region, b).copy_(self._grad_box(i, b))
+        for b, t in received:
+            view_in_region(buf, region, b).copy_(t.view(b.shape))
+        return buf
+
+    # --------------------------------------------------------------------------- refresh
+    def refresh(self, work: Work, due: Mapping[int, str]) -> list[Tensor]:
+        oks = []
+        for mw in work.matrices:
+            kind = due.get(mw.index)
+            if kind is not None and not mw.split:
+                p_new, ok = kernels.refresh_whole(mw, kind)
+                mw.projector = kernels.install_projector(mw, p_new, ok, kind, holder=True)
+                oks.append(ok)
+        for cw in work.convs:
+            kind = due.get(cw.index)
+            if kind is not None:
+                oks.append(kernels.conv_refresh(cw, kind))
+        team_due = sorted(i for i in due if self._entries[i].split)
+        if team_due:
+            oks.extend(self._team_refresh(work, team_due, due))
+        for i in due:
+            if self._state_present(i):
+                self._state(i)["refreshes"] += 1
+        return oks
+
+    def _state_present(self, i: int) -> bool:
+        assert self._core is not None
+        return bool(self._core.state.get(self._params[i]))
+
+    def _round(
+        self,
+        items: Sequence[int],
+        up: bool,
+        payload: Callable[[int], list[Tensor]],
+        shapes: Callable[[int], list[Expect]],
+    ) -> dict[int, list[list[Tensor]]]:
+        """One exchange between each team's members and its holder for the matrices in
+        ``items``: ``up`` members -> holder (returns, on the holder, every member's
+        tensors, own included), else holder -> members (returns, on a member, the
+        holder's). ``payload(i)`` is what this rank sends for i, ``shapes(i)`` what it gets
+        from one peer."""
+        me = self.rank
+        sends: dict[int, list[Tensor]] = {}
+        expects: dict[int, list[Expect]] = {}
+        for i in items:
+            e = self._entries[i]
+            h = e.holder
+            if up:
+                if me in e.team and me != h:
+                    sends.setdefault(h, []).extend(payload(i))
+                if me == h:
+                    for t in e.team:
+                        if t != me:
+                            expects.setdefault(t, []).extend(shapes(i))
+            else:
+                if me == h:
+                    for t in e.team:
+                        if t != me:
+                            sends.setdefault(t, []).extend(payload(i))
+                if me in e.team and me != h:
+                    expects.setdefault(h, []).extend(shapes(i))
+        got = self.comm.exchange(sends, expects)
+        cursor = {q: 0 for q in got}
+        out: dict[int, list[list[Tensor]]] = {}
+        for i in items:
+            e = self._entries[i]
+            h = e.holder
+            if up:
+                peers = [t for t in e.team if t != me] if me == h else []
+                own = me == h and me in e.team
+            else:
+                peers = [h] if me in e.team and me != h else []
+                own = me == h
+            lists = []
+            for q in peers:
+                k = len(shapes(i))
+                lists.append(got[q][cursor[q] : cursor[q] + k])
+                cursor[q] += k
+            if own:
+                lists.append(payload(i))
+            if lists:
+                out[i] = lists
+        return out
+
+    def _team_refresh(self, work: Work, items: list[int], due: Mapping[int, str]) -> list[Tensor]:
+        """Refresh split matrices: partial sums from the members to the holder, the small
+        SVD (or correlation step) there, the new P back (plus four rounds per power
+        iteration of a randomized SVD)."""
+        mine = {mw.index: mw for mw in work.matrices if mw.index in set(items)}
+        rsvd_items = [i for i in items if due[i] != "update"]
+        sketch: dict[int, Tensor] = {}
+        for i in rsvd_items:
+            if i in mine:
+                mw = mine[i]
+                g = mw.group
+                omega = fproj.sketch_matrix(
+                    mw.spec.cols,
+                    mw.spec.rank,
+                    None if due[i] == "init" else mw.projector,
+                    oversample=g["oversample"],
+                    device=self.device,
+                )
+                sketch[i] = mw.grad.float() @ omega
+        iters = max((self._group(i)["power_iters"] for i in rsvd_items), default=0)
+        for it in range(iters):
+            self._power_round(mine, sketch, [i for i in rsvd_items if self._group(i)["power_iters"] > it])
+
+        def k_of(i: int) -> int:
+            return self._entries[i].spec.rank + self._group(i)["oversample"]
+
+        def partial(i: int) -> list[Tensor]:
+            mw = mine[i]
+            if due[i] == "update":
+                return [
+                    fproj.correlation_partials(
+                        mw.grad,
+                        mw.projector,
+                        read_moment(mw.state, "exp_avg", True),
+                        cos_axis="row" if mw.spec.side == "right" else "col",
+                    )
+                ]
+            w, z = fproj.gram_partials(sketch[i], mw.grad)
+            return [w, z]
+
+        def partial_shapes(i: int) -> list[Expect]:
+            s = self._entries[i].spec
+            if due[i] == "update":
+                axis = "row" if s.side == "right" else "col"
+                n = fproj.correlation_partials_numel(s.rank, s.cols, axis)
+                return [Expect((n,), torch.float32)]
+            k = k_of(i)
+            return [Expect((k, k), torch.float64), Expect((k, s.cols), torch.float32)]
+
+        sums = self._round(items, True, partial, partial_shapes)
+        results: dict[int, list[Tensor]] = {}
+        oks: list[Tensor] = []
+        for i, lists in sums.items():
+            e, group = self._entries[i], self._group(i)
+            total = [torch.stack([lst[j] for lst in lists]).sum(0) for j in range(len(lists[0]))]
+            old = self._state(i)["projector"]
+            reference = group["projector_update"] == "reference"
+            if due[i] == "update":
+                p_new, _ = fproj.correlation_from_sums(
+                    total[0],
+                    old,
+                    global_rows=e.spec.rows,
+                    cos_axis="row" if e.spec.side == "right" else "col",
+                    scale_free=not reference,
+                    lr=group["projector_lr"],
+                )
+                ok = fproj.all_finite(p_new)
+            else:
+                p_new, ok = fproj.basis_from_gram(
+                    total[0], total[1], e.spec.rank, fix_signs=not reference
+                )
+            results[i] = [p_new.float().contiguous(), ok.reshape(1).to(torch.uint8)]
+            oks.append(ok)
+
+        def back(i: int) -> list[Tensor]:
+            return results[i]
+
+        def back_shapes(i: int) -> list[Expect]:
+            s = self._entries[i].spec
+            return [Expect((s.rank, s.cols), torch.float32), Expect((1,), torch.uint8)]
+
+        new = self._round(items, False, back, back_shapes)
+        for i in items:
+            e = self._entries[i]
+            if i in new:
+                p_new, ok = new[i][0][0], new[i][0][1].bool().reshape(())
+            else:
+                continue
+            if i in mine:
+                mw = mine[i]
+                mw.projector = kernels.install_projector(
+                    mw, p_new, ok, due[i], holder=e.holder == self.rank
+                )
+            elif e.holder == self.rank:
+                proj = self._state(i)["projector"]
+                proj.copy_(torch.where(ok, p_new.to(proj.dtype), proj))
+        return oks
+
+    def _power_round(self, mine: dict[int, MatrixWork], sketch: dict[int, Tensor], items: list[int]) -> None:
+        """One power iteration of a team's randomized SVD: Y <- G (G^T Q), Q = Y W^{-1/2}."""
+        if not items:
+            return
+
+        def k_of(i: int) -> int:
+            return self._entries[i].spec.rank + self._group(i)["oversample"]
+
+        grams = self._round(
+            items,
+            True,
+            lambda i: [sketch[i].double().t() @ sketch[i].double()],
+            lambda i: [Expect((k_of(i), k_of(i)), torch.float64)],
+        )
+        inv = {i: [fproj.inverse_sqrt(torch.stack([x[0] for x in v]).sum(0))] for i, v in grams.items()}
+        got = self._round(
+            items, False, lambda i: inv[i], lambda i: [Expect((k_of(i), k_of(i)), torch.float64)]
+        )
+        proj_t: dict[int, Tensor] = {}
+        for i in items:
+            if i in mine:
+                w_inv = got[i][0][0]
+                q = (sketch[i].double() @ w_inv).float()
+                proj_t[i] = mine[i].grad.float().t() @ q
+        cols = lambda i: self._entries[i].spec.cols  # noqa: E731
+        sums = self._round(
+            items, True, lambda i: [proj_t[i]], lambda i: [Expect((cols(i), k_of(i)), torch.float32)]
+        )
+        total = {i: [torch.stack([x[0] for x in v]).sum(0)] for i, v in sums.items()}
+        back = self._round(
+            items, False, lambda i: total[i], lambda i: [Expect((cols(i), k_of(i)), torch.float32)]
+        )
+        for i in items:
+            if i in mine:
+                sketch[i] = mine[i].grad.float() @ back[i][0][0]
+
+    # -------------------------------------------------------------------------- team sums
+    def team_sum(
+        self, partials: Mapping[int, Tensor], sizes: Mapping[int, int]
+    ) -> dict[int, Tensor]:
+        split = [i for i in sorted(sizes) if self._entries[i].split]
+        out = {i: t for i, t in partials.items() if not self._entries[i].split}
+        if not split:
+            return out
+        offsets, total = {}, 0
+        for i in split:
+            offsets[i] = total
+            total += sizes[i]
+        buf = torch.zeros(total, dtype=torch.float32, device=self.device)
+        for i in split:
+            if i in partials:
+                buf[offsets[i] : offsets[i] + sizes[i]] = partials[i].float()
+        self.comm.all_reduce(buf)
+        for i in split:
+            if i in partials:
+                out[i] = buf[offsets[i] : offsets[i] + sizes[i]]
+        return out
+
+    # --------------------------------------------------------------------------- updates
+    def scatter(self, updates: Sequence[Update], work: Work) -> None:
+        me = self.rank
+        by_index = {u.index: u for u in updates}
+        mats = {mw.index: mw for mw in work.matrices}
+        sends: dict[int, list[Tensor]] = {}
+        expects: dict[int, list[Expect]] = {}
+        lifted: dict[int, Tensor] = {}
+        for i in self._active:
+            e = self._entries[i]
+            wdt = self.view.dtype(i)
+            if e.spec.kind == "matrix":
+                self._matrix_messages(i, e, by_index, mats, sends, expects, lifted, wdt)
+            elif e.spec.kind == "conv":
+                self._full_messages(i, e, by_index, sends, expects, wdt)
+            elif e.frags is None and not self.view.solo:
+                self._dense_messages(i, e, sends, expects, wdt)
+        got = self.comm.exchange(sends, expects)
+        cursor = {q: 0 for q in got}
+
+        def take(q: int, k: int = 1) -> list[Tensor]:
+            out = got[q][cursor[q] : cursor[q] + k]
+            cursor[q] += k
+            return out
+
+        for i in self._active:
+            e = self._entries[i]
+            if e.spec.kind == "matrix":
+                self._apply_matrix(i, e, by_index, mats, lifted, take)
+            elif e.spec.kind == "conv":
+                self._apply_full(i, e, by_index, take)
+            elif e.frags is None and not self.view.solo:
+                self._apply_dense(i, e, take)
+
+    def _alpha_keep(self, i: int) -> tuple[float, float]:
+        assert self._core is not None
+        return self._core.step_size(i), kernels.decay_keep(self._group(i))
+
+    def _matrix_messages(
+        self,
+        i: int,
+        e: _Entry,
+        ups: Mapping[int, Update],
+        mats: Mapping[int, MatrixWork],
+        sends: dict[int, list[Tensor]],
+        expects: dict[int, list[Expect]],
+        lifted: dict[int, Tensor],
+        wdt: torch.dtype,
+    ) -> None:
+        me = self.rank
+        spec = e.spec
+        # As a member: my rows' D (or U rectangles) to every rank holding weights there.
+        if e.mine is not None:
+            mw, u = mats[i], ups[i]
+            region = e.region(e.mine)
+            for (t, d), (lo, hi) in self._factor_rows[i].items():
+                if t != me:
+                    continue
+                if self._factor[i][d]:
+                    sends.setdefault(d, []).append(u.direction[lo:hi].to(wdt))
+                else:
+                    if i not in lifted:
+                        lifted[i] = self._lift(u.direction, mw.projector, spec, wdt)
+                    boxes = intersect(e.fragment(d), region, e.shape2[1])
+                    sends.setdefault(d, []).extend(
+                        view_in_region(lifted[i], region, b) for b in boxes
+                    )
+        # As the holder: P to ranks outside the team that take factors.
+        if e.holder == me:
+            for d, fac in self._factor[i].items():
+                if fac and d != me and d not in e.team:
+                    sends.setdefault(d, []).append(self._holder_projector(i, mats))
+        # As a rank holding weights: what the members (and the holder) send me.
+        if me in self._factor[i]:
+            for pc in e.pieces:
+                if pc.rank == me or (pc.rank, me) not in self._factor_rows[i]:
+                    continue
+                if self._factor[i][me]:
+                    lo, hi = self._factor_rows[i][(pc.rank, me)]
+                    expects.setdefault(pc.rank, []).append(Expect((hi - lo, spec.rank), wdt))
+                else:
+                    for b in intersect(e.fragment(me), e.region(pc), e.shape2[1]):
+                        expects.setdefault(pc.rank, []).append(Expect(b.shape, wdt))
+            if self._factor[i][me] and me not in e.team and me != e.holder:
+                expects.setdefault(e.holder, []).append(Expect((spec.rank, spec.cols), wdt))
+
+    def _holder_projector(self, i: int, mats: Mapping[int, MatrixWork]) -> Tensor:
+        if i in mats:
+            return mats[i].projector.to(self.view.dtype(i))
+        return self._state(i)["projector"].to(self.view.dtype(i))
+
+    @staticmethod
+    def _lift(d: Tensor, p: Tensor, spec: ParamSpec, wdt: torch.dtype) -> Tensor:
+        """U = D P of a piece, in W2 coordinates (rows x n for right, m x rows for left)."""
+        u = d.to(wdt) @ p.to(wdt)
+        return u if spec.side == "right" else u.t()
+
+    def _apply_matrix(
+        self,
+        i: int,
+        e: _Entry,
+        ups: Mapping[int, Update],
+        mats: Mapping[int, MatrixWork],
+        lifted: dict[int, Tensor],
+        take: Callable[[int, int], list[Tensor]],
+    ) -> None:
+        me = self.rank
+        local = self.view.local(i)
+        frag = e.fragment(me)
+        if local is None or frag[1] <= frag[0]:
+            return
+        alpha, keep = self._alpha_keep(i)
+        wdt = local.dtype
+        start, ncols = frag[0], e.shape2[1]
+        received: dict[int, list[Tensor]] = {}
+        proj: Tensor | None = None
+        if me in self._factor[i]:
+            for pc in e.pieces:
+                if pc.rank == me or (pc.rank, me) not in self._factor_rows[i]:
+                    continue
+                if self._factor[i][me]:
+                    received[pc.rank] = take(pc.rank, 1)
+                else:
+                    nb = len(intersect(frag, e.region(pc), ncols))
+                    received[pc.rank] = take(pc.rank, nb)
+            if self._factor[i][me]:
+                if me in e.team:
+                    proj = mats[i].projector.to(wdt)
+                elif me == e.holder:
+                    proj = self._state(i)["projector"].to(wdt)
+                else:
+                    proj = take(e.holder, 1)[0]
+        for pc in e.pieces:
+            boxes = intersect(frag, e.region(pc), ncols)
+            if not boxes:
+                continue
+            if pc.rank == me:
+                u = ups[i]
+                self._apply_factor(local, start, ncols, boxes, u.direction.to(wdt), 0, pc, mats[i].projector.to(wdt), e.spec, alpha, keep)
+            elif self._factor[i][me]:
+                lo, _ = self._factor_rows[i][(pc.rank, me)]
+                assert proj is not None
+                self._apply_factor(local, start, ncols, boxes, received[pc.rank][0], lo, pc, proj, e.spec, alpha, keep)
+            else:
+                for b, t in zip(boxes, received[pc.rank], strict=True):
+                    view_in_fragment(local, start, ncols, b).mul_(keep).add_(
+                        t.view(b.shape), alpha=-alpha * keep
+                    )
+
+    @staticmethod
+    def _apply_factor(
+        local: Tensor,
+        start: int,
+        ncols: int,
+        boxes: Sequence[Box],
+        d_rows: Tensor,
+        lo: int,
+        pc: Piece,
+        proj: Tensor,
+        spec: ParamSpec,
+        alpha: float,
+        keep: float,
+    ) -> None:
+        """W_box <- keep W_box - alpha keep (D P)_box for each box, D's rows starting at
+        canonical row pc.start + lo (one addmm per box, like one process's single addmm)."""
+        for b in boxes:
+            view = view_in_fragment(local, start, ncols, b)
+            if spec.side == "right":
+                a = d_rows[b.r0 - pc.start - lo : b.r1 - pc.start - lo]
+                bmat = proj[:, b.c0 : b.c1]
+            else:
+                a = proj[:, b.r0 : b.r1].t()
+                bmat = d_rows[b.c0 - pc.start - lo : b.c1 - pc.start - lo].t()
+            view.addmm_(a, bmat, beta=keep, alpha=-alpha * keep)
+
+    def _full_messages(
+        self,
+        i: int,
+        e: _Entry,
+        ups: Mapping[int, Update],
+        sends: dict[int, list[Tensor]],
+        expects: dict[int, list[Expect]],
+        wdt: torch.dtype,
+    ) -> None:
+        """Convolutions: the holder sends each weight holder its rectangles of U."""
+        me, region = self.rank, Box(0, 1, 0, e.shape2[1])
+        if e.holder == me:
+            u = ups[i].direction.to(wdt).reshape(e.shape2)
+            for d in range(self.world):
+                frag = e.fragment(d)
+                if d != me and frag[1] > frag[0]:
+                    boxes = intersect(frag, region, e.shape2[1])
+                    sends.setdefault(d, []).extend(view_in_region(u, region, b) for b in boxes)
+        else:
+            frag = e.fragment(me)
+            if frag[1] > frag[0]:
+                for b in intersect(frag, region, e.shape2[1]):
+                    expects.setdefault(e.holder, []).append(Expect(b.shape, wdt))
+
+    def _apply_full(
+        self, i: int, e: _Entry, ups: Mapping[int, Update], take: Callable[[int, int], list[Tensor]]
+    ) -> None:
+        me = self.rank
+        local = self.view.local(i)
+        frag = e.fragment(me)
+        if local is None or frag[1] <= frag[0]:
+            return
+        alpha, keep = self._alpha_keep(i)
+        region = Box(0, 1, 0, e.shape2[1])
+        boxes = intersect(frag, region, e.shape2[1])
+        if e.holder == me:
+            u = ups[i].direction.to(local.dtype).reshape(e.shape2)
+            parts = [view_in_region(u, region, b) for b in boxes]
+        else:
+            parts = take(e.holder, len(boxes))
+        for b, t in zip(boxes, parts, strict=True):
+            view_in_fragment(local, frag[0], e.shape2[1], b).mul_(keep).add_(
+                t.reshape(b.shape), alpha=-alpha * keep
+            )
+
+    def _dense_messages(
+        self, i: int, e: _Entry, sends: dict[int, list[Tensor]], expects: dict[int, list[Expect]], wdt: torch.dtype
+    ) -> None:
+        """DDP: every AdamW piece's new values to every other rank (ZeRO-1's all-gather)."""
+        me = self.rank
+        local = self.view.local(i)
+        assert local is not None
+        for pc in e.pieces:
+            if pc.rank == me:
+                piece = local.view(-1)[pc.start : pc.stop]
+                for d in range(self.world):
+                    if d != me:
+                        sends.setdefault(d, []).append(piece)
+            else:
+                expects.setdefault(pc.rank, []).append(Expect((pc.size,), wdt))
+
+    def _apply_dense(self, i: int, e: _Entry, take: Callable[[int, int], list[Tensor]]) -> None:
+        local = self.view.local(i)
+        assert local is not None
+        for pc in e.pieces:
+            if pc.rank != self.rank:
+                local.view(-1)[pc.start : pc.stop].copy_(take(pc.rank, 1)[0])
+
+    # ------------------------------------------------------------------------ checkpoints
+    def state_bytes(self) -> int:
+        assert self._core is not None
+        return sum(nbytes_of(self._core.state[p]) for p in self._params if self._core.state.get(p))
+
+    def state_dict(self, saved: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        if self.world == 1:
+            return saved()
+        if self.view.rank_local:
+            sd = saved()
+            sd["coap_layout"] = self._tag()
+            return sd
+        raise RuntimeError(
+            f"COAP under the `{self.name}` layout keeps 1/{self.world} of the optimizer state "
+            "on each rank, so state_dict() on one rank cannot return all of it. Call "
+            "opt.consolidate_state_dict(to=0) on EVERY rank first, then opt.state_dict() on "
+            "rank 0 (ZeroRedundancyOptimizer's convention); load_state_dict() of that state "
+            "works on any number of ranks"
+        )
+
+    def _tag(self) -> dict[str, Any]:
+        assert self.placement is not None
+        return {
+            **self.view.describe(),
+            "world": self.world,
+            "rank": self.rank,
+            "placement": repr((self.placement.holder, self.placement.pieces)),
+        }
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        assert self._core is not None
+        state = sd["state"]
+        tag = sd.get("coap_layout")
+        if tag is not None and tag != self._tag():
+            raise ValueError(
+                f"COAP: this state dict holds the pieces of rank {tag.get('rank')} of "
+                f"{tag.get('world')} under another placement; it loads only into the same rank "
+                "of the same job shape. Use consolidate_state_dict() for a portable checkpoint"
+            )
+        for e in self._entries:
+            i = e.spec.index
+            p = self._params[i]
+            saved = state.get(i)
+            if not saved:
+                self._core.state.pop(p, None)
+                continue
+            holder = e.holder == self.rank
+            if tag is not None or self.world == 1:
+                if e.mine is not None or holder:
+                    self._core.state[p] = {
+                        k: (v.to(self.device) if v.ndim else v.clone().cpu())
+                        if isinstance(v, Tensor)
+                        else v
+                        for k, v in saved.items()
+                    }
+                continue
+            if e.mine is None and not holder:
+                self._core.state.pop(p, None)
+                continue
+            if e.mine is None:
+                self._core.state[p] = {
+                    k: (saved[k].to(self.device) if k == "projector" else saved[k].clone().cpu())
+                    for k in ("step", "refreshes", "projector")
+                }
+                continue
+            self._core.state[p] = slice_full(
+                e.spec,
+                saved,
+                start=e.mine.start,
+                stop=e.mine.stop,
+                holder=holder,
+                local_shape=self._dense_shape(i) if e.spec.kind == "dense" else None,
+                device=self.device,
+            )
+
+    def consolidate(self, to: int) -> dict[int, dict[str, Any]] | None:
+        assert self._core is not None
+        me = self.rank
+        mine: list[tuple[int, int, int, dict[str, Any]]] = []
+        for e in self._entries:
+            st = self._core.state.get(self._params[e.spec.index])
+            if not st:
+                continue
+            pc = e.mine
+            start, stop = (pc.start, pc.stop) if pc is not None else (-1, -1)
+            mine.append((e.spec.index, start, stop, st))
+        if self.world == 1:
+            return self._assemble({0: mine})
+        manifest = [
+            (i, a, b, [(k, tuple(v.shape), v.dtype) for k, v in st.items() if isinstance(v, Tensor)])
+            for i, a, b, st in mine
+        ]
+        manifests = self.comm.all_gather_objects(manifest)
+        collected: dict[int, list[tuple[int, int, int, dict[str, Any]]]] = {}
+        for q in range(self.world):
+            if q == to:
+                if me == to:
+                    collected[q] = [(i, a, b, {k: _cpu(v) for k, v in st.items()}) for i, a, b, st in mine]
+                continue
+            if me == q:
+                flat = [v for _, _, _, st in mine for v in st.values() if isinstance(v, Tensor)]
+                if flat:
+                    buf = torch.cat([v.detach().reshape(-1).view(torch.uint8).to(self.device) for v in flat])
+                    dist.send(buf, self.comm.global_rank(to), group=self.view.group)
+            elif me == to:
+                entries = manifests[q]
+                assert isinstance(entries, list)
+                total = sum(
+                    _nbytes(shape, dtype) for _, _, _, keys in entries for _, shape, dtype in keys
+                )
+                got: list[tuple[int, int, int, dict[str, Any]]] = []
+                if total:
+                    buf = torch.empty(total, dtype=torch.uint8, device=self.device)
+                    dist.recv(buf, self.comm.global_rank(q), group=self.view.group)
+                    host = buf.cpu()
+                    off = 0
+                    for i, a, b, keys in entries:
+                        st: dict[str, Any] = {}
+                        for k, shape, dtype in keys:
+                            n = _nbytes(shape, dtype)
+                            st[k] = host[off : off + n].view(dtype).view(shape).clone()
+                            off += n
+                        got.append((i, a, b, st))
+                collected[q] = got
+        return self._assemble(collected) if me == to else None
+
+    def _assemble(
+        self, collected: Mapping[int, list[tuple[int, int, int, dict[str, Any]]]]
+    ) -> dict[int, dict[str, Any]]:
+        by_param: dict[int, list[tuple[int, int, dict[str, Any]]]] = {}
+        holders: dict[int, dict[str, Any]] = {}
+        for items in collected.values():
+            for i, a, b, st in items:
+                if a < 0:
+                    holders[i] = st
+                else:
+                    by_param.setdefault(i, []).append((a, b, st))
+        out = {}
+        for i, pieces in by_param.items():
+            spec = self._entries[i].spec
+            out[i] = assemble(spec, sorted(pieces, key=lambda x: x[0]), holders.get(i))
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "optim/comm_calls_per_step": float(self.comm.calls),
+            "optim/comm_bytes_per_step": float(max(self.comm.sent, self.comm.received)),
+        }
+
+
+def _cpu(v: Any) -> Any:
+    return v.detach().cpu().clone() if isinstance(v, Tensor) else v
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * dtype.itemsize
+
+
+class OwnerSharding(OwnerLayout):
+    """OWNER layout for DDP (replicated parameters): optimizer state sharded over
+    ``process_group``.
+
+    Args:
+        process_group: the data-parallel group (default: the world).
+        reduce_gradients: gradients are this rank's own (no DDP): the optimizer sums them
+            (ZeRO-2 semantics; one reduce-scatter's worth of bytes in the gradient round).
+        split: allow splitting large matrices' rows over ranks (see :class:`OwnerLayout`).
+    """
 
     def __init__(
         self,
         process_group: dist.ProcessGroup | None = None,
         *,
-        exchange: str = "param",
         reduce_gradients: bool = False,
+        split: bool = True,
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError(
@@ -67,197 +1205,6 @@ class OwnerSharding(Layout):
                 "initialized first (launch with torchrun and call "
                 "dist.init_process_group), or use sharding=None in one process"
             )
-        if exchange not in ("factor", "param"):
-            raise ValueError(
-                f"OwnerSharding: invalid `exchange`={exchange!r}; must be 'factor' or 'param'"
-            )
-        self.group = process_group
-        self.exchange = exchange
-        self.reduce_gradients = reduce_gradients
-        self.world, self.rank = group_size_rank(process_group)
-        self._owner: dict[Tensor, int] = {}
-        self._geometry: dict[Tensor, MatrixGeometry | None] = {}
-        self._params: list[Tensor] = []
-        self._proj_cache: dict[Tensor, Tensor] = {}
-        self._comm_bytes = 0
-
-    def bind(
-        self,
-        params: Sequence[torch.nn.Parameter],
-        costs: Sequence[float],
-        geometry: Sequence[MatrixGeometry | None],
-    ) -> None:
-        self._params = list(params)
-        owners = assign_owners(costs, self.world)
-        self._owner = dict(zip(self._params, owners, strict=True))
-        self._geometry = dict(zip(self._params, geometry, strict=True))
-
-    def check_config(self, config: dict[str, Any], what: str) -> None:
-        check_same_config(config, self.group, what)
-
-    def owner_of(self, p: Tensor) -> int:
-        """Rank (in the process group) that owns p."""
-        return self._owner[p]
-
-    def owns(self, p: Tensor) -> bool:
-        return self._owner[p] == self.rank
-
-    def _src(self, r: int) -> int:
-        return global_rank(self.group, r)
-
-    # ----------------------------------------------------------------------- gradients
-    def _with_grad_by_owner(self) -> list[list[Tensor]]:
-        """Per owner rank, its parameters that have a gradient on ANY rank (one all-reduce),
-        so that frozen or unused parameters on some ranks cannot desynchronise collectives."""
-        have = torch.tensor([p.grad is not None for p in self._params], dtype=torch.int32)
-        dist.all_reduce(have, op=dist.ReduceOp.MAX, group=self.group)
-        by_owner: list[list[Tensor]] = [[] for _ in range(self.world)]
-        for p, h in zip(self._params, have.tolist(), strict=True):
-            if h:
-                by_owner[self._owner[p]].append(p)
-        return by_owner
-
-    def begin_step(self, params: Sequence[torch.nn.Parameter]) -> None:
-        self._comm_bytes = 0
-        if not self.reduce_gradients or self.world == 1:
-            return
-        for r, mine in enumerate(self._with_grad_by_owner()):
-            if not mine:
-                continue
-            flat = torch.cat(
-                [
-                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-                    for p in mine
-                ]
-            )
-            dist.reduce(flat, dst=self._src(r), op=dist.ReduceOp.SUM, group=self.group)
-            self._comm_bytes += flat.numel() * flat.element_size()
-            if r == self.rank:
-                flat.div_(self.world)
-                off = 0
-                for p in mine:
-                    n = p.numel()
-                    p.grad = flat[off : off + n].view_as(p).to(p.dtype)
-                    off += n
-        for p in self._params:
-            if self._owner[p] != self.rank:
-                p.grad = None
-
-    # ------------------------------------------------------------------------- updates
-    def commit(
-        self, updates: dict[torch.nn.Parameter, Update], params: Sequence[torch.nn.Parameter]
-    ) -> None:
-        for p, u in updates.items():
-            if isinstance(u, LowRankUpdate):
-                apply_low_rank(p, u)
-        if self.world == 1:
-            return
-        for r in range(self.world):
-            owned = [p for p in params if self._owner[p] == r]
-            if not owned:
-                continue
-            header = torch.zeros((len(owned), 4), dtype=torch.float64)
-            chunks: list[Tensor] = []
-            if r == self.rank:
-                for i, p in enumerate(owned):
-                    u = updates.get(p)
-                    if u is None:
-                        continue
-                    if isinstance(u, LowRankUpdate) and self.exchange == "factor":
-                        header[i] = torch.tensor(
-                            [_LOW, float(u.projector_changed), u.alpha, u.decay],
-                            dtype=torch.float64,
-                        )
-                        chunks.append(to_bytes(u.direction.to(p.dtype)))
-                        if u.projector_changed:
-                            chunks.append(to_bytes(u.projector.to(p.dtype)))
-                    else:
-                        header[i, 0] = _APPLIED
-                        chunks.append(to_bytes(p.detach()))
-            dist.broadcast(header, src=self._src(r), group=self.group)
-            nbytes = self._payload_bytes(owned, header)
-            if nbytes == 0:
-                continue
-            buf = torch.cat(chunks) if r == self.rank else torch.empty(nbytes, dtype=torch.uint8)
-            dist.broadcast(buf, src=self._src(r), group=self.group)
-            self._comm_bytes += header.numel() * 8 + nbytes
-            if r != self.rank:
-                self._apply_received(owned, header, buf)
-
-    def _low_rank_shapes(self, p: Tensor) -> tuple[tuple[int, int], tuple[int, int], Side]:
-        """(D shape, P shape, side) of a COAP matrix, as the owner derives them."""
-        geo = self._geometry[p]
-        assert geo is not None
-        return (geo.rows, geo.rank), (geo.rank, geo.cols), geo.side
-
-    def _payload_bytes(self, owned: list[Tensor], header: Tensor) -> int:
-        total = 0
-        for p, h in zip(owned, header.tolist(), strict=True):
-            esz = p.element_size()
-            if h[0] == _LOW:
-                dshape, pshape, _ = self._low_rank_shapes(p)
-                total += dshape[0] * dshape[1] * esz
-                if h[1]:
-                    total += pshape[0] * pshape[1] * esz
-            elif h[0] == _APPLIED:
-                total += p.numel() * esz
-        return total
-
-    def _apply_received(self, owned: list[Tensor], header: Tensor, buf: Tensor) -> None:
-        off = 0
-        with torch.no_grad():
-            for p, h in zip(owned, header.tolist(), strict=True):
-                if h[0] == _LOW:
-                    dshape, pshape, side = self._low_rank_shapes(p)
-                    d, off = from_bytes(buf, off, p.dtype, dshape)
-                    if h[1]:
-                        proj, off = from_bytes(buf, off, p.dtype, pshape)
-                        self._proj_cache[p] = proj.clone()
-                    apply_low_rank(
-                        p, LowRankUpdate(d, self._proj_cache[p], side, h[2], h[3], bool(h[1]))
-                    )  # type: ignore[arg-type]
-                elif h[0] == _APPLIED:
-                    val, off = from_bytes(buf, off, p.dtype, p.shape)
-                    p.copy_(val)
-
-    def extra_state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._proj_cache.values())
-
-    def communicated_bytes(self) -> int:
-        return self._comm_bytes
-
-    # ---------------------------------------------------------------------- checkpoints
-    def gather_state(
-        self,
-        state: dict[Tensor, dict[str, Any]],
-        template: Callable[[torch.nn.Parameter], dict[str, Any]],
-        params: Sequence[torch.nn.Parameter],
-    ) -> dict[Tensor, dict[str, Any]]:
-        """Every parameter's state on every rank: one broadcast per owner, in index order."""
-        if self.world == 1:
-            return state
-        full: dict[Tensor, dict[str, Any]] = {}
-        for r in range(self.world):
-            owned = [p for p in params if self._owner[p] == r]
-            if not owned:
-                continue
-            if r == self.rank:
-                entries = [state.get(p) or template(p) for p in owned]
-            else:
-                entries = [template(p) for p in owned]
-            tensors = [e[k] for e in entries for k in sorted(e)]
-            if r == self.rank:
-                buf = torch.cat([to_bytes(t.cpu()) for t in tensors])
-            else:
-                nbytes = sum(t.numel() * t.element_size() for t in tensors)
-                buf = torch.empty(nbytes, dtype=torch.uint8)
-            dist.broadcast(buf, src=self._src(r), group=self.group)
-            off = 0
-            for p, e in zip(owned, entries, strict=True):
-                out = {}
-                for k in sorted(e):
-                    t = e[k]
-                    val, off = from_bytes(buf, off, t.dtype, t.shape)
-                    out[k] = val.clone().to(t.device)
-                full[p] = out
-        return full
+        super().__init__(
+            ReplicatedView(process_group, solo=False, reduced=not reduce_gradients), split=split
+        )

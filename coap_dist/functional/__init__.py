@@ -1,7 +1,8 @@
 """Pure COAP math on local tensors: no optimizer state, no collectives.
 
-Functions that need sums over a row-sharded matrix take a ``ShardGroup`` of callbacks (None in one
-process); see :mod:`coap_dist.functional.projection` for the canonical orientation used here.
+Refreshes and Adafactor statistics of a matrix whose rows are split over ranks come as
+``*_partials`` / ``*_from_sums`` pairs (the caller moves and sums the partials); see
+:mod:`coap_dist.functional.projection` for the canonical orientation used here.
 """
 
 from coap_dist.functional import adam, projection, quant, tucker

@@ -10,38 +10,21 @@ last one. For a weight of global shape (m, n):
 * side ``"left"`` (m < n): the canonical gradient is G^T (a x b = n x m) and the stored P is
   the transpose of the paper's m x r projector; all formulas are then the right-case ones.
 
-Functions only see local tensors. Where a quantity is a sum over the rows of a row-sharded
-matrix (FSDP ``Shard(0)``), they call the caller's :class:`ShardGroup` (None in one process),
-so a distributed caller gets the single-process result up to floating-point summation order.
-No function here communicates by itself.
+Row-split refreshes. When the canonical rows of one matrix are spread over several ranks
+(a *team*), every quantity a refresh needs is a sum over rows: each member computes a partial
+on its rows (``*_partials``), somebody sums them, and one place finishes the refresh from the
+sums (``*_from_sums``). The single-process functions are the same formulas with nothing to
+sum. No function here communicates; the distribution layer moves the partials.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 Side = Literal["right", "left"]
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardGroup:
-    """The collectives a row-sharded caller provides (None stands for one process).
-
-    ``sum`` returns the element-wise sum of a tensor over the ranks holding row shards;
-    ``broadcast`` returns the first rank's tensor on every rank; ``rank``/``world`` place this
-    shard among them.
-    """
-
-    sum: Callable[[Tensor], Tensor]
-    broadcast: Callable[[Tensor], Tensor]
-    rank: int
-    world: int
-
 
 REFERENCE_SEED = 3407
 """Seed of the Gaussian test matrix of the first randomized SVD (the reference uses it)."""
@@ -86,115 +69,176 @@ def project(g: Tensor, p: Tensor) -> Tensor:
 
 
 def gaussian_test_matrix(
-    b: int, r: int, *, seed: int = REFERENCE_SEED, device: torch.device | str = "cpu"
+    b: int, r: int, *, device: torch.device | str, seed: int = REFERENCE_SEED
 ) -> Tensor:
-    """Omega (b x r), N(0, 1) from a private generator: identical on every rank."""
+    """Omega (b x r), N(0, 1) from a private CPU generator, then moved to ``device``: identical
+    on every rank and every device type (a CUDA generator would draw other numbers)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn((b, r), generator=gen, dtype=torch.float32).to(device)
+    return torch.randn((b, r), generator=gen, dtype=torch.float32, device="cpu").to(device)
+
+
+def sketch_matrix(
+    b: int,
+    rank: int,
+    warm: Tensor | None,
+    *,
+    oversample: int,
+    device: torch.device,
+    seed: int = REFERENCE_SEED,
+) -> Tensor:
+    """Omega (b x (rank + oversample), fp32) of a randomized SVD: the seeded Gaussian, or the
+    warm start P_old^T (P_old: rank x b) with ``oversample`` extra seeded Gaussian columns."""
+    if warm is None:
+        return gaussian_test_matrix(b, rank + oversample, device=device, seed=seed)
+    omega = warm.float().t()
+    if oversample:
+        extra = gaussian_test_matrix(b, oversample, device=device, seed=seed + 1)
+        omega = torch.cat([omega, extra], dim=1)
+    return omega
 
 
 def canonicalize_signs(p: Tensor) -> Tensor:
     """Flip each row of P (r x b) so that its largest-magnitude entry is positive.
 
-    Singular vectors are defined up to sign; fixing it makes P independent of how the QR
-    basis was computed (Householder vs CholeskyQR, one process vs many).
+    Singular vectors are defined up to sign; fixing it makes P independent of how the range
+    basis was computed (Householder QR in one process, the Gram form over a team).
     """
     idx = p.abs().argmax(dim=1, keepdim=True)
     sign = torch.sign(torch.gather(p, 1, idx))
-    sign[sign == 0] = 1
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     return p * sign
+
+
+def _top_right_singular(b: Tensor, rank: int, fix_signs: bool) -> Tensor:
+    """First ``rank`` right singular vectors of B (k x b) as rows; non-finite entries of B are
+    zeroed first (the caller rejects the result through :func:`all_finite` of B), so that
+    the SVD never fails on bad input and never needs a host synchronisation."""
+    clean = torch.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0)
+    _, _, vh = torch.linalg.svd(clean, full_matrices=False)
+    p = vh[:rank].contiguous()
+    return canonicalize_signs(p) if fix_signs else p
+
+
+def all_finite(t: Tensor) -> Tensor:
+    """0-dim bool tensor on t's device: every entry of t is finite (no host sync)."""
+    return torch.isfinite(t).all()
 
 
 def rsvd(
     g: Tensor,
     rank: int,
-    omega: Tensor | None,
+    warm: Tensor | None,
     *,
     oversample: int = 0,
     power_iters: int = 0,
-    shards: ShardGroup | None = None,
     fix_signs: bool = True,
-    seed: int = REFERENCE_SEED,
-) -> Tensor:
-    """Randomized SVD basis of the rows' span: P (r x b) with orthonormal rows.
+) -> tuple[Tensor, Tensor]:
+    """Randomized SVD basis of the rows' span (one process): (P (r x b), ok).
 
-    Y = G Omega (a x k, k = r + oversample); Q = orth(Y); B = Q^T G (k x b);
-    P = first r right singular vectors of B. ``power_iters`` replaces Y by G (G^T Q) q times.
-    With ``omega=None`` Omega is a seeded Gaussian; a warm start passes Omega = P_old^T.
-
-    One process: Householder QR, as the reference. Row-sharded: TSQR (each rank QR-factors its
-    Y_k = Q_k R_k, the stacked R_k (world k x k, one all-reduce) are QR-factored once more and
-    Q's rows are Q_k times their block), as stable as Householder QR even for the
-    ill-conditioned Y of low-rank gradients (CholeskyQR squares the condition number), then
-    B = sum_k Q_k^T G_k (one k x b all-reduce); the small SVD is broadcast from the first rank.
-    P does not depend on which orthonormal basis of Y is used (B changes by a k x k rotation
-    on the left), so sharded and single-process runs agree to rounding. Computed in fp32; the
-    caller casts. Returns a non-finite P if G is non-finite: the caller keeps the old one.
+    Y = G Omega (a x k, k = r + oversample, Omega from :func:`sketch_matrix`: the seeded
+    Gaussian, or the warm start P_old^T when ``warm`` = P_old is given); Q = orth(Y)
+    (Householder QR, as the reference); B = Q^T G (k x b); P = first r right singular vectors
+    of B. ``power_iters`` replaces Y by G (G^T Q) q times. Computed in fp32; the caller casts.
+    ``ok`` (0-dim bool tensor) is False when G made B non-finite: the caller keeps its old
+    projector (``torch.where``), without a host synchronisation.
     """
     gf = g.float()
-    b = gf.shape[1]
-    if omega is None:
-        omega = gaussian_test_matrix(b, rank + oversample, seed=seed, device=gf.device)
-    else:
-        omega = omega.float()
-        if oversample:
-            extra = gaussian_test_matrix(b, oversample, seed=seed + 1, device=gf.device)
-            omega = torch.cat([omega, extra], dim=1)
+    omega = sketch_matrix(gf.shape[1], rank, warm, oversample=oversample, device=gf.device)
     y = gf @ omega
     for _ in range(power_iters):
-        q = _orthonormal_columns(y, shards)
-        z = gf.t() @ q
-        if shards is not None:
-            z = shards.sum(z)
-        y = gf @ z
-    q = _orthonormal_columns(y, shards)
+        q, _ = torch.linalg.qr(torch.nan_to_num(y), mode="reduced")
+        y = gf @ (gf.t() @ q)
+    q, _ = torch.linalg.qr(torch.nan_to_num(y), mode="reduced")
     bmat = q.t() @ gf
-    if shards is not None:
-        bmat = shards.sum(bmat)
-    if not torch.isfinite(bmat).all():
-        return torch.full((rank, b), float("nan"), device=gf.device)
-    _, _, vh = torch.linalg.svd(bmat, full_matrices=False)
-    p = vh[:rank].contiguous()
-    if fix_signs:
-        p = canonicalize_signs(p)
-    if shards is not None:
-        p = shards.broadcast(p)
-    return p
+    return _top_right_singular(bmat, rank, fix_signs), all_finite(bmat)
 
 
-def _orthonormal_columns(y: Tensor, shards: ShardGroup | None) -> Tensor:
-    """Q with orthonormal columns spanning Y (a x k): Householder QR, or TSQR over row shards."""
-    q_loc, r_loc = torch.linalg.qr(y, mode="reduced")
-    if shards is None:
-        return q_loc
-    k = y.shape[1]
-    rows = r_loc.shape[0]  # min(local rows, k): short or empty shards give fewer rows
-    stacked = torch.zeros((shards.world * k, k), dtype=y.dtype, device=y.device)
-    stacked[shards.rank * k : shards.rank * k + rows] = r_loc
-    stacked = shards.sum(stacked)
-    q_top, _ = torch.linalg.qr(stacked, mode="reduced")
-    return q_loc @ q_top[shards.rank * k : shards.rank * k + rows]
+# ------------------------------------------------------------------ row-split randomized SVD
+def gram_partials(y: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """This member's share of the Gram form of the range basis: (Y_t^T Y_t in fp64 (k x k),
+    Y_t^T G_t in fp32 (k x b)) for its rows Y_t (a_t x k) of Y = G Omega and G_t (a_t x b)."""
+    yd = y.double()
+    return yd.t() @ yd, y.float().t() @ g.float()
 
 
-def orthonormalize_rows(p: Tensor) -> Tensor:
-    """Nearest-in-span P with orthonormal rows: QR of P^T, signs chosen so diag(R) > 0."""
-    q, rr = torch.linalg.qr(p.t().float(), mode="reduced")
-    d = torch.sign(torch.diagonal(rr))
-    d[d == 0] = 1
-    return (q * d).t().contiguous()
+def inverse_sqrt(w: Tensor) -> Tensor:
+    """W^{-1/2} (k x k, fp64) of a symmetric positive semi-definite Gram matrix W = Y^T Y.
+
+    Directions with eigenvalue below 1e-14 of the largest (rank-deficient Y) are dropped
+    (their inverse root is 0), so Q = Y W^{-1/2} has orthonormal columns spanning range(Y).
+    """
+    clean = torch.nan_to_num(w.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    evals, evecs = torch.linalg.eigh(clean)
+    floor = evals.max().clamp_min(0.0) * 1e-14
+    inv = torch.where(evals > floor, evals.clamp_min(floor).rsqrt(), torch.zeros_like(evals))
+    return (evecs * inv) @ evecs.t()
 
 
-def correlation_update(
-    g: Tensor,
+def basis_from_gram(
+    w: Tensor, z: Tensor, rank: int, *, fix_signs: bool = True
+) -> tuple[Tensor, Tensor]:
+    """P (r x b, fp32) and ok from the team sums W = sum_t Y_t^T Y_t and Z = sum_t Y_t^T G_t.
+
+    With Q = Y W^{-1/2} (orthonormal columns, range(Y)), B = Q^T G = W^{-1/2} Z, so the small
+    SVD needs no row of Y or G: P = first r right singular vectors of B. Equal to
+    :func:`rsvd` up to rounding (the Gram matrix is formed in fp64).
+    """
+    b = (inverse_sqrt(w) @ z.double()).float()
+    ok = all_finite(z) & all_finite(w)
+    return _top_right_singular(b, rank, fix_signs), ok
+
+
+# --------------------------------------------------------------------- correlation update
+def correlation_partials(
+    g: Tensor, p: Tensor, m: Tensor, *, cos_axis: Literal["row", "col"]
+) -> Tensor:
+    """Sums over this member's rows that the correlation step needs (flat fp32 vector).
+
+    In canonical orientation (G_t: a_t x b, P: r x b, M_t: a_t x r; R_t = G_t P^T):
+    row cosine: [sum |g_i|^2, sum cos_i, S_t = R_t^T G_t, (M_t * w1)^T G_t, K_t = R_t^T R_t,
+    (M_t * w2)^T M_t]; column cosine: [per-column |g_j|^2 (b), S_t, M_t^T G_t, K_t, M_t^T M_t].
+    Row weights (w1_i = 1 / (|u_i| |g_i|), w2_i = cos_i / |u_i|^2, U = M P) are per-row, so
+    a row split only sums. See :func:`correlation_from_sums` for the step itself.
+    """
+    gf, pf, mf = g.float(), p.float(), m.float()
+    rr = gf @ pf.t()
+    eps = 1e-8
+    if cos_axis == "row":
+        qq = pf @ pf.t()
+        gn2 = (gf * gf).sum(1)
+        un2 = ((mf @ qq) * mf).sum(1)
+        ug = (mf * rr).sum(1)
+        gn, un = gn2.sqrt().clamp_min(eps), un2.sqrt().clamp_min(eps)
+        cos = ug / (gn * un)
+        w1 = 1.0 / (gn * un)
+        w2 = torch.where(un2 > 0, cos / un.square(), torch.zeros_like(cos))
+        stacked = torch.cat([rr, mf * w1[:, None]], dim=1).t() @ gf  # (2r x b)
+        kk = rr.t() @ rr
+        t2 = (mf * w2[:, None]).t() @ mf
+        scalars = torch.stack([gn2.sum(), cos.sum()])
+        return torch.cat([scalars, stacked.flatten(), kk.flatten(), t2.flatten()])
+    stacked = torch.cat([rr, mf], dim=1).t() @ gf  # (2r x b): S and M^T G
+    kk = rr.t() @ rr
+    mm = mf.t() @ mf
+    gcol2 = (gf * gf).sum(0)
+    return torch.cat([gcol2, stacked.flatten(), kk.flatten(), mm.flatten()])
+
+
+def correlation_partials_numel(rank: int, cols: int, cos_axis: Literal["row", "col"]) -> int:
+    """Length of the vector :func:`correlation_partials` returns."""
+    head = 2 if cos_axis == "row" else cols
+    return head + 2 * rank * cols + 2 * rank * rank
+
+
+def correlation_from_sums(
+    flat: Tensor,
     p: Tensor,
-    m: Tensor,
     *,
     global_rows: int,
     cos_axis: Literal["row", "col"],
     scale_free: bool,
     lr: float = 0.1,
     max_norm: float = 1.0,
-    shards: ShardGroup | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One clipped gradient step on COAP's correlation-aware objective; returns (P_new, L).
 
@@ -215,31 +259,16 @@ def correlation_update(
                     w1_i = 1 / (|u_i| |g_i|), w2_i = cos_i / |u_i|^2
         col cosine: dc/dP = (1/b) [(M^T G) * w1 - (M^T M P) * w2]   (column weights)
 
-    Every sum over rows goes through ``shards.sum`` in one flat buffer (so row shards get the
-    global objective); the clip uses the global gradient norm. The scale-free mode then
-    re-orthonormalizes P (QR). The reference mode reproduces the published update exactly
-    (MSE normalisation, no re-orthonormalization): its step vanishes as |G|^2.
+    ``flat`` is the sum over all rows of :func:`correlation_partials`; the clip uses the
+    global gradient norm. The scale-free mode then re-orthonormalizes P (QR). The reference
+    mode reproduces the published update exactly (MSE normalisation, no
+    re-orthonormalization): its step vanishes as |G|^2.
     """
-    red = shards.sum if shards is not None else (lambda t: t)
-    gf, pf, mf = g.float(), p.float(), m.float()
-    b = gf.shape[1]
-    r = pf.shape[0]
-    rr = gf @ pf.t()
+    pf = p.float()
+    r, b = pf.shape
     qq = pf @ pf.t()
     eps = 1e-8
     if cos_axis == "row":
-        gn2 = (gf * gf).sum(1)
-        un2 = ((mf @ qq) * mf).sum(1)
-        ug = (mf * rr).sum(1)
-        gn, un = gn2.sqrt().clamp_min(eps), un2.sqrt().clamp_min(eps)
-        cos = ug / (gn * un)
-        w1 = 1.0 / (gn * un)
-        w2 = torch.where(un2 > 0, cos / un.square(), torch.zeros_like(cos))
-        stacked = torch.cat([rr, mf * w1[:, None]], dim=1).t() @ gf  # (2r x b)
-        kk = rr.t() @ rr
-        t2 = (mf * w2[:, None]).t() @ mf
-        scalars = torch.stack([gn2.sum(), cos.sum()])
-        flat = red(torch.cat([scalars, stacked.flatten(), kk.flatten(), t2.flatten()]))
         gsq, cos_sum = flat[0], flat[1]
         off = 2
         s = flat[off : off + r * b].view(r, b)
@@ -250,11 +279,6 @@ def correlation_update(
         c = cos_sum / global_rows
         dc = (t1 - t2 @ pf) / global_rows
     else:
-        stacked = torch.cat([rr, mf], dim=1).t() @ gf  # (2r x b): S and M^T G
-        kk = rr.t() @ rr
-        mm = mf.t() @ mf
-        gcol2 = (gf * gf).sum(0)
-        flat = red(torch.cat([gcol2, stacked.flatten(), kk.flatten(), mm.flatten()]))
         gcol2 = flat[:b]
         gsq = gcol2.sum()
         off = b
@@ -283,22 +307,61 @@ def correlation_update(
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     p_new = pf - lr * coef * grad
     if scale_free:
-        p_new = orthonormalize_rows(p_new)
+        p_new = orthonormalize_rows(torch.nan_to_num(p_new))
     return p_new, err * (1.0 - c)
 
 
-def projection_residual(g: Tensor, r: Tensor, shards: ShardGroup | None = None) -> Tensor:
-    """Relative residual ||G - G P^T P||_F / ||G||_F from R = G P^T (global over row shards).
+def correlation_update(
+    g: Tensor,
+    p: Tensor,
+    m: Tensor,
+    *,
+    global_rows: int,
+    cos_axis: Literal["row", "col"],
+    scale_free: bool,
+    lr: float = 0.1,
+    max_norm: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """The correlation step of one whole matrix (see :func:`correlation_from_sums`)."""
+    return correlation_from_sums(
+        correlation_partials(g, p, m, cos_axis=cos_axis),
+        p,
+        global_rows=global_rows,
+        cos_axis=cos_axis,
+        scale_free=scale_free,
+        lr=lr,
+        max_norm=max_norm,
+    )
 
-    For P with orthonormal rows ||G - G P^T P||^2 = ||G||^2 - ||R||^2, so this costs two sums
-    of squares, no matrix product (an estimate when P is not exactly orthonormal, as in the
-    reference mode).
+
+def orthonormalize_rows(p: Tensor) -> Tensor:
+    """Nearest-in-span P with orthonormal rows: QR of P^T, signs chosen so diag(R) > 0."""
+    q, rr = torch.linalg.qr(p.t().float(), mode="reduced")
+    d = torch.sign(torch.diagonal(rr))
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    return (q * d).t().contiguous()
+
+
+# ----------------------------------------------------------------------- residual, rotation
+def residual_partials(g: Tensor, r: Tensor) -> Tensor:
+    """[||R_t||^2, ||G_t||^2] (fp32, 2) over this member's rows, R_t = G_t P^T."""
+    return torch.stack([r.float().square().sum(), g.float().square().sum()])
+
+
+def residual_from_sums(sums: Tensor) -> Tensor:
+    """Relative residual ||G - G P^T P||_F / ||G||_F from summed :func:`residual_partials`.
+
+    For P with orthonormal rows ||G - G P^T P||^2 = ||G||^2 - ||R||^2: two sums of squares,
+    no matrix product (an estimate when P is not exactly orthonormal, as in the reference
+    mode).
     """
-    sums = torch.stack([r.float().square().sum(), g.float().square().sum()])
-    if shards is not None:
-        sums = shards.sum(sums)
     ratio = sums[0] / sums[1].clamp_min(torch.finfo(torch.float32).tiny)
     return (1.0 - ratio).clamp_min(0.0).sqrt()
+
+
+def projection_residual(g: Tensor, r: Tensor) -> Tensor:
+    """||G - G P^T P||_F / ||G||_F of a whole matrix from R = G P^T."""
+    return residual_from_sums(residual_partials(g, r))
 
 
 def rotation(p_old: Tensor, p_new: Tensor) -> Tensor:

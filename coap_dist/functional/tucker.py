@@ -55,26 +55,31 @@ def back(c: Tensor, u0: Tensor, u1: Tensor | None) -> Tensor:
     return torch.einsum("rikl,or->oikl", c, u0.to(c.dtype))
 
 
-def _mode_basis(x: Tensor, mode: int, rank: int, warm: Tensor | None) -> Tensor:
-    """Leading `rank` left singular vectors (columns) of the mode-`mode` unfolding of x."""
+def _mode_basis(x: Tensor, mode: int, rank: int, warm: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Leading `rank` left singular vectors (columns, dim x rank) of the mode-`mode` unfolding
+    of x, warm-started at ``warm`` (dim x rank), and whether they are finite."""
     unfold = x.movedim(mode, 0).reshape(x.shape[mode], -1)  # (dim x rest)
-    omega = None if warm is None else warm.float()
-    return rsvd(unfold.t(), rank, omega).t().contiguous()  # (dim x rank)
+    p, ok = rsvd(unfold.t(), rank, None if warm is None else warm.t())
+    return p.t().contiguous(), ok
 
 
 def refresh_factors(
     g: Tensor, r0: int, r1: int | None, u0: Tensor | None, u1: Tensor | None
-) -> tuple[Tensor, Tensor | None]:
-    """New (U0, U1): HOSVD from the seeded Gaussian when no factors exist, otherwise one
-    warm-started HOOI sweep. Returns fp32 factors; non-finite if G is."""
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """New (U0, U1, ok): HOSVD from the seeded Gaussian when no factors exist, otherwise one
+    warm-started HOOI sweep. Returns fp32 factors; ``ok`` (0-dim bool) is False when G made
+    them non-finite (the caller keeps the old ones)."""
     gf = g.float()
     if u0 is None:
-        new_u0 = _mode_basis(gf, 0, r0, None)
-        new_u1 = None if r1 is None else _mode_basis(gf, 1, r1, None)
-        return new_u0, new_u1
+        new_u0, ok0 = _mode_basis(gf, 0, r0, None)
+        if r1 is None:
+            return new_u0, None, ok0
+        new_u1, ok1 = _mode_basis(gf, 1, r1, None)
+        return new_u0, new_u1, ok0 & ok1
     y = gf if u1 is None else torch.einsum("oikl,is->oskl", gf, u1.float())
-    new_u0 = _mode_basis(y, 0, r0, u0)
+    new_u0, ok0 = _mode_basis(y, 0, r0, u0)
     if r1 is None:
-        return new_u0, None
+        return new_u0, None, ok0
     z = torch.einsum("oikl,or->rikl", gf, new_u0)
-    return new_u0, _mode_basis(z, 1, r1, u1)
+    new_u1, ok1 = _mode_basis(z, 1, r1, u1)
+    return new_u0, new_u1, ok0 & ok1

@@ -7,66 +7,66 @@ F = ``reproject_factor``:
 1. projector schedule: k == 0: P = RSVD(G); k % (T_u F) == 0: P = RSVD(G, warm start at P);
    k % T_u == 0: P = correlation-aware step (``projector_update``). With ``moments="rotate"``
    the moments are re-expressed in the new basis through C = P_old P_new^T.
-2. R = G P^T; Adam (or Adafactor) on R; W <- W - lr_t alpha back(D); W <- W - lr wd W.
+2. R = G P^T; Adam (or Adafactor) on R; W <- (1 - lr wd) (W - lr_t alpha back(D)).
 
 Convolutions (4-D, > 9216 elements, ``rank_ratio_cnn`` set) use a Tucker-2 core instead of R;
 everything else (1-D, small convs, groups with ``algorithm="adamw"``) runs AdamW.
 
-Non-finite gradients: the step of an affected parameter is skipped entirely (moments,
+Where the state lives is the layout's business (:mod:`coap_dist.optim.layout`), bound late:
+from the tensors in the groups at the first ``step()``, so building the optimizer before
+``fully_shard``, ``accelerator.prepare`` or a DeepSpeed engine works like building it after.
+State is created lazily: a parameter that never gets a gradient costs nothing.
+
+Non-finite gradients: the step of an affected parameter is skipped on every rank (moments,
 projector, weights and its step counter untouched) and counted in ``metrics()``; a refresh
-never installs a non-finite projector (the old one is kept). An all-zero gradient at k == 0
-(DeepSpeed's construction-time step) does not initialise the projector. The check costs one
-host synchronisation per step on a vector of flags (and, when sharded, one tiny all-reduce).
+never installs a non-finite projector (the old one is kept, without a host sync). A
+parameter whose first gradient is all zero (DeepSpeed's construction-time step, DCP's state
+initialisation) gets its state allocated but takes no step. The check is one reduction per
+gradient and one all-reduce of a flag vector: the step's only host synchronisation.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import time
-from collections.abc import Callable, Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from coap_dist.functional import adam as fadam
 from coap_dist.functional import projection as fproj
-from coap_dist.functional import quant as fquant
-from coap_dist.functional import tucker as ftucker
+from coap_dist.optim import kernels
 from coap_dist.optim.config import STATE_BITS, validate_group
 from coap_dist.optim.layout import (
-    AppliedUpdate,
     Layout,
-    LowRankUpdate,
-    MatrixGeometry,
     Update,
+    Work,
+    refuse_fsdp1,
     resolve_layout,
+    run_construction_hooks,
 )
+from coap_dist.optim.spec import ParamSpec, StateFormat, make_spec, with_stagger
 
-QUANT_MIN_NUMEL = 4096
-"""8-bit state applies to moments with at least this many elements; smaller ones stay fp32."""
+SHARDING_NAMES = (None, "none", "owner", "local")
 
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """Static facts about one parameter, derived from its global shape and its group."""
-
-    kind: str  # "matrix" | "conv" | "dense"
-    index: int
-    group: int
-    side: fproj.Side = "right"
-    rank: int = 0
-    rows: int = 0  # global rows a of the canonical gradient
-    cols: int = 0  # b
-    ranks_cnn: tuple[int, int | None] = (0, None)
-    offset: int = 0  # refresh stagger
+COUNTERS = (
+    "refreshes",
+    "recalibrations",
+    "projector_updates",
+    "nonfinite_skips",
+    "refresh_keep_old",
+    "init_deferred",
+)
+"""Counters in ``metrics()`` (identical on every rank: every rank sees every decision)."""
 
 
 class _COAPBase(Optimizer):
-    """Shared machinery of the COAP optimizers (schedule, state, layouts, accounting)."""
+    """Shared machinery of the COAP optimizers: late binding, the step loop, checkpoints."""
 
+    _rule: kernels.AdamWRule | kernels.AdafactorRule = kernels.AdamWRule()
     _adafactor = False
 
     def __init__(
@@ -75,7 +75,7 @@ class _COAPBase(Optimizer):
         defaults: dict[str, Any],
         *,
         state_bits: int | None,
-        sharding: str | None,
+        sharding: Any,
         process_group: Any,
         skip_nonfinite: bool,
     ) -> None:
@@ -90,122 +90,93 @@ class _COAPBase(Optimizer):
                 f"{name}: invalid `state_bits`=8; 8-bit state is available for "
                 "COAPAdamW only (Adafactor's factored moments are already tiny)"
             )
+        if not isinstance(sharding, Layout) and sharding not in SHARDING_NAMES:
+            raise ValueError(
+                f"{name}: invalid `sharding`={sharding!r}; must be one of "
+                f"{SHARDING_NAMES} or a coap_dist.distributed layout instance"
+            )
+        self.name = name
         self.state_bits = state_bits
         self.skip_nonfinite = skip_nonfinite
         super().__init__(params, defaults)
-        # The parameters as built, per group. A wrapper may later swap other tensors into the
-        # groups (DeepSpeed's fp32 copies or flat ZeRO partitions): see _params_this_step.
-        self._logical: dict[int, list[Tensor]] = {
-            id(g): list(g["params"]) for g in self.param_groups
-        }
-        self._logical_groups: list[dict[str, Any]] = list(self.param_groups)
         for i, group in enumerate(self.param_groups):
             validate_group(group, f"{name} param_groups[{i}]", adafactor=self._adafactor)
-        all_params = [p for g in self.param_groups for p in g["params"]]
-        self._all_params = all_params
-        self._layout: Layout = resolve_layout(all_params, sharding, process_group)
-        if state_bits == 8 and not self._layout.supports_quantized_state:
-            raise ValueError(
-                f"{name}: invalid `state_bits`=8 under the `{self._layout.name}` "
-                "layout; 8-bit state is supported in one process and with "
-                "sharding='owner'. Use state_bits=16 or 32 here"
-            )
-        self._plans: dict[Tensor, _Plan] = {}
-        n_matrix = 0
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                plan = self._make_plan(p, gi, len(self._plans), n_matrix)
-                n_matrix += plan.kind != "dense"
-                self._plans[p] = plan
-        self._fix_stagger(n_matrix)
-        self._layout.bind(
-            all_params, [self._cost(p) for p in all_params], [self._geometry(p) for p in all_params]
-        )
-        self._layout.check_config(self._fingerprint(), name)
-        self._counters = {
-            "refreshes": 0,
-            "recalibrations": 0,
-            "projector_updates": 0,
-            "nonfinite_skips": 0,
-            "refresh_keep_old": 0,
-            "init_deferred": 0,
-        }
-        self._changed: set[Tensor] = set()
+        # Weak references: after accelerate/FSDP2 swap in sharded parameters, the originals
+        # must be freed; DeepSpeed keeps its model parameters alive, and this optimizer
+        # needs them (its groups then hold flat partitions).
+        self._built = [[weakref.ref(p) for p in g["params"]] for g in self.param_groups]
+        self._sharding = sharding
+        self._process_group = process_group
+        self._layout: Layout | None = None
+        self.specs: list[ParamSpec] = []
+        self.group_of: list[int] = []
+        self._steps: list[int] = []
+        self._pending: Tensor | None = None
+        self._pending_load: dict[str, Any] | None = None
+        self._consolidated: tuple[int, dict[str, Any]] | None = None
+        self._step_calls = 0
+        self._counters = dict.fromkeys(COUNTERS, 0)
+        self._refreshed: list[int] = []
         self._projector_time = 0.0
-        self._last_residual = float("nan")
-        for group in self.param_groups:
-            for p in group["params"]:
-                if self._layout.owns(p):
-                    self.state[p] = self._new_state(p, group)
-
-    # ----------------------------------------------------------------------------- planning
-    def _make_plan(self, p: Tensor, gi: int, index: int, n_matrix: int) -> _Plan:
-        group = self.param_groups[gi]
-        where = f"{type(self).__name__} param_groups[{gi}]"
-        algo = group["algorithm"]
-        shape = tuple(self._layout.global_shape(p))
-        if algo == "adamw":
-            return _Plan("dense", index, gi)
-        if len(shape) == 2:
-            side = self._layout.forced_side(p) or fproj.choose_side(shape, group["projection_side"])
-            rank = fproj.resolve_rank(shape, group["rank"], group["rank_ratio"])
-            rows, cols = (shape[0], shape[1]) if side == "right" else (shape[1], shape[0])
-            return _Plan("matrix", index, gi, side, rank, rows, cols, offset=n_matrix)
-        if len(shape) == 4:
-            numel = shape[0] * shape[1] * shape[2] * shape[3]
-            if group["rank_ratio_cnn"] is not None and numel > ftucker.SMALL_CONV_NUMEL:
-                if not self._layout.supports_tucker(p):
-                    raise ValueError(
-                        f"{where}: a 4-D weight of shape {shape} would be Tucker-projected, which "
-                        f"the `{self._layout.name}` layout does not support; set "
-                        "rank_ratio_cnn=None (AdamW for convolutions) or use sharding='owner'"
-                    )
-                return _Plan(
-                    "conv",
-                    index,
-                    gi,
-                    ranks_cnn=ftucker.tucker_ranks(shape, group["rank_ratio_cnn"]),
-                    offset=n_matrix,
-                )
-            return _Plan("dense", index, gi)
-        if algo == "coap":
+        self._residual = float("nan")
+        built = [p for g in self.param_groups for p in g["params"]]
+        if sharding == "owner" and not (dist.is_available() and dist.is_initialized()):
             raise ValueError(
-                f"{where}: a {len(shape)}-D parameter of shape {shape} was put in a group with "
-                "algorithm='coap'; COAP projects 2-D matrices and 4-D convolutions only. Use "
-                "algorithm='adamw' (or 'auto') for this parameter"
+                "invalid `sharding`='owner': it needs torch.distributed to be "
+                "initialized first (launch with torchrun and call "
+                "dist.init_process_group), or use sharding=None in one process"
             )
-        return _Plan("dense", index, gi)
+        if sharding in (None, "none", "owner"):
+            # Built after FSDP1 wrapping without its layout: fail now, not at the first step.
+            refuse_fsdp1(built)
+        # Plan once from the shapes known now, so that a bad group fails at construction
+        # (the real plan is made at the first step, from the tensors present then).
+        if not any(getattr(p, "_fsdp_flattened", False) for p in built):
+            group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+            self.plan([_global_shape(p) for p in built], [p.dtype for p in built], group_of, False)
+        run_construction_hooks()
 
-    def _fix_stagger(self, n_matrix: int) -> None:
-        for p, plan in list(self._plans.items()):
-            group = self._group_of(p)
-            if plan.kind == "dense":
-                continue
-            offset = (
-                (plan.offset * group["update_interval"]) // max(n_matrix, 1)
-                if group["stagger"]
-                else 0
+    # --------------------------------------------------------------------- Core protocol
+    @property
+    def built(self) -> list[list[Tensor | None]]:
+        """Per group, the tensors the optimizer was built with (None where freed)."""
+        return [[r() for r in refs] for refs in self._built]
+
+    def plan(
+        self,
+        shapes: list[tuple[int, ...]],
+        dtypes: list[torch.dtype],
+        group_of: list[int],
+        force_right: bool,
+    ) -> list[ParamSpec]:
+        """Every parameter's plan (see :class:`coap_dist.optim.layout.Core`)."""
+        specs = []
+        for i, (shape, dtype, gi) in enumerate(zip(shapes, dtypes, group_of, strict=True)):
+            specs.append(
+                make_spec(
+                    index=i,
+                    group_index=gi,
+                    group=self.param_groups[gi],
+                    shape=shape,
+                    fmt=self._format(dtype),
+                    forced_side="right" if force_right else None,
+                    where=f"{self.name} param_groups[{gi}]",
+                )
             )
-            self._plans[p] = dataclasses.replace(plan, offset=offset)
+        return with_stagger(specs, self.param_groups)
 
-    def _group_of(self, p: Tensor) -> dict[str, Any]:
-        return self._logical_groups[self._plans[p].group]
+    def _format(self, dtype: torch.dtype) -> StateFormat:
+        """State dtypes for a parameter updated in ``dtype`` (a wrapper's fp32 master copy
+        when there is one); 8-bit state keeps projectors in that dtype."""
+        if self.state_bits == 32:
+            moment = proj = torch.float32
+        elif self.state_bits == 16:
+            moment = proj = torch.bfloat16
+        else:
+            moment = proj = dtype
+        return StateFormat(moment, proj, self.state_bits == 8, self._adafactor)
 
-    def _cost(self, p: Tensor) -> float:
-        """Refresh compute cost for owner assignment: randomized SVDs cost ~ m n r for a COAP
-        matrix and ~ numel (r0 + r1) for a Tucker convolution; AdamW parameters cost numel."""
-        plan = self._plans[p]
-        if plan.kind == "matrix":
-            return float(plan.rows * plan.cols * plan.rank)
-        numel = 1
-        for s in self._layout.global_shape(p):
-            numel *= s
-        if plan.kind == "conv":
-            r0, r1 = plan.ranks_cnn
-            return float(numel * (r0 + (r1 or 0)))
-        return float(numel)
-
-    def _fingerprint(self) -> dict[str, Any]:
+    def settings(self) -> dict[str, Any]:
         """Settings every rank must share: group hyperparameters, sizes, state_bits."""
         out: dict[str, Any] = {"state_bits": self.state_bits, "skip_nonfinite": self.skip_nonfinite}
         for i, g in enumerate(self.param_groups):
@@ -213,93 +184,56 @@ class _COAPBase(Optimizer):
                 out[f"param_groups[{i}].{k}"] = len(v) if k == "params" else v
         return out
 
-    def _geometry(self, p: Tensor) -> MatrixGeometry | None:
-        plan = self._plans[p]
-        if plan.kind != "matrix":
-            return None
-        return MatrixGeometry(plan.side, plan.rank, plan.rows, plan.cols)
+    def step_size(self, index: int) -> float:
+        """alpha of this step's update of low-rank parameter ``index`` (after its count)."""
+        spec, group = self.specs[index], self.param_groups[self.group_of[index]]
+        if spec.kind == "conv":
+            return kernels.adam_alpha(group, self._steps[index])
+        return self._rule.alpha(group, self._steps[index])
 
-    def _state_dtype(self, p: Tensor) -> torch.dtype:
-        """dtype of unquantized state: projectors, Tucker factors, small or 16/32-bit moments.
-        8-bit state keeps projectors in the parameter dtype (they are not quantized)."""
-        if self.state_bits == 32:
-            return torch.float32
-        if self.state_bits == 16:
-            return torch.bfloat16
-        return self._layout.param(p).dtype  # a wrapper's fp32 master copy, if any
+    # ----------------------------------------------------------------------- binding
+    @property
+    def layout(self) -> Layout:
+        """The distribution layout, bound from the tensors present now if not yet."""
+        return self._bound()
 
-    # ------------------------------------------------------------------------------ state
-    def _moment_tensors(
-        self, p: Tensor, name: str, shape: tuple[int, ...], signed: bool, rows_like_param: bool
-    ) -> dict[str, Tensor]:
-        lay, dev = self._layout, self._layout.param(p).device
-        numel = 1
-        for s in shape:
-            numel *= s
-        if self.state_bits == 8 and numel >= QUANT_MIN_NUMEL:
-            q = torch.zeros(shape, dtype=torch.uint8, device=dev)
-            scales = torch.zeros(fquant.num_blocks(numel), dtype=torch.float32, device=dev)
-            return {f"{name}_q": lay.wrap_state(p, q, rows_like_param), f"{name}_scale": scales}
-        dtype = torch.float32 if self.state_bits == 8 else self._state_dtype(p)
-        t = torch.zeros(shape, dtype=dtype, device=dev)
-        return {name: lay.wrap_state(p, t, rows_like_param)}
+    @property
+    def params(self) -> list[Tensor]:
+        """The parameters in optimizer order: the keys of ``state`` (bound layout)."""
+        return self._bound().params
 
-    def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        """Eagerly allocated state (same keys on every rank that holds p)."""
-        plan = self._plans[p]
-        lay = self._layout
-        local = lay.param(p)
-        dev = local.device
-        st: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32)}
-        if plan.kind == "dense":
-            shape = tuple(local.shape)
-            st.update(self._moment_tensors(p, "exp_avg", shape, True, True))
-            st.update(self._moment_tensors(p, "exp_avg_sq", shape, False, True))
-            return st
-        st["refreshes"] = torch.zeros((), dtype=torch.float32)
-        if plan.kind == "conv":
-            o, i = lay.global_shape(p)[:2]
-            r0, r1 = plan.ranks_cnn
-            st["factor0"] = torch.zeros((o, r0), dtype=self._state_dtype(p), device=dev)
-            if r1 is not None:
-                st["factor1"] = torch.zeros((i, r1), dtype=self._state_dtype(p), device=dev)
-            core_shape = (r0, r1 if r1 is not None else i, *local.shape[2:])
-            st.update(self._moment_tensors(p, "exp_avg", core_shape, True, False))
-            st.update(self._moment_tensors(p, "exp_avg_sq", core_shape, False, False))
-            return st
-        local_rows = fproj.canonical(local, plan.side).shape[0]
-        proj = torch.zeros((plan.rank, plan.cols), dtype=self._state_dtype(p), device=dev)
-        st["projector"] = lay.wrap_state(p, proj, False)
-        st.update(self._moment_tensors(p, "exp_avg", (local_rows, plan.rank), True, True))
-        if self._adafactor:
-            st["exp_avg_sq_row"] = lay.wrap_state(
-                p, torch.zeros(local_rows, dtype=torch.float32, device=dev), True
-            )
-            st["exp_avg_sq_col"] = lay.wrap_state(
-                p, torch.zeros(plan.rank, dtype=torch.float32, device=dev), False
-            )
-        else:
-            st.update(self._moment_tensors(p, "exp_avg_sq", (local_rows, plan.rank), False, True))
-        return st
+    def _bound(self) -> Layout:
+        if self._layout is None:
+            self._bind()
+        assert self._layout is not None
+        return self._layout
 
-    def _read(self, st: dict[str, Any], name: str, signed: bool) -> Tensor:
-        """The local moment as a compute tensor (dequantized fp32 for 8-bit state)."""
-        if name in st:
-            return self._layout.local(st[name])
-        q = self._layout.local(st[f"{name}_q"])
-        return fquant.dequantize(q, st[f"{name}_scale"], signed)
+    def _bind(self) -> None:
+        """Choose the layout from the tensors in the groups now and plan every parameter.
+        State that already exists (tensors swapped after some steps) is carried over."""
+        old_layout, old_state = self._layout, None
+        if old_layout is not None and any(self.state.values()):
+            if old_layout.world != 1:
+                raise RuntimeError(
+                    f"{self.name}: a wrapper replaced the optimizer's tensors after sharded "
+                    f"state was created under the `{old_layout.name}` layout; build the "
+                    "optimizer before the first step with the final parameters, or save with "
+                    "consolidate_state_dict() and load into a new optimizer"
+                )
+            old_state = self._local_state_dict()
+        layout = resolve_layout(self.param_groups, self.built, self._sharding, self._process_group)
+        self.specs = layout.bind(self)
+        self.group_of = layout.group_of
+        self._layout = layout
+        self.state.clear()
+        self._steps = [0] * len(self.specs)
+        self._pending = torch.zeros(2 * len(self.specs) + 1, device=layout.device)
+        load = old_state if old_state is not None else self._pending_load
+        self._pending_load = None
+        if load is not None:
+            self._load(load)
 
-    def _write(self, st: dict[str, Any], name: str, value: Tensor, signed: bool) -> None:
-        if name in st:
-            loc = self._layout.local(st[name])
-            if value.data_ptr() != loc.data_ptr():
-                loc.copy_(value)
-            return
-        q, scales = fquant.quantize(value, signed)
-        self._layout.local(st[f"{name}_q"]).copy_(q)
-        st[f"{name}_scale"].copy_(scales)
-
-    # ------------------------------------------------------------------------------- step
+    # -------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimizer step (see the module docstring for the exact update)."""
@@ -307,115 +241,95 @@ class _COAPBase(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        lay = self._layout
-        groups = self._params_this_step()
-        all_params = self._all_params
-        lay.begin_step(all_params)
-        items: list[tuple[Tensor, dict[str, Any], Tensor, Tensor]] = []  # (p, group, g, R or g)
-        for group, params in groups:
-            for p in params:
-                g = lay.grad(p) if lay.owns(p) else None
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                r = self._prepare(p, group, g)
-                if r is not None:
-                    items.append((p, group, g, r))
-        if self.skip_nonfinite:
-            # One flag per optimizer parameter (same length on every rank), ANDed over the
-            # ranks sharing a parameter, then one host sync.
-            flags = torch.ones(len(all_params), dtype=torch.bool)
-            if items:
-                idx = torch.tensor([self._plans[it[0]].index for it in items])
-                # sum(t) is finite iff every entry is (NaN/Inf propagate): one fast reduction
-                # per tensor instead of a full-size boolean mask.
-                flags[idx] = torch.isfinite(torch.stack([it[3].sum() for it in items])).cpu()
-            ok = lay.agree(flags, all_params).tolist()
-            kept = [it for it in items if ok[self._plans[it[0]].index]]
-            self._counters["nonfinite_skips"] += len(items) - len(kept)
-            items = kept
-        updates: dict[torch.nn.Parameter, Update] = {}
-        low = [it for it in items if self._plans[it[0]].kind == "matrix"]
-        for it in items:
-            self.state[it[0]]["step"] += 1
-        if low:
-            updates.update(self._low_rank_updates(low))
-        dense = [it for it in items if self._plans[it[0]].kind == "dense"]
-        if dense:
-            self._dense_steps(dense)
-            updates.update((it[0], AppliedUpdate()) for it in dense)
-        for p, group, _, r in items:
-            if self._plans[p].kind == "conv":
-                self._conv_step(p, group, r)
-                updates[p] = AppliedUpdate()
-        lay.commit(updates, all_params)
+        lay = self._bound()
+        ids = lay.begin()
+        if ids is None:
+            self._bind()
+            lay = self._bound()
+            ids = lay.begin()
+            assert ids is not None
+        self._step_calls += 1
+        host = lay.agree(self._grad_stats(lay, ids))
+        active = self._decide(lay, ids, host)
+        due = {i: kind for i in active if (kind := self._due(i)) is not None}
+        for i in active:
+            self._steps[i] += 1
+            st = self.state.get(lay.params[i])
+            if st:
+                st["step"] += 1
+        self._count_refreshes(due)
+        work = lay.gather(active)
+        t0 = time.perf_counter()
+        oks = lay.refresh(work, due)
+        self._projector_time += time.perf_counter() - t0
+        assert self._pending is not None
+        for ok in oks:
+            self._pending[-1] += (~ok).float()
+        updates = self._updates(lay, work, active, due)
+        kernels.dense_steps(work.dense, [self._steps[w.index] for w in work.dense])
+        lay.scatter(updates, work)
         return loss
 
-    def _params_this_step(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
-        """(group, parameters to update) for the groups present now. When a wrapper has swapped
-        other tensors into the groups, the layout maps them back to the parameters the
-        optimizer was built with (``Layout.adopt``; it may cover a subset per call), and state
-        is created for parameters it newly assigns to this rank."""
-        groups = self.param_groups
-        name = type(self).__name__
-        try:
-            logical = [self._logical[id(g)] for g in groups]
-        except KeyError:
-            raise RuntimeError(
-                f"{name}: a parameter group was added or replaced after construction; build "
-                "the optimizer with all its groups"
-            ) from None
-        current = [g["params"] for g in groups]
-        if all(
-            len(c) == len(q) and all(a is b for a, b in zip(c, q, strict=True))
-            for c, q in zip(current, logical, strict=True)
-        ):
-            return list(zip(groups, logical, strict=True))
-        active = self._layout.adopt(current, logical)
-        if active is None:
-            raise RuntimeError(
-                f"{name}: a wrapper replaced the optimizer's parameter tensors (e.g. flat ZeRO "
-                f"partitions) and the `{self._layout.name}` layout cannot map them back to "
-                "matrices. Under DeepSpeed, name the optimizer in the JSON config "
-                '("optimizer": {"type": "COAP"}) after `import coap_dist`, or pass '
-                "optimizer=lambda params: COAPAdamW(params, ...) to deepspeed.initialize"
-            )
-        keep = set(active)
-        out = []
-        for g, params in zip(groups, logical, strict=True):
-            mine = [p for p in params if p in keep]
-            for p in mine:
-                if not self.state.get(p) and self._layout.owns(p):
-                    self.state[p] = self._new_state(p, g)
-            out.append((g, mine))
-        return out
+    def _grad_stats(self, lay: Layout, ids: list[int]) -> Tensor:
+        """[has gradient, non-finite, non-zero] per parameter (this rank's pieces), then the
+        metric partials of the previous step (residual sums, rejected refreshes)."""
+        n = len(self.specs)
+        assert self._pending is not None
+        buf = torch.zeros(3 * n + self._pending.numel(), device=lay.device)
+        present = [(i, g) for i in ids if (g := lay.local_grad(i)) is not None]
+        if present:
+            if any(g.is_sparse for _, g in present):
+                raise RuntimeError(f"{self.name} does not support sparse gradients")
+            norms = torch._foreach_norm([g for _, g in present], ord=1)
+            v = torch.stack([x.float() for x in norms])
+            idx = torch.tensor([3 * i for i, _ in present], device=lay.device)
+            buf[idx] = 1.0
+            buf[idx + 1] = (~torch.isfinite(v)).float()
+            buf[idx + 2] = (v > 0).float()
+        buf[3 * n :] = self._pending
+        self._pending.zero_()
+        return buf
 
-    @contextlib.contextmanager
-    def _logical_view(self) -> Iterator[None]:
-        """Put the parameters the optimizer was built with (the keys of its state) back into the
-        groups for torch's state_dict / load_state_dict, then restore the wrapper's tensors,
-        also into the new group dicts that load_state_dict creates."""
-        groups = list(self.param_groups)
-        swapped = [g["params"] for g in groups]
-        for g in groups:
-            g["params"] = self._logical[id(g)]
-        try:
-            yield
-        finally:
-            new = list(self.param_groups)
-            for old, g, params in zip(groups, new, swapped, strict=True):
-                if g is not old:
-                    self._logical[id(g)] = self._logical.pop(id(old))
-                    i = next(k for k, x in enumerate(self._logical_groups) if x is old)
-                    self._logical_groups[i] = g
-                g["params"] = params
+    def _decide(self, lay: Layout, ids: list[int], host: list[float]) -> list[int]:
+        """Which parameters step (the same on every rank): present somewhere, finite
+        everywhere, and not an all-zero first gradient. Allocates state lazily."""
+        n = len(self.specs)
+        tail = host[3 * n :]
+        if self._refreshed:
+            res = [
+                float(fproj.residual_from_sums(torch.tensor(tail[2 * i : 2 * i + 2])))
+                for i in self._refreshed
+                if tail[2 * i + 1] > 0
+            ]
+            if res:
+                self._residual = sum(res) / len(res)
+            self._refreshed = []
+        self._counters["refresh_keep_old"] += round(tail[-1])
+        active = []
+        for i in ids:
+            has, bad, nonzero = host[3 * i : 3 * i + 3]
+            if has == 0:
+                continue
+            lay.ensure_state(i)
+            if bad > 0 and self.skip_nonfinite:
+                self._counters["nonfinite_skips"] += 1
+                continue
+            if self._steps[i] == 0 and nonzero == 0:
+                self._counters["init_deferred"] += 1
+                continue
+            active.append(i)
+        return active
 
-    def _due(self, p: Tensor, group: dict[str, Any], k: int) -> str | None:
-        """Which projector refresh is due at completed-step count k (None: none)."""
+    def _due(self, index: int) -> str | None:
+        """Which projector refresh is due before this step of a low-rank parameter."""
+        spec = self.specs[index]
+        if not spec.lowrank:
+            return None
+        k = self._steps[index]
         if k == 0:
             return "init"
-        kk = k + self._plans[p].offset
+        group = self.param_groups[self.group_of[index]]
+        kk = k + spec.offset
         tu = group["update_interval"]
         if kk % (tu * group["reproject_factor"]) == 0:
             return "recalibrate"
@@ -423,294 +337,218 @@ class _COAPBase(Optimizer):
             return "update"
         return None
 
-    def _prepare(self, p: Tensor, group: dict[str, Any], g: Tensor) -> Tensor | None:
-        """Refresh the projector if due; return the projected gradient (matrix), the Tucker
-        core (conv), the gradient (dense), or None when the step must not happen (k == 0 with
-        a zero or non-finite gradient)."""
-        plan = self._plans[p]
-        if plan.kind == "dense":
-            return g
-        st = self.state[p]
-        k = int(st["step"].item())
-        due = self._due(p, group, k)
-        if due is not None:
-            t0 = time.perf_counter()
-            installed = self._refresh(p, group, g, due)
-            self._projector_time += time.perf_counter() - t0
-            if due == "init" and not installed:
-                return None
-        if plan.kind == "conv":
-            u0 = st["factor0"]
-            return ftucker.core(g, u0, st.get("factor1"))
-        proj = self._layout.local(st["projector"])
-        gc = fproj.canonical(g, plan.side)
-        r = fproj.project(gc, proj.to(gc.dtype))
-        if due is not None and p in self._changed:  # a new projector: report how well it fits
-            shards = self._layout.shard_group(p)
-            self._last_residual = float(fproj.projection_residual(gc, r, shards))
-        return r
+    def _count_refreshes(self, due: Mapping[int, str]) -> None:
+        self._counters["refreshes"] += len(due)
+        self._counters["recalibrations"] += sum(k == "recalibrate" for k in due.values())
+        self._counters["projector_updates"] += sum(k == "update" for k in due.values())
+        self._refreshed = [i for i in due if self.specs[i].kind == "matrix"]
 
-    def _refresh(self, p: Tensor, group: dict[str, Any], g: Tensor, due: str) -> bool:
-        """Compute and install a new projector; False if it was rejected (kept the old)."""
-        plan, st, lay = self._plans[p], self.state[p], self._layout
-        shards = lay.shard_group(p)
-        if plan.kind == "conv":
-            if not bool(torch.isfinite(g).all()) or (due == "init" and not bool(g.any())):
-                self._counters["init_deferred" if due == "init" else "refresh_keep_old"] += 1
-                return False
-            f0, f1 = st["factor0"], st.get("factor1")
-            warm0 = None if due == "init" else f0
-            warm1 = None if due == "init" else f1
-            n0, n1 = ftucker.refresh_factors(g, *plan.ranks_cnn, warm0, warm1)
-            if not bool(torch.isfinite(n0).all()) or (
-                n1 is not None and not bool(torch.isfinite(n1).all())
-            ):
-                self._counters["refresh_keep_old"] += 1
-                return False
-            if due != "init" and group["moments"] == "rotate":
-                c0 = f0.float().t() @ n0
-                c1 = None if n1 is None else f1.float().t() @ n1
-                # Lifted core M x0 U0 x1 U1 re-projected: M x0 (U0_new^T U0) x1 (U1_new^T U1).
-                m = ftucker.core(self._read(st, "exp_avg", True).float(), c0, c1)
-                v = ftucker.core(
-                    self._read(st, "exp_avg_sq", False).float(),
-                    c0 * c0,
-                    None if c1 is None else c1 * c1,
+    def _updates(
+        self, lay: Layout, work: Work, active: list[int], due: Mapping[int, str]
+    ) -> list[Update]:
+        """Directions of every matrix piece (rounds of sums over split rows through the
+        layout) and convolution, with their step sizes."""
+        assert self._pending is not None
+        mats = work.matrices
+        rs = [kernels.project(mw) for mw in mats]
+        for mw, r in zip(mats, rs, strict=True):
+            if mw.index in due:
+                i = mw.index
+                self._pending[2 * i : 2 * i + 2] += fproj.residual_partials(mw.grad, r)
+        active_mats = [i for i in active if self.specs[i].kind == "matrix"]
+        rounds = [
+            {i: self._rule.sum_sizes(self.specs[i])[k] for i in active_mats}
+            for k in range(self._rule.rounds)
+        ]
+        gen = self._rule.directions(mats, rs, [self._steps[mw.index] for mw in mats])
+        try:
+            request = next(gen)
+            for sizes in rounds:
+                sums = lay.team_sum(
+                    {mw.index: t for mw, t in zip(mats, request, strict=True)}, sizes
                 )
-                self._write(st, "exp_avg", m, True)
-                self._write(st, "exp_avg_sq", v, False)
-            f0.copy_(n0)
-            if n1 is not None:
-                f1.copy_(n1)
-            self._count_refresh(st, due)
-            return True
-        gc = fproj.canonical(g, plan.side)
-        proj_state = lay.local(st["projector"])
-        if due == "init":
-            # Global count of non-finite entries and |G| mass: a zero or non-finite first
-            # gradient (DeepSpeed's construction-time step) does not initialise P.
-            sums = torch.stack([(~torch.isfinite(gc)).sum().float(), gc.abs().sum().float()])
-            if shards is not None:
-                sums = shards.sum(sums)
-            if bool(sums[0] > 0) or not bool(sums[1] > 0):
-                self._counters["init_deferred"] += 1
-                return False
-        reference = group["projector_update"] == "reference"
-        if due == "update":
-            new = fproj.correlation_update(
-                gc,
-                proj_state,
-                self._read(st, "exp_avg", True),
-                global_rows=plan.rows,
-                cos_axis="row" if plan.side == "right" else "col",
-                scale_free=not reference,
-                lr=group["projector_lr"],
-                shards=shards,
-            )[0]
-        else:
-            omega = None if due == "init" else proj_state.float().t()
-            new = fproj.rsvd(
-                gc,
-                plan.rank,
-                omega,
-                oversample=group["oversample"],
-                power_iters=group["power_iters"],
-                shards=shards,
-                fix_signs=not reference,
+                request = gen.send([sums[mw.index] for mw in mats])
+            raise AssertionError("direction rounds did not finish")  # pragma: no cover
+        except StopIteration as stop:
+            directions: list[Tensor] = stop.value
+        out = [
+            Update(
+                mw.index,
+                d,
+                self.step_size(mw.index),
+                kernels.decay_keep(mw.group),
             )
-        if not bool(torch.isfinite(new).all()):
-            self._counters["refresh_keep_old"] += 1
-            return due != "init"
-        if due != "init" and group["moments"] == "rotate":
-            c = fproj.rotation(proj_state, new)
-            m = self._read(st, "exp_avg", True)
-            if self._adafactor:
-                self._write(st, "exp_avg", m @ c.to(m.dtype), True)
-            else:
-                v = self._read(st, "exp_avg_sq", False)
-                m2, v2 = fproj.rotate_moments(m, v, c)
-                self._write(st, "exp_avg", m2, True)
-                self._write(st, "exp_avg_sq", v2, False)
-        proj_state.copy_(new)
-        self._count_refresh(st, due)
-        self._changed.add(p)
-        return True
-
-    def _count_refresh(self, st: dict[str, Any], due: str) -> None:
-        st["refreshes"] += 1
-        self._counters["refreshes"] += 1
-        if due == "recalibrate":
-            self._counters["recalibrations"] += 1
-        elif due == "update":
-            self._counters["projector_updates"] += 1
-
-    # --------------------------------------------------------------- per-kind moment steps
-    def _low_rank_updates(
-        self, items: list[tuple[Tensor, dict[str, Any], Tensor, Tensor]]
-    ) -> dict[torch.nn.Parameter, Update]:
-        """Adam on R for every COAP matrix, batched with torch._foreach per (dtype, group)."""
-        out: dict[torch.nn.Parameter, Update] = {}
-        buckets: dict[tuple[int, torch.dtype], list[Any]] = {}
-        for it in items:
-            p, group = it[0], it[1]
-            m = self._read(self.state[p], "exp_avg", True)
-            buckets.setdefault((id(group), m.dtype), []).append((*it, m))
-        for bucket in buckets.values():
-            group = bucket[0][1]
-            b1, b2 = group["betas"]
-            ms = [it[4] for it in bucket]
-            vs = [self._read(self.state[it[0]], "exp_avg_sq", False) for it in bucket]
-            rs = [it[3].to(ms[0].dtype) for it in bucket]
-            ds = fadam.adam_directions(ms, vs, rs, b1, b2, group["eps"])
-            for (p, _, _, _, _), m, v, d in zip(bucket, ms, vs, ds, strict=True):
-                st = self.state[p]
-                self._write(st, "exp_avg", m, True)
-                self._write(st, "exp_avg_sq", v, False)
-                t = int(st["step"].item())
-                alpha = fadam.adam_step_size(group["lr"], b1, b2, t) * group["scale"]
-                out[p] = self._low_rank_update(p, group, d, alpha)
+            for mw, d in zip(mats, directions, strict=True)
+        ]
+        for cw in work.convs:
+            out.append(
+                Update(
+                    cw.index,
+                    kernels.conv_update(cw, self._steps[cw.index]),
+                    self.step_size(cw.index),
+                    kernels.decay_keep(cw.group),
+                )
+            )
         return out
 
-    def _low_rank_update(
-        self, p: Tensor, group: dict[str, Any], d: Tensor, alpha: float
-    ) -> LowRankUpdate:
-        st = self.state[p]
-        changed = p in self._changed
-        self._changed.discard(p)
-        return LowRankUpdate(
-            d,
-            self._layout.local(st["projector"]),
-            self._plans[p].side,
-            alpha,
-            group["lr"] * group["weight_decay"],
-            changed,
-        )
+    # ------------------------------------------------------------------- checkpoints
+    def _group_sizes(self) -> list[int]:
+        """Parameters per group, counting the tensors state is keyed by (a wrapper's groups
+        may hold flat partitions instead)."""
+        if self._layout is None:
+            return [len(refs) for refs in self._built]
+        return [self.group_of.count(gi) for gi in range(len(self.param_groups))]
 
-    def _dense_steps(self, items: list[tuple[Tensor, dict[str, Any], Tensor, Tensor]]) -> None:
-        """AdamW (reference form), batched with torch._foreach per (group, dtypes):
+    def _packed_groups(self) -> list[dict[str, Any]]:
+        out, start = [], 0
+        for g, n in zip(self.param_groups, self._group_sizes(), strict=True):
+            hyper = {k: v for k, v in g.items() if k != "params"}
+            out.append({**hyper, "params": list(range(start, start + n))})
+            start += n
+        return out
 
-        M <- b1 M + (1 - b1) G;  V <- b2 V + (1 - b2) G^2;
-        W <- W - lr_t M / (sqrt(V) + eps);  W <- (1 - lr wd) W
-        """
-        buckets: dict[tuple[int, torch.dtype, torch.dtype], list[Any]] = {}
-        for p, group, g, _ in items:
-            st = self.state[p]
-            m = self._read(st, "exp_avg", True)
-            w = self._layout.param(p)
-            buckets.setdefault((id(group), m.dtype, w.dtype), []).append((p, group, g, m, w))
-        for bucket in buckets.values():
-            group = bucket[0][1]
-            b1, b2 = group["betas"]
-            ms = [it[3] for it in bucket]
-            vs = [self._read(self.state[it[0]], "exp_avg_sq", False) for it in bucket]
-            gs = [it[2].to(ms[0].dtype) for it in bucket]
-            ws = [it[4] for it in bucket]
-            torch._foreach_mul_(ms, b1)
-            torch._foreach_add_(ms, gs, alpha=1.0 - b1)
-            torch._foreach_mul_(vs, b2)
-            torch._foreach_addcmul_(vs, gs, gs, value=1.0 - b2)
-            denom = torch._foreach_sqrt(vs)
-            torch._foreach_add_(denom, group["eps"])
-            sizes = [
-                -fadam.adam_step_size(group["lr"], b1, b2, int(self.state[it[0]]["step"].item()))
-                for it in bucket
-            ]
-            if ws[0].dtype == ms[0].dtype:
-                torch._foreach_addcdiv_(ws, ms, denom, sizes)
-            else:
-                num = [m.to(ws[0].dtype) for m in ms]
-                torch._foreach_addcdiv_(ws, num, [d.to(ws[0].dtype) for d in denom], sizes)
-            if group["weight_decay"] > 0:
-                torch._foreach_mul_(ws, 1.0 - group["lr"] * group["weight_decay"])
-            for it, m, v in zip(bucket, ms, vs, strict=True):
-                self._write(self.state[it[0]], "exp_avg", m, True)
-                self._write(self.state[it[0]], "exp_avg_sq", v, False)
+    def _local_state_dict(self) -> dict[str, Any]:
+        """This rank's state in torch's format (indices in optimizer order), plus the
+        global step counts every rank keeps."""
+        lay = self._bound()
+        state = {i: dict(self.state[p]) for i, p in enumerate(lay.params) if self.state.get(p)}
+        return {
+            "state": state,
+            "param_groups": self._packed_groups(),
+            "coap_steps": list(self._steps),
+        }
 
-    def _conv_step(self, p: Tensor, group: dict[str, Any], core: Tensor) -> None:
-        """Adam on the Tucker core; W -= lr_t alpha back(D); W -= lr wd W."""
-        st = self.state[p]
-        b1, b2 = group["betas"]
-        m = self._read(st, "exp_avg", True)
-        v = self._read(st, "exp_avg_sq", False)
-        (d,) = fadam.adam_directions([m], [v], [core.to(m.dtype)], b1, b2, group["eps"])
-        self._write(st, "exp_avg", m, True)
-        self._write(st, "exp_avg_sq", v, False)
-        w = self._layout.param(p)
-        t = int(st["step"].item())
-        alpha = fadam.adam_step_size(group["lr"], b1, b2, t) * group["scale"]
-        w.add_(ftucker.back(d.to(w.dtype), st["factor0"], st.get("factor1")), alpha=-alpha)
-        if group["weight_decay"] > 0:
-            w.add_(w, alpha=-group["lr"] * group["weight_decay"])
-        self._changed.discard(p)
-
-    # ------------------------------------------------------------------ checkpoints, metrics
     def state_dict(self) -> dict[str, Any]:
-        """Tensors only (loads with ``torch.load(..., weights_only=True)``). Sharded-owner
-        layouts return the full, layout-independent state on every rank."""
-        self._params_this_step()
-        saved = self.state
-        with self._logical_view():
-            params = [p for g in self.param_groups for p in g["params"]]
-            full = self._layout.gather_state(
-                {p: s for p, s in saved.items() if s},
-                lambda p: self._new_state(p, self._group_of(p)),
-                params,
+        """Tensors only (loads with ``torch.load(..., weights_only=True)``).
+
+        One process or replicated state: the whole state. Sharded layouts: FSDP2's default
+        returns DTensor state for ``torch.distributed.checkpoint``; DeepSpeed this rank's
+        pieces; the other owner layouts raise unless :meth:`consolidate_state_dict` ran on
+        every rank first (then the rank it named gets the whole state). Never enters a
+        collective.
+        """
+        if self._consolidated is not None:
+            at, sd = self._consolidated
+            if at != self._step_calls:
+                raise RuntimeError(
+                    f"{self.name}: the state consolidated by consolidate_state_dict() is from "
+                    f"before the last {self._step_calls - at} step(s); call it again on every "
+                    "rank before state_dict()"
+                )
+            return sd
+        if self._layout is None:
+            if self._pending_load is not None:
+                return self._pending_load
+            return {"state": {}, "param_groups": self._packed_groups()}
+        return self._layout.state_dict(self._local_state_dict)
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Collective (call it on every rank): gather the whole single-process state on rank
+        ``to`` of the layout's group, where the next :meth:`state_dict` returns it."""
+        lay = self._bound()
+        full = lay.consolidate(to)
+        self._consolidated = None
+        if full is not None:
+            sd = {"state": full, "param_groups": self._packed_groups(), "coap_steps": list(self._steps)}
+            self._consolidated = (self._step_calls, sd)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load hyperparameters and state (any form :meth:`state_dict` returns, from any
+        world size for the whole state). State tensors keep their saved dtype and are
+        copied; each rank keeps the pieces its layout assigns it. Before the first step the
+        state is kept and applied once the layout is bound."""
+        saved = state_dict.get("param_groups")
+        if not isinstance(saved, list) or "state" not in state_dict:
+            raise ValueError(
+                f"{self.name}.load_state_dict: expected a dict with 'state' and 'param_groups' "
+                f"(an optimizer state dict), got keys {sorted(state_dict)}"
             )
-            try:
-                self.state = full  # type: ignore[assignment]
-                return super().state_dict()
-            finally:
-                self.state = saved
+        if [len(g["params"]) for g in saved] != self._group_sizes():
+            raise ValueError(
+                f"{self.name}.load_state_dict: the saved groups hold "
+                f"{[len(g['params']) for g in saved]} parameters, this optimizer's "
+                f"{self._group_sizes()}"
+            )
+        for group, old in zip(self.param_groups, saved, strict=True):
+            for k, v in old.items():
+                if k != "params":
+                    group[k] = tuple(v) if k == "betas" else v
+        for i, group in enumerate(self.param_groups):
+            validate_group(group, f"{self.name} param_groups[{i}]", adafactor=self._adafactor)
+        self._consolidated = None
+        if self._layout is None:
+            self._pending_load = dict(state_dict)
+            return
+        self._load(state_dict)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load hyperparameters and state. Unlike torch's default, state tensors keep their
-        saved dtype (fp32 state of bf16 weights, uint8 codes) and are copied, never aliased
-        with the caller's dict; ranks keep only the state their layout assigns them."""
-        self._params_this_step()
-        with self._logical_view():
-            super().load_state_dict(state_dict)
-            params = [p for g in self.param_groups for p in g["params"]]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for saved_id, p in zip(saved_ids, params, strict=True):
-            saved = state_dict["state"].get(saved_id)
-            if saved is None or not self._layout.keep_state(p):
-                self.state.pop(p, None)
-                continue
-            device = self._layout.param(p).device
-            self.state[p] = {
-                k: (v.clone() if v.ndim == 0 else v.to(device=device, copy=True))
-                if isinstance(v, Tensor)
-                else v
-                for k, v in saved.items()
-            }
-            if self._plans[p].kind == "matrix":
-                # Ranks that cache projectors get them again with the next update.
-                self._changed.add(p)
+    def _load(self, sd: Mapping[str, Any]) -> None:
+        lay = self._bound()
+        state = sd["state"]
+        for i, st in state.items():
+            if not 0 <= int(i) < len(self.specs):
+                raise ValueError(f"{self.name}.load_state_dict: state for parameter {i} of {len(self.specs)}")
+            self._check_saved(int(i), st, partial="coap_layout" in sd or _is_dtensor_state(st))
+        lay.load_state_dict(sd)
+        steps = sd.get("coap_steps")
+        if steps is None:
+            steps = [int(state[i]["step"]) if i in state else 0 for i in range(len(self.specs))]
+        self._steps = [int(k) for k in steps]
 
+    def _check_saved(self, index: int, st: Mapping[str, Any], partial: bool) -> None:
+        """Refuse state of another optimizer or other hyperparameters, naming the field."""
+        from coap_dist.optim.spec import state_shapes  # noqa: PLC0415
+
+        if partial:
+            return  # a rank's pieces: the layout checks they are its own
+        expect = state_shapes(self.specs[index])
+        where = f"{self.name}.load_state_dict: parameter {index}"
+        missing = sorted(set(expect) - set(st))
+        if missing:
+            raise ValueError(
+                f"{where}: the saved state has keys {sorted(st)} but COAP expects {sorted(expect)} "
+                f"(missing {missing}); it was saved by another optimizer or with other settings "
+                "(state_bits, algorithm)"
+            )
+        for k, (shape, _) in expect.items():
+            v = st[k]
+            if isinstance(v, Tensor) and tuple(v.shape) != tuple(shape):
+                raise ValueError(
+                    f"{where}: saved `{k}` has shape {tuple(v.shape)}, this optimizer expects "
+                    f"{tuple(shape)} (rank, projection side or shape differ)"
+                )
+
+    # ------------------------------------------------------------------------ metrics
     def state_bytes(self) -> int:
-        """Exact bytes of optimizer state held by this rank (every state tensor with ndim >= 1,
-        plus layout-side caches such as replicated projectors)."""
-        total = 0
-        for st in self.state.values():
-            for v in st.values():
-                if isinstance(v, Tensor) and v.ndim >= 1:
-                    loc = self._layout.local(v)
-                    total += loc.numel() * loc.element_size()
-        return total + self._layout.extra_state_bytes()
+        """Exact bytes of optimizer state held by this rank (every state tensor with
+        ndim >= 1; DTensor state counts its local shard)."""
+        return 0 if self._layout is None else self._layout.state_bytes()
 
     def metrics(self) -> dict[str, float]:
-        """Counters for loggers: state bytes, refreshes, projector time, skips, residual."""
+        """Counters for loggers: state bytes, refreshes, projector time, skips, residual,
+        the optimizer's collectives and bytes of the last step. Counters are the same on
+        every rank; the residual (mean over the matrices of the last refresh) is read at the
+        next step's host sync."""
         out = {f"optim/{k}": float(v) for k, v in self._counters.items()}
         out["optim/state_bytes"] = float(self.state_bytes())
         out["optim/projector_time_s"] = self._projector_time
-        out["optim/projection_residual"] = self._last_residual
-        out["optim/comm_bytes_per_step"] = float(self._layout.communicated_bytes())
+        out["optim/projection_residual"] = self._residual
+        out.update(
+            {"optim/comm_calls_per_step": 0.0, "optim/comm_bytes_per_step": 0.0}
+            | ({} if self._layout is None else self._layout.metrics())
+        )
         return out
 
-    @property
-    def layout(self) -> Layout:
-        """The distribution layout this optimizer runs under."""
-        return self._layout
+
+def _global_shape(p: Tensor) -> tuple[int, ...]:
+    """Shape of the whole parameter (DeepSpeed zero.Init keeps it in ``ds_shape``)."""
+    ds_shape = getattr(p, "ds_shape", None)
+    return tuple(ds_shape) if ds_shape is not None else tuple(p.shape)
+
+
+def _is_dtensor_state(st: Mapping[str, Any]) -> bool:
+    from torch.distributed.tensor import DTensor  # noqa: PLC0415
+
+    return any(isinstance(v, DTensor) for v in st.values())
 
 
 def _coap_defaults(**kw: Any) -> dict[str, Any]:
@@ -737,8 +575,10 @@ class COAPAdamW(_COAPBase):
         oversample / power_iters: randomized SVD options. projector_lr: correlation step size.
         stagger: spread refresh steps of matrices over the interval (flattens SVD spikes).
         state_bits: None (parameter dtype), 32, 16 (bf16) or 8 (blockwise 8-bit moments).
-        sharding: None (automatic: FSDP2 DTensors -> local row shards), "owner" (shard state
-            by owner over the data-parallel group) or "local".
+        sharding: None (automatic, bound at the first step: FSDP2 DTensors -> row shards,
+            DeepSpeed partitions -> ZeRO layout, else one process / replicated state),
+            "owner" (state sharded over the data-parallel group), "local" (FSDP2 only) or a
+            layout from ``coap_dist.distributed`` (``Fsdp1Sharding(model)``, ...).
         process_group: group for ``sharding="owner"`` (default: the world).
         skip_nonfinite: skip the step of a parameter whose gradient is not finite.
     """
@@ -765,7 +605,7 @@ class COAPAdamW(_COAPBase):
         projector_lr: float = 0.1,
         stagger: bool = False,
         state_bits: int | None = None,
-        sharding: str | None = None,
+        sharding: Any = None,
         process_group: Any = None,
         skip_nonfinite: bool = True,
     ) -> None:
@@ -807,6 +647,7 @@ class COAPAdafactor(_COAPBase):
     """
 
     _adafactor = True
+    _rule = kernels.AdafactorRule()
 
     def __init__(
         self,
@@ -834,7 +675,7 @@ class COAPAdafactor(_COAPBase):
         projector_lr: float = 0.1,
         stagger: bool = False,
         state_bits: int | None = None,
-        sharding: str | None = None,
+        sharding: Any = None,
         process_group: Any = None,
         skip_nonfinite: bool = True,
     ) -> None:
@@ -869,26 +710,3 @@ class COAPAdafactor(_COAPBase):
             process_group=process_group,
             skip_nonfinite=skip_nonfinite,
         )
-
-    def _low_rank_updates(
-        self, items: list[tuple[Tensor, dict[str, Any], Tensor, Tensor]]
-    ) -> dict[torch.nn.Parameter, Update]:
-        out: dict[torch.nn.Parameter, Update] = {}
-        for p, group, _, r in items:
-            st, plan = self.state[p], self._plans[p]
-            t = int(st["step"].item())
-            m = self._layout.local(st["exp_avg"])
-            d = fadam.adafactor_direction(
-                r,
-                m,
-                self._layout.local(st["exp_avg_sq_row"]),
-                self._layout.local(st["exp_avg_sq_col"]),
-                beta1=group["beta1"],
-                beta2t=fadam.adafactor_beta2(t, group["decay_rate"]),
-                eps1=group["eps1"],
-                clip_threshold=group["clip_threshold"],
-                global_rows=plan.rows,
-                shards=self._layout.shard_group(p),
-            )
-            out[p] = self._low_rank_update(p, group, d, group["lr"] * group["scale"])
-        return out

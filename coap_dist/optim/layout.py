@@ -1,187 +1,282 @@
-"""The interface between a COAP optimizer and a distribution strategy.
+"""The interface between a COAP optimizer and a distribution layout.
 
-The optimizer computes *updates*; a :class:`Layout` says which parameters this rank computes,
-how to see local shards, how to sum over a shard group and how updates reach every rank.
-The base class is the one-process layout; strategies in :mod:`coap_dist.distributed` subclass
-it. Strategies never import the optimizer class, and the optimizer never imports a strategy:
-``coap_dist`` installs :func:`set_layout_resolver` at import time.
+The optimizer (:mod:`coap_dist.optim.coap`) runs the step as a short loop over the phases
+below; a :class:`Layout` (one class per mode in :mod:`coap_dist.distributed`) says where each
+parameter's state lives, moves gradients, projectors and updates between ranks with a fixed
+number of collectives, and serves checkpoints. Layouts never import the optimizer class:
+they see it through :class:`Core`. The optimizer never imports a layout: ``coap_dist``
+installs :func:`set_layout_resolver` at import time, and the layout is bound late, from the
+tensors present at the first ``step()`` (so an optimizer built before ``fully_shard``,
+``accelerator.prepare`` or a DeepSpeed engine works like one built after).
+
+One step, on every rank::
+
+    ids   = layout.begin()              # parameters taking part in this call
+    flags = ... per-parameter gradient statistics of layout.local_grad(i) ...
+    host  = layout.agree(flags)         # one collective, the step's one host sync
+    work  = layout.gather(active)       # gradients to the ranks that compute them
+    layout.refresh(work, due)           # projector refreshes (rounds only for split rows)
+    ... directions (sums over split rows: layout.team_sum) ...
+    layout.scatter(updates)             # updates back to the ranks that hold the weights
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from coap_dist.functional.projection import ShardGroup, Side
+from coap_dist.optim.spec import ParamSpec
+
+State = dict[str, Any]
+
+
+@dataclasses.dataclass
+class MatrixWork:
+    """A piece of a COAP matrix this rank computes this step.
+
+    Attributes:
+        index: parameter index; spec / group / state: its plan, hyperparameters, this
+            piece's state (moments of its rows; P on the holder).
+        rows: canonical rows [start, stop) of the piece.
+        grad: gradient block, canonical (rows x b).
+        projector: P (r x b) to use this step (the holder's state, or a copy received).
+        split: whether the matrix's rows are spread over several ranks (sums over rows
+            then go through :meth:`Layout.team_sum`).
+    """
+
+    index: int
+    spec: ParamSpec
+    group: dict[str, Any]
+    state: State
+    rows: tuple[int, int]
+    grad: Tensor
+    projector: Tensor
+    split: bool
+
+
+@dataclasses.dataclass
+class DenseWork:
+    """An AdamW piece: ``weight`` is updated in place with ``grad`` (same shape)."""
+
+    index: int
+    spec: ParamSpec
+    group: dict[str, Any]
+    state: State
+    weight: Tensor
+    grad: Tensor
+
+
+@dataclasses.dataclass
+class ConvWork:
+    """A whole Tucker-projected convolution (full gradient) on the rank keeping its state."""
+
+    index: int
+    spec: ParamSpec
+    group: dict[str, Any]
+    state: State
+    grad: Tensor
+
+
+@dataclasses.dataclass
+class Work:
+    """Everything this rank computes in one step."""
+
+    matrices: list[MatrixWork]
+    dense: list[DenseWork]
+    convs: list[ConvWork]
 
 
 @dataclasses.dataclass(frozen=True)
-class MatrixGeometry:
-    """Canonical geometry of a COAP matrix: side, rank r, global rows a, columns b."""
+class Update:
+    """W <- keep (W - alpha back(D)): ``direction`` D is rows x r for a matrix piece (back:
+    D P, transposed for a left side) and the full update for a convolution."""
 
-    side: Side
-    rank: int
-    rows: int
-    cols: int
-
-
-@dataclasses.dataclass
-class LowRankUpdate:
-    """W <- W - alpha * back(D) (canonical: D P, transposed for a left side), then
-    W <- W - decay * W. ``projector`` is the (local view of the) projector P (r x b) and
-    ``projector_changed`` says whether it differs from the previous step's."""
-
+    index: int
     direction: Tensor
-    projector: Tensor
-    side: Side
     alpha: float
-    decay: float
-    projector_changed: bool
+    keep: float
 
 
-@dataclasses.dataclass
-class AppliedUpdate:
-    """The parameter was already updated in place by this rank (dense AdamW, Tucker)."""
+class Core(Protocol):
+    """What a layout may use of the optimizer it serves.
 
-
-Update = LowRankUpdate | AppliedUpdate
-
-
-def apply_low_rank(w: Tensor, u: LowRankUpdate) -> None:
-    """In place: W <- (1 - decay) (W - alpha back(D)), back(D) = D P (right) or (D P)^T (left).
-
-    This is the update followed by decoupled weight decay W <- W - decay W, folded into one
-    ``addmm_`` (beta = 1 - decay): the rank-r product goes straight into W, with no full-size
-    temporary and one pass over W.
+    Attributes:
+        name: the optimizer's class name (for messages).
+        state: per-parameter state, keyed by the layout's ``params``.
+        param_groups: the live parameter groups (hyperparameters).
+        built: per group, the tensors the optimizer was built with (None where freed).
     """
-    d = u.direction.to(w.dtype)
-    p = u.projector.to(w.dtype)
-    keep = 1.0 - u.decay
-    a, b = (d, p) if u.side == "right" else (p.t(), d.t())
-    w.addmm_(a, b, beta=keep, alpha=-u.alpha * keep)
 
+    name: str
+    state: Any
+    param_groups: list[dict[str, Any]]
+    built: list[list[Tensor | None]]
 
-class Layout:
-    """One process, or any layout where every rank holds and updates whole parameters
-    identically (plain DDP after its all-reduce). Subclasses override what differs."""
-
-    name = "single"
-    supports_quantized_state = True
-
-    def bind(
+    def plan(
         self,
-        params: Sequence[torch.nn.Parameter],
-        costs: Sequence[float],
-        geometry: Sequence[MatrixGeometry | None],
-    ) -> None:
-        """Called once with every parameter in optimizer order, its compute cost and, for
-        COAP matrices, its geometry."""
+        shapes: Sequence[tuple[int, ...]],
+        dtypes: Sequence[torch.dtype],
+        group_of: Sequence[int],
+        force_right: bool,
+    ) -> list[ParamSpec]:
+        """The plan of every parameter from its global shape, the dtype of the tensor the
+        layout updates and its group (``force_right``: every matrix right-projected, for
+        row shards)."""
+        ...
 
-    def check_config(self, config: dict[str, Any], what: str) -> None:
-        """Fail on every rank if ranks sharing parameters were given different settings."""
+    def settings(self) -> dict[str, Any]:
+        """Hyperparameters every rank must share (checked once at bind)."""
+        ...
 
-    def owns(self, p: Tensor) -> bool:
-        """Whether this rank computes the update of p (and holds its state)."""
-        return True
-
-    def local(self, t: Tensor) -> Tensor:
-        """The local tensor behind t (DTensor -> its shard)."""
-        return t
-
-    def global_shape(self, p: Tensor) -> torch.Size:
-        return p.shape
-
-    def param(self, p: Tensor) -> Tensor:
-        """The tensor the optimizer updates in place for p (its local shard by default)."""
-        return self.local(p)
-
-    def grad(self, p: Tensor) -> Tensor | None:
-        """The gradient matching :meth:`param` (None if p has none this step)."""
-        return None if p.grad is None else self.local(p.grad)
-
-    def adopt(
-        self, current: Sequence[Sequence[Tensor]], logical: Sequence[Sequence[Tensor]]
-    ) -> list[Tensor] | None:
-        """A wrapper swapped other tensors into the optimizer's groups (``current``, per group;
-        ``logical``: the parameters the optimizer was built with). Map them so that
-        :meth:`param` / :meth:`grad` reach them, and return the parameters this step() call
-        covers; None if this layout cannot map them (the optimizer then raises)."""
-        return None
-
-    def forced_side(self, p: Tensor) -> Side | None:
-        """A projection side imposed by the layout (row shards must be right-projected)."""
-        return None
-
-    def shard_group(self, p: Tensor) -> ShardGroup | None:
-        """Collectives over the ranks holding row shards of p (None: p is whole here)."""
-        return None
-
-    def supports_tucker(self, p: Tensor) -> bool:
-        return True
-
-    def wrap_state(self, p: Tensor, t: Tensor, rows_like_param: bool) -> Tensor:
-        """Turn a freshly allocated local state tensor into what the state dict stores."""
-        return t
-
-    def agree(self, ok: Tensor, params: Sequence[Tensor]) -> Tensor:
-        """Logical AND of per-parameter flags over the ranks sharing each parameter."""
-        return ok
-
-    def begin_step(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Before the step (e.g. reduce gradients to their owners)."""
-
-    def commit(
-        self, updates: dict[torch.nn.Parameter, Update], params: Sequence[torch.nn.Parameter]
-    ) -> None:
-        """Make every rank's parameters reflect the updates computed on this rank."""
-        for p, u in updates.items():
-            if isinstance(u, LowRankUpdate):
-                apply_low_rank(self.param(p), u)
-
-    def extra_state_bytes(self) -> int:
-        """Bytes held for the optimizer outside ``optimizer.state`` (e.g. projector caches)."""
-        return 0
-
-    def communicated_bytes(self) -> int:
-        """Bytes this rank sent and received for the optimizer in the last step."""
-        return 0
-
-    def gather_state(
-        self,
-        state: dict[Tensor, dict[str, Any]],
-        template: Callable[[torch.nn.Parameter], dict[str, Any]],
-        params: Sequence[torch.nn.Parameter],
-    ) -> dict[Tensor, dict[str, Any]]:
-        """The full per-parameter state, layout-independent, on every rank."""
-        return state
-
-    def keep_state(self, p: torch.nn.Parameter) -> bool:
-        """Whether loaded state for p stays on this rank."""
-        return self.owns(p)
+    def step_size(self, index: int) -> float:
+        """alpha of this step's update of COAP parameter ``index`` (same on every rank)."""
+        ...
 
 
-LayoutResolver = Callable[[Sequence[torch.nn.Parameter], str | None, Any], Layout]
+class Layout(abc.ABC):
+    """A distribution mode. Subclasses implement every phase; the names say what each does.
+
+    Attributes (set by :meth:`bind`):
+        name: the mode, e.g. ``"single"``, ``"owner"``, ``"fsdp2_local"``,
+            ``"deepspeed_zero"``.
+        device: the parameters' device, where every buffer of every collective lives.
+        world: ranks the optimizer state is spread over (1: one process or replicated).
+        params: the tensors ``state`` is keyed by, in optimizer order.
+        group_of: the group (index in ``param_groups``) of each of them.
+    """
+
+    name = "layout"
+    device: torch.device
+    world: int
+    params: list[Tensor]
+    group_of: list[int]
+
+    @abc.abstractmethod
+    def bind(self, core: Core) -> list[ParamSpec]:
+        """Plan from the tensors present now (called at the first step, or when a wrapper
+        swapped tensors in) and return every parameter's plan; may communicate once
+        (settings check, fragment maps)."""
+
+    @abc.abstractmethod
+    def begin(self) -> list[int] | None:
+        """Start a step: the parameter indices taking part in this ``step()`` call, or None
+        when a wrapper swapped the tensors in the groups since :meth:`bind` (the optimizer
+        then binds again)."""
+
+    @abc.abstractmethod
+    def local_grad(self, index: int) -> Tensor | None:
+        """This rank's gradient of parameter ``index`` as the wrapper handed it (a shard,
+        a fragment or the whole gradient), for the finiteness check; None if absent."""
+
+    @abc.abstractmethod
+    def agree(self, values: Tensor) -> list[float]:
+        """Sum of a flat float vector over the ranks, read on the host: the step's one
+        collective before any work and its one host synchronisation."""
+
+    @abc.abstractmethod
+    def ensure_state(self, index: int) -> None:
+        """Create this rank's state for parameter ``index`` if it has none (lazy state)."""
+
+    @abc.abstractmethod
+    def gather(self, active: Sequence[int]) -> Work:
+        """Move gradients (and projectors) of the active parameters to the ranks that
+        compute them; returns this rank's work."""
+
+    @abc.abstractmethod
+    def refresh(self, work: Work, due: Mapping[int, str]) -> list[Tensor]:
+        """Refresh the projectors of ``due`` (index -> "init" | "recalibrate" | "update"),
+        rotating moments, on every rank that holds a piece of those matrices. Returns the
+        acceptance flags (0-dim bool, False: non-finite, old kept) of the refreshes this
+        rank decided, each refresh counted on exactly one rank."""
+
+    @abc.abstractmethod
+    def team_sum(
+        self, partials: Mapping[int, Tensor], sizes: Mapping[int, int]
+    ) -> dict[int, Tensor]:
+        """Sum per-matrix partials over the ranks holding rows of each matrix. ``sizes``
+        gives the length of every active matrix's partial (the same on all ranks);
+        ``partials`` this rank's. One collective when any active matrix is split."""
+
+    @abc.abstractmethod
+    def scatter(self, updates: Sequence[Update], work: Work) -> None:
+        """Apply the updates to the weights on every rank that holds them."""
+
+    @abc.abstractmethod
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank keeps (tensors with ndim >= 1)."""
+
+    @abc.abstractmethod
+    def state_dict(self, saved: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The state dict this layout serves; ``saved`` builds the single-process form of the
+        state this rank holds. Raises at once (no collective) if this rank cannot serve it
+        alone, naming the call to make instead."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Keep this rank's pieces of a state dict (any form :meth:`state_dict` or one
+        process produces)."""
+
+    @abc.abstractmethod
+    def consolidate(self, to: int) -> dict[int, State] | None:
+        """Collective: the single-process state of every parameter on rank ``to`` (None
+        elsewhere)."""
+
+    def metrics(self) -> dict[str, float]:
+        """Layout counters for loggers (collectives and bytes of the last step)."""
+        return {}
+
+
+def refuse_fsdp1(tensors: Sequence[Tensor]) -> None:
+    """Raise if FSDP1 flattened these parameters: its layout needs the wrapped model."""
+    if any(getattr(t, "_fsdp_flattened", False) for t in tensors):
+        raise ValueError(
+            "COAP: these parameters are flattened by FSDP1 (FullyShardedDataParallel). FSDP1 "
+            "requires the optimizer to be built AFTER wrapping, with its layout: "
+            "COAPAdamW(fsdp_model.parameters(), ..., sharding=Fsdp1Sharding(fsdp_model)) "
+            "(use_orig_params=True), from coap_dist.distributed. Or use FSDP2 (fully_shard), "
+            "where the optimizer may be built before or after wrapping"
+        )
+
+
+LayoutResolver = Callable[[list[dict[str, Any]], list[list[Tensor | None]], Any, Any], Layout]
+"""(the optimizer's param groups now, tensors it was built with per group, sharding,
+process_group) -> an unbound Layout."""
+
 _resolver: LayoutResolver | None = None
+_construction_hooks: list[Callable[[], None]] = []
+
+
+def add_construction_hook(fn: Callable[[], None]) -> None:
+    """Run ``fn()`` whenever a COAP optimizer is built (integrations declare themselves to a
+    wrapper that inspects the optimizer right after building it, e.g. DeepSpeed's ZeRO check)."""
+    if fn not in _construction_hooks:
+        _construction_hooks.append(fn)
+
+
+def run_construction_hooks() -> None:
+    """Called by the optimizer's constructor."""
+    for fn in _construction_hooks:
+        fn()
 
 
 def set_layout_resolver(fn: LayoutResolver) -> None:
-    """Installed by ``coap_dist.distributed``: picks a layout from params and arguments."""
+    """Installed by ``coap_dist.distributed`` (and wrapped by the DeepSpeed integration)."""
     global _resolver
     _resolver = fn
 
 
 def resolve_layout(
-    params: Sequence[torch.nn.Parameter], sharding: str | None, process_group: Any
+    groups: list[dict[str, Any]],
+    built: list[list[Tensor | None]],
+    sharding: Any,
+    process_group: Any,
 ) -> Layout:
-    """The layout for these parameters: one process unless a resolver says otherwise."""
+    """The layout for the tensors present now (see :data:`LayoutResolver`)."""
     if _resolver is None:
-        if sharding not in (None, "none"):
-            raise ValueError(
-                f"sharding={sharding!r} needs coap_dist.distributed (import coap_dist)"
-            )
-        return Layout()
-    return _resolver(params, sharding, process_group)
+        raise RuntimeError("coap_dist.distributed is not imported (import coap_dist)")
+    return _resolver(groups, built, sharding, process_group)

@@ -1,0 +1,293 @@
+"""The optimizer's math on the state pieces a rank holds (no collectives).
+
+A layout hands these functions *work records* (:mod:`coap_dist.optim.layout`): a piece of
+a COAP matrix (canonical rows with their gradient block, the projector and the piece's
+state), an AdamW piece, or a whole Tucker convolution. Everything is batched over pieces
+with ``torch._foreach`` where the math is element-wise. Sums over the rows of a matrix split
+across ranks are the layout's job: :func:`adafactor_directions` yields the partials it needs
+summed and receives the sums.
+
+8-bit moments are read and written through :mod:`coap_dist.optim.storage`, so that the
+math only sees compute tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from coap_dist.functional import adam as fadam
+from coap_dist.functional import projection as fproj
+from coap_dist.functional import tucker as ftucker
+from coap_dist.optim.layout import ConvWork, DenseWork, MatrixWork
+from coap_dist.optim.spec import ParamSpec
+from coap_dist.optim.storage import read_moment, write_moment
+
+# ------------------------------------------------------------------------------ step sizes
+def adam_alpha(group: Mapping[str, Any], t: int) -> float:
+    """Step size of a COAP-AdamW matrix after t updates: lr_t alpha (bias correction folded)."""
+    b1, b2 = group["betas"]
+    return fadam.adam_step_size(group["lr"], b1, b2, t) * group["scale"]
+
+
+def decay_keep(group: Mapping[str, Any]) -> float:
+    """1 - lr wd: the factor decoupled weight decay multiplies W by."""
+    return 1.0 - group["lr"] * group["weight_decay"]
+
+
+# --------------------------------------------------------------------- low-rank directions
+def project(work: MatrixWork) -> Tensor:
+    """R = G_piece P^T (rows x r), in the gradient's dtype."""
+    return fproj.project(work.grad, work.projector.to(work.grad.dtype))
+
+
+def adamw_directions(works: Sequence[MatrixWork], rs: Sequence[Tensor]) -> list[Tensor]:
+    """Adam on R for every piece, batched with torch._foreach per (group, moment dtype):
+    M <- b1 M + (1 - b1) R; V <- b2 V + (1 - b2) R^2; D = M / (sqrt(V) + eps)."""
+    out: list[Tensor | None] = [None] * len(works)
+    buckets: dict[tuple[int, torch.dtype], list[int]] = {}
+    ms = [read_moment(w.state, "exp_avg", True) for w in works]
+    for j, (w, m) in enumerate(zip(works, ms, strict=True)):
+        buckets.setdefault((id(w.group), m.dtype), []).append(j)
+    for idx in buckets.values():
+        group = works[idx[0]].group
+        b1, b2 = group["betas"]
+        m_b = [ms[j] for j in idx]
+        v_b = [read_moment(works[j].state, "exp_avg_sq", False) for j in idx]
+        r_b = [rs[j].to(m_b[0].dtype) for j in idx]
+        d_b = fadam.adam_directions(m_b, v_b, r_b, b1, b2, group["eps"])
+        for j, m, v, d in zip(idx, m_b, v_b, d_b, strict=True):
+            write_moment(works[j].state, "exp_avg", m, True)
+            write_moment(works[j].state, "exp_avg_sq", v, False)
+            out[j] = d
+    return [d for d in out if d is not None]
+
+
+def adafactor_directions(
+    works: Sequence[MatrixWork], rs: Sequence[Tensor], steps: Sequence[int]
+) -> Generator[list[Tensor], list[Tensor], list[Tensor]]:
+    """Adafactor on R for every piece, in two rounds of sums over each matrix's rows.
+
+    Yields, per piece, a partial to be summed over the ranks holding rows of the same
+    matrix (the layout does it, one collective for all pieces; for a whole piece the sum is
+    the partial itself) and receives the sums: first the column statistics, then U^2.
+    """
+    beta2 = [
+        fadam.adafactor_beta2(t, w.group["decay_rate"]) for w, t in zip(works, steps, strict=True)
+    ]
+    stats = [
+        fadam.adafactor_row_stats(
+            r, w.state["exp_avg_sq_row"], beta2t=b2, eps1=w.group["eps1"]
+        )
+        for w, r, b2 in zip(works, rs, beta2, strict=True)
+    ]
+    sums = yield stats
+    scaled = [
+        fadam.adafactor_scaled(
+            r,
+            w.state["exp_avg_sq_row"],
+            w.state["exp_avg_sq_col"],
+            s,
+            beta2t=b2,
+            global_rows=w.spec.rows,
+        )
+        for w, r, s, b2 in zip(works, rs, sums, beta2, strict=True)
+    ]
+    sq_sums = yield [sq for _, sq in scaled]
+    return [
+        fadam.adafactor_finish(
+            u,
+            w.state["exp_avg"],
+            sq,
+            beta1=w.group["beta1"],
+            clip_threshold=w.group["clip_threshold"],
+            global_rows=w.spec.rows,
+        )
+        for w, (u, _), sq in zip(works, scaled, sq_sums, strict=True)
+    ]
+
+
+def _adamw_rounds(
+    works: Sequence[MatrixWork], rs: Sequence[Tensor], steps: Sequence[int]
+) -> Generator[list[Tensor], list[Tensor], list[Tensor]]:
+    return adamw_directions(works, rs)
+    yield  # a generator with no rounds of sums: Adam on R is row-local
+
+
+class AdamWRule:
+    """COAP-AdamW on matrices: Adam on R, alpha = lr_t scale (bias-corrected)."""
+
+    rounds = 0
+    """Rounds of sums over a split matrix's rows per step."""
+
+    def sum_sizes(self, spec: ParamSpec) -> tuple[int, ...]:
+        """Length of each round's per-matrix sum (none: the update is row-local)."""
+        return ()
+
+    def directions(
+        self, works: Sequence[MatrixWork], rs: Sequence[Tensor], steps: Sequence[int]
+    ) -> Generator[list[Tensor], list[Tensor], list[Tensor]]:
+        """Directions D per piece (a generator without rounds)."""
+        return _adamw_rounds(works, rs, steps)
+
+    def alpha(self, group: Mapping[str, Any], t: int) -> float:
+        """Step size of the back-projected direction after t updates."""
+        return adam_alpha(group, t)
+
+
+class AdafactorRule:
+    """COAP-Adafactor on matrices: factored second moment, clipping, first moment with
+    ``beta1``; alpha = lr scale (no bias correction)."""
+
+    rounds = 2
+    """Rounds of sums over a split matrix's rows per step (column statistics, RMS)."""
+
+    def sum_sizes(self, spec: ParamSpec) -> tuple[int, ...]:
+        """Column statistics and row normaliser (r + 1), then the sum of U^2 (1)."""
+        return (spec.rank + 1, 1)
+
+    def directions(
+        self, works: Sequence[MatrixWork], rs: Sequence[Tensor], steps: Sequence[int]
+    ) -> Generator[list[Tensor], list[Tensor], list[Tensor]]:
+        """Directions D per piece, after two rounds of sums over each matrix's rows."""
+        return adafactor_directions(works, rs, steps)
+
+    def alpha(self, group: Mapping[str, Any], t: int) -> float:
+        """Step size of the back-projected direction (absolute lr, scaled)."""
+        return group["lr"] * group["scale"]
+
+
+# ------------------------------------------------------------------------------ AdamW
+def dense_steps(works: Sequence[DenseWork], steps: Sequence[int]) -> None:
+    """AdamW (reference form) in place on each piece's weight, batched with torch._foreach
+    per (group, moment dtype, weight dtype):
+
+        M <- b1 M + (1 - b1) G;  V <- b2 V + (1 - b2) G^2;
+        W <- W - lr_t M / (sqrt(V) + eps);  W <- (1 - lr wd) W
+
+    with lr_t = lr sqrt(1 - b2^t) / (1 - b1^t) and t the update count after this step.
+    """
+    buckets: dict[tuple[int, torch.dtype, torch.dtype], list[int]] = {}
+    ms = [read_moment(w.state, "exp_avg", True) for w in works]
+    for j, (w, m) in enumerate(zip(works, ms, strict=True)):
+        buckets.setdefault((id(w.group), m.dtype, w.weight.dtype), []).append(j)
+    for idx in buckets.values():
+        group = works[idx[0]].group
+        b1, b2 = group["betas"]
+        m_b = [ms[j] for j in idx]
+        v_b = [read_moment(works[j].state, "exp_avg_sq", False) for j in idx]
+        g_b = [works[j].grad.to(m_b[0].dtype) for j in idx]
+        w_b = [works[j].weight for j in idx]
+        torch._foreach_mul_(m_b, b1)
+        torch._foreach_add_(m_b, g_b, alpha=1.0 - b1)
+        torch._foreach_mul_(v_b, b2)
+        torch._foreach_addcmul_(v_b, g_b, g_b, value=1.0 - b2)
+        denom = torch._foreach_sqrt(v_b)
+        torch._foreach_add_(denom, group["eps"])
+        sizes = [-fadam.adam_step_size(group["lr"], b1, b2, steps[j]) for j in idx]
+        if w_b[0].dtype == m_b[0].dtype:
+            torch._foreach_addcdiv_(w_b, m_b, denom, sizes)
+        else:
+            num = [m.to(w_b[0].dtype) for m in m_b]
+            torch._foreach_addcdiv_(w_b, num, [d.to(w_b[0].dtype) for d in denom], sizes)
+        if group["weight_decay"] > 0:
+            torch._foreach_mul_(w_b, decay_keep(group))
+        for j, m, v in zip(idx, m_b, v_b, strict=True):
+            write_moment(works[j].state, "exp_avg", m, True)
+            write_moment(works[j].state, "exp_avg_sq", v, False)
+
+
+# ------------------------------------------------------------------------------ refreshes
+def refresh_whole(work: MatrixWork, due: str) -> tuple[Tensor, Tensor]:
+    """New projector (fp32) of a matrix whose rows are all on this rank, and ok (0-dim bool):
+    a seeded (``init``) or warm-started (``recalibrate``) randomized SVD, or the
+    correlation-aware step (``update``). The exact single-process math."""
+    group, spec = work.group, work.spec
+    reference = group["projector_update"] == "reference"
+    if due == "update":
+        p_new, _ = fproj.correlation_update(
+            work.grad,
+            work.projector,
+            read_moment(work.state, "exp_avg", True),
+            global_rows=spec.rows,
+            cos_axis="row" if spec.side == "right" else "col",
+            scale_free=not reference,
+            lr=group["projector_lr"],
+        )
+        return p_new, fproj.all_finite(p_new)
+    return fproj.rsvd(
+        work.grad,
+        spec.rank,
+        None if due == "init" else work.projector,
+        oversample=group["oversample"],
+        power_iters=group["power_iters"],
+        fix_signs=not reference,
+    )
+
+
+def install_projector(
+    work: MatrixWork, p_new: Tensor, ok: Tensor, due: str, *, holder: bool
+) -> Tensor:
+    """Accept a refreshed projector where ``ok`` (device-side, no host sync): rotate this
+    piece's moments into the new basis (``moments="rotate"``: M <- M C, V <- V (C*C), or
+    Adafactor's M <- M C, with C = P_old P_new^T) and, on the holder, store P. Returns the
+    projector to use from now on (P_new, or the old one where not ok)."""
+    old = work.projector
+    use = torch.where(ok, p_new.to(old.dtype), old)
+    if due != "init" and work.group["moments"] == "rotate":
+        c = fproj.rotation(old, p_new)
+        st = work.state
+        m = read_moment(st, "exp_avg", True)
+        if "exp_avg_sq_row" in st:
+            write_moment(st, "exp_avg", torch.where(ok, m @ c.to(m.dtype), m), True)
+        else:
+            v = read_moment(st, "exp_avg_sq", False)
+            m2, v2 = fproj.rotate_moments(m, v, c)
+            write_moment(st, "exp_avg", torch.where(ok, m2, m), True)
+            write_moment(st, "exp_avg_sq", torch.where(ok, v2, v), False)
+    if holder:
+        work.state["projector"].copy_(use)
+    return use
+
+
+# ------------------------------------------------------------------------------ convs
+def conv_refresh(work: ConvWork, due: str) -> Tensor:
+    """Refresh the Tucker factors of a whole convolution in place (one HOOI sweep; rotate
+    the core moments with ``moments="rotate"``); returns ok (0-dim bool, old kept if not)."""
+    st = work.state
+    f0, f1 = st["factor0"], st.get("factor1")
+    warm = due != "init"
+    n0, n1, ok = ftucker.refresh_factors(
+        work.grad, *work.spec.ranks_cnn, f0 if warm else None, f1 if warm else None
+    )
+    if warm and work.group["moments"] == "rotate":
+        c0 = f0.float().t() @ n0
+        c1 = None if n1 is None or f1 is None else f1.float().t() @ n1
+        # Lifted core M x0 U0 x1 U1 re-projected: M x0 (U0_new^T U0) x1 (U1_new^T U1).
+        m = read_moment(st, "exp_avg", True)
+        v = read_moment(st, "exp_avg_sq", False)
+        m2 = ftucker.core(m.float(), c0, c1)
+        v2 = ftucker.core(v.float(), c0 * c0, None if c1 is None else c1 * c1)
+        write_moment(st, "exp_avg", torch.where(ok, m2.to(m.dtype), m), True)
+        write_moment(st, "exp_avg_sq", torch.where(ok, v2.to(v.dtype), v), False)
+    f0.copy_(torch.where(ok, n0.to(f0.dtype), f0))
+    if n1 is not None and f1 is not None:
+        f1.copy_(torch.where(ok, n1.to(f1.dtype), f1))
+    return ok
+
+
+def conv_update(work: ConvWork, t: int) -> Tensor:
+    """Adam on the Tucker core; returns back(D), the full-size update direction U with
+    W <- (1 - lr wd) (W - alpha U) done by the layout."""
+    st, group = work.state, work.group
+    b1, b2 = group["betas"]
+    core = ftucker.core(work.grad, st["factor0"], st.get("factor1"))
+    m = read_moment(st, "exp_avg", True)
+    v = read_moment(st, "exp_avg_sq", False)
+    (d,) = fadam.adam_directions([m], [v], [core.to(m.dtype)], b1, b2, group["eps"])
+    write_moment(st, "exp_avg", m, True)
+    write_moment(st, "exp_avg_sq", v, False)
+    return ftucker.back(d, st["factor0"], st.get("factor1"))

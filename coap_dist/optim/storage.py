@@ -1,0 +1,186 @@
+"""State tensors of one piece: allocation, 8-bit moments, and the single-process form.
+
+The *full* (single-process) form of a parameter's state is what one process holding the
+whole parameter keeps (:func:`coap_dist.optim.spec.state_shapes` with no piece). A rank of a
+sharded layout keeps a *piece* of it: some canonical rows of a matrix's moments (and P if it
+is the holder), a flat range of an AdamW parameter's moments, or a whole convolution.
+:func:`slice_full` cuts a piece out of the full form (loading a checkpoint) and
+:func:`assemble` puts pieces back together (consolidating one); both are exact, 8-bit codes
+included when the piece's boundaries fall on quantization blocks (the placement aligns
+matrix rows so; otherwise the piece is re-quantized, one rounding of the 8-bit codes).
+
+8-bit moments are stored as ``<name>_q`` (uint8 codes of the moment's shape) and
+``<name>_scale`` (fp32 maxima of consecutive ``quant.BLOCK``-element blocks of its flat
+view); :func:`read_moment` / :func:`write_moment` convert at the boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from coap_dist.functional import quant as fquant
+from coap_dist.optim.spec import ParamSpec, TensorShape, state_shapes
+
+State = dict[str, Any]
+
+MOMENTS = {"exp_avg": True, "exp_avg_sq": False}
+"""Moment names that may be 8-bit -> whether their map is signed."""
+
+
+def allocate(shapes: Mapping[str, TensorShape], device: torch.device) -> State:
+    """Zero state tensors of the given (shape, dtype); 0-d counters live on the CPU (they
+    never reach a collective, and updating them needs no device kernel)."""
+    return {
+        k: torch.zeros(shape, dtype=dtype, device=device if shape else torch.device("cpu"))
+        for k, (shape, dtype) in shapes.items()
+    }
+
+
+def read_moment(st: State, name: str, signed: bool) -> Tensor:
+    """The moment as a compute tensor (dequantized fp32 for 8-bit state)."""
+    if name in st:
+        return st[name]
+    return fquant.dequantize(st[f"{name}_q"], st[f"{name}_scale"], signed)
+
+
+def write_moment(st: State, name: str, value: Tensor, signed: bool) -> None:
+    """Store ``value`` into the moment (quantizing 8-bit state; no-op if it is the tensor)."""
+    if name in st:
+        if value.data_ptr() != st[name].data_ptr():
+            st[name].copy_(value)
+        return
+    q, scales = fquant.quantize(value, signed)
+    st[f"{name}_q"].copy_(q)
+    st[f"{name}_scale"].copy_(scales)
+
+
+def nbytes_of(st: Mapping[str, Any]) -> int:
+    """Bytes of the tensors with ndim >= 1 in a state dict."""
+    return sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, Tensor) and v.ndim)
+
+
+# ------------------------------------------------------------------------ pieces and full
+def _flat_rows(spec: ParamSpec) -> int:
+    """Elements of a moment per unit of piece: r per canonical row (matrix), 1 (AdamW)."""
+    return spec.rank if spec.kind == "matrix" else 1
+
+
+def _slice_moment(
+    full: Mapping[str, Any], name: str, lo: int, hi: int, shape: tuple[int, ...]
+) -> dict[str, Tensor]:
+    """Flat elements [lo, hi) of a full moment, as the piece's tensors of ``shape``."""
+    if name in full:
+        return {name: full[name].reshape(-1)[lo:hi].reshape(shape).clone()}
+    q, scales = full[f"{name}_q"], full[f"{name}_scale"]
+    block = fquant.BLOCK
+    if lo % block == 0 and (hi % block == 0 or hi == q.numel()):
+        return {
+            f"{name}_q": q.reshape(-1)[lo:hi].reshape(shape).clone(),
+            f"{name}_scale": scales[lo // block : -(-hi // block)].clone(),
+        }
+    value = fquant.dequantize(q, scales, MOMENTS[name]).reshape(-1)[lo:hi].reshape(shape)
+    codes, new_scales = fquant.quantize(value, MOMENTS[name])
+    return {f"{name}_q": codes, f"{name}_scale": new_scales}
+
+
+def slice_full(
+    spec: ParamSpec,
+    full: Mapping[str, Any],
+    *,
+    start: int,
+    stop: int,
+    holder: bool,
+    local_shape: tuple[int, ...] | None = None,
+    device: torch.device,
+) -> State:
+    """This rank's piece (rows [start, stop) of a matrix, flat range of an AdamW parameter;
+    a convolution is always whole) of a parameter's full-form state."""
+    expect = _piece_shapes(spec, start, stop, holder, local_shape)
+    unit = _flat_rows(spec)
+    out: State = {}
+    for key, (shape, _) in expect.items():
+        base = key[:-2] if key.endswith("_q") else key[:-6] if key.endswith("_scale") else key
+        if key.endswith("_scale"):
+            continue
+        if base in MOMENTS and spec.kind != "conv":
+            out.update(_slice_moment(full, base, start * unit, stop * unit, shape))
+        elif key == "exp_avg_sq_row":
+            out[key] = full[key][start:stop].clone()
+        else:
+            out[key] = full[key].clone() if isinstance(full[key], Tensor) else full[key]
+    return {k: _on(v, device) for k, v in out.items()}
+
+
+def _on(v: Any, device: torch.device) -> Any:
+    if isinstance(v, Tensor):
+        return v.to(device) if v.ndim else v.to("cpu")
+    return v
+
+
+def _piece_shapes(
+    spec: ParamSpec, start: int, stop: int, holder: bool, local_shape: tuple[int, ...] | None
+) -> dict[str, TensorShape]:
+    if spec.kind == "matrix":
+        return state_shapes(spec, rows=stop - start, holder=holder)
+    if spec.kind == "dense":
+        return state_shapes(spec, numel=stop - start, local_shape=local_shape)
+    return state_shapes(spec)
+
+
+def assemble(
+    spec: ParamSpec, pieces: Sequence[tuple[int, int, State]], holder_state: State | None
+) -> State:
+    """The full-form state of a parameter from its pieces ((start, stop, state) in order of
+    start, covering every row or element) and, for a split matrix whose holder keeps no
+    rows, the holder's state (its projector). Tensors end on the CPU."""
+    first = pieces[0][2]
+    full = state_shapes(spec)
+    out: State = {}
+    for key, (shape, _) in full.items():
+        if key.endswith("_scale"):
+            continue
+        base = key[:-2] if key.endswith("_q") else key
+        if base in MOMENTS and spec.kind != "conv" and len(pieces) > 1:
+            out.update(_join_moment(base, shape, [p[2] for p in pieces], MOMENTS[base]))
+        elif key == "exp_avg_sq_row" and len(pieces) > 1:
+            out[key] = torch.cat([p[2][key].cpu() for p in pieces])
+        elif key == "projector":
+            owner = next((p[2] for p in pieces if "projector" in p[2]), holder_state)
+            assert owner is not None, "a split matrix's holder state is missing"
+            out[key] = owner["projector"].cpu()
+        else:
+            out[key] = _reshape(first, key, shape, spec).cpu()
+            if base in MOMENTS and f"{base}_scale" in first:
+                out[f"{base}_scale"] = first[f"{base}_scale"].cpu()
+    return out
+
+
+def _reshape(st: State, key: str, shape: tuple[int, ...], spec: ParamSpec) -> Tensor:
+    v = st[key]
+    return v.reshape(shape) if spec.kind == "dense" and v.ndim else v
+
+
+def _join_moment(
+    name: str, shape: tuple[int, ...], states: Sequence[State], signed: bool
+) -> dict[str, Tensor]:
+    if name in states[0]:
+        return {name: torch.cat([s[name].cpu().reshape(-1) for s in states]).reshape(shape)}
+    codes = [s[f"{name}_q"].cpu().reshape(-1) for s in states]
+    aligned = all(c.numel() % fquant.BLOCK == 0 for c in codes[:-1])
+    if aligned:
+        return {
+            f"{name}_q": torch.cat(codes).reshape(shape),
+            f"{name}_scale": torch.cat([s[f"{name}_scale"].cpu() for s in states]),
+        }
+    value = torch.cat(
+        [
+            fquant.dequantize(c, s[f"{name}_scale"].cpu(), signed)
+            for c, s in zip(codes, states, strict=True)
+        ]
+    ).reshape(shape)
+    q, scales = fquant.quantize(value, signed)
+    return {f"{name}_q": q, f"{name}_scale": scales}
