@@ -155,7 +155,7 @@ class Fsdp2Local(Layout):
 
     # ------------------------------------------------------------------------------ bind
     def bind(self, core: Core) -> list[ParamSpec]:
-        current = [list(g["params"]) for g in core.param_groups]
+        current = [list(g["params"]) for g in core.groups]
         self._core = core
         self._dparams, self.group, self.world = _attach_dtensors(current)
         self.params = list(self._dparams)
@@ -198,15 +198,15 @@ class Fsdp2Local(Layout):
         return chunk_range(s.rank, self.world, self.rank if rank is None else rank)
 
     # ------------------------------------------------------------------------------ step
-    def begin(self) -> list[int] | None:
+    def begin(self, present: Sequence[bool]) -> list[int] | None:
         assert self._core is not None
         self.comm.reset()
-        current = [list(g["params"]) for g in self._core.param_groups]
+        current = [list(g["params"]) for g in self._core.groups]
         if [len(g) for g in current] != self._sizes or any(
             a is not b for a, b in zip((t for g in current for t in g), self._current, strict=True)
         ):
             return None
-        return list(range(len(self._dparams)))
+        return [i for i in range(len(self._dparams)) if present[self.group_of[i]]]
 
     def local_grad(self, index: int) -> Tensor | None:
         g = self._dparams[index].grad
@@ -245,7 +245,7 @@ class Fsdp2Local(Layout):
         work = Work([], [], [])
         for i in self._active:
             p, s = self._dparams[i], self.specs[i]
-            group = self._core.param_groups[self.group_of[i]]
+            group = self._core.groups[self.group_of[i]]
             g = p.grad
             assert g is not None
             st = self._state(i)

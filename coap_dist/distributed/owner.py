@@ -284,7 +284,7 @@ class OwnerLayout(Layout):
     def bind(self, core: Core) -> list[ParamSpec]:
         view = self.view
         self._core = core
-        params = view.attach([list(g["params"]) for g in core.param_groups], core.built)
+        params = view.attach([list(g["params"]) for g in core.groups], core.built)
         self._params = params
         self.params = params
         self.device = view.device()
@@ -380,10 +380,14 @@ class OwnerLayout(Layout):
                 self._factor_rows[i][(t, d)] = rr
 
     # ------------------------------------------------------------------------------ step
-    def begin(self) -> list[int] | None:
+    def begin(self, present: Sequence[bool]) -> list[int] | None:
         assert self._core is not None
         self.comm.reset()
-        return self.view.begin([list(g["params"]) for g in self._core.param_groups])
+        current = [list(g["params"]) for g in self._core.groups]
+        ids = self.view.begin(current)
+        if ids is None:
+            return None
+        return [i for i in ids if present[self.group_of[i]]]
 
     def local_grad(self, index: int) -> Tensor | None:
         return self.view.grad(index)
@@ -435,7 +439,7 @@ class OwnerLayout(Layout):
 
     def _group(self, index: int) -> dict[str, Any]:
         assert self._core is not None
-        return self._core.param_groups[self.group_of[index]]
+        return self._core.groups[self.group_of[index]]
 
     def _grad_box(self, index: int, box: Box) -> Tensor:
         e = self._entries[index]
@@ -1026,11 +1030,14 @@ class OwnerLayout(Layout):
         return sum(nbytes_of(self._core.state[p]) for p in self._params if self._core.state.get(p))
 
     def state_dict(self, saved: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        if self.world == 1:
-            return saved()
         if self.view.rank_local:
             sd = saved()
             sd["coap_layout"] = self._tag()
+            return sd
+        if self.world == 1:
+            sd = saved()
+            if any(e.frags is not None for e in self._entries):
+                sd["state"] = self.consolidate(0)  # fragment-shaped pieces -> whole tensors
             return sd
         raise RuntimeError(
             f"COAP under the `{self.name}` layout keeps 1/{self.world} of the optimizer state "
@@ -1067,7 +1074,7 @@ class OwnerLayout(Layout):
                 self._core.state.pop(p, None)
                 continue
             holder = e.holder == self.rank
-            if tag is not None or self.world == 1:
+            if tag is not None:
                 if e.mine is not None or holder:
                     self._core.state[p] = {
                         k: (v.to(self.device) if v.ndim else v.clone().cpu())

@@ -105,9 +105,13 @@ class _COAPBase(Optimizer):
         # must be freed; DeepSpeed keeps its model parameters alive, and this optimizer
         # needs them (its groups then hold flat partitions).
         self._built = [[weakref.ref(p) for p in g["params"]] for g in self.param_groups]
+        # The group dicts, in order: wrappers may show a subset in ``param_groups`` during a
+        # step (DeepSpeed ZeRO 1-2 steps one group at a time) or swap their tensors.
+        self.groups: list[dict[str, Any]] = list(self.param_groups)
         self._sharding = sharding
         self._process_group = process_group
         self._layout: Layout | None = None
+        self._layout_stale = False
         self.specs: list[ParamSpec] = []
         self.group_of: list[int] = []
         self._steps: list[int] = []
@@ -156,14 +160,14 @@ class _COAPBase(Optimizer):
                 make_spec(
                     index=i,
                     group_index=gi,
-                    group=self.param_groups[gi],
+                    group=self.groups[gi],
                     shape=shape,
                     fmt=self._format(dtype),
                     forced_side="right" if force_right else None,
                     where=f"{self.name} param_groups[{gi}]",
                 )
             )
-        return with_stagger(specs, self.param_groups)
+        return with_stagger(specs, self.groups)
 
     def _format(self, dtype: torch.dtype) -> StateFormat:
         """State dtypes for a parameter updated in ``dtype`` (a wrapper's fp32 master copy
@@ -179,14 +183,14 @@ class _COAPBase(Optimizer):
     def settings(self) -> dict[str, Any]:
         """Settings every rank must share: group hyperparameters, sizes, state_bits."""
         out: dict[str, Any] = {"state_bits": self.state_bits, "skip_nonfinite": self.skip_nonfinite}
-        for i, g in enumerate(self.param_groups):
+        for i, g in enumerate(self.groups):
             for k, v in g.items():
                 out[f"param_groups[{i}].{k}"] = len(v) if k == "params" else v
         return out
 
     def step_size(self, index: int) -> float:
         """alpha of this step's update of low-rank parameter ``index`` (after its count)."""
-        spec, group = self.specs[index], self.param_groups[self.group_of[index]]
+        spec, group = self.specs[index], self.groups[self.group_of[index]]
         if spec.kind == "conv":
             return kernels.adam_alpha(group, self._steps[index])
         return self._rule.alpha(group, self._steps[index])
@@ -221,7 +225,7 @@ class _COAPBase(Optimizer):
                     "consolidate_state_dict() and load into a new optimizer"
                 )
             old_state = self._local_state_dict()
-        layout = resolve_layout(self.param_groups, self.built, self._sharding, self._process_group)
+        layout = resolve_layout(self.groups, self.built, self._sharding, self._process_group)
         self.specs = layout.bind(self)
         self.group_of = layout.group_of
         self._layout = layout
@@ -241,12 +245,13 @@ class _COAPBase(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        present = self._present_groups()
         lay = self._bound()
-        ids = lay.begin()
+        ids = lay.begin(present)
         if ids is None:
             self._bind()
             lay = self._bound()
-            ids = lay.begin()
+            ids = lay.begin(present)
             assert ids is not None
         self._step_calls += 1
         host = lay.agree(self._grad_stats(lay, ids))
@@ -269,6 +274,21 @@ class _COAPBase(Optimizer):
         kernels.dense_steps(work.dense, [self._steps[w.index] for w in work.dense])
         lay.scatter(updates, work)
         return loss
+
+    def _present_groups(self) -> list[bool]:
+        """Which of :attr:`groups` take part in this call (all, unless a wrapper steps a
+        subset); groups added since (``add_param_group``) join and force a new binding."""
+        shown = self.param_groups
+        for g in shown:
+            if not any(g is h for h in self.groups):
+                self.groups.append(g)
+                self._built.append([weakref.ref(p) for p in g["params"]])
+                validate_group(g, f"{self.name} param_groups[{len(self.groups) - 1}]", adafactor=self._adafactor)
+                self._layout_stale = True
+        if self._layout_stale and self._layout is not None:
+            self._layout_stale = False
+            self._bind()
+        return [any(g is h for h in shown) for g in self.groups]
 
     def _grad_stats(self, lay: Layout, ids: list[int]) -> Tensor:
         """[has gradient, non-finite, non-zero] per parameter (this rank's pieces), then the
@@ -328,7 +348,7 @@ class _COAPBase(Optimizer):
         k = self._steps[index]
         if k == 0:
             return "init"
-        group = self.param_groups[self.group_of[index]]
+        group = self.groups[self.group_of[index]]
         kk = k + spec.offset
         tu = group["update_interval"]
         if kk % (tu * group["reproject_factor"]) == 0:
@@ -397,11 +417,11 @@ class _COAPBase(Optimizer):
         may hold flat partitions instead)."""
         if self._layout is None:
             return [len(refs) for refs in self._built]
-        return [self.group_of.count(gi) for gi in range(len(self.param_groups))]
+        return [self.group_of.count(gi) for gi in range(len(self.groups))]
 
     def _packed_groups(self) -> list[dict[str, Any]]:
         out, start = [], 0
-        for g, n in zip(self.param_groups, self._group_sizes(), strict=True):
+        for g, n in zip(self.groups, self._group_sizes(), strict=True):
             hyper = {k: v for k, v in g.items() if k != "params"}
             out.append({**hyper, "params": list(range(start, start + n))})
             start += n
@@ -469,11 +489,19 @@ class _COAPBase(Optimizer):
                 f"{[len(g['params']) for g in saved]} parameters, this optimizer's "
                 f"{self._group_sizes()}"
             )
-        for group, old in zip(self.param_groups, saved, strict=True):
+        # Saved parameter ids are positions in the saved groups (torch's convention; DCP
+        # uses fully qualified names): map them to this optimizer's order.
+        position = {pid: i for i, pid in enumerate(pid for g in saved for pid in g["params"])}
+        state_dict = {
+            **state_dict,
+            "state": {position[k]: v for k, v in state_dict["state"].items() if k in position},
+            "param_groups": [{**g, "params": [position[p] for p in g["params"]]} for g in saved],
+        }
+        for group, old in zip(self.groups, saved, strict=True):
             for k, v in old.items():
                 if k != "params":
                     group[k] = tuple(v) if k == "betas" else v
-        for i, group in enumerate(self.param_groups):
+        for i, group in enumerate(self.groups):
             validate_group(group, f"{self.name} param_groups[{i}]", adafactor=self._adafactor)
         self._consolidated = None
         if self._layout is None:

@@ -108,13 +108,14 @@ class Core(Protocol):
     Attributes:
         name: the optimizer's class name (for messages).
         state: per-parameter state, keyed by the layout's ``params``.
-        param_groups: the live parameter groups (hyperparameters).
+        groups: every parameter group dict, in order (a wrapper may show only some of
+            them in ``param_groups`` during a step).
         built: per group, the tensors the optimizer was built with (None where freed).
     """
 
     name: str
     state: Any
-    param_groups: list[dict[str, Any]]
+    groups: list[dict[str, Any]]
     built: list[list[Tensor | None]]
 
     def plan(
@@ -147,7 +148,7 @@ class Layout(abc.ABC):
         device: the parameters' device, where every buffer of every collective lives.
         world: ranks the optimizer state is spread over (1: one process or replicated).
         params: the tensors ``state`` is keyed by, in optimizer order.
-        group_of: the group (index in ``param_groups``) of each of them.
+        group_of: the group (index in the optimizer's ``groups``) of each of them.
     """
 
     name = "layout"
@@ -163,10 +164,10 @@ class Layout(abc.ABC):
         (settings check, fragment maps)."""
 
     @abc.abstractmethod
-    def begin(self) -> list[int] | None:
-        """Start a step: the parameter indices taking part in this ``step()`` call, or None
-        when a wrapper swapped the tensors in the groups since :meth:`bind` (the optimizer
-        then binds again)."""
+    def begin(self, present: Sequence[bool]) -> list[int] | None:
+        """Start a step: the parameter indices taking part in this ``step()`` call
+        (``present``: which groups the caller shows now), or None when a wrapper swapped the
+        tensors in the groups since :meth:`bind` (the optimizer then binds again)."""
 
     @abc.abstractmethod
     def local_grad(self, index: int) -> Tensor | None:
