@@ -71,8 +71,8 @@ from coap_dist.functional import projection as fproj
 from coap_dist.functional import quant as fquant
 from coap_dist.functional import tucker as ftucker
 from coap_dist.models.llama import LLAMA_PRESETS, Llama, LlamaConfig
-from coap_dist.optim.spec import QUANT_MIN_NUMEL
 from coap_dist.optim.params import param_groups
+from coap_dist.optim.spec import QUANT_MIN_NUMEL
 
 __all__ = [
     "MIB",

@@ -134,11 +134,15 @@ class Comm:
         return out
 
     def exchange(
-        self, sends: dict[int, list[Tensor]], expects: dict[int, list[Expect]]
+        self, sends: dict[int, list[Tensor]], expects: dict[int, list[Expect]], *, needed: bool
     ) -> dict[int, list[Tensor]]:
         """One ``all_to_all_single`` round: ``sends[q]`` go to rank q, ``expects[q]`` describe
         what rank q sends here, in the order it sends them. Tensors to self are passed on
-        without a copy. Returns the received tensors per source rank (views of one buffer)."""
+        without a copy. Returns the received tensors per source rank (views of one buffer).
+
+        ``needed`` must be the same on every rank (whether any rank sends anything this
+        round, known from the placement): a rank with nothing to send or receive still
+        joins the collective, or the ranks would disagree on the sequence of collectives."""
         out: dict[int, list[Tensor]] = {self.rank: list(sends.get(self.rank, []))}
         in_sizes = [0] * self.world
         out_sizes = [0] * self.world
@@ -154,7 +158,7 @@ class Comm:
                     chunks.append(torch.zeros(pad, dtype=torch.uint8, device=self.device))
                 in_sizes[q] += raw.numel() + pad
             out_sizes[q] = sum(padded(e.nbytes) for e in expects.get(q, []))
-        if self.world > 1 and (any(in_sizes) or any(out_sizes)):
+        if self.world > 1 and needed:
             inp = (
                 torch.cat(chunks)
                 if chunks

@@ -41,7 +41,9 @@ class Fsdp1View(FragmentView):
             if not handle._use_orig_params:
                 raise ValueError("Fsdp1Sharding needs FSDP(..., use_orig_params=True)")
             flat = handle.flat_param
-            for p, shape, info in zip(flat._params, flat._shapes, flat._shard_param_infos, strict=True):
+            for p, shape, info in zip(
+                flat._params, flat._shapes, flat._shard_param_infos, strict=True
+            ):
                 if info.in_shard:
                     start, stop = info.intra_param_start_idx, info.intra_param_end_idx + 1
                 else:

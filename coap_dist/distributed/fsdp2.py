@@ -54,11 +54,15 @@ def _shard_dim(p: DTensor) -> int | None:
                 )
             dim = mesh_dim
         elif not isinstance(placement, Replicate):
-            raise ValueError(f"COAP under FSDP2: unsupported placement {placement} of {tuple(p.shape)}")
+            raise ValueError(
+                f"COAP under FSDP2: unsupported placement {placement} of {tuple(p.shape)}"
+            )
     return dim
 
 
-def _attach_dtensors(current: list[list[Tensor]]) -> tuple[list[DTensor], dist.ProcessGroup | None, int]:
+def _attach_dtensors(
+    current: list[list[Tensor]],
+) -> tuple[list[DTensor], dist.ProcessGroup | None, int]:
     """The DTensor parameters, their shard group and its size (checked to be one)."""
     flat = [t for g in current for t in g]
     if not all(isinstance(t, DTensor) for t in flat):
@@ -121,7 +125,12 @@ class Fsdp2View(FragmentView):
                 continue
             row = math.prod(p.shape[1:])
             out.append(
-                [(a * row, b * row) for a, b in (chunk_range(p.shape[0], self._world, r) for r in range(self._world))]
+                [
+                    (a * row, b * row)
+                    for a, b in (
+                        chunk_range(p.shape[0], self._world, r) for r in range(self._world)
+                    )
+                ]
             )
         return out
 
@@ -251,7 +260,16 @@ class Fsdp2Local(Layout):
             st = self._state(i)
             if s.kind == "matrix":
                 work.matrices.append(
-                    MatrixWork(i, s, group, st, self._rows(i), g._local_tensor, self._full_p[i], self._sharded(i))
+                    MatrixWork(
+                        i,
+                        s,
+                        group,
+                        st,
+                        self._rows(i),
+                        g._local_tensor,
+                        self._full_p[i],
+                        self._sharded(i),
+                    )
                 )
             else:
                 work.dense.append(DenseWork(i, s, group, st, p._local_tensor, g._local_tensor))
@@ -328,7 +346,9 @@ class Fsdp2Local(Layout):
         iters = max((mine[i].group["power_iters"] for i in rsvd_items), default=0)
         for it in range(iters):
             part = [i for i in rsvd_items if mine[i].group["power_iters"] > it]
-            grams = self._all_reduce_list([sketch[i].double().t() @ sketch[i].double() for i in part])
+            grams = self._all_reduce_list(
+                [sketch[i].double().t() @ sketch[i].double() for i in part]
+            )
             zs = self._all_reduce_list(
                 [
                     mine[i].grad.float().t() @ (sketch[i].double() @ fproj.inverse_sqrt(w)).float()
@@ -344,7 +364,10 @@ class Fsdp2Local(Layout):
             if due[i] == "update":
                 partials[i] = [
                     fproj.correlation_partials(
-                        mw.grad, mw.projector, read_moment(mw.state, "exp_avg", True), cos_axis="row"
+                        mw.grad,
+                        mw.projector,
+                        read_moment(mw.state, "exp_avg", True),
+                        cos_axis="row",
                     )
                 ]
             else:

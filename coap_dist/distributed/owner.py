@@ -38,7 +38,6 @@ pieces, at any world size. DeepSpeed saves each rank's pieces (``rank_local``).
 from __future__ import annotations
 
 import abc
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -46,9 +45,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from coap_dist.distributed.boxes import Box, intersect, region_of, view_in_fragment, view_in_region
+from coap_dist.distributed.boxes import Box, intersect, view_in_fragment, view_in_region
 from coap_dist.distributed.comm import Comm, Expect
 from coap_dist.distributed.placement import Piece, Placement, Range, owner_placement
+from coap_dist.distributed.routes import Geometry, Route, geometries, plan_routes
 from coap_dist.functional import projection as fproj
 from coap_dist.optim import kernels
 from coap_dist.optim.layout import (
@@ -195,9 +195,8 @@ class ReplicatedView(FragmentView):
                 "one optimizer per device"
             )
         keys = [t for g in built for t in g]
-        copies = (
-            [len(g) for g in current] == [len(g) for g in built]
-            and all(k is not None and k.shape == t.shape for k, t in zip(keys, flat, strict=True))
+        copies = [len(g) for g in current] == [len(g) for g in built] and all(
+            k is not None and k.shape == t.shape for k, t in zip(keys, flat, strict=True)
         )
         self._tensors = flat
         self.remember(current, current)  # type: ignore[arg-type]
@@ -222,35 +221,6 @@ class ReplicatedView(FragmentView):
         return self._tensors[index].grad
 
 
-@dataclasses.dataclass
-class _Entry:
-    """Per-parameter bound facts (the same on every rank except ``mine``)."""
-
-    spec: ParamSpec
-    shape2: tuple[int, int]
-    frags: list[Range] | None
-    holder: int
-    pieces: tuple[Piece, ...]
-    mine: Piece | None
-    split: bool
-
-    @property
-    def team(self) -> tuple[int, ...]:
-        return tuple(p.rank for p in self.pieces)
-
-    def region(self, piece: Piece) -> Box:
-        """W2 box of a piece: rows / columns of a matrix, flat range of the rest."""
-        if self.spec.kind == "matrix":
-            return region_of((piece.start, piece.stop), self.shape2, self.spec.side == "right")
-        if self.spec.kind == "conv":
-            return Box(0, 1, 0, self.shape2[1])
-        return Box(0, 1, piece.start, piece.stop)
-
-    def fragment(self, rank: int) -> Range:
-        """Flat range rank holds (everything when replicated)."""
-        return (0, self.spec.numel) if self.frags is None else self.frags[rank]
-
-
 class OwnerLayout(Layout):
     """The owner protocol over a :class:`FragmentView` (module docstring).
 
@@ -272,12 +242,13 @@ class OwnerLayout(Layout):
         self.rank = 0
         self.placement: Placement | None = None
         self._core: Core | None = None
-        self._entries: list[_Entry] = []
+        self._entries: list[Geometry] = []
+        self._mine: list[Piece | None] = []
         self._params: list[Tensor] = []
-        self._recv_grad: list[list[tuple[int, list[Box]]]] = []
-        self._send_grad: list[list[tuple[int, list[Box]]]] = []
-        self._factor: list[dict[int, bool]] = []
-        self._factor_rows: list[dict[tuple[int, int], tuple[int, int]]] = []
+        self._g_out: list[list[Route]] = []
+        self._g_in: list[list[Route]] = []
+        self._s_out: list[list[Route]] = []
+        self._s_in: list[list[Route]] = []
         self._active: list[int] = []
 
     # ------------------------------------------------------------------------------ bind
@@ -298,86 +269,19 @@ class OwnerLayout(Layout):
         self.placement = owner_placement(
             specs, self.world, frags, split=self.split, imbalance=self.imbalance
         )
-        self._entries = []
-        for spec in specs:
-            i = spec.index
-            shape2 = (spec.shape[0], spec.shape[1]) if spec.kind == "matrix" else (1, spec.numel)
-            pieces = self.placement.pieces[i]
-            self._entries.append(
-                _Entry(
-                    spec,
-                    shape2,
-                    frags[i],
-                    self.placement.holder[i],
-                    pieces,
-                    self.placement.piece(i, self.rank),
-                    spec.lowrank and not self.placement.whole(i),
-                )
-            )
-        self._tables()
-        return specs
-
-    def _tables(self) -> None:
-        """Who sends which gradient rectangles to whom, and the update mode of each
-        destination: computed once, the same on every rank."""
+        self._entries = geometries(specs, self.placement, frags)
+        self._mine = [self.placement.piece(i, self.rank) for i in range(len(specs))]
+        gather, scatter = plan_routes(
+            self._entries, self.world, reduced=view.reduced, solo=view.solo
+        )
         me = self.rank
-        n = len(self._entries)
-        self._recv_grad = [[] for _ in range(n)]
-        self._send_grad = [[] for _ in range(n)]
-        self._factor = [{} for _ in range(n)]
-        self._factor_rows = [{} for _ in range(n)]
-        for i, e in enumerate(self._entries):
-            if e.spec.kind == "dense" and e.frags is not None:
-                continue  # AdamW on own fragments: nothing moves
-            ncols = e.shape2[1]
-            sources = range(self.world) if e.frags is not None or not self.view.reduced else ()
-            for pc in e.pieces:
-                region = e.region(pc)
-                for q in sources:
-                    if q == pc.rank and e.frags is not None:
-                        continue  # own fragment: copied locally
-                    frag = (0, e.spec.numel) if e.frags is None else e.frags[q]
-                    boxes = intersect(frag, region, ncols)
-                    if not boxes:
-                        continue
-                    if pc.rank == me and q != me:
-                        self._recv_grad[i].append((q, boxes))
-                    if q == me and pc.rank != me:
-                        self._send_grad[i].append((pc.rank, boxes))
-            if e.spec.kind == "matrix":
-                self._update_modes(i, e)
-
-    def _update_modes(self, i: int, e: _Entry) -> None:
-        """For each rank holding weights of matrix i: factors (D rows + P) if fewer bytes than
-        its update rectangles, with the rows of each member's D it needs."""
-        spec = e.spec
-        esz = self.view.dtype(i).itemsize
-        for d in range(self.world):
-            frag = e.fragment(d)
-            if frag[1] <= frag[0]:
-                continue
-            upd = fac = 0
-            rows: dict[int, tuple[int, int]] = {}
-            for pc in e.pieces:
-                if pc.rank == d:
-                    continue
-                boxes = intersect(frag, e.region(pc), e.shape2[1])
-                if not boxes:
-                    continue
-                upd += sum(b.numel for b in boxes) * esz
-                if spec.side == "right":
-                    lo, hi = min(b.r0 for b in boxes), max(b.r1 for b in boxes)
-                else:
-                    lo, hi = min(b.c0 for b in boxes), max(b.c1 for b in boxes)
-                rows[pc.rank] = (lo - pc.start, hi - pc.start)
-                fac += (hi - lo) * spec.rank * esz
-            if not rows:
-                continue
-            if d not in e.team and d != e.holder:
-                fac += spec.rank * spec.cols * esz
-            self._factor[i][d] = fac < upd
-            for t, rr in rows.items():
-                self._factor_rows[i][(t, d)] = rr
+        self._g_any = [bool(rs) for rs in gather]
+        self._s_any = [bool(rs) for rs in scatter]
+        self._g_out = [[r for r in rs if r.src == me] for rs in gather]
+        self._g_in = [[r for r in rs if r.dst == me] for rs in gather]
+        self._s_out = [[r for r in rs if r.src == me] for rs in scatter]
+        self._s_in = [[r for r in rs if r.dst == me] for rs in scatter]
+        return specs
 
     # ------------------------------------------------------------------------------ step
     def begin(self, present: Sequence[bool]) -> list[int] | None:
@@ -402,22 +306,22 @@ class OwnerLayout(Layout):
         p = self._params[index]
         if self._core.state.get(p):
             return
-        e = self._entries[index]
+        e, mine = self._entries[index], self._mine[index]
         holder = e.holder == self.rank
-        if e.mine is None and not holder:
+        if mine is None and not holder:
             return
         if e.spec.kind == "matrix":
-            if e.mine is None:
+            if mine is None:
                 shapes = {
                     k: v
                     for k, v in state_shapes(e.spec, holder=True).items()
                     if k in ("step", "refreshes", "projector")
                 }
             else:
-                shapes = state_shapes(e.spec, rows=e.mine.size, holder=holder)
+                shapes = state_shapes(e.spec, rows=mine.size, holder=holder)
         elif e.spec.kind == "dense":
-            assert e.mine is not None
-            shapes = state_shapes(e.spec, numel=e.mine.size, local_shape=self._dense_shape(index))
+            assert mine is not None
+            shapes = state_shapes(e.spec, numel=mine.size, local_shape=self._dense_shape(index))
         else:
             shapes = state_shapes(e.spec)
         self._core.state[p] = allocate(shapes, self.device)
@@ -425,13 +329,13 @@ class OwnerLayout(Layout):
     def _dense_shape(self, index: int) -> tuple[int, ...]:
         """Shape of an AdamW piece's moments: the shape of the tensor it updates (the
         fragment as the wrapper hands it, the parameter when whole, else flat)."""
-        e = self._entries[index]
-        assert e.mine is not None
+        e, mine = self._entries[index], self._mine[index]
+        assert mine is not None
         if e.frags is not None:
             local = self.view.local(index)
             assert local is not None
             return tuple(local.shape)
-        return e.spec.shape if e.mine.size == e.spec.numel else (e.mine.size,)
+        return e.spec.shape if mine.size == e.spec.numel else (mine.size,)
 
     def _state(self, index: int) -> dict[str, Any]:
         assert self._core is not None
@@ -442,85 +346,77 @@ class OwnerLayout(Layout):
         return self._core.groups[self.group_of[index]]
 
     def _grad_box(self, index: int, box: Box) -> Tensor:
+        """This rank's gradient in ``box`` (zeros when it has none this step: a parameter
+        unused on this rank under ZeRO-2 contributes nothing to the sum)."""
         e = self._entries[index]
         g = self.view.grad(index)
-        assert g is not None
+        if g is None:
+            return torch.zeros(box.shape, dtype=self.view.dtype(index), device=self.device)
         return view_in_fragment(g, e.fragment(self.rank)[0], e.shape2[1], box)
 
     def gather(self, active: Sequence[int]) -> Work:
         self._active = list(active)
-        me = self.rank
         sends: dict[int, list[Tensor]] = {}
         expects: dict[int, list[Expect]] = {}
         for i in self._active:
-            e = self._entries[i]
             gdt = self.view.dtype(i)
-            for t, boxes in self._send_grad[i]:
-                sends.setdefault(t, []).extend(self._grad_box(i, b) for b in boxes)
-            for q, boxes in self._recv_grad[i]:
-                expects.setdefault(q, []).extend(Expect(b.shape, gdt) for b in boxes)
-            if e.spec.kind == "matrix" and e.split:
-                pshape = (e.spec.rank, e.spec.cols)
-                if e.holder == me:
-                    proj = self._state(i)["projector"]
-                    for t in e.team:
-                        if t != me:
-                            sends.setdefault(t, []).append(proj)
-                elif e.mine is not None:
-                    expects.setdefault(e.holder, []).append(
-                        Expect(pshape, e.spec.fmt.projector_dtype)
-                    )
-        got = self.comm.exchange(sends, expects)
+            for r in self._g_out[i]:
+                if r.kind == "grad":
+                    sends.setdefault(r.dst, []).extend(self._grad_box(i, b) for b in r.boxes)
+                else:
+                    sends.setdefault(r.dst, []).append(self._state(i)["projector"])
+            for r in self._g_in[i]:
+                if r.kind == "grad":
+                    expects.setdefault(r.src, []).extend(Expect(b.shape, gdt) for b in r.boxes)
+                else:
+                    pdt = self._entries[i].spec.fmt.projector_dtype
+                    expects.setdefault(r.src, []).append(Expect(r.shape, pdt))
+        got = self.comm.exchange(sends, expects, needed=any(self._g_any[i] for i in self._active))
         cursor = {q: 0 for q in got}
         work = Work([], [], [])
         for i in self._active:
-            e = self._entries[i]
             received: list[tuple[Box, Tensor]] = []
-            for q, boxes in self._recv_grad[i]:
-                for b in boxes:
-                    received.append((b, got[q][cursor[q]]))
-                    cursor[q] += 1
             proj = None
-            if e.spec.kind == "matrix" and e.split and e.mine is not None and e.holder != me:
-                proj = got[e.holder][cursor[e.holder]]
-                cursor[e.holder] += 1
-            if e.mine is None:
-                continue
-            self._add_work(work, i, e, received, proj)
+            for r in self._g_in[i]:
+                if r.kind == "grad":
+                    for b in r.boxes:
+                        received.append((b, got[r.src][cursor[r.src]]))
+                        cursor[r.src] += 1
+                else:
+                    proj = got[r.src][cursor[r.src]]
+                    cursor[r.src] += 1
+            if self._mine[i] is not None:
+                self._add_work(work, i, received, proj)
         return work
 
     def _add_work(
-        self,
-        work: Work,
-        i: int,
-        e: _Entry,
-        received: list[tuple[Box, Tensor]],
-        proj: Tensor | None,
+        self, work: Work, i: int, received: list[tuple[Box, Tensor]], proj: Tensor | None
     ) -> None:
-        assert e.mine is not None
+        e, mine = self._entries[i], self._mine[i]
+        assert mine is not None
         st, group = self._state(i), self._group(i)
         if e.spec.kind == "dense" and e.frags is not None:
             local, g = self.view.local(i), self.view.grad(i)
             assert local is not None and g is not None
             work.dense.append(DenseWork(i, e.spec, group, st, local, g))
             return
-        region = e.region(e.mine)
+        region = e.region(mine)
         block = self._region_grad(i, e, region, received)
         if e.spec.kind == "dense":
             local = self.view.local(i)
             assert local is not None
-            weight = local.view(-1)[e.mine.start : e.mine.stop].view(self._dense_shape(i))
+            weight = local.view(-1)[mine.start : mine.stop].view(self._dense_shape(i))
             work.dense.append(DenseWork(i, e.spec, group, st, weight, block.view(weight.shape)))
         elif e.spec.kind == "conv":
             work.convs.append(ConvWork(i, e.spec, group, st, block.reshape(e.spec.shape)))
         else:
             canon = fproj.canonical(block, e.spec.side)
             p = st["projector"] if proj is None else proj
-            rows = (e.mine.start, e.mine.stop)
+            rows = (mine.start, mine.stop)
             work.matrices.append(MatrixWork(i, e.spec, group, st, rows, canon, p, e.split))
 
     def _region_grad(
-        self, i: int, e: _Entry, region: Box, received: list[tuple[Box, Tensor]]
+        self, i: int, e: Geometry, region: Box, received: list[tuple[Box, Tensor]]
     ) -> Tensor:
         """This rank's region of the gradient (W2 coordinates): a view of the whole local
         gradient under DDP, else assembled from its own fragment and the rectangles
@@ -533,7 +429,9 @@ class OwnerLayout(Layout):
         if not self.view.reduced:
             buf = torch.zeros(region.shape, dtype=dtype, device=self.device)
             if g is not None:
-                buf += view_in_region(g.reshape(e.shape2), Box(0, e.shape2[0], 0, e.shape2[1]), region)
+                buf += view_in_region(
+                    g.reshape(e.shape2), Box(0, e.shape2[0], 0, e.shape2[1]), region
+                )
             for b, t in received:
                 view_in_region(buf, region, b).add_(t.view(b.shape))
             return buf.div_(self.world)
@@ -602,7 +500,7 @@ class OwnerLayout(Layout):
                             sends.setdefault(t, []).extend(payload(i))
                 if me in e.team and me != h:
                     expects.setdefault(h, []).extend(shapes(i))
-        got = self.comm.exchange(sends, expects)
+        got = self.comm.exchange(sends, expects, needed=bool(items))
         cursor = {q: 0 for q in got}
         out: dict[int, list[list[Tensor]]] = {}
         for i in items:
@@ -646,7 +544,9 @@ class OwnerLayout(Layout):
                 sketch[i] = mw.grad.float() @ omega
         iters = max((self._group(i)["power_iters"] for i in rsvd_items), default=0)
         for it in range(iters):
-            self._power_round(mine, sketch, [i for i in rsvd_items if self._group(i)["power_iters"] > it])
+            self._power_round(
+                mine, sketch, [i for i in rsvd_items if self._group(i)["power_iters"] > it]
+            )
 
         def k_of(i: int) -> int:
             return self._entries[i].spec.rank + self._group(i)["oversample"]
@@ -723,7 +623,9 @@ class OwnerLayout(Layout):
                 proj.copy_(torch.where(ok, p_new.to(proj.dtype), proj))
         return oks
 
-    def _power_round(self, mine: dict[int, MatrixWork], sketch: dict[int, Tensor], items: list[int]) -> None:
+    def _power_round(
+        self, mine: dict[int, MatrixWork], sketch: dict[int, Tensor], items: list[int]
+    ) -> None:
         """One power iteration of a team's randomized SVD: Y <- G (G^T Q), Q = Y W^{-1/2}."""
         if not items:
             return
@@ -737,7 +639,9 @@ class OwnerLayout(Layout):
             lambda i: [sketch[i].double().t() @ sketch[i].double()],
             lambda i: [Expect((k_of(i), k_of(i)), torch.float64)],
         )
-        inv = {i: [fproj.inverse_sqrt(torch.stack([x[0] for x in v]).sum(0))] for i, v in grams.items()}
+        inv = {
+            i: [fproj.inverse_sqrt(torch.stack([x[0] for x in v]).sum(0))] for i, v in grams.items()
+        }
         got = self._round(
             items, False, lambda i: inv[i], lambda i: [Expect((k_of(i), k_of(i)), torch.float64)]
         )
@@ -749,7 +653,10 @@ class OwnerLayout(Layout):
                 proj_t[i] = mine[i].grad.float().t() @ q
         cols = lambda i: self._entries[i].spec.cols  # noqa: E731
         sums = self._round(
-            items, True, lambda i: [proj_t[i]], lambda i: [Expect((cols(i), k_of(i)), torch.float32)]
+            items,
+            True,
+            lambda i: [proj_t[i]],
+            lambda i: [Expect((cols(i), k_of(i)), torch.float32)],
         )
         total = {i: [torch.stack([x[0] for x in v]).sum(0)] for i, v in sums.items()}
         back = self._round(
@@ -783,94 +690,75 @@ class OwnerLayout(Layout):
 
     # --------------------------------------------------------------------------- updates
     def scatter(self, updates: Sequence[Update], work: Work) -> None:
-        me = self.rank
-        by_index = {u.index: u for u in updates}
+        ups = {u.index: u for u in updates}
         mats = {mw.index: mw for mw in work.matrices}
         sends: dict[int, list[Tensor]] = {}
         expects: dict[int, list[Expect]] = {}
         lifted: dict[int, Tensor] = {}
         for i in self._active:
-            e = self._entries[i]
             wdt = self.view.dtype(i)
-            if e.spec.kind == "matrix":
-                self._matrix_messages(i, e, by_index, mats, sends, expects, lifted, wdt)
-            elif e.spec.kind == "conv":
-                self._full_messages(i, e, by_index, sends, expects, wdt)
-            elif e.frags is None and not self.view.solo:
-                self._dense_messages(i, e, sends, expects, wdt)
-        got = self.comm.exchange(sends, expects)
+            for r in self._s_out[i]:
+                sends.setdefault(r.dst, []).extend(self._outgoing(i, r, ups, mats, lifted, wdt))
+            for r in self._s_in[i]:
+                shapes = [b.shape for b in r.boxes] if r.kind == "update" else [r.shape]
+                expects.setdefault(r.src, []).extend(Expect(sh, wdt) for sh in shapes)
+        got = self.comm.exchange(sends, expects, needed=any(self._s_any[i] for i in self._active))
         cursor = {q: 0 for q in got}
-
-        def take(q: int, k: int = 1) -> list[Tensor]:
-            out = got[q][cursor[q] : cursor[q] + k]
-            cursor[q] += k
-            return out
-
         for i in self._active:
-            e = self._entries[i]
-            if e.spec.kind == "matrix":
-                self._apply_matrix(i, e, by_index, mats, lifted, take)
-            elif e.spec.kind == "conv":
-                self._apply_full(i, e, by_index, take)
-            elif e.frags is None and not self.view.solo:
-                self._apply_dense(i, e, take)
+            received: dict[tuple[int, str], list[Tensor]] = {}
+            for r in self._s_in[i]:
+                k = len(r.boxes) if r.kind == "update" else 1
+                received[(r.src, r.kind)] = got[r.src][cursor[r.src] : cursor[r.src] + k]
+                cursor[r.src] += k
+            kind = self._entries[i].spec.kind
+            if kind == "matrix":
+                self._apply_matrix(i, ups, mats, received)
+            elif kind == "conv":
+                self._apply_conv(i, ups, received)
+            else:
+                for (q, _), (t,) in received.items():
+                    local = self.view.local(i)
+                    assert local is not None
+                    pc = self.placement.piece(i, q) if self.placement else None
+                    assert pc is not None
+                    local.view(-1)[pc.start : pc.stop].copy_(t)
+
+    def _outgoing(
+        self,
+        i: int,
+        r: Route,
+        ups: Mapping[int, Update],
+        mats: Mapping[int, MatrixWork],
+        lifted: dict[int, Tensor],
+        wdt: torch.dtype,
+    ) -> list[Tensor]:
+        """The tensors of one scatter-round message this rank sends."""
+        e = self._entries[i]
+        if r.kind == "dense":
+            local = self.view.local(i)
+            assert local is not None
+            pc = self._mine[i]
+            assert pc is not None
+            return [local.view(-1)[pc.start : pc.stop]]
+        if r.kind == "proj":
+            p = mats[i].projector if i in mats else self._state(i)["projector"]
+            return [p.to(wdt)]
+        if r.kind == "rows":
+            return [ups[i].direction[r.rows[0] : r.rows[1]].to(wdt)]
+        if e.spec.kind == "conv":
+            u = ups[i].direction.to(wdt).reshape(e.shape2)
+            region = Box(0, 1, 0, e.shape2[1])
+        else:
+            mine = self._mine[i]
+            assert mine is not None
+            if i not in lifted:
+                lifted[i] = self._lift(ups[i].direction, mats[i].projector, e.spec, wdt)
+            u, region = lifted[i], e.region(mine)
+        return [view_in_region(u, region, b) for b in r.boxes]
 
     def _alpha_keep(self, i: int) -> tuple[float, float]:
         assert self._core is not None
         return self._core.step_size(i), kernels.decay_keep(self._group(i))
-
-    def _matrix_messages(
-        self,
-        i: int,
-        e: _Entry,
-        ups: Mapping[int, Update],
-        mats: Mapping[int, MatrixWork],
-        sends: dict[int, list[Tensor]],
-        expects: dict[int, list[Expect]],
-        lifted: dict[int, Tensor],
-        wdt: torch.dtype,
-    ) -> None:
-        me = self.rank
-        spec = e.spec
-        # As a member: my rows' D (or U rectangles) to every rank holding weights there.
-        if e.mine is not None:
-            mw, u = mats[i], ups[i]
-            region = e.region(e.mine)
-            for (t, d), (lo, hi) in self._factor_rows[i].items():
-                if t != me:
-                    continue
-                if self._factor[i][d]:
-                    sends.setdefault(d, []).append(u.direction[lo:hi].to(wdt))
-                else:
-                    if i not in lifted:
-                        lifted[i] = self._lift(u.direction, mw.projector, spec, wdt)
-                    boxes = intersect(e.fragment(d), region, e.shape2[1])
-                    sends.setdefault(d, []).extend(
-                        view_in_region(lifted[i], region, b) for b in boxes
-                    )
-        # As the holder: P to ranks outside the team that take factors.
-        if e.holder == me:
-            for d, fac in self._factor[i].items():
-                if fac and d != me and d not in e.team:
-                    sends.setdefault(d, []).append(self._holder_projector(i, mats))
-        # As a rank holding weights: what the members (and the holder) send me.
-        if me in self._factor[i]:
-            for pc in e.pieces:
-                if pc.rank == me or (pc.rank, me) not in self._factor_rows[i]:
-                    continue
-                if self._factor[i][me]:
-                    lo, hi = self._factor_rows[i][(pc.rank, me)]
-                    expects.setdefault(pc.rank, []).append(Expect((hi - lo, spec.rank), wdt))
-                else:
-                    for b in intersect(e.fragment(me), e.region(pc), e.shape2[1]):
-                        expects.setdefault(pc.rank, []).append(Expect(b.shape, wdt))
-            if self._factor[i][me] and me not in e.team and me != e.holder:
-                expects.setdefault(e.holder, []).append(Expect((spec.rank, spec.cols), wdt))
-
-    def _holder_projector(self, i: int, mats: Mapping[int, MatrixWork]) -> Tensor:
-        if i in mats:
-            return mats[i].projector.to(self.view.dtype(i))
-        return self._state(i)["projector"].to(self.view.dtype(i))
 
     @staticmethod
     def _lift(d: Tensor, p: Tensor, spec: ParamSpec, wdt: torch.dtype) -> Tensor:
@@ -881,109 +769,71 @@ class OwnerLayout(Layout):
     def _apply_matrix(
         self,
         i: int,
-        e: _Entry,
         ups: Mapping[int, Update],
         mats: Mapping[int, MatrixWork],
-        lifted: dict[int, Tensor],
-        take: Callable[[int, int], list[Tensor]],
+        received: Mapping[tuple[int, str], list[Tensor]],
     ) -> None:
-        me = self.rank
+        """W_frag <- keep (W_frag - alpha U) on this rank's fragment, piece by piece: its own
+        piece from D and P, the others from the D rows or update rectangles received."""
+        me, e = self.rank, self._entries[i]
         local = self.view.local(i)
         frag = e.fragment(me)
         if local is None or frag[1] <= frag[0]:
             return
         alpha, keep = self._alpha_keep(i)
-        wdt = local.dtype
-        start, ncols = frag[0], e.shape2[1]
-        received: dict[int, list[Tensor]] = {}
-        proj: Tensor | None = None
-        if me in self._factor[i]:
-            for pc in e.pieces:
-                if pc.rank == me or (pc.rank, me) not in self._factor_rows[i]:
-                    continue
-                if self._factor[i][me]:
-                    received[pc.rank] = take(pc.rank, 1)
-                else:
-                    nb = len(intersect(frag, e.region(pc), ncols))
-                    received[pc.rank] = take(pc.rank, nb)
-            if self._factor[i][me]:
-                if me in e.team:
-                    proj = mats[i].projector.to(wdt)
-                elif me == e.holder:
-                    proj = self._state(i)["projector"].to(wdt)
-                else:
-                    proj = take(e.holder, 1)[0]
+        wdt, start, ncols = local.dtype, frag[0], e.shape2[1]
+        proj = None
+        if i in mats:
+            proj = mats[i].projector.to(wdt)
+        elif e.holder == me:
+            proj = self._state(i)["projector"].to(wdt)
+        elif (e.holder, "proj") in received:
+            proj = received[(e.holder, "proj")][0]
         for pc in e.pieces:
             boxes = intersect(frag, e.region(pc), ncols)
             if not boxes:
                 continue
             if pc.rank == me:
-                u = ups[i]
-                self._apply_factor(local, start, ncols, boxes, u.direction.to(wdt), 0, pc, mats[i].projector.to(wdt), e.spec, alpha, keep)
-            elif self._factor[i][me]:
-                lo, _ = self._factor_rows[i][(pc.rank, me)]
                 assert proj is not None
-                self._apply_factor(local, start, ncols, boxes, received[pc.rank][0], lo, pc, proj, e.spec, alpha, keep)
+                _apply_factor(
+                    local,
+                    start,
+                    ncols,
+                    boxes,
+                    ups[i].direction.to(wdt),
+                    0,
+                    pc,
+                    proj,
+                    e.spec,
+                    alpha,
+                    keep,
+                )
+            elif (pc.rank, "rows") in received:
+                route = next(r for r in self._s_in[i] if r.src == pc.rank and r.kind == "rows")
+                assert proj is not None
+                _apply_factor(
+                    local,
+                    start,
+                    ncols,
+                    boxes,
+                    received[(pc.rank, "rows")][0],
+                    route.rows[0],
+                    pc,
+                    proj,
+                    e.spec,
+                    alpha,
+                    keep,
+                )
             else:
-                for b, t in zip(boxes, received[pc.rank], strict=True):
+                for b, t in zip(boxes, received[(pc.rank, "update")], strict=True):
                     view_in_fragment(local, start, ncols, b).mul_(keep).add_(
                         t.view(b.shape), alpha=-alpha * keep
                     )
 
-    @staticmethod
-    def _apply_factor(
-        local: Tensor,
-        start: int,
-        ncols: int,
-        boxes: Sequence[Box],
-        d_rows: Tensor,
-        lo: int,
-        pc: Piece,
-        proj: Tensor,
-        spec: ParamSpec,
-        alpha: float,
-        keep: float,
+    def _apply_conv(
+        self, i: int, ups: Mapping[int, Update], received: Mapping[tuple[int, str], list[Tensor]]
     ) -> None:
-        """W_box <- keep W_box - alpha keep (D P)_box for each box, D's rows starting at
-        canonical row pc.start + lo (one addmm per box, like one process's single addmm)."""
-        for b in boxes:
-            view = view_in_fragment(local, start, ncols, b)
-            if spec.side == "right":
-                a = d_rows[b.r0 - pc.start - lo : b.r1 - pc.start - lo]
-                bmat = proj[:, b.c0 : b.c1]
-            else:
-                a = proj[:, b.r0 : b.r1].t()
-                bmat = d_rows[b.c0 - pc.start - lo : b.c1 - pc.start - lo].t()
-            view.addmm_(a, bmat, beta=keep, alpha=-alpha * keep)
-
-    def _full_messages(
-        self,
-        i: int,
-        e: _Entry,
-        ups: Mapping[int, Update],
-        sends: dict[int, list[Tensor]],
-        expects: dict[int, list[Expect]],
-        wdt: torch.dtype,
-    ) -> None:
-        """Convolutions: the holder sends each weight holder its rectangles of U."""
-        me, region = self.rank, Box(0, 1, 0, e.shape2[1])
-        if e.holder == me:
-            u = ups[i].direction.to(wdt).reshape(e.shape2)
-            for d in range(self.world):
-                frag = e.fragment(d)
-                if d != me and frag[1] > frag[0]:
-                    boxes = intersect(frag, region, e.shape2[1])
-                    sends.setdefault(d, []).extend(view_in_region(u, region, b) for b in boxes)
-        else:
-            frag = e.fragment(me)
-            if frag[1] > frag[0]:
-                for b in intersect(frag, region, e.shape2[1]):
-                    expects.setdefault(e.holder, []).append(Expect(b.shape, wdt))
-
-    def _apply_full(
-        self, i: int, e: _Entry, ups: Mapping[int, Update], take: Callable[[int, int], list[Tensor]]
-    ) -> None:
-        me = self.rank
+        me, e = self.rank, self._entries[i]
         local = self.view.local(i)
         frag = e.fragment(me)
         if local is None or frag[1] <= frag[0]:
@@ -995,34 +845,11 @@ class OwnerLayout(Layout):
             u = ups[i].direction.to(local.dtype).reshape(e.shape2)
             parts = [view_in_region(u, region, b) for b in boxes]
         else:
-            parts = take(e.holder, len(boxes))
+            parts = received[(e.holder, "update")]
         for b, t in zip(boxes, parts, strict=True):
             view_in_fragment(local, frag[0], e.shape2[1], b).mul_(keep).add_(
                 t.reshape(b.shape), alpha=-alpha * keep
             )
-
-    def _dense_messages(
-        self, i: int, e: _Entry, sends: dict[int, list[Tensor]], expects: dict[int, list[Expect]], wdt: torch.dtype
-    ) -> None:
-        """DDP: every AdamW piece's new values to every other rank (ZeRO-1's all-gather)."""
-        me = self.rank
-        local = self.view.local(i)
-        assert local is not None
-        for pc in e.pieces:
-            if pc.rank == me:
-                piece = local.view(-1)[pc.start : pc.stop]
-                for d in range(self.world):
-                    if d != me:
-                        sends.setdefault(d, []).append(piece)
-            else:
-                expects.setdefault(pc.rank, []).append(Expect((pc.size,), wdt))
-
-    def _apply_dense(self, i: int, e: _Entry, take: Callable[[int, int], list[Tensor]]) -> None:
-        local = self.view.local(i)
-        assert local is not None
-        for pc in e.pieces:
-            if pc.rank != self.rank:
-                local.view(-1)[pc.start : pc.stop].copy_(take(pc.rank, 1)[0])
 
     # ------------------------------------------------------------------------ checkpoints
     def state_bytes(self) -> int:
@@ -1066,7 +893,7 @@ class OwnerLayout(Layout):
                 f"{tag.get('world')} under another placement; it loads only into the same rank "
                 "of the same job shape. Use consolidate_state_dict() for a portable checkpoint"
             )
-        for e in self._entries:
+        for e, mine in zip(self._entries, self._mine, strict=True):
             i = e.spec.index
             p = self._params[i]
             saved = state.get(i)
@@ -1075,7 +902,7 @@ class OwnerLayout(Layout):
                 continue
             holder = e.holder == self.rank
             if tag is not None:
-                if e.mine is not None or holder:
+                if mine is not None or holder:
                     self._core.state[p] = {
                         k: (v.to(self.device) if v.ndim else v.clone().cpu())
                         if isinstance(v, Tensor)
@@ -1083,10 +910,10 @@ class OwnerLayout(Layout):
                         for k, v in saved.items()
                     }
                 continue
-            if e.mine is None and not holder:
+            if mine is None and not holder:
                 self._core.state.pop(p, None)
                 continue
-            if e.mine is None:
+            if mine is None:
                 self._core.state[p] = {
                     k: (saved[k].to(self.device) if k == "projector" else saved[k].clone().cpu())
                     for k in ("step", "refreshes", "projector")
@@ -1095,8 +922,8 @@ class OwnerLayout(Layout):
             self._core.state[p] = slice_full(
                 e.spec,
                 saved,
-                start=e.mine.start,
-                stop=e.mine.stop,
+                start=mine.start,
+                stop=mine.stop,
                 holder=holder,
                 local_shape=self._dense_shape(i) if e.spec.kind == "dense" else None,
                 device=self.device,
@@ -1106,17 +933,21 @@ class OwnerLayout(Layout):
         assert self._core is not None
         me = self.rank
         mine: list[tuple[int, int, int, dict[str, Any]]] = []
-        for e in self._entries:
+        for e, pc in zip(self._entries, self._mine, strict=True):
             st = self._core.state.get(self._params[e.spec.index])
             if not st:
                 continue
-            pc = e.mine
             start, stop = (pc.start, pc.stop) if pc is not None else (-1, -1)
             mine.append((e.spec.index, start, stop, st))
         if self.world == 1:
             return self._assemble({0: mine})
         manifest = [
-            (i, a, b, [(k, tuple(v.shape), v.dtype) for k, v in st.items() if isinstance(v, Tensor)])
+            (
+                i,
+                a,
+                b,
+                [(k, tuple(v.shape), v.dtype) for k, v in st.items() if isinstance(v, Tensor)],
+            )
             for i, a, b, st in mine
         ]
         manifests = self.comm.all_gather_objects(manifest)
@@ -1124,12 +955,16 @@ class OwnerLayout(Layout):
         for q in range(self.world):
             if q == to:
                 if me == to:
-                    collected[q] = [(i, a, b, {k: _cpu(v) for k, v in st.items()}) for i, a, b, st in mine]
+                    collected[q] = [
+                        (i, a, b, {k: _cpu(v) for k, v in st.items()}) for i, a, b, st in mine
+                    ]
                 continue
             if me == q:
                 flat = [v for _, _, _, st in mine for v in st.values() if isinstance(v, Tensor)]
                 if flat:
-                    buf = torch.cat([v.detach().reshape(-1).view(torch.uint8).to(self.device) for v in flat])
+                    buf = torch.cat(
+                        [v.detach().reshape(-1).view(torch.uint8).to(self.device) for v in flat]
+                    )
                     dist.send(buf, self.comm.global_rank(to), group=self.view.group)
             elif me == to:
                 entries = manifests[q]
@@ -1175,6 +1010,32 @@ class OwnerLayout(Layout):
             "optim/comm_calls_per_step": float(self.comm.calls),
             "optim/comm_bytes_per_step": float(max(self.comm.sent, self.comm.received)),
         }
+
+
+def _apply_factor(
+    local: Tensor,
+    start: int,
+    ncols: int,
+    boxes: Sequence[Box],
+    d_rows: Tensor,
+    lo: int,
+    pc: Piece,
+    proj: Tensor,
+    spec: ParamSpec,
+    alpha: float,
+    keep: float,
+) -> None:
+    """W_box <- keep W_box - alpha keep (D P)_box for each box, D's rows starting at
+    canonical row pc.start + lo (one addmm per box, like one process's single addmm)."""
+    for b in boxes:
+        view = view_in_fragment(local, start, ncols, b)
+        if spec.side == "right":
+            a = d_rows[b.r0 - pc.start - lo : b.r1 - pc.start - lo]
+            bmat = proj[:, b.c0 : b.c1]
+        else:
+            a = proj[:, b.r0 : b.r1].t()
+            bmat = d_rows[b.c0 - pc.start - lo : b.c1 - pc.start - lo].t()
+        view.addmm_(a, bmat, beta=keep, alpha=-alpha * keep)
 
 
 def _cpu(v: Any) -> Any:

@@ -81,7 +81,7 @@ def adafactor_finish(
 ) -> Tensor:
     """Last phase, from the summed U^2 over all rows (m updated in place; returns D = M):
 
-        U <- U / max(1, RMS(U) / clip_threshold);   M <- b1 M + (1 - b1) U
+    U <- U / max(1, RMS(U) / clip_threshold);   M <- b1 M + (1 - b1) U
     """
     rms = (sq_sum / (global_rows * u.shape[1])).sqrt()
     u.div_((rms / clip_threshold).clamp_(min=1.0))
@@ -105,6 +105,4 @@ def adafactor_direction(
     rows = r.shape[0]
     sums = adafactor_row_stats(r, v_row, beta2t=beta2t, eps1=eps1)
     u, sq = adafactor_scaled(r, v_row, v_col, sums, beta2t=beta2t, global_rows=rows)
-    return adafactor_finish(
-        u, m, sq, beta1=beta1, clip_threshold=clip_threshold, global_rows=rows
-    )
+    return adafactor_finish(u, m, sq, beta1=beta1, clip_threshold=clip_threshold, global_rows=rows)

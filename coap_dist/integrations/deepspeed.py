@@ -134,7 +134,7 @@ def _refuse_offload(key: str) -> None:
         f"COAP under DeepSpeed: zero_optimization.{key} is not supported: offloaded "
         "optimizers run on CPU copies of flat shards, which COAP's collectives (NCCL) and "
         f"matrix structure cannot use. Remove zero_optimization.{key} (COAP's state is "
-        "already ~r/min(m, n) of AdamW's), or use \"type\": \"AdamW\" if you need offload"
+        'already ~r/min(m, n) of AdamW\'s), or use "type": "AdamW" if you need offload'
     )
 
 
@@ -252,7 +252,9 @@ class DeepSpeedZero3View(FragmentView):
         for i, p in enumerate(self._params):
             part = self._position(i)[2]
             numel = p.ds_numel  # type: ignore[attr-defined]
-            out.append([(min(r * part, numel), min((r + 1) * part, numel)) for r in range(comm.world)])
+            out.append(
+                [(min(r * part, numel), min((r + 1) * part, numel)) for r in range(comm.world)]
+            )
         return out
 
     def _numel(self, index: int) -> int:

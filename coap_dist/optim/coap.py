@@ -255,6 +255,14 @@ class _COAPBase(Optimizer):
             assert ids is not None
         self._step_calls += 1
         host = lay.agree(self._grad_stats(lay, ids))
+        if self._step_calls == 1 and ids and not any(host[3 * i] for i in ids):
+            raise RuntimeError(
+                f"{self.name}: the first step() found no gradient on any of its "
+                f"{len(ids)} parameters on any rank. If the optimizer was built before "
+                "fully_shard / FSDP wrapping, its parameters are no longer the model's: build "
+                "it after wrapping, or let accelerate.prepare(model, optimizer) or the HF "
+                "Trainer swap them in (both supported)"
+            )
         active = self._decide(lay, ids, host)
         due = {i: kind for i in active if (kind := self._due(i)) is not None}
         for i in active:
@@ -283,7 +291,11 @@ class _COAPBase(Optimizer):
             if not any(g is h for h in self.groups):
                 self.groups.append(g)
                 self._built.append([weakref.ref(p) for p in g["params"]])
-                validate_group(g, f"{self.name} param_groups[{len(self.groups) - 1}]", adafactor=self._adafactor)
+                validate_group(
+                    g,
+                    f"{self.name} param_groups[{len(self.groups) - 1}]",
+                    adafactor=self._adafactor,
+                )
                 self._layout_stale = True
         if self._layout_stale and self._layout is not None:
             self._layout_stale = False
@@ -469,7 +481,11 @@ class _COAPBase(Optimizer):
         full = lay.consolidate(to)
         self._consolidated = None
         if full is not None:
-            sd = {"state": full, "param_groups": self._packed_groups(), "coap_steps": list(self._steps)}
+            sd = {
+                "state": full,
+                "param_groups": self._packed_groups(),
+                "coap_steps": list(self._steps),
+            }
             self._consolidated = (self._step_calls, sd)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -514,7 +530,9 @@ class _COAPBase(Optimizer):
         state = sd["state"]
         for i, st in state.items():
             if not 0 <= int(i) < len(self.specs):
-                raise ValueError(f"{self.name}.load_state_dict: state for parameter {i} of {len(self.specs)}")
+                raise ValueError(
+                    f"{self.name}.load_state_dict: state for parameter {i} of {len(self.specs)}"
+                )
             self._check_saved(int(i), st, partial="coap_layout" in sd or _is_dtensor_state(st))
         lay.load_state_dict(sd)
         steps = sd.get("coap_steps")
@@ -524,7 +542,7 @@ class _COAPBase(Optimizer):
 
     def _check_saved(self, index: int, st: Mapping[str, Any], partial: bool) -> None:
         """Refuse state of another optimizer or other hyperparameters, naming the field."""
-        from coap_dist.optim.spec import state_shapes  # noqa: PLC0415
+        from coap_dist.optim.spec import state_shapes
 
         if partial:
             return  # a rank's pieces: the layout checks they are its own
@@ -574,7 +592,7 @@ def _global_shape(p: Tensor) -> tuple[int, ...]:
 
 
 def _is_dtensor_state(st: Mapping[str, Any]) -> bool:
-    from torch.distributed.tensor import DTensor  # noqa: PLC0415
+    from torch.distributed.tensor import DTensor
 
     return any(isinstance(v, DTensor) for v in st.values())
 

@@ -26,6 +26,7 @@ from coap_dist.optim.layout import ConvWork, DenseWork, MatrixWork
 from coap_dist.optim.spec import ParamSpec
 from coap_dist.optim.storage import read_moment, write_moment
 
+
 # ------------------------------------------------------------------------------ step sizes
 def adam_alpha(group: Mapping[str, Any], t: int) -> float:
     """Step size of a COAP-AdamW matrix after t updates: lr_t alpha (bias correction folded)."""
@@ -79,9 +80,7 @@ def adafactor_directions(
         fadam.adafactor_beta2(t, w.group["decay_rate"]) for w, t in zip(works, steps, strict=True)
     ]
     stats = [
-        fadam.adafactor_row_stats(
-            r, w.state["exp_avg_sq_row"], beta2t=b2, eps1=w.group["eps1"]
-        )
+        fadam.adafactor_row_stats(r, w.state["exp_avg_sq_row"], beta2t=b2, eps1=w.group["eps1"])
         for w, r, b2 in zip(works, rs, beta2, strict=True)
     ]
     sums = yield stats

@@ -156,7 +156,10 @@ def _moment(
 ) -> dict[str, TensorShape]:
     numel = math.prod(shape)
     if spec.quantized_moment(whole_numel):
-        return {f"{name}_q": (shape, torch.uint8), f"{name}_scale": ((fquant.num_blocks(numel),), torch.float32)}
+        return {
+            f"{name}_q": (shape, torch.uint8),
+            f"{name}_scale": ((fquant.num_blocks(numel),), torch.float32),
+        }
     dtype = torch.float32 if spec.fmt.quantized else spec.fmt.moment_dtype
     return {name: (shape, dtype)}
 

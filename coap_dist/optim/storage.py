@@ -60,7 +60,9 @@ def write_moment(st: State, name: str, value: Tensor, signed: bool) -> None:
 
 def nbytes_of(st: Mapping[str, Any]) -> int:
     """Bytes of the tensors with ndim >= 1 in a state dict."""
-    return sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, Tensor) and v.ndim)
+    return sum(
+        v.numel() * v.element_size() for v in st.values() if isinstance(v, Tensor) and v.ndim
+    )
 
 
 # ------------------------------------------------------------------------ pieces and full
