@@ -61,7 +61,7 @@ class CollectiveCounter(TorchDispatchMode):
                 rec.sent += moved
                 rec.received += moved
             elif op == "alltoall_base_":
-                out, inp, _, out_splits, in_splits = args[:5]
+                _, inp, _, out_splits, in_splits = args[:5]
                 esz = inp.element_size()
                 rec.sent += (sum(in_splits) - in_splits[self.rank]) * esz
                 rec.received += (sum(out_splits) - out_splits[self.rank]) * esz

@@ -292,7 +292,10 @@ def test_owner_sharding_2_then_3_ranks(tmp_path: os.PathLike[str]) -> None:
     tmp = str(tmp_path)
     run_workers(_worker, 2, tmp)
     run_workers(_worker, 3, tmp)
-    calls = [json.load(open(os.path.join(tmp, f"calls_w{w}.json")))["plain"] for w in (2, 3)]
+    calls = []
+    for w in (2, 3):
+        with open(os.path.join(tmp, f"calls_w{w}.json")) as f:
+            calls.append(json.load(f)["plain"])
     assert calls[0] == calls[1], f"collectives per plain step grow with the world size: {calls}"
     # The 3-rank checkpoint loads into one process.
     model = _model()
