@@ -19,6 +19,7 @@ with it); :class:`Comm` keeps the totals of the current step for ``metrics()``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -178,6 +179,14 @@ class Comm:
                     off += padded(e.nbytes)
                 out[q] = got
         return out
+
+    def same_everywhere(self, text: str) -> bool:
+        """Whether every rank passed the same ``text`` (one all-gather of its SHA-256 digest,
+        on ``device``; bind time only)."""
+        digest = hashlib.sha256(text.encode()).digest()
+        local = torch.tensor(list(digest), dtype=torch.uint8, device=self.device)
+        rows = self.all_gather(local).view(self.world, -1).cpu().tolist()
+        return all(row == rows[0] for row in rows)
 
     def all_gather_objects(self, obj: object) -> list[object]:
         """Every rank's picklable ``obj`` (bind time only: config checks, fragment maps)."""

@@ -71,7 +71,7 @@ def check_settings(comm: Comm, settings: Mapping[str, Any], what: str) -> None:
     """Raise the same ValueError on every rank if ranks were built with other settings (one
     object all-gather at bind: a rank with other hyperparameters would issue other
     collectives later and hang the job)."""
-    if comm.world == 1:
+    if comm.world == 1 or comm.same_everywhere(repr(sorted(settings.items()))):
         return
     gathered = comm.all_gather_objects(dict(settings))
     first = gathered[0]

@@ -27,6 +27,7 @@ gradient and one all-reduce of a flag vector: the step's only host synchronisati
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -277,7 +278,7 @@ class _COAPBase(Optimizer):
         self._projector_time += time.perf_counter() - t0
         assert self._pending is not None
         for ok in oks:
-            self._pending[-1] += (~ok).float()
+            self._pending[-1] += ok.logical_not().float()
         updates = self._updates(lay, work, active, due)
         kernels.dense_steps(work.dense, [self._steps[w.index] for w in work.dense])
         lay.scatter(updates, work)
@@ -307,18 +308,20 @@ class _COAPBase(Optimizer):
         metric partials of the previous step (residual sums, rejected refreshes)."""
         n = len(self.specs)
         assert self._pending is not None
-        buf = torch.zeros(3 * n + self._pending.numel(), device=lay.device)
-        present = [(i, g) for i in ids if (g := lay.local_grad(i)) is not None]
+        present = {i: g for i in ids if (g := lay.local_grad(i)) is not None}
+        rows = {}
         if present:
-            if any(g.is_sparse for _, g in present):
+            if any(g.is_sparse for g in present.values()):
                 raise RuntimeError(f"{self.name} does not support sparse gradients")
-            norms = torch._foreach_norm([g for _, g in present], ord=1)
+            norms = torch._foreach_norm(list(present.values()), ord=1)  # one pass per tensor
             v = torch.stack([x.float() for x in norms])
-            idx = torch.tensor([3 * i for i, _ in present], device=lay.device)
-            buf[idx] = 1.0
-            buf[idx + 1] = (~torch.isfinite(v)).float()
-            buf[idx + 2] = (v > 0).float()
-        buf[3 * n :] = self._pending
+            bad = torch.isfinite(v).logical_not()  # (not ~: unsupported by fake CUDA tensors)
+            flags = torch.stack([torch.ones_like(v), bad.float(), (v > 0).float()], 1)
+            rows = dict(zip(present, flags, strict=True))
+        none = torch.zeros(3, device=lay.device)
+        buf = torch.cat(
+            [torch.stack([rows.get(i, none) for i in range(n)]).reshape(-1), self._pending]
+        )
         self._pending.zero_()
         return buf
 
@@ -328,8 +331,10 @@ class _COAPBase(Optimizer):
         n = len(self.specs)
         tail = host[3 * n :]
         if self._refreshed:
+            # ||G - G P^T P|| / ||G|| = sqrt(1 - ||R||^2 / ||G||^2) of each matrix refreshed
+            # last step, from its sums over ranks (see functional.projection.residual_from_sums)
             res = [
-                float(fproj.residual_from_sums(torch.tensor(tail[2 * i : 2 * i + 2])))
+                math.sqrt(max(0.0, 1.0 - tail[2 * i] / tail[2 * i + 1]))
                 for i in self._refreshed
                 if tail[2 * i + 1] > 0
             ]

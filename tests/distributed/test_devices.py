@@ -1,0 +1,162 @@
+"""Device discipline on a machine without a GPU: every tensor a step hands to a collective
+lives on the parameters' device, and a step synchronises with the host at most once.
+
+NCCL accepts device tensors only, so a buffer created on the default (CPU) device crashes
+there although gloo takes it. The tests below put the parameters on the ``meta`` device and
+run the optimizer over torch's fake process group (world size 4: collectives are accepted and
+move nothing), which is device-faithful in both respects that matter:
+
+* an op mixing a CPU tensor with a meta tensor raises, and every c10d operator is recorded
+  with the device of its tensors (a flag vector made with ``torch.zeros(n)``, as before this
+  layer was written, shows up as ``cpu``);
+* a meta tensor has no values: ``.item()`` / ``bool()`` on one is refused here, and the one
+  device-to-host copy a step may make (the flag vector) is counted and answered with scripted
+  values ("every gradient present, finite, non-zero").
+
+(``FakeTensorMode`` with fake CUDA tensors would be the other choice, but this CPU build of
+torch refuses Python indexing of fake CUDA tensors: its device guard needs CUDA.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import coap_dist
+
+WORLD = 4
+KW = dict(lr=1e-2, rank=4, update_interval=2, reproject_factor=2, rank_ratio_cnn=2.0)
+
+
+class HostWatch(TorchDispatchMode):
+    """Records the devices of collective tensors, counts device-to-host copies (answering
+    the flag vector as all-present, finite, non-zero) and refuses scalar reads of device
+    tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.devices: set[str] = set()
+        self.collectives: list[str] = []
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name.startswith("c10d::"):
+            self.collectives.append(name.split("::", 1)[1])
+            for a in args:
+                for t in a if isinstance(a, (list, tuple)) else [a]:
+                    if isinstance(t, torch.Tensor):
+                        self.devices.add(t.device.type)
+            return func(*args, **kwargs)
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type != "cpu":
+            raise AssertionError("a host synchronisation (.item() / bool()) on a device tensor")
+        if (
+            func is torch.ops.aten._to_copy.default
+            and args[0].device.type == "meta"
+            and kwargs.get("device") == torch.device("cpu")
+        ):
+            self.syncs += 1
+            x = args[0]
+            n = (x.numel() - 1) // 5  # the flag vector: 3 per parameter, 2 per parameter + 1
+            values = [1.0, 0.0, 1.0] * n + [0.0] * (x.numel() - 3 * n)
+            return torch.tensor(values[: x.numel()], dtype=x.dtype).view(x.shape)
+        return func(*args, **kwargs)
+
+
+def _params(conv: bool = False) -> list[nn.Parameter]:
+    shapes = [(384, 96), (96, 24), (32, 96), (20, 32), (96,), (20,)]
+    if conv:
+        shapes.append((64, 48, 3, 3))  # Tucker-projected, whole on one rank
+    return [nn.Parameter(torch.empty(s, device="meta")) for s in shapes]
+
+
+def _steps(
+    opt: torch.optim.Optimizer, params: list[torch.Tensor], steps: int = 6
+) -> list[HostWatch]:
+    """k = 0 (init), 1, 2 (update), 3, 4 (recalibration), 5 with every gradient present."""
+    watches = []
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        with HostWatch() as watch:
+            opt.step()
+            opt.metrics()
+        watches.append(watch)
+    return watches
+
+
+def _check(watches: list[HostWatch], what: str) -> None:
+    for k, w in enumerate(watches):
+        assert w.devices == {"meta"}, f"{what} step {k}: collective tensors on {w.devices}"
+        assert w.syncs == 1, f"{what} step {k}: {w.syncs} host synchronisations"
+        assert w.collectives, f"{what} step {k}: no collective (not distributed?)"
+
+
+@pytest.fixture()
+def fake_group() -> Any:
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_owner_layouts_keep_buffers_on_the_parameters_device(fake_group: Any) -> None:
+    """DDP owner layout (matrices whole and split over teams, Tucker convs, 8-bit state,
+    power iterations and oversampling in team refreshes) and COAPAdafactor (team sums)."""
+    for name, cls, kw, conv in (
+        ("COAPAdamW", coap_dist.COAPAdamW, dict(KW, oversample=2, power_iters=1), False),
+        ("COAPAdamW 8-bit + conv", coap_dist.COAPAdamW, dict(KW, state_bits=8), True),
+        ("COAPAdafactor", coap_dist.COAPAdafactor, dict(KW), False),
+    ):
+        params = _params(conv)
+        opt = cls(params, **kw, sharding="owner")
+        with HostWatch():
+            lay = opt.layout  # binding compares settings across ranks (one all-gather)
+        if not conv:
+            split = [
+                i
+                for i, s in enumerate(opt.specs)
+                if s.kind == "matrix" and not lay.placement.whole(i)
+            ]
+            assert split, f"{name}: no team at {WORLD} ranks"
+        _check(_steps(opt, params), name)
+        with HostWatch() as watch:
+            opt.state_bytes()
+        assert not watch.collectives and watch.syncs == 0
+
+
+def test_fsdp2_layouts_keep_buffers_on_the_parameters_device(fake_group: Any) -> None:
+    """FSDP2's default (row shards, projector shards all-gathered, refresh reduce-scatter /
+    all-gather) and owner layouts; the DTensor state dict is built without a collective."""
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for sharding in (None, "owner"):
+        with torch.device("meta"):
+            model = nn.Sequential(nn.Linear(24, 96), nn.Tanh(), nn.Linear(96, 32), nn.LayerNorm(32))
+        fully_shard(model, mesh=mesh)
+        params = list(model.parameters())
+        opt = coap_dist.COAPAdamW(params, **dict(KW, rank_ratio_cnn=None), sharding=sharding)
+        with HostWatch():
+            opt.layout
+        watches = _steps(opt, params)
+        _check(watches, f"FSDP2 sharding={sharding}")
+        if sharding is None:
+            assert watches[1].collectives == ["allreduce_", "_allgather_base_"]
+            with HostWatch() as watch:
+                sd = opt.state_dict()
+            assert not watch.collectives and watch.syncs == 0
+            assert all(
+                v.device.type == "meta"
+                for st in sd["state"].values()
+                for v in st.values()
+                if isinstance(v, torch.Tensor) and v.ndim
+            )
