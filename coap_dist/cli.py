@@ -4,6 +4,7 @@ Examples::
 
     coap-dist memory --model 1b --optimizer coap --rank 512 --dtype bf16
     coap-dist memory --model 7b --optimizer coap8bit --rank 1024 --world-size 8
+    coap-dist memory --model 7b --optimizer coap --rank 1024 --world-size 512 --layout fsdp2
     coap-dist memory --model 1b --rank 512 --all          # every optimizer, ratio to bf16 AdamW
 
 Figures are optimizer-state bytes (moment + projector tensors, see ``coap_dist.memory``)
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from coap_dist.memory import MIB, OPTIMIZERS, StateBytes, estimate_state_bytes
+from coap_dist.memory import LAYOUTS, MIB, OPTIMIZERS, StateBytes, estimate_state_bytes
 from coap_dist.models.llama import LLAMA_PRESETS
 
 DTYPES: dict[str, torch.dtype] = {
@@ -104,18 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--world-size",
         type=_positive_int,
         default=1,
-        help="ranks sharing the state (owner mode, greedy packing)",
+        help="ranks sharing the state (per-rank figures from the layout's own planner)",
     )
     mem.add_argument(
-        "--packing",
-        choices=("bytes", "compute"),
-        default="bytes",
-        help="owner-packing cost: state bytes, or COAPAdamW's compute model (m n r per matrix)",
-    )
-    mem.add_argument(
-        "--projector-cache",
-        action="store_true",
-        help="count the copy of every non-owned projector that owner mode keeps on each rank",
+        "--layout",
+        choices=LAYOUTS,
+        default="owner",
+        help="how COAP spreads its state: owner (DDP, sharding='owner'), fsdp2 (FSDP2's "
+        "default), fsdp2_owner (FSDP2, sharding='owner'), zero (DeepSpeed ZeRO 1-3); other "
+        "optimizers' state is split evenly",
     )
     mem.add_argument(
         "--adamw-patterns",
@@ -191,8 +189,7 @@ def _memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             dtype=dtype,
             state_dtype=DTYPES[args.state_dtype] if args.state_dtype else None,
             world_size=args.world_size,
-            packing=args.packing,
-            projector_cache=args.projector_cache,
+            layout=args.layout,
             adamw_patterns=patterns,
             per_param=args.per_param,
         )
@@ -207,7 +204,8 @@ def _memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     print(
         f"model {args.model} ({LLAMA_PRESETS[args.model].num_params():,} params), "
-        f"dtype {args.dtype}, {rank_text}, world size {args.world_size}; "
+        f"dtype {args.dtype}, {rank_text}, world size {args.world_size}"
+        f"{f' ({args.layout} layout)' if args.world_size > 1 else ''}; "
         "optimizer state in MiB"
     )
     rows = _rows(results, args.world_size)
@@ -217,8 +215,7 @@ def _memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             "adamw",
             dtype=torch.bfloat16,
             world_size=args.world_size,
-            packing=args.packing,
-            projector_cache=args.projector_cache,
+            layout=args.layout,
             adamw_patterns=patterns,
         )
         rows.append(["ratio to bf16 AdamW", *(f"{r.total / baseline.total:.3f}" for r in results)])

@@ -18,6 +18,10 @@ embeddings, output heads, norms, biases and every other tensor keep full AdamW m
 
 Formulas, per parameter (state element size ``b`` bytes)
 --------------------------------------------------------
+COAP's figures are not restated here: they are the sizes of the tensors the optimizer's own
+plan allocates (:func:`coap_dist.optim.spec.state_shapes` of :func:`coap_specs`), which the
+formulas below describe.
+
 Matrix W (m x n), rank ``r = min(rank, m, n)`` or ``r = max(min(m, n) // rank_ratio, 1)``
 (``rank_ratio`` wins when both are given, as in the optimizer). Side rule (COAP reference and
 GaLore ``proj_type="std"``): m >= n projects on the right (P: r x n, moments m x r), else on
@@ -45,14 +49,15 @@ Bytes per optimizer name (``b`` = size of ``state_dtype``, default the parameter
 
 Sharding (``world_size > 1``)
 -----------------------------
-Owner mode (docs/distributed-design.md): every parameter's whole state lives on one rank.
-Per-rank bytes come from greedy longest-processing-time packing (``assign_owners``, the
-function ``COAPAdamW(sharding="owner")`` uses): parameters in decreasing cost, ties by
-optimizer order (COAP group first), each to the least-loaded rank (ties to the lowest rank).
-The cost is the state bytes (``packing="bytes"``, default) or the optimizer's compute model
-(``packing="compute"``: m n r per matrix). ``projector_cache=True`` adds what owner mode
-under DDP also keeps on every rank: a copy of each non-owned matrix's projector. The figure
-that decides whether a run fits is ``max_per_rank``; ``mean_per_rank`` is the average.
+Per-rank bytes of COAP come from the layouts' own planners (the code the optimizer binds):
+``layout="owner"`` (DDP with ``sharding="owner"``: whole parameters on every rank),
+``"fsdp2_owner"`` (FSDP2 row shards under ``sharding="owner"``), ``"zero"`` (DeepSpeed
+ZeRO 1-3: each group's flat concatenation cut into N partitions), all three the owner
+placement of :mod:`coap_dist.distributed.placement` (matrices whole where that keeps ranks
+within 1.10 of the mean, split over a team otherwise); ``"fsdp2"`` (FSDP2's default: every
+matrix right-projected, moments by rows and projectors by their own rows, like FSDP2 shards
+the weights). Other optimizers' state is split evenly (what ZeRO and FSDP do with element-wise
+state). The figure that decides whether a run fits is ``max_per_rank``.
 """
 
 from __future__ import annotations
@@ -66,24 +71,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from coap_dist.distributed.placement import lpt as assign_owners
+from coap_dist.distributed.placement import chunk_range, local_state_bytes, owner_placement
 from coap_dist.functional import projection as fproj
-from coap_dist.functional import quant as fquant
-from coap_dist.functional import tucker as ftucker
 from coap_dist.models.llama import LLAMA_PRESETS, Llama, LlamaConfig
+from coap_dist.optim.coap import COAPAdamW
 from coap_dist.optim.params import param_groups
-from coap_dist.optim.spec import QUANT_MIN_NUMEL
+from coap_dist.optim.spec import ParamSpec, state_shapes
 
 __all__ = [
+    "LAYOUTS",
     "MIB",
     "OPTIMIZERS",
     "ParamStateBytes",
     "StateBytes",
+    "coap_specs",
     "estimate_state_bytes",
     "lowrank_names",
     "measure_state_bytes",
     "named_params_with_modules",
-    "owner_costs",
 ]
 
 MIB = 1024 * 1024
@@ -91,11 +96,9 @@ MIB = 1024 * 1024
 #: Optimizer names understood by :func:`estimate_state_bytes`.
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit", "galore", "coap", "coap8bit")
 _LOWRANK = frozenset({"galore", "coap", "coap8bit"})
+#: Layouts the per-rank figures of :func:`estimate_state_bytes` can follow.
+LAYOUTS: tuple[str, ...] = ("owner", "fsdp2", "fsdp2_owner", "zero")
 
-#: COAP 8-bit: elements per quantization block (one fp32 absmax each).
-COAP_QUANT_BLOCK = fquant.BLOCK
-#: COAP 8-bit: moments with fewer elements stay fp32.
-COAP_QUANT_MIN_NUMEL = QUANT_MIN_NUMEL
 #: bitsandbytes 8-bit optimizers (>= 0.45; 2048 in older releases): block size.
 BNB_QUANT_BLOCK = 256
 #: bitsandbytes keeps tensors smaller than this in fp32 (``min_8bit_size``).
@@ -218,10 +221,6 @@ def _blocks(numel: int, block: int) -> int:
 
 def _moment_bytes(numel: int, optimizer: str, itemsize: int) -> tuple[int, int]:
     """(moment bytes, quant-scale bytes) of ONE moment tensor of ``numel`` elements."""
-    if optimizer == "coap8bit":
-        if numel >= COAP_QUANT_MIN_NUMEL:
-            return numel, 4 * _blocks(numel, COAP_QUANT_BLOCK)
-        return 4 * numel, 0
     if optimizer == "adamw8bit":
         if numel >= BNB_MIN_8BIT_SIZE:
             return numel, 4 * _blocks(numel, BNB_QUANT_BLOCK)
@@ -237,18 +236,19 @@ def _param_state(
     *,
     rank: int | None,
     rank_ratio: float | None,
-    rank_ratio_cnn: float | None,
     projection_side: str,
     itemsize: int,
 ) -> ParamStateBytes:
-    """State bytes of one parameter; ``kind`` is "coap" (COAP group) or "adamw"."""
+    """State bytes of one parameter under AdamW, bitsandbytes 8-bit AdamW or GaLore (COAP's
+    come from its own plan, :func:`coap_specs`); ``kind`` is "coap" (a projected group) or
+    "adamw"."""
     numel = math.prod(shape)
     side: str | None = None
     r: int | None = None
     projector = 0
     algorithm = "adamw"
     moment_shape_numel = numel
-    if kind == "coap" and optimizer in _LOWRANK and len(shape) == 2:
+    if kind == "coap" and optimizer == "galore" and len(shape) == 2:
         m, n = shape
         side = fproj.choose_side(shape, projection_side)
         r = fproj.resolve_rank(shape, rank, rank_ratio)
@@ -256,19 +256,6 @@ def _param_state(
         moment_shape_numel = rows * r
         projector = r * cols * itemsize
         algorithm = "lowrank"
-    elif (
-        kind == "coap"
-        and optimizer in ("coap", "coap8bit")
-        and len(shape) == 4
-        and rank_ratio_cnn is not None
-        and numel > ftucker.SMALL_CONV_NUMEL
-    ):
-        o, i, kh, kw = shape
-        r0, r1 = ftucker.tucker_ranks(shape, rank_ratio_cnn)
-        r = r0
-        projector = (o * r0 + (i * r1 if r1 is not None else 0)) * itemsize
-        moment_shape_numel = r0 * (r1 if r1 is not None else i) * kh * kw
-        algorithm = "tucker"
     moment, scale = _moment_bytes(moment_shape_numel, optimizer, itemsize)
     return ParamStateBytes(
         name=name,
@@ -280,27 +267,6 @@ def _param_state(
         projectors=projector,
         quant_scales=2 * scale,
     )
-
-
-def owner_costs(params: Iterable[ParamStateBytes], packing: str) -> list[float]:
-    """Cost of each parameter for owner packing.
-
-    ``"bytes"``: its state bytes. ``"compute"``: the cost model ``COAPAdamW`` uses for
-    ``sharding="owner"``: m * n * r for a projected matrix, 8 * numel for a Tucker-projected
-    convolution, numel for anything else.
-    """
-    if packing == "bytes":
-        return [float(p.total) for p in params]
-    if packing != "compute":
-        raise ValueError(f"packing must be 'bytes' or 'compute', got {packing!r}")
-    costs = []
-    for p in params:
-        numel = math.prod(p.shape)
-        if p.algorithm == "lowrank" and p.rank is not None:
-            costs.append(float(numel * p.rank))
-        else:
-            costs.append(float(numel) * (8.0 if p.algorithm == "tucker" else 1.0))
-    return costs
 
 
 def named_params_with_modules(
@@ -344,6 +310,110 @@ def _as_model(model: nn.Module | LlamaConfig | str) -> nn.Module:
     raise TypeError(f"model must be an nn.Module, LlamaConfig or preset name, got {type(model)}")
 
 
+def coap_specs(
+    module: nn.Module,
+    *,
+    rank: int | None,
+    rank_ratio: float | None,
+    rank_ratio_cnn: float | None,
+    dtype: torch.dtype,
+    state_bits: int | None,
+    projection_side: str,
+    force_right: bool,
+    adamw_patterns: Iterable[str] | None,
+    coap_patterns: Iterable[str] | None,
+) -> tuple[list[ParamSpec], list[str]]:
+    """COAPAdamW's own plan of every trainable parameter (built on meta tensors: nothing is
+    allocated) and the parameter names, in optimizer order."""
+    names = {id(p): n for n, p, _ in named_params_with_modules(module)}
+    groups = param_groups(
+        module,
+        adamw_patterns=adamw_patterns,
+        coap_patterns=coap_patterns,
+        **({} if rank_ratio is None else {"rank_ratio": rank_ratio}),
+    )
+    params = [p for g in groups for p in g["params"]]
+    meta = {id(p): torch.empty(p.shape, dtype=dtype, device="meta") for p in params}
+    opt = COAPAdamW(
+        [{**g, "params": [meta[id(p)] for p in g["params"]]} for g in groups],
+        rank=rank if rank is not None or rank_ratio is not None else 1 << 30,
+        rank_ratio=rank_ratio,
+        rank_ratio_cnn=rank_ratio_cnn,
+        projection_side=projection_side,
+        state_bits=state_bits,
+    )
+    group_of = [gi for gi, g in enumerate(opt.groups) for _ in g["params"]]
+    specs = opt.plan([tuple(p.shape) for p in params], [dtype] * len(params), group_of, force_right)
+    return specs, [names[id(p)] for p in params]
+
+
+def _state_bits(optimizer: str, dtype: torch.dtype, state_dtype: torch.dtype | None) -> int | None:
+    if optimizer == "coap8bit":
+        return 8
+    if state_dtype is None or state_dtype == dtype:
+        return None
+    if state_dtype in (torch.float32, torch.bfloat16):
+        return 32 if state_dtype == torch.float32 else 16
+    raise ValueError(
+        f"state_dtype={state_dtype} for COAP: state_bits offers fp32 (32), bf16 (16) or the "
+        "parameter dtype (None)"
+    )
+
+
+def _split_shapes(
+    shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+) -> tuple[int, int, int]:
+    """(moment, projector, quant-scale) bytes of a state_shapes() result."""
+    moments = projectors = scales = 0
+    for key, (shape, dtype) in shapes.items():
+        if not shape:
+            continue
+        n = math.prod(shape) * dtype.itemsize
+        if key.endswith("_scale"):
+            scales += n
+        elif key in ("projector", "factor0", "factor1"):
+            projectors += n
+        else:
+            moments += n
+    return moments, projectors, scales
+
+
+def _fragments(
+    specs: list[ParamSpec], world: int, layout: str, groups: list[int]
+) -> list[list[tuple[int, int]] | None]:
+    """The fragment map a layout hands the optimizer (see ``FragmentView.fragments``)."""
+    if layout == "owner":
+        return [None] * len(specs)
+    if layout == "fsdp2_owner":
+        out: list[list[tuple[int, int]] | None] = []
+        for s in specs:
+            row = math.prod(s.shape[1:])
+            out.append(
+                [
+                    (a * row, b * row)
+                    for a, b in (chunk_range(s.shape[0], world, r) for r in range(world))
+                ]
+            )
+        return out
+    # DeepSpeed ZeRO 1-3: each group's parameters concatenated, cut into N equal partitions.
+    out = [None] * len(specs)
+    for g in sorted(set(groups)):
+        members = [s for s, gi in zip(specs, groups, strict=True) if gi == g]
+        total = sum(s.numel for s in members)
+        part = -(-total // world)
+        offset = 0
+        for s in members:
+            out[s.index] = [
+                (
+                    min(max(r * part - offset, 0), s.numel),
+                    min(max((r + 1) * part - offset, 0), s.numel),
+                )
+                for r in range(world)
+            ]
+            offset += s.numel
+    return out
+
+
 def estimate_state_bytes(
     model: nn.Module | LlamaConfig | str,
     optimizer: str,
@@ -355,13 +425,12 @@ def estimate_state_bytes(
     state_dtype: torch.dtype | None = None,
     projection_side: str = "auto",
     world_size: int = 1,
-    packing: str = "bytes",
-    projector_cache: bool = False,
+    layout: str = "owner",
     adamw_patterns: Iterable[str] | None = None,
     coap_patterns: Iterable[str] | None = None,
     per_param: bool = False,
 ) -> StateBytes:
-    """Closed-form optimizer-state bytes of ``model`` under ``optimizer``; allocates nothing.
+    """Optimizer-state bytes of ``model`` under ``optimizer``; allocates nothing.
 
     Args:
         model: a module (any device, meta included), a :class:`LlamaConfig` or a preset
@@ -374,23 +443,21 @@ def estimate_state_bytes(
         state_dtype: dtype of unquantized moments and of projectors (``COAPAdamW``'s
             ``state_bits=32/16`` correspond to fp32/bf16 here).
         projection_side: "auto" (compress the smaller dim), "right" or "left" (COAP option).
-        world_size: ranks to spread whole-parameter states over (owner mode, LPT packing).
-        packing: owner-packing cost, "bytes" (state bytes) or "compute" (the cost model of
-            ``COAPAdamW(sharding="owner")``: m n r per matrix); see :func:`owner_costs`.
-        projector_cache: add, on every rank, a copy (in ``dtype``) of the projector of each
-            matrix that rank does not own, as owner mode under DDP keeps to rebuild updates;
-            the copies are counted in ``projectors`` (so total == sum(per_rank)).
+        world_size: ranks the state is spread over.
+        layout: how COAP spreads it (:data:`LAYOUTS`, see the module docstring).
         adamw_patterns / coap_patterns: fnmatch patterns, as in ``coap_dist.param_groups``.
         per_param: include the per-parameter breakdown.
 
     Returns:
         StateBytes with moments / projectors / quant_scales (bytes, summed over ranks) and
-        per-rank loads; the formulas are in the module docstring.
+        per-rank loads; COAP's come from the optimizer's own plan (``state_shapes``).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {list(OPTIMIZERS)}")
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
     if optimizer in _LOWRANK:
         if rank is None and rank_ratio is None:
             raise ValueError(f"optimizer {optimizer!r} needs rank or rank_ratio; neither was given")
@@ -400,10 +467,25 @@ def estimate_state_bytes(
             raise ValueError(f"rank_ratio must be a positive number, got {rank_ratio!r}")
     if rank_ratio_cnn is not None and not rank_ratio_cnn > 0:
         raise ValueError(f"rank_ratio_cnn must be a positive number, got {rank_ratio_cnn!r}")
-    itemsize = (state_dtype or dtype).itemsize
     module = _as_model(model)
+    if optimizer in ("coap", "coap8bit"):
+        return _coap_estimate(
+            module,
+            optimizer,
+            rank=rank,
+            rank_ratio=rank_ratio,
+            rank_ratio_cnn=rank_ratio_cnn,
+            dtype=dtype,
+            state_dtype=state_dtype,
+            projection_side=projection_side,
+            world_size=world_size,
+            layout=layout,
+            adamw_patterns=adamw_patterns,
+            coap_patterns=coap_patterns,
+            per_param=per_param,
+        )
+    itemsize = (state_dtype or dtype).itemsize
     coap_names = lowrank_names(module, adamw_patterns=adamw_patterns, coap_patterns=coap_patterns)
-
     params: list[ParamStateBytes] = []
     for name, p, _ in named_params_with_modules(module):
         if not p.requires_grad:
@@ -417,45 +499,92 @@ def estimate_state_bytes(
                 optimizer,
                 rank=rank,
                 rank_ratio=rank_ratio,
-                rank_ratio_cnn=rank_ratio_cnn,
                 projection_side=projection_side,
                 itemsize=itemsize,
             )
         )
-
-    # Optimizer order, as COAPAdamW sees it from param_groups: COAP group first.
-    ordered = sorted(params, key=lambda p: p.name not in coap_names)
-    owners = assign_owners(owner_costs(ordered, packing), world_size)
-    loads = [0] * world_size
-    holds_8bit = [False] * world_size
-    for p, r in zip(ordered, owners, strict=True):
-        loads[r] += p.total
-        holds_8bit[r] |= p.quant_scales > 0
-    extra = 0
-    if optimizer == "adamw8bit":
-        for r in range(world_size):
-            if holds_8bit[r]:
-                loads[r] += BNB_QMAP_BYTES
-                extra += BNB_QMAP_BYTES
-    cached = 0
-    if projector_cache and world_size > 1:
-        # Each rank keeps, in the parameter dtype, the projector of every matrix it does not own.
-        for p, r in zip(ordered, owners, strict=True):
-            if p.algorithm == "lowrank" and p.rank is not None:
-                cols = p.shape[1] if p.side == "right" else p.shape[0]
-                nbytes = p.rank * cols * dtype.itemsize
-                for q in range(world_size):
-                    if q != r:
-                        loads[q] += nbytes
-                        cached += nbytes
+    total = sum(p.total for p in params)
+    extra = (
+        BNB_QMAP_BYTES if optimizer == "adamw8bit" and any(p.quant_scales for p in params) else 0
+    )
+    # Element-wise state is split evenly by ZeRO / FSDP; bitsandbytes' code maps on every rank.
+    per_rank = tuple(
+        total // world_size + (r < total % world_size) + extra for r in range(world_size)
+    )
     return StateBytes(
         optimizer=optimizer,
         moments=sum(p.moments for p in params),
-        projectors=sum(p.projectors for p in params) + cached,
-        quant_scales=sum(p.quant_scales for p in params) + extra,
+        projectors=sum(p.projectors for p in params),
+        quant_scales=sum(p.quant_scales for p in params) + extra * world_size,
         world_size=world_size,
-        per_rank=tuple(loads),
+        per_rank=per_rank,
         per_param=tuple(params) if per_param else None,
+    )
+
+
+def _coap_estimate(
+    module: nn.Module,
+    optimizer: str,
+    *,
+    rank: int | None,
+    rank_ratio: float | None,
+    rank_ratio_cnn: float | None,
+    dtype: torch.dtype,
+    state_dtype: torch.dtype | None,
+    projection_side: str,
+    world_size: int,
+    layout: str,
+    adamw_patterns: Iterable[str] | None,
+    coap_patterns: Iterable[str] | None,
+    per_param: bool,
+) -> StateBytes:
+    specs, names = coap_specs(
+        module,
+        rank=rank,
+        rank_ratio=rank_ratio,
+        rank_ratio_cnn=rank_ratio_cnn,
+        dtype=dtype,
+        state_bits=_state_bits(optimizer, dtype, state_dtype),
+        projection_side=projection_side,
+        force_right=layout == "fsdp2" and world_size > 1,
+        adamw_patterns=adamw_patterns,
+        coap_patterns=coap_patterns,
+    )
+    rows = []
+    for s, name in zip(specs, names, strict=True):
+        mom, proj, scales = _split_shapes(state_shapes(s))
+        algorithm = {"matrix": "lowrank", "conv": "tucker", "dense": "adamw"}[s.kind]
+        rows.append(
+            ParamStateBytes(
+                name=name,
+                shape=s.shape,
+                algorithm=algorithm,
+                side=s.side if s.kind == "matrix" else None,
+                rank=s.rank if s.kind == "matrix" else s.ranks_cnn[0] if s.kind == "conv" else None,
+                moments=mom,
+                projectors=proj,
+                quant_scales=scales,
+            )
+        )
+    order = {n: i for i, (n, _, _) in enumerate(named_params_with_modules(module))}
+    rows.sort(key=lambda r: order[r.name])  # model order, as for the other optimizers
+    total = sum(r.total for r in rows)
+    if world_size == 1:
+        per_rank: tuple[int, ...] = (total,)
+    elif layout == "fsdp2":
+        per_rank = tuple(local_state_bytes(specs, world_size))
+    else:
+        groups = [s.group for s in specs]
+        frags = _fragments(specs, world_size, layout, groups)
+        per_rank = tuple(owner_placement(specs, world_size, frags).state_bytes(specs))
+    return StateBytes(
+        optimizer=optimizer,
+        moments=sum(r.moments for r in rows),
+        projectors=sum(r.projectors for r in rows),
+        quant_scales=sum(r.quant_scales for r in rows),
+        world_size=world_size,
+        per_rank=per_rank,
+        per_param=tuple(rows) if per_param else None,
     )
 
 

@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
-EXTRAS="${EXTRAS:-dev,hydra,wandb,deepspeed,fairscale,bench}"
+EXTRAS="${EXTRAS:-dev,hydra,wandb,deepspeed,fairscale,bench,hf}"
 CONSTRAINTS=".ci/constraints.txt"
 TORCH_PIN="$(grep -E '^torch==' "$CONSTRAINTS")"
 

@@ -10,9 +10,10 @@ from torch import nn
 
 import coap_dist
 from coap_dist.cli import main as cli_main
+from coap_dist.functional.quant import BLOCK as COAP_QUANT_BLOCK
 from coap_dist.memory import (
     BNB_QMAP_BYTES,
-    COAP_QUANT_BLOCK,
+    LAYOUTS,
     MIB,
     OPTIMIZERS,
     estimate_state_bytes,
@@ -137,36 +138,23 @@ def test_estimator_errors_name_the_problem() -> None:
 # ------------------------------------------------------------------------------ sharding
 
 
-def test_owner_packing() -> None:
-    one = estimate_state_bytes("1b", "coap", rank=512)
-    eight = estimate_state_bytes("1b", "coap", rank=512, world_size=8)
+def test_per_rank_state_falls_as_one_over_n_under_every_layout() -> None:
+    """LLaMA-7B, rank 1024, bf16 state: under every layout the largest rank holds at most
+    1.15 x total / N at N = 8, 64 and 512, by the layouts' own planners; one rank holds all."""
+    one = estimate_state_bytes("7b", "coap", rank=1024)
     assert one.per_rank == (one.total,)
-    assert len(eight.per_rank) == 8 and sum(eight.per_rank) == one.total == eight.total
-    assert eight.mean_per_rank == one.total / 8
-    # The largest whole state (32000 x 2048 embedding, 2 bf16 moments) bounds the maximum.
-    embedding = 2 * 2 * 32000 * 2048
-    assert embedding <= eight.max_per_rank <= eight.mean_per_rank + embedding
-    assert estimate_state_bytes("1b", "coap", rank=512, world_size=64).max_per_rank == embedding
-
-
-def test_owner_packing_compute_cost_and_projector_cache() -> None:
-    layer = nn.Sequential(
-        nn.Linear(64, 256, bias=False),
-        nn.Linear(256, 64, bias=False),
-        nn.Linear(64, 64, bias=False),
-    )
-    kw = {"rank": 16, "dtype": torch.float32, "world_size": 2, "packing": "compute"}
-    est = estimate_state_bytes(layer, "coap", **kw)
-    # Costs m n r: 256*64*16 twice, 64*64*16 once -> ranks {0: w0 + w2, 1: w1}.
-    per_matrix = 2 * 16 * 256 * 4 + 16 * 64 * 4
-    small = 2 * 16 * 64 * 4 + 16 * 64 * 4
-    assert est.per_rank == (per_matrix + small, per_matrix)
-    cached = estimate_state_bytes(layer, "coap", projector_cache=True, **kw)
-    # Rank 0 also keeps w1's projector (16 x 64); rank 1 keeps those of w0 and w2.
-    assert cached.per_rank == (est.per_rank[0] + 16 * 64 * 4, est.per_rank[1] + 2 * 16 * 64 * 4)
-    assert sum(cached.per_rank) == cached.total
-    with pytest.raises(ValueError, match="packing"):
-        estimate_state_bytes(layer, "coap", rank=16, world_size=2, packing="size")
+    for layout in LAYOUTS:
+        for n in (8, 64, 512):
+            est = estimate_state_bytes("7b", "coap", rank=1024, world_size=n, layout=layout)
+            assert len(est.per_rank) == n and sum(est.per_rank) == est.total
+            assert est.max_per_rank <= 1.15 * est.total / n, (layout, n, est.max_per_rank / est.mean_per_rank)
+            if layout != "fsdp2":  # FSDP2's default right-projects every matrix
+                assert est.total == one.total
+    # Element-wise optimizers are split evenly (ZeRO / FSDP).
+    adamw = estimate_state_bytes("7b", "adamw", world_size=64)
+    assert max(adamw.per_rank) - min(adamw.per_rank) <= 1
+    with pytest.raises(ValueError, match="unknown layout"):
+        estimate_state_bytes("tiny", "coap", rank=4, world_size=2, layout="ddp")
 
 
 # ------------------------------------------------------------------------------ measured

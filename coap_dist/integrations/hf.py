@@ -1,0 +1,53 @@
+"""Hugging Face Trainer integration: checkpoints of sharded COAP state under DDP.
+
+The Trainer builds the optimizer itself (``optimizer_cls_and_kwargs=(COAPAdamW, {...})``)
+before it wraps the model, which COAP's late binding supports under every layout. What it
+saves depends on the setup:
+
+* FSDP (``fsdp_config={"fsdp_version": 2}``): accelerate's ``save_fsdp_optimizer``, i.e.
+  ``torch.distributed.checkpoint`` of ``get_optimizer_state_dict`` on every rank: works with
+  COAP's FSDP2 default layout (DTensor state). FSDP2 with ``sharding="owner"`` has no DCP
+  form: use the default layout with the Trainer.
+* DeepSpeed: ``engine.save_checkpoint`` (per-rank files): works.
+* Otherwise (one process, DDP): ``torch.save(optimizer.state_dict())`` on the main process
+  only. Replicated COAP state (``sharding=None``) saves as is; with ``sharding="owner"`` the
+  main process does not hold all of it, so add :class:`COAPCheckpointCallback`, which
+  gathers it there (``consolidate_state_dict(to=0)`` on every rank) just before each save;
+  without it the save stops at once with an error saying so (it never hangs).
+
+``transformers`` is imported by this module only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+def coap_optimizer(optimizer: Any) -> Any | None:
+    """The COAP optimizer inside accelerate's ``AcceleratedOptimizer`` (or None)."""
+    seen = 0
+    while optimizer is not None and seen < 8:
+        if hasattr(optimizer, "consolidate_state_dict") and hasattr(optimizer, "layout"):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return None
+
+
+class COAPCheckpointCallback(TrainerCallback):
+    """Before every checkpoint the Trainer writes, gather sharded COAP state on the main
+    process (a collective: the callback runs on every rank, right before the save)."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        opt = coap_optimizer(kwargs.get("optimizer"))
+        if control.should_save and opt is not None and _needs_consolidation(opt):
+            opt.consolidate_state_dict(to=0)
+        return control
+
+
+def _needs_consolidation(opt: Any) -> bool:
+    lay = opt.layout
+    view = getattr(lay, "view", None)
+    return lay.world > 1 and view is not None and not view.rank_local and view.name != "fsdp2_owner"

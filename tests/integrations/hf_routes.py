@@ -1,0 +1,199 @@
+"""The user routes through accelerate and the HF Trainer, run by ``torchrun`` on 2 CPU
+processes (launched by tests/integrations/test_hf.py; writes ``results.json``).
+
+1. accelerate FSDP2: ``COAPAdamW(model.parameters())`` built BEFORE
+   ``accelerator.prepare(model, opt)`` swaps in the sharded parameters; against one process.
+2. HF Trainer with ``fsdp_config={"fsdp_version": 2}``: the Trainer builds COAP from
+   ``optimizer_cls_and_kwargs`` before wrapping; saves a DCP checkpoint at step 2; resuming
+   from it ends where the uninterrupted run does.
+3. HF Trainer with DDP and ``sharding="owner"`` and :class:`COAPCheckpointCallback`: the
+   main-process checkpoint holds the whole state and resuming ends where the uninterrupted
+   run does. (Without the callback the main process's ``optimizer.state_dict()`` raises at
+   once, without entering a collective: tests/distributed/test_owner.py.)
+
+Shim (CPU only): accelerate turns FSDP on only for GPU-like distributed types (MULTI_GPU,
+MULTI_NPU, ...), so on CPU it keeps MULTI_CPU and drops the plugin. :func:`_force_fsdp` sets
+``distributed_type = FSDP`` and the plugin on the shared accelerator state, which is what
+accelerate itself does on a GPU node; nothing else is changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+import coap_dist
+from coap_dist.integrations.hf import COAPCheckpointCallback, coap_optimizer
+
+KW = dict(lr=1e-2, rank=4, update_interval=2, reproject_factor=2)
+OUT = sys.argv[1]
+RANK = int(os.environ["RANK"])
+
+
+def _force_fsdp(state: AcceleratorState, plugin: FullyShardedDataParallelPlugin) -> None:
+    """The CPU shim of the module docstring."""
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+
+
+def _reset() -> None:
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def accelerate_fsdp2() -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 24), nn.LayerNorm(24), nn.Linear(24, 4))
+    ref = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 24), nn.LayerNorm(24), nn.Linear(24, 4))
+    ref.load_state_dict(model.state_dict())
+    opt = coap_dist.COAPAdamW(model.parameters(), **KW)  # before prepare
+    ref_opt = coap_dist.COAPAdamW(ref.parameters(), **KW, projection_side="right")
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True)
+    acc = Accelerator(fsdp_plugin=plugin, cpu=True)
+    _force_fsdp(acc.state, plugin)
+    model, opt = acc.prepare(model, opt)
+    diffs = []
+    for step in range(6):
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step))
+        half = x[4 * RANK : 4 * RANK + 4]
+        acc.backward(model(half).square().mean())
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            q.grad = p.grad.full_tensor()
+        opt.step()
+        opt.zero_grad()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        diffs.append(max(float((p.full_tensor() - q).abs().max()) for p, q in zip(model.parameters(), ref.parameters(), strict=True)))
+    inner = coap_optimizer(opt)
+    out = {"layout": inner.layout.name, "refreshes": inner.metrics()["optim/refreshes"], "max_diff": max(diffs)}
+    _reset()
+    return out
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> dict:
+        ids = torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
+def _llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+class _CpuFsdpTrainer(Trainer):
+    """HF Trainer with the CPU shim applied to the accelerator it creates."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        _force_fsdp(self.accelerator.state, FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args))
+        self.is_fsdp_enabled = True
+
+
+def _args(out: str, fsdp: bool) -> TrainingArguments:
+    extra = {}
+    if fsdp:
+        extra = dict(
+            fsdp="full_shard",
+            fsdp_config={
+                "fsdp_version": 2,
+                "reshard_after_forward": True,
+                "state_dict_type": "SHARDED_STATE_DICT",
+                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+            },
+        )
+    return TrainingArguments(
+        output_dir=out,
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        max_steps=4,
+        save_steps=2,
+        save_strategy="steps",
+        logging_steps=1,
+        report_to=[],
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        dataloader_num_workers=0,
+        seed=0,
+        **extra,
+    )
+
+
+def _train(out: str, fsdp: bool, kwargs: dict, callbacks: list, resume: str | None = None) -> dict:
+    cls = _CpuFsdpTrainer if fsdp else Trainer
+    trainer = cls(
+        model=_llama(),
+        args=_args(out, fsdp),
+        train_dataset=_Tokens(),
+        optimizer_cls_and_kwargs=(coap_dist.COAPAdamW, kwargs),
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    inner = coap_optimizer(trainer.optimizer)
+    if fsdp:
+        weights = {n: p.full_tensor() for n, p in trainer.model.named_parameters()}
+    else:
+        weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    out_d = {"layout": inner.layout.name, "losses": losses, "weights": weights}
+    _reset()
+    return out_d
+
+
+def trainer_fsdp2() -> dict:
+    out = os.path.join(OUT, "fsdp2")
+    full = _train(out, True, dict(KW), [])
+    resumed = _train(out + "_resumed", True, dict(KW), [], resume=os.path.join(out, "checkpoint-2"))
+    same = all(torch.equal(full["weights"][n], w) for n, w in resumed["weights"].items())
+    return {"layout": full["layout"], "resumed_equal": same, "losses": full["losses"], "resumed_losses": resumed["losses"]}
+
+
+def trainer_ddp_owner() -> dict:
+    kw = dict(KW, sharding="owner")
+    out = os.path.join(OUT, "ddp")
+    full = _train(out, False, kw, [COAPCheckpointCallback()])
+    saved = torch.load(os.path.join(out, "checkpoint-2", "optimizer.pt"), weights_only=True)
+    resumed = _train(out + "_resumed", False, kw, [COAPCheckpointCallback()], resume=os.path.join(out, "checkpoint-2"))
+    same = all(torch.equal(full["weights"][n], w) for n, w in resumed["weights"].items())
+    n_params = sum(1 for _ in _llama().parameters())
+    return {
+        "layout": full["layout"],
+        "saved_params": len(saved["state"]),
+        "params": n_params,
+        "resumed_equal": same,
+    }
+
+
+def main() -> None:
+    results = {"accelerate_fsdp2": accelerate_fsdp2()}
+    results["trainer_fsdp2"] = trainer_fsdp2()
+    results["trainer_ddp_owner"] = trainer_ddp_owner()
+    if RANK == 0:
+        with open(os.path.join(OUT, "results.json"), "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

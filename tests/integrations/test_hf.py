@@ -1,0 +1,44 @@
+"""The accelerate and Hugging Face Trainer routes with the real libraries: one ``torchrun``
+launch of tests/integrations/hf_routes.py on 2 CPU processes (see its docstring, also for the
+documented CPU shim that turns FSDP on in accelerate)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROUTES = Path(__file__).with_name("hf_routes.py")
+
+
+@pytest.mark.distributed
+def test_accelerate_and_hf_trainer_routes(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROUTES.parents[2])}
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node=2", str(ROUTES), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    r = json.loads((tmp_path / "results.json").read_text())
+    # 1. built before accelerator.prepare: bound to FSDP2's layout at the first step
+    acc = r["accelerate_fsdp2"]
+    assert acc["layout"] == "fsdp2_local" and acc["refreshes"] == 3 * 3  # 3 matrices, k = 0, 2, 4
+    assert acc["max_diff"] < 2e-5, acc
+    # 2. HF Trainer + FSDP2 (fsdp_config): DCP checkpoint, resume ends where the run did
+    fsdp = r["trainer_fsdp2"]
+    assert fsdp["layout"] == "fsdp2_local" and fsdp["resumed_equal"], fsdp
+    assert fsdp["losses"] == fsdp["resumed_losses"]
+    # 3. HF Trainer + DDP + sharding="owner" with COAPCheckpointCallback: whole state saved
+    ddp = r["trainer_ddp_owner"]
+    assert ddp["layout"] == "owner" and ddp["saved_params"] == ddp["params"], ddp
+    assert ddp["resumed_equal"], ddp
