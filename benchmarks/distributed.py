@@ -1,22 +1,20 @@
-"""Per-rank optimizer state, projector-refresh time and optimizer traffic per strategy.
+"""Collectives, bytes and optimizer state per rank of every COAP layout.
 
-World sizes 1, 2 and 3 on this machine (gloo, one thread per process), for every strategy:
+1. Analytic, LLaMA-7B shapes (rank 1024, bf16 parameters and state; DeepSpeed with fp32
+   master copies), N = 8, 64, 512: calls and bytes per rank of a plain (non-refresh) step
+   and the largest rank's state, from the layouts' own plans (``routes.plain_step_traffic``,
+   ``routes.local_plain_step_traffic``, ``placement``), next to AdamW under ZeRO-1 / ZeRO-2
+   and FSDP2. Bytes per rank = max(sent, received); the bound is the issue's: fp32 gradient
+   bytes / N + fp32 D and P of the matrices whose weights the rank holds + AdamW pieces
+   received under DDP + the flag vector.
+2. Measured on this machine (gloo, 2 and 3 CPU processes), the tiny LLaMA preset: the c10d
+   calls and bytes of every ``opt.step()`` counted from the dispatcher
+   (``coap_dist.distributed.trace``), per plain step, and the state per rank, for DDP owner,
+   FSDP2 default, FSDP2 owner, FSDP1 and DeepSpeed ZeRO-2.
 
-* ``owner`` (DDP, ZeRO-1 semantics, parameter exchange), ``owner_factor`` (D and P exchange),
-* ``fsdp2_local`` (FSDP2 ``fully_shard``, row shards), ``fsdp1_owner`` (FSDP1, flat fragments).
+Run (about 3 minutes on 2 cores)::
 
-The model is a stack of LLaMA-60M-shaped linear layers (d = 512, f = 1376); each run takes one
-full refresh cycle (T_u * F + 1 steps) from fresh optimizer state. Reported per strategy and
-world size: the largest per-rank ``state_bytes()``, the largest per-rank share of the refresh
-work (sum of a_local b r over the projectors a rank computes, over the total of all ranks), the
-largest per-rank wall time in projector refreshes (``optim/projector_time_s``; on this 2-core
-machine it includes waiting for the other processes in collectives), and the mean per-step
-bytes the optimizer communicated (``optim/comm_bytes_per_step``; DDP/FSDP gradient reduction
-is not included).
-
-Run (about 4 minutes on 2 cores)::
-
-    python benchmarks/distributed.py [--layers 2] [--rank 128]
+    python benchmarks/distributed.py [--skip-measured] [--worlds 8 64 512]
 
 Writes ``benchmarks/results/distributed.{json,md}``.
 """
@@ -25,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -33,91 +33,220 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, machine_info, machine_markdown, markdown_table, write_results
 
-STRATEGIES = ("owner", "owner_factor", "fsdp2_local", "fsdp1_owner")
+from coap_dist.distributed.comm import collective_bytes
+from coap_dist.distributed.placement import local_state_bytes, owner_placement
+from coap_dist.distributed.routes import (
+    bound_bytes,
+    geometries,
+    local_plain_step_traffic,
+    plain_step_traffic,
+)
+from coap_dist.memory import _fragments, coap_specs
+from coap_dist.models.llama import LLAMA_PRESETS, Llama
+
+MIB = 2**20
+LAYOUTS = {
+    "owner": "DDP, sharding='owner'",
+    "fsdp2": "FSDP2 default",
+    "fsdp2_owner": "FSDP2, sharding='owner'",
+    "zero": "DeepSpeed ZeRO 1-3",
+}
 
 
-def _model(layers: int) -> nn.Module:
+def analytic(model: str, rank: int, worlds: list[int]) -> list[dict[str, Any]]:
+    """Plain-step traffic and state per rank of every layout for ``model``'s shapes."""
+    with torch.device("meta"):
+        module = Llama(LLAMA_PRESETS[model])
+    numel = sum(p.numel() for p in module.parameters())
+    out = []
+    for world in worlds:
+        for layout in LAYOUTS:
+            specs, _ = coap_specs(
+                module,
+                rank=rank,
+                rank_ratio=None,
+                rank_ratio_cnn=None,
+                dtype=torch.bfloat16,
+                state_bits=None,
+                projection_side="auto",
+                force_right=layout == "fsdp2",
+                adamw_patterns=None,
+                coap_patterns=None,
+            )
+            wdt = torch.float32 if layout == "zero" else torch.bfloat16
+            if layout == "fsdp2":
+                t = local_plain_step_traffic(specs, world)
+                per_rank = [t] * world
+                state = local_state_bytes(specs, world)
+                frags = _fragments(specs, world, "fsdp2_owner", [s.group for s in specs])
+                geos = geometries(specs, owner_placement(specs, world, frags), frags)
+            else:
+                frags = _fragments(specs, world, layout, [s.group for s in specs])
+                placement = owner_placement(specs, world, frags)
+                geos = geometries(specs, placement, frags)
+                per_rank = plain_step_traffic(
+                    geos, world, [wdt] * len(specs), reduced=True, solo=False
+                )
+                state = placement.state_bytes(specs)
+            bounds = [
+                bound_bytes(geos, world, r, [torch.float32] * len(specs)) for r in range(world)
+            ]
+            moved = [t.bytes for t in per_rank]
+            out.append(
+                {
+                    "world": world,
+                    "layout": layout,
+                    "calls": max(t.calls for t in per_rank),
+                    "bytes_max_mib": max(moved) / MIB,
+                    "bytes_median_mib": statistics.median(moved) / MIB,
+                    "bound_max_mib": max(bounds) / MIB,
+                    "ranks_over_bound": sum(m > b for m, b in zip(moved, bounds, strict=True)),
+                    "state_max_mib": max(state) / MIB,
+                    "state_vs_even": max(state) / (sum(state) / world),
+                }
+            )
+            print(out[-1], flush=True)
+        # AdamW baselines (bf16 parameters, bf16 moments, 2 per parameter)
+        params_b = 2 * numel
+        out.append(
+            {
+                "world": world,
+                "layout": "adamw_zero1",
+                "calls": 1,
+                "bytes_max_mib": collective_bytes("all_gather", world, params_b // world) / MIB,
+                "state_max_mib": 2 * params_b / world / MIB,
+                "note": "updated parameters all-gathered (DDP's gradient all-reduce not counted)",
+            }
+        )
+        out.append(
+            {
+                "world": world,
+                "layout": "adamw_zero2",
+                "calls": 2,
+                "bytes_max_mib": (
+                    collective_bytes("reduce_scatter", world, 2 * numel // world)
+                    + collective_bytes("all_gather", world, params_b // world)
+                )
+                / MIB,
+                "state_max_mib": 2 * params_b / world / MIB,
+                "note": "gradients reduce-scattered + parameters all-gathered",
+            }
+        )
+        out.append(
+            {
+                "world": world,
+                "layout": "adamw_fsdp2",
+                "calls": 0,
+                "bytes_max_mib": 0.0,
+                "state_max_mib": 2 * params_b / world / MIB,
+                "note": "element-wise on FSDP2's shards (FSDP2's own traffic not counted)",
+            }
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------ measured
+KW = dict(lr=1e-3, rank=16, update_interval=2, reproject_factor=2)
+STEPS = 5  # k = 0 (init), 1, 2 (update), 3, 4 (recalibration): plain steps 1 and 3
+
+
+def _tiny() -> torch.nn.Module:
     torch.manual_seed(0)
-    blocks: list[nn.Module] = []
-    for _ in range(layers):
-        blocks += [
-            nn.Linear(512, 512, bias=False),
-            nn.Linear(512, 1376, bias=False),
-            nn.Linear(1376, 512, bias=False),
-            nn.LayerNorm(512),
-        ]
-    return nn.Sequential(*blocks)
+    return Llama(LLAMA_PRESETS["tiny"])
 
 
-def _refresh_work(opt: torch.optim.Optimizer) -> int:
-    """This rank's share of the refresh work: sum of a_local * b * r over the matrices whose
-    projector it computes (a_local: its rows of the moments; randomized SVD costs ~ a b r)."""
-    from torch.distributed.tensor import DTensor
-
-    work = 0
-    for st in opt.state.values():
-        if "projector" in st:
-            moments, proj = st["exp_avg"], st["projector"]
-            rows = moments.to_local().shape[0] if isinstance(moments, DTensor) else moments.shape[0]
-            work += rows * proj.shape[0] * proj.shape[1]
-    return work
+def _batch(rank: int, step: int) -> torch.Tensor:
+    return torch.randint(
+        0, 256, (2, 33), generator=torch.Generator().manual_seed(100 * step + rank)
+    )
 
 
-def _worker(
-    rank: int, world: int, init: str, strategy: str, args: argparse.Namespace, out: str
-) -> None:
+def _loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens[:, :-1])
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def _worker(rank: int, world: int, init: str, layout: str, port: int, out: str) -> None:
     import coap_dist
-    from coap_dist.distributed import Fsdp1Sharding, OwnerSharding
+    from coap_dist.distributed import Fsdp1Sharding
+    from coap_dist.distributed.trace import count_steps, merged
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    kw: dict[str, Any] = dict(
-        lr=1e-3,
-        rank=args.rank,
-        update_interval=args.update_interval,
-        reproject_factor=args.reproject_factor,
-    )
-    model = _model(args.layers)
-    if strategy.startswith("owner"):
-        net: nn.Module = nn.parallel.DistributedDataParallel(model)
-        exchange = "factor" if strategy == "owner_factor" else "param"
-        opt = coap_dist.COAPAdamW(
-            model.parameters(), **kw, sharding=OwnerSharding(exchange=exchange)
+    model = _tiny()
+    if layout == "deepspeed_zero2":
+        os.environ.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            DS_ACCELERATOR="cpu",
         )
-    elif strategy == "fsdp2_local":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        import deepspeed
 
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in model:
-            fully_shard(layer, mesh=mesh)
-        net = fully_shard(model, mesh=mesh)
-        opt = coap_dist.COAPAdamW(model.parameters(), **kw)
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        cfg = {
+            "train_micro_batch_size_per_gpu": 2,
+            "train_batch_size": 2 * world,
+            "zero_optimization": {"stage": 2},
+            "optimizer": {"type": "COAP", "params": KW},
+            "steps_per_print": 1 << 30,
+        }
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=coap_dist.param_groups(model),
+            config=cfg,
+            dist_init_required=False,
+        )
+        opt = engine.optimizer
+        while not isinstance(opt, coap_dist.COAPAdamW):
+            opt = opt.optimizer
+        records = count_steps(opt)
+        for step in range(STEPS):
+            engine.backward(_loss(engine, _batch(rank, step)))
+            engine.step()
+        records = merged(records, len(opt.param_groups))  # ZeRO-2 steps one group per call
     else:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+        if layout in ("fsdp2", "fsdp2_owner"):
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
 
-        net = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
-        opt = coap_dist.COAPAdamW(net.parameters(), **kw, sharding=Fsdp1Sharding(net))
-    steps = args.update_interval * args.reproject_factor + 1
-    comm = 0
-    gen = torch.Generator().manual_seed(rank)
-    for _ in range(steps):
-        net(torch.randn(4, 512, generator=gen)).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-        comm += int(opt.metrics()["optim/comm_bytes_per_step"])
-    m = opt.metrics()
+            mesh = init_device_mesh("cpu", (world,))
+            for block in model.layers:
+                fully_shard(block, mesh=mesh)
+            net = fully_shard(model, mesh=mesh)
+            opt = coap_dist.COAPAdamW(
+                coap_dist.param_groups(model),
+                **KW,
+                sharding="owner" if layout == "fsdp2_owner" else None,
+            )
+        elif layout == "fsdp1":
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            net = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+            opt = coap_dist.COAPAdamW(
+                coap_dist.param_groups(net), **KW, sharding=Fsdp1Sharding(net)
+            )
+        else:
+            net = torch.nn.parallel.DistributedDataParallel(model)
+            opt = coap_dist.COAPAdamW(coap_dist.param_groups(model), **KW, sharding="owner")
+        records = count_steps(opt)
+        for step in range(STEPS):
+            _loss(net, _batch(rank, step)).backward()
+            opt.step()
+            opt.zero_grad()
+    plain = [records[1], records[3]]
     row = torch.tensor(
         [
+            float(plain[0].total_calls),
+            float(max(max(r.sent, r.received) for r in plain)),
             float(opt.state_bytes()),
-            m["optim/projector_time_s"],
-            comm / steps,
-            float(_refresh_work(opt)),
+            float(records[4].total_calls),
         ],
         dtype=torch.float64,
     )
@@ -128,81 +257,148 @@ def _worker(
     dist.destroy_process_group()
 
 
-def _run(strategy: str, world: int, args: argparse.Namespace) -> torch.Tensor:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "rows.pt")
-        mp.start_processes(
-            _worker,
-            args=(world, os.path.join(tmp, "init"), strategy, args, out),
-            nprocs=world,
-            join=True,
-            start_method="spawn",
-        )
-        return torch.load(out)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def measured(worlds: list[int]) -> list[dict[str, Any]]:
+    out = []
+    numel = sum(p.numel() for p in _tiny().parameters())
+    for layout in ("ddp_owner", "fsdp2", "fsdp2_owner", "fsdp1", "deepspeed_zero2"):
+        for world in worlds:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "rows.pt")
+                mp.start_processes(
+                    _worker,
+                    args=(world, os.path.join(tmp, "init"), layout, _free_port(), path),
+                    nprocs=world,
+                    join=True,
+                    start_method="spawn",
+                )
+                rows = torch.load(path)
+            state = rows[:, 2]
+            out.append(
+                {
+                    "layout": layout,
+                    "world": world,
+                    "params": numel,
+                    "plain_calls": int(rows[:, 0].max()),
+                    "refresh_calls": int(rows[:, 3].max()),
+                    "plain_kib_max": float(rows[:, 1].max()) / 1024,
+                    "state_kib_max": float(state.max()) / 1024,
+                    "state_vs_even": float(state.max() / (state.sum() / world)),
+                }
+            )
+            print(out[-1], flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--rank", type=int, default=128)
-    parser.add_argument("--update-interval", type=int, default=4)
-    parser.add_argument("--reproject-factor", type=int, default=2)
-    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--model", default="7b", choices=sorted(LLAMA_PRESETS))
+    parser.add_argument("--rank", type=int, default=1024)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[8, 64, 512])
+    parser.add_argument("--measured-worlds", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--skip-measured", action="store_true")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    results: list[dict[str, Any]] = []
-    for strategy in STRATEGIES:
-        for world in args.worlds:
-            rows = _run(strategy, world, args)
-            rec = {
-                "strategy": strategy,
-                "world": world,
-                "state_mib_max": float(rows[:, 0].max()) / 2**20,
-                "state_mib_sum": float(rows[:, 0].sum()) / 2**20,
-                "refresh_s_max": float(rows[:, 1].max()),
-                "refresh_work_share_max": float(rows[:, 3].max() / rows[:, 3].sum()),
-                "comm_kib_per_step_max": float(rows[:, 2].max()) / 1024,
-            }
-            results.append(rec)
-            print(rec, flush=True)
-    smallest = min(args.worlds)  # ratios are relative to the smallest world size run
-    base = {r["strategy"]: r for r in results if r["world"] == smallest}
+    ana = analytic(args.model, args.rank, args.worlds)
+    meas = [] if args.skip_measured else measured(args.measured_worlds)
+    rows = []
+    for r in ana:
+        if r["layout"] in LAYOUTS:
+            rows.append(
+                [
+                    f"COAP, {LAYOUTS[r['layout']]}",
+                    r["world"],
+                    r["calls"],
+                    f"{r['bytes_max_mib']:,.1f}",
+                    f"{r['bytes_median_mib']:,.1f}",
+                    f"{r['bound_max_mib']:,.1f}",
+                    r["ranks_over_bound"],
+                    f"{r['state_max_mib']:,.1f}",
+                    f"{r['state_vs_even']:.3f}",
+                ]
+            )
+        else:
+            rows.append(
+                [
+                    r["layout"]
+                    .replace("adamw_", "AdamW, ")
+                    .replace("zero", "ZeRO-")
+                    .replace("fsdp2", "FSDP2"),
+                    r["world"],
+                    r["calls"],
+                    f"{r['bytes_max_mib']:,.1f}",
+                    "",
+                    "",
+                    "",
+                    f"{r['state_max_mib']:,.1f}",
+                    "1.000",
+                ]
+            )
     table = markdown_table(
         [
-            "strategy",
-            "ranks",
+            "optimizer, layout",
+            "N",
+            "calls / plain step",
+            "MiB / rank (max)",
+            "MiB / rank (median)",
+            "bound MiB (max)",
+            "ranks over bound",
             "state MiB / rank (max)",
-            f"vs {smallest} rank(s)",
-            "refresh work share / rank (max)",
-            "refresh s / rank (max)",
-            f"vs {smallest} rank(s)",
-            "optimizer comm KiB / step",
+            "max / even",
         ],
-        [
-            [
-                r["strategy"],
-                r["world"],
-                f"{r['state_mib_max']:.2f}",
-                f"{r['state_mib_max'] / base[r['strategy']]['state_mib_max']:.2f}",
-                f"{r['refresh_work_share_max']:.2f}",
-                f"{r['refresh_s_max']:.3f}",
-                f"{r['refresh_s_max'] / base[r['strategy']]['refresh_s_max']:.2f}",
-                f"{r['comm_kib_per_step_max']:.1f}",
-            ]
-            for r in results
-        ],
+        rows,
     )
-    info = machine_info()
     md = (
-        f"# Distributed COAP: per-rank state, refresh time, traffic\n\n"
-        f"{args.layers} x (512x512, 1376x512, 512x1376) linear layers, rank {args.rank}, "
-        f"T_u {args.update_interval}, F {args.reproject_factor}; one refresh cycle.\n\n"
-        f"{table}\n\n## Machine\n\n{machine_markdown(info)}\n"
+        f"# COAP layouts: collectives, bytes and state per rank\n\n"
+        f"## Analytic: LLaMA-{args.model.upper()} shapes, rank {args.rank}, bf16 (DeepSpeed: "
+        "fp32 masters), a plain step\n\n"
+        f"{table}\n"
     )
+    if meas:
+        mtable = markdown_table(
+            [
+                "layout",
+                "ranks",
+                "calls / plain step",
+                "calls / refresh step",
+                "KiB / rank / plain step (max)",
+                "state KiB / rank (max)",
+                "max / even",
+            ],
+            [
+                [
+                    m["layout"],
+                    m["world"],
+                    m["plain_calls"],
+                    m["refresh_calls"],
+                    f"{m['plain_kib_max']:,.1f}",
+                    f"{m['state_kib_max']:,.1f}",
+                    f"{m['state_vs_even']:.3f}",
+                ]
+                for m in meas
+            ],
+        )
+        md += (
+            f"\n## Measured: tiny LLaMA ({meas[0]['params']:,} parameters), rank {KW['rank']}, "
+            "gloo, c10d calls counted from the dispatcher\n\n"
+            f"{mtable}\n"
+        )
+    info = machine_info()
+    md += f"\n## Machine\n\n{machine_markdown(info)}\n"
     print(md)
     for path in write_results(
         "distributed",
-        {"machine": info, "args": vars(args) | {"out_dir": str(args.out_dir)}, "results": results},
+        {
+            "machine": info,
+            "args": vars(args) | {"out_dir": str(args.out_dir)},
+            "analytic": ana,
+            "measured": meas,
+        },
         md,
         args.out_dir,
     ):

@@ -147,7 +147,11 @@ def test_per_rank_state_falls_as_one_over_n_under_every_layout() -> None:
         for n in (8, 64, 512):
             est = estimate_state_bytes("7b", "coap", rank=1024, world_size=n, layout=layout)
             assert len(est.per_rank) == n and sum(est.per_rank) == est.total
-            assert est.max_per_rank <= 1.15 * est.total / n, (layout, n, est.max_per_rank / est.mean_per_rank)
+            assert est.max_per_rank <= 1.15 * est.total / n, (
+                layout,
+                n,
+                est.max_per_rank / est.mean_per_rank,
+            )
             if layout != "fsdp2":  # FSDP2's default right-projects every matrix
                 assert est.total == one.total
     # Element-wise optimizers are split evenly (ZeRO / FSDP).

@@ -160,7 +160,13 @@ def owner_placement(
     """The OWNER placement (module docstring). ``fragments[i]``: per rank, the flat range of
     parameter i that rank holds on a fragment layout, or None when every rank holds it
     whole (replicated, DDP). ``split=False`` keeps every matrix whole (exact, but the
-    largest rank then holds at least the largest matrix's state)."""
+    largest rank then holds at least the largest matrix's state).
+
+    Locality: a whole matrix goes to the rank holding most of it among those with room; the
+    matrices that must be split keep each rank's natural rows (those its fragment holds, if
+    at least r / 2 of them) as far as the cap allows, so that under DeepSpeed's partitions
+    and FSDP2's row shards most gradients and updates never move.
+    """
     holder = [-1] * len(specs)
     pieces: list[tuple[Piece, ...]] = [()] * len(specs)
     loads = [0] * world
@@ -171,56 +177,138 @@ def owner_placement(
     units = [s for s in specs if s.lowrank]
     whole = {s.index: nbytes(state_shapes(s)) for s in units}
     cap = imbalance * (sum(loads) + sum(whole.values())) / world if split else math.inf
+    deferred = []
     for s in sorted(units, key=lambda u: (-whole[u.index], u.index)):
-        q = min(range(world), key=lambda r: (loads[r], r))
-        align = s.row_alignment()
-        if s.kind == "conv" or loads[q] + whole[s.index] <= cap or s.rows < 2 * align:
+        frag = fragments[s.index]
+        held = [0] * world if frag is None else [max(0, b - a) for a, b in frag]
+        order = sorted(range(world), key=lambda r: (-held[r], loads[r], r))
+        fits = [r for r in order if loads[r] + whole[s.index] <= cap]
+        if fits or s.kind == "conv" or s.rows < 2 * s.row_alignment():
+            q = fits[0] if fits else min(range(world), key=lambda r: (loads[r], r))
             holder[s.index] = q
             pieces[s.index] = (Piece(q, 0, s.rows if s.kind == "matrix" else 1),)
             loads[q] += whole[s.index]
-            continue
-        holder[s.index] = q
-        loads[q] += projector_bytes(s)
-        pieces[s.index] = _split_rows(s, loads, cap, align, first=q)
+        else:
+            deferred.append(s)
+    if deferred:
+        _place_split(deferred, fragments, loads, cap, holder, pieces)
     return Placement(world, tuple(holder), tuple(pieces))
 
 
-def _split_rows(
-    s: ParamSpec, loads: list[int], cap: float, align: int, first: int
-) -> tuple[Piece, ...]:
-    """Contiguous row blocks of matrix ``s``: the holder ``first`` filled up to ``cap``
-    first (its rows need no projector copy), then the least-loaded ranks; rows left over
-    once every rank is at the cap are spread evenly. ``loads`` is updated with the exact
-    bytes of each block."""
-    fixed = piece_bytes(s, 0, holder=False)
-    per_row = (piece_bytes(s, s.rows, holder=False) - fixed) / s.rows
+NATURAL_SHARE = 0.5
+"""A rank keeps natural rows of a split matrix only if it has at least this fraction of r
+of them: fewer would cost more as a projector copy than they save in moved gradients."""
+
+
+def _place_split(
+    mats: Sequence[ParamSpec],
+    fragments: Sequence[Sequence[Range] | None],
+    loads: list[int],
+    cap: float,
+    holder: list[int],
+    pieces: list[tuple[Piece, ...]],
+) -> None:
+    """Place the matrices that fit on no single rank, all together: projectors by LPT, then
+    every rank's natural rows, trimmed where a rank would exceed ``cap``, then the other rows
+    in contiguous runs to the ranks with room (at most one block per rank and matrix)."""
     world = len(loads)
-    sizes = [0] * world
-    left = s.rows
-    for r in sorted(range(world), key=lambda q: (q != first, loads[q], q)):
-        if left == 0:
-            break
-        room = cap - loads[r] - fixed
-        take = min(left, int(room // per_row) // align * align) if room > 0 else 0
-        if take <= 0:
-            continue
-        sizes[r] += take
-        left -= take
-    while left > 0:  # every rank is at the cap: spread the rest over the least loaded
-        share = max(align, -(-left // world) // align * align)
-        for r in sorted(range(world), key=lambda q: (loads[q] + sizes[q] * per_row, q)):
-            take = min(left, share)
-            sizes[r] += take
-            left -= take
-            if left == 0:
+    for s in sorted(mats, key=lambda u: (-projector_bytes(u), u.index)):
+        q = min(range(world), key=lambda r: (loads[r], r))
+        holder[s.index] = q
+        loads[q] += projector_bytes(s)
+    per_row = {s.index: _row_bytes(s) for s in mats}
+    blocks: dict[int, dict[int, list[int]]] = {s.index: {} for s in mats}
+    for s in mats:
+        align = s.row_alignment()
+        least = max(align, int(NATURAL_SHARE * s.rank))
+        for r, (a, b) in enumerate(_natural_rows(s, fragments[s.index], world)):
+            a, b = -(-a // align) * align, min(s.rows, -(-b // align) * align)
+            if b - a >= least:
+                blocks[s.index][r] = [a, b]
+                loads[r] += (b - a) * per_row[s.index]
+    for r in range(world):  # trim natural blocks of ranks over the cap, largest rows first
+        mine = sorted((s for s in mats if r in blocks[s.index]), key=lambda u: -per_row[u.index])
+        for s in mine:
+            if loads[r] <= cap:
                 break
-    out = []
-    start = 0
-    for r in range(world):
-        if sizes[r]:
-            out.append(Piece(r, start, start + sizes[r]))
-            loads[r] += piece_bytes(s, sizes[r], holder=False)
-            start += sizes[r]
+            a, b = blocks[s.index][r]
+            align = s.row_alignment()
+            cut = min(b - a, -(-int((loads[r] - cap) / per_row[s.index]) // align) * align)
+            blocks[s.index][r] = [a, b - cut]
+            loads[r] -= cut * per_row[s.index]
+            if b - cut <= a:
+                del blocks[s.index][r]
+    for s in sorted(mats, key=lambda u: (-per_row[u.index] * u.rows, u.index)):
+        pieces[s.index] = _fill_gaps(
+            s, blocks[s.index], loads, cap, per_row[s.index], holder[s.index]
+        )
+
+
+def _row_bytes(s: ParamSpec) -> float:
+    """State bytes per canonical row of a matrix (its moments' share)."""
+    fixed = piece_bytes(s, 0, holder=False)
+    return (piece_bytes(s, s.rows, holder=False) - fixed) / s.rows
+
+
+def _natural_rows(s: ParamSpec, frag: Sequence[Range] | None, world: int) -> list[Range]:
+    """Per rank, the canonical rows [a, b) whose first element its fragment holds (a right
+    projection's rows are W's rows); empty for replicated or left-projected matrices."""
+    if frag is None or s.side != "right":
+        return [(0, 0)] * world
+    n = s.cols
+    return [(-(-a // n), -(-b // n)) if b > a else (0, 0) for a, b in frag]
+
+
+def _fill_gaps(
+    s: ParamSpec,
+    blocks: dict[int, list[int]],
+    loads: list[int],
+    cap: float,
+    per_row: float,
+    holder: int,
+) -> tuple[Piece, ...]:
+    """The rows of ``s`` outside ``blocks`` in contiguous runs: to the holder first (its rows
+    need no projector copy), then the least-loaded ranks with room; rows left once every
+    rank is full extend a neighbouring block. Returns all blocks as pieces."""
+    align = s.row_alignment()
+    fixed = piece_bytes(s, 0, holder=False)
+    world = len(loads)
+    gaps, cursor = [], 0
+    for a, b in sorted(blocks.values()):
+        if a > cursor:
+            gaps.append([cursor, a])
+        cursor = b
+    if cursor < s.rows:
+        gaps.append([cursor, s.rows])
+
+    def room(r: int) -> int:
+        free = cap - loads[r] - fixed
+        return int(free // per_row) // align * align if free > 0 else 0
+
+    rest = sorted(
+        (r for r in range(world) if r not in blocks), key=lambda r: (r != holder, loads[r], r)
+    )
+    for a, b in gaps:
+        while a < b:
+            r = next((q for q in rest if room(q) > 0), None)
+            if r is None:
+                if not blocks:  # nothing to extend: the least-loaded rank takes the run
+                    r = min(range(world), key=lambda q: (loads[q], q))
+                    blocks[r] = [a, b]
+                else:  # every rank is full: the neighbouring block takes the rest
+                    r = min(
+                        (q for q, (x, y) in blocks.items() if y == a or x == b),
+                        key=lambda q: (loads[q], q),
+                    )
+                    blocks[r] = [min(blocks[r][0], a), max(blocks[r][1], b)]
+                loads[r] += (b - a) * per_row
+                break
+            rest.remove(r)
+            take = min(b - a, room(r))
+            blocks[r] = [a, a + take]
+            loads[r] += take * per_row + fixed
+            a += take
+    out = sorted((Piece(r, a, b) for r, (a, b) in blocks.items()), key=lambda pc: pc.start)
     return tuple(out)
 
 

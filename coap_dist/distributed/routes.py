@@ -267,6 +267,23 @@ def plain_step_traffic(
     return [Traffic(calls, s, r) for s, r in zip(sent, received, strict=True)]
 
 
+def local_plain_step_traffic(specs: Sequence[ParamSpec], world: int) -> Traffic:
+    """Per rank, a plain step of FSDP2's default layout: the flag all-reduce and one
+    all-gather per projector dtype of every matrix's projector shards (each padded to
+    ceil(r / N) rows), the same on every rank."""
+    if world == 1:
+        return Traffic(0, 0, 0)
+    n = len(specs)
+    moved = collective_bytes("all_reduce", world, 4 * (5 * n + 1))
+    dtypes = set()
+    for s in specs:
+        if s.kind == "matrix":
+            dtypes.add(s.fmt.projector_dtype)
+            chunk = -(-s.rank // world) * s.cols * s.fmt.projector_dtype.itemsize
+            moved += collective_bytes("all_gather", world, chunk)
+    return Traffic(1 + len(dtypes), moved, moved)
+
+
 def bound_bytes(
     geos: Sequence[Geometry], world: int, rank: int, weight_dtypes: Sequence[torch.dtype]
 ) -> int:

@@ -19,7 +19,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 
 import coap_dist
 from coap_dist.distributed import Fsdp1Sharding
-from tests.collectives import count_steps
+from coap_dist.distributed.trace import count_steps
 from tests.dist_harness import run_workers
 
 KW = dict(lr=1e-2, weight_decay=0.1, rank=3, update_interval=2, reproject_factor=2, scale=0.5)

@@ -32,8 +32,8 @@ from torch import nn
 import coap_dist
 from coap_dist.distributed import OwnerSharding
 from coap_dist.distributed.routes import bound_bytes, plain_step_traffic
+from coap_dist.distributed.trace import NoCollectives, count_steps
 from coap_dist.optim.spec import nbytes, state_shapes
-from tests.collectives import NoCollectives, count_steps
 from tests.dist_harness import run_workers
 
 KW = dict(lr=1e-2, weight_decay=0.1, rank=4, update_interval=2, reproject_factor=2, scale=0.5)

@@ -51,8 +51,12 @@ def _reset() -> None:
 
 def accelerate_fsdp2() -> dict:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 24), nn.LayerNorm(24), nn.Linear(24, 4))
-    ref = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 24), nn.LayerNorm(24), nn.Linear(24, 4))
+    model = nn.Sequential(
+        nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 24), nn.LayerNorm(24), nn.Linear(24, 4)
+    )
+    ref = nn.Sequential(
+        nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 24), nn.LayerNorm(24), nn.Linear(24, 4)
+    )
     ref.load_state_dict(model.state_dict())
     opt = coap_dist.COAPAdamW(model.parameters(), **KW)  # before prepare
     ref_opt = coap_dist.COAPAdamW(ref.parameters(), **KW, projection_side="right")
@@ -71,9 +75,18 @@ def accelerate_fsdp2() -> dict:
         opt.zero_grad()
         ref_opt.step()
         ref_opt.zero_grad()
-        diffs.append(max(float((p.full_tensor() - q).abs().max()) for p, q in zip(model.parameters(), ref.parameters(), strict=True)))
+        diffs.append(
+            max(
+                float((p.full_tensor() - q).abs().max())
+                for p, q in zip(model.parameters(), ref.parameters(), strict=True)
+            )
+        )
     inner = coap_optimizer(opt)
-    out = {"layout": inner.layout.name, "refreshes": inner.metrics()["optim/refreshes"], "max_diff": max(diffs)}
+    out = {
+        "layout": inner.layout.name,
+        "refreshes": inner.metrics()["optim/refreshes"],
+        "max_diff": max(diffs),
+    }
     _reset()
     return out
 
@@ -106,7 +119,9 @@ class _CpuFsdpTrainer(Trainer):
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
-        _force_fsdp(self.accelerator.state, FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args))
+        _force_fsdp(
+            self.accelerator.state, FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        )
         self.is_fsdp_enabled = True
 
 
@@ -165,7 +180,12 @@ def trainer_fsdp2() -> dict:
     full = _train(out, True, dict(KW), [])
     resumed = _train(out + "_resumed", True, dict(KW), [], resume=os.path.join(out, "checkpoint-2"))
     same = all(torch.equal(full["weights"][n], w) for n, w in resumed["weights"].items())
-    return {"layout": full["layout"], "resumed_equal": same, "losses": full["losses"], "resumed_losses": resumed["losses"]}
+    return {
+        "layout": full["layout"],
+        "resumed_equal": same,
+        "losses": full["losses"],
+        "resumed_losses": resumed["losses"],
+    }
 
 
 def trainer_ddp_owner() -> dict:
@@ -173,7 +193,13 @@ def trainer_ddp_owner() -> dict:
     out = os.path.join(OUT, "ddp")
     full = _train(out, False, kw, [COAPCheckpointCallback()])
     saved = torch.load(os.path.join(out, "checkpoint-2", "optimizer.pt"), weights_only=True)
-    resumed = _train(out + "_resumed", False, kw, [COAPCheckpointCallback()], resume=os.path.join(out, "checkpoint-2"))
+    resumed = _train(
+        out + "_resumed",
+        False,
+        kw,
+        [COAPCheckpointCallback()],
+        resume=os.path.join(out, "checkpoint-2"),
+    )
     same = all(torch.equal(full["weights"][n], w) for n, w in resumed["weights"].items())
     n_params = sum(1 for _ in _llama().parameters())
     return {

@@ -1,7 +1,12 @@
-"""Count the collectives an optimizer really issues, from the dispatcher (not its own
+"""Count the collectives an optimizer really issues, from the dispatcher (not from its own
 counters): every ``torch.distributed`` collective reaches a ``c10d`` operator, which a
 ``TorchDispatchMode`` sees with its tensors. Bytes follow the per-rank convention of
-:func:`coap_dist.distributed.comm.collective_bytes`."""
+:func:`coap_dist.distributed.comm.collective_bytes`.
+
+    records = count_steps(opt)     # one StepRecord per opt.step() from now on
+    ...
+    print(records[-1].calls, records[-1].sent, records[-1].devices)
+"""
 
 from __future__ import annotations
 
@@ -73,7 +78,27 @@ class CollectiveCounter(TorchDispatchMode):
                 moved = collective_bytes("reduce_scatter", self.world, _nbytes(args[0]))
                 rec.sent += moved
                 rec.received += moved
+            elif op in ("broadcast_", "reduce_"):  # the buffer crosses each rank once
+                moved = _nbytes(args[0]) if self.world > 1 else 0
+                rec.sent += moved
+                rec.received += moved
         return func(*args, **(kwargs or {}))
+
+
+def merged(records: list[StepRecord], calls_per_step: int) -> list[StepRecord]:
+    """Records of optimizer steps made of several ``step()`` calls (DeepSpeed ZeRO 1-2
+    calls it once per parameter group), summed."""
+    out = []
+    for k in range(0, len(records) - calls_per_step + 1, calls_per_step):
+        total = StepRecord()
+        for rec in records[k : k + calls_per_step]:
+            for op, n in rec.calls.items():
+                total.calls[op] = total.calls.get(op, 0) + n
+            total.sent += rec.sent
+            total.received += rec.received
+            total.devices |= rec.devices
+        out.append(total)
+    return out
 
 
 def count_steps(opt: torch.optim.Optimizer) -> list[StepRecord]:
