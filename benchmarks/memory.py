@@ -2,7 +2,7 @@
 
 1. Estimator (``coap_dist.memory.estimate_state_bytes``, shapes only, bf16): presets 60m,
    130m, 350m, 1b, 7b x optimizers adamw, adamw8bit, galore, coap, coap8bit x world sizes
-   1, 2, 8, 64 (owner-mode packing; max bytes per rank).
+   1, 2, 8, 64 (max bytes per rank; COAP also under each layout of ``LAYOUTS``).
 2. Measurement: real fp32 models (60m and 130m by default) with random gradients, one
    ``step()`` of each real optimizer (torch AdamW, bitsandbytes AdamW8bit, GaLore AdamW,
    COAPAdamW, COAPAdamW 8-bit), state bytes from ``measure_state_bytes`` next to the
@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, machine_info, machine_markdown, markdown_table, write_results
 
 from coap_dist.memory import (
+    LAYOUTS,
     MIB,
     OPTIMIZERS,
     estimate_state_bytes,
@@ -58,17 +59,13 @@ def estimator_table(models: list[str], dtype: torch.dtype) -> list[dict[str, Any
             rank = RANKS[model] if optimizer in ("galore", "coap", "coap8bit") else None
             for ws in WORLD_SIZES:
                 est = estimate_state_bytes(model, optimizer, rank=rank, dtype=dtype, world_size=ws)
-                # As COAPAdamW(sharding="owner") under DDP: compute-cost packing plus a
-                # copy of every non-owned projector on each rank.
-                owner = estimate_state_bytes(
-                    model,
-                    optimizer,
-                    rank=rank,
-                    dtype=dtype,
-                    world_size=ws,
-                    packing="compute",
-                    projector_cache=optimizer in ("coap", "coap8bit"),
-                )
+                # COAP's per-rank figure depends on the layout (the layouts' own planners).
+                layouts = {
+                    layout: estimate_state_bytes(
+                        model, optimizer, rank=rank, dtype=dtype, world_size=ws, layout=layout
+                    ).max_per_rank
+                    for layout in (LAYOUTS if optimizer in ("coap", "coap8bit") else ())
+                }
                 records.append(
                     {
                         "model": model,
@@ -76,7 +73,7 @@ def estimator_table(models: list[str], dtype: torch.dtype) -> list[dict[str, Any
                         "rank": rank,
                         "world_size": ws,
                         **est.to_dict(),
-                        "owner_mode_max_per_rank": owner.max_per_rank,
+                        "max_per_rank_by_layout": layouts,
                     }
                 )
     return records
@@ -201,24 +198,26 @@ def to_markdown(result: dict[str, Any]) -> str:
                     ),
                 ]
             )
-    owner_rows = [
+    layout_rows = [
         [
             model,
             optimizer,
+            layout,
             *(
-                f"{by_key[(model, optimizer, ws)]['owner_mode_max_per_rank'] / MIB:,.1f}"
+                f"{by_key[(model, optimizer, ws)]['max_per_rank_by_layout'][layout] / MIB:,.1f}"
                 for ws in WORLD_SIZES[1:]
             ),
         ]
         for model in models
-        for optimizer in ("adamw", "coap", "coap8bit")
+        for optimizer in ("coap", "coap8bit")
+        for layout in LAYOUTS
     ]
     parts = [
         "# Optimizer-state memory",
         "Moment + projector tensors (and 8-bit quantization scales); step counters not counted. "
         "MiB = 2^20 bytes. Estimates are bf16 (parameter and state dtype; 8-bit variants keep "
-        "projectors in bf16). Per-rank columns: owner mode, greedy longest-processing-time "
-        "packing of whole parameter states, bytes on the most loaded rank.",
+        "projectors in bf16). Per-rank columns: bytes on the most loaded rank; COAP under "
+        'the default owner placement (DDP `sharding="owner"`), other optimizers split evenly.',
         "## Estimator (bf16)",
         markdown_table(
             [
@@ -233,13 +232,14 @@ def to_markdown(result: dict[str, Any]) -> str:
         ),
     ]
     parts += [
-        "## Owner mode as implemented (bf16, max MiB per rank)",
-        '`COAPAdamW(sharding="owner")` under DDP packs by its compute model (m n r per '
-        "matrix, numel otherwise) and every rank also keeps a copy of each projector it does not "
-        'own (`packing="compute", projector_cache=True`). For adamw the row is the same '
-        "packing without projectors.",
+        "## COAP per layout (bf16, max MiB per rank)",
+        "From the layouts' own planners (`coap-dist memory --layout ...`): `owner` is DDP "
+        'with `sharding="owner"`, `fsdp2` FSDP2\'s default (every matrix right-projected, '
+        'moments and projectors by rows), `fsdp2_owner` FSDP2 with `sharding="owner"`, '
+        "`zero` DeepSpeed ZeRO 1-3.",
         markdown_table(
-            ["model", "optimizer", *(f"max/rank @{ws}" for ws in WORLD_SIZES[1:])], owner_rows
+            ["model", "optimizer", "layout", *(f"max/rank @{ws}" for ws in WORLD_SIZES[1:])],
+            layout_rows,
         ),
     ]
     if result["measured"]:

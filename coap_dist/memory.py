@@ -646,9 +646,8 @@ def measure_state_bytes(
     region counted once (bitsandbytes shares its code maps between parameters). Entries are
     put into categories by key name: ``absmax``/``qmap``/``scale`` -> quant_scales,
     ``proj``/``ortho``/``P`` -> projectors, ``exp_avg``/``state1``/``M``/``V``... -> moments,
-    anything else -> other. Works for torch, GaLore, bitsandbytes and COAP optimizers; for
-    an optimizer with ``layout.extra_state_bytes()`` (COAP) those bytes (projector copies of
-    owner mode) are added to projectors, as ``COAPAdamW.state_bytes()`` does.
+    anything else -> other. Works for torch, GaLore, bitsandbytes and COAP optimizers (COAP
+    keeps all of its state in ``optimizer.state``, so this equals ``COAPAdamW.state_bytes()``).
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` (usually after one ``step()``).
@@ -689,10 +688,6 @@ def measure_state_bytes(
                     other=row["other"],
                 )
             )
-    # COAP's owner layout keeps copies of non-owned projectors outside optimizer.state.
-    extra_state_bytes = getattr(getattr(optimizer, "layout", None), "extra_state_bytes", None)
-    if callable(extra_state_bytes):
-        totals["projectors"] += int(extra_state_bytes())
     return StateBytes(
         optimizer=type(optimizer).__name__,
         moments=totals["moments"],

@@ -307,14 +307,24 @@ def _worker(rank: int, world: int, ckpt_root: str, port: int) -> None:
 
 def _check_errors(rank: int) -> None:
     """Invalid setups fail with an error naming the problem: a misspelt key at
-    deepspeed.initialize, optimizer offload at the first step (the layout is bound from
-    the partitions the engine hands over), before any weight changes."""
+    deepspeed.initialize, optimizer offload and 8-bit state at the first step (the layout is
+    bound from the partitions the engine hands over), before any weight changes."""
     offload = _config(2, False, {})
     offload["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     engine, *_ = _build_cfg(offload)
     engine.backward(_loss(engine, *_batch(rank, 0, 0)))
     with pytest.raises(ValueError, match=r"offload_optimizer is not supported"):
         engine.step()
+    engine.destroy()
+    eight_bit = _config(2, False, {})
+    eight_bit["optimizer"]["params"]["state_bits"] = 8
+    engine, *_ = _build_cfg(eight_bit)
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    engine.backward(_loss(engine, *_batch(rank, 0, 0)))
+    with pytest.raises(ValueError, match=r"8-bit state \(state_bits=8\) is not supported"):
+        engine.step()
+    for p, q in zip(engine.module.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), q), "a refused step changed a weight"
     engine.destroy()
     typo = _config(2, False, {})
     typo["optimizer"]["params"]["rnak"] = 4
