@@ -188,6 +188,9 @@ def _worker(rank: int, world: int, init: str, layout: str, port: int, out: str) 
         )
         import deepspeed
 
+        # DeepSpeed JIT-builds a CPU shared-memory op here (minutes, racing between the
+        # processes on a cold cache); gloo carries every collective, which is what is counted.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
         cfg = {
             "train_micro_batch_size_per_gpu": 2,

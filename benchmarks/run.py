@@ -62,7 +62,7 @@ SCRIPTS: dict[str, list[tuple[str, str, list[str], list[str]]]] = {
             "distributed",
             "--out-dir",
             [],
-            shlex.split("--worlds 1 2 --layers 1 --update-interval 2"),
+            shlex.split("--model 60m --rank 128 --worlds 8 --measured-worlds 2"),
         )
     ],
 }
