@@ -42,6 +42,8 @@ import torch.distributed as dist
 from torch import nn
 
 import coap_dist
+from coap_dist.distributed.routes import bound_bytes
+from coap_dist.distributed.trace import count_steps, merged
 from tests.dist_harness import run_workers
 
 KW = dict(lr=1e-2, weight_decay=0.1, rank=8, update_interval=2, reproject_factor=2, scale=0.5)
@@ -264,6 +266,7 @@ def _worker(rank: int, world: int, ckpt_root: str, port: int) -> None:
         if only and label not in only:
             continue
         engine = _build(stage, bf16, extra, zero_init)
+        records = count_steps(_coap(engine))
         ga = engine.gradient_accumulation_steps()
         ckpt_dir = os.path.join(ckpt_root, label)
         if ckpt:
@@ -275,6 +278,7 @@ def _worker(rank: int, world: int, ckpt_root: str, port: int) -> None:
         adafactor = "optimizer" in extra
         if not adafactor:  # (COAPAdafactor does not descend in 8 steps here, nor in 1 process)
             assert losses[-1] < 0.9 * losses[0], (label, losses)
+        _check_traffic(label, _coap(engine), stage, rank, records)
         coap_bytes, adamw_bytes = _check_state(label, engine, stage, rank)
         assert coap_bytes < 0.6 * adamw_bytes, (label, coap_bytes, adamw_bytes)
         ref_params, ref_losses = refs[(ga, adafactor)]
@@ -303,6 +307,30 @@ def _worker(rank: int, world: int, ckpt_root: str, port: int) -> None:
     if rank == 0:
         for label, per_rank, adamw in report:
             print(f"[coap-ds] {label}: COAP state bytes per rank {per_rank}, AdamW {adamw}")
+
+
+def _check_traffic(label: str, opt: Any, stage: int, rank: int, records: list) -> None:
+    """The optimizer's own collectives per optimizer step (DeepSpeed calls ``step()`` once per
+    parameter group, or ZeRO-3 sub-group): none at stage 0; at stages 1-3 at most 3 per call
+    on plain steps (flags, gather, scatter; Adafactor teams add two all-reduces of their row
+    and column statistics), on the parameters' device, and bytes per rank
+    under the bound (fp32 gradient bytes / N + fp32 D and P of the matrices whose
+    partitions this rank holds + flags)."""
+    per = len(records) // STEPS
+    assert per >= 1 and len(records) == per * STEPS, (label, len(records))
+    steps = merged(records, per)
+    plain = steps[1::2]  # k = 1, 3, 5, 7
+    if stage == 0:
+        assert all(r.total_calls == 0 for r in steps), (label, [r.calls for r in steps])
+        return
+    lay = opt.layout
+    dtypes = [lay.view.dtype(i) for i in range(len(opt.specs))]
+    bound = bound_bytes(lay._entries, WORLD, rank, dtypes) + 8 * (per - 1) * (5 * len(dtypes) + 1)
+    calls = 3 + (2 if isinstance(opt, coap_dist.COAPAdafactor) else 0)
+    for k, rec in zip((1, 3, 5, 7), plain, strict=True):
+        assert 1 <= rec.total_calls <= calls * per, (label, k, rec.calls)
+        assert rec.devices <= {"cpu"}, (label, rec.devices)
+        assert max(rec.sent, rec.received) <= bound, (label, k, rec.sent, rec.received, bound)
 
 
 def _check_errors(rank: int) -> None:
