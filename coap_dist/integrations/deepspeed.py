@@ -278,3 +278,77 @@ class DeepSpeedZero3View(FragmentView):
         if n == 0 or flat.grad is None:
             return None
         return flat.grad.narrow(0, offset, n)
+
+
+def unknown_config_keys(config: dict[str, Any]) -> dict[str, list[str]]:
+    """Top-level keys of a DeepSpeed JSON config that DeepSpeed would silently ignore, each
+    with the nearest known keys (``{"zero_optimisation": ["zero_optimization"]}``).
+
+    DeepSpeed reads top-level keys one by one and never complains about the others, so a
+    misspelt ``zero_optimization`` runs ZeRO stage 0. The known keys are the ones
+    ``DeepSpeedConfig`` actually looks up when it parses ``config`` (recorded by a dict
+    that notes every lookup), plus every key named in DeepSpeed's ``constants`` modules (read
+    by components built later). Returns ``{}`` if DeepSpeed rejects ``config`` itself (its
+    own error is raised at ``initialize``).
+    """
+    import difflib
+    import importlib
+    from pathlib import Path
+
+    import deepspeed
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    looked_up: set[str] = set()
+
+    class _Keys:
+        def __init__(self, data: dict[str, Any]) -> None:
+            self.data = data
+
+        def __contains__(self, key: object) -> bool:
+            looked_up.add(str(key))
+            return dict.__contains__(self.data, key)
+
+        def __iter__(self) -> Any:
+            return iter(dict.keys(self.data))
+
+        def __len__(self) -> int:
+            return dict.__len__(self.data)
+
+    class _Recording(dict):  # type: ignore[type-arg]
+        def __getitem__(self, key: Any) -> Any:
+            looked_up.add(str(key))
+            return super().__getitem__(key)
+
+        def get(self, key: Any, default: Any = None) -> Any:
+            looked_up.add(str(key))
+            return super().get(key, default)
+
+        def __contains__(self, key: object) -> bool:
+            looked_up.add(str(key))
+            return super().__contains__(key)
+
+        def keys(self) -> Any:  # type: ignore[override]
+            return _Keys(self)
+
+    try:
+        DeepSpeedConfig(_Recording(config))
+    except Exception:
+        return {}
+    known = set(looked_up)
+    root = Path(deepspeed.__file__).parent
+    for path in sorted(root.rglob("constants.py")):
+        name = ".".join(("deepspeed", *path.relative_to(root).with_suffix("").parts))
+        try:
+            module = importlib.import_module(name)
+        except Exception:
+            continue
+        known |= {
+            v
+            for k, v in vars(module).items()
+            if k.isupper() and isinstance(v, str) and v.isidentifier()
+        }
+    return {
+        key: difflib.get_close_matches(key, sorted(known), n=2)
+        for key in config
+        if key not in known
+    }

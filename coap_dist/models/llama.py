@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -157,7 +159,13 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With ``checkpoint_activations`` set (and gradients enabled) the block keeps only its input
+    for the backward pass and recomputes the rest (``torch.utils.checkpoint``, non-reentrant).
+    The checkpoint sits inside ``forward``, so hooks on the block (FSDP2's all-gather) stay
+    outside the recomputed region.
+    """
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -165,40 +173,82 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
+        self.checkpoint_activations = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            return checkpoint(self._body, x, cos, sin, use_reentrant=False)
+        return self._body(x, cos, sin)
+
+    def _body(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
 class Llama(nn.Module):
-    """Decoder-only LM: tokens (B, T) int64 -> logits (B, T, V)."""
+    """Decoder-only LM: tokens (B, T) int64 -> logits (B, T, V).
 
-    def __init__(self, cfg: LlamaConfig) -> None:
+    Initial weights are a pure function of ``seed`` (:meth:`init_values`), whatever the
+    device, the construction order or how the parameters are later sharded: a model built on
+    the meta device, sharded, then filled from :meth:`init_values` shard by shard holds the
+    same weights as ``Llama(cfg, seed=seed)`` built whole in one process.
+
+    Args:
+        cfg: the shape.
+        seed: seed of the initial weights; None takes ``torch.initial_seed()`` (the seed of
+            the last ``torch.manual_seed``).
+        init: write the initial weights now (skipped on the meta device); False leaves them
+            to the caller (sharded materialisation, DeepSpeed ``zero.Init``).
+    """
+
+    def __init__(self, cfg: LlamaConfig, *, seed: int | None = None, init: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        cos, sin = _rotary_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_buffers()
+        if init and not self.tok_embeddings.weight.is_meta:
+            with torch.no_grad():
+                for (_, value), p in zip(self.init_values(seed), self.parameters(), strict=True):
+                    p.copy_(value)
 
-    def reset_parameters(self) -> None:
-        """Normal(0, 0.02) for matrices, output projections scaled by 1/sqrt(2 L)."""
-        if self.tok_embeddings.weight.is_meta:
-            return
+    def init_values(self, seed: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, full initial value)`` of every parameter, in ``named_parameters`` order,
+        one at a time (fp32, CPU; a consumer shards or casts each before the next is made).
+
+        Matrices ~ N(0, 0.02^2), output projections (``wo``, ``w2``) scaled by 1/sqrt(2 L);
+        norm weights 1. All are drawn in this order from one CPU generator seeded with
+        ``seed``, so the values do not depend on the device or on any other random draw.
+        """
+        gen = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
         std = 0.02
         for name, p in self.named_parameters():
-            if p.ndim == 2:
+            shape = tuple(p.shape)
+            if len(shape) == 2:
                 scale = (
                     1.0 / math.sqrt(2 * self.cfg.n_layers)
                     if name.endswith(("wo.weight", "w2.weight"))
                     else 1.0
                 )
-                nn.init.normal_(p, mean=0.0, std=std * scale)
+                yield name, torch.empty(shape).normal_(0.0, std * scale, generator=gen)
+            else:
+                yield name, torch.ones(shape)
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the rotary tables on the buffers' device (after ``to_empty``)."""
+        cos, sin = _rotary_tables(self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len)
+        device = self.rope_cos.device
+        self.rope_cos = cos.to(device)
+        self.rope_sin = sin.to(device)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations in the backward pass (see :class:`Block`)."""
+        for layer in self.layers:
+            layer.checkpoint_activations = enabled
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[1]

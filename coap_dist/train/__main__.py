@@ -25,6 +25,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -36,12 +37,17 @@ def main(cfg: DictConfig) -> None:
     """Hydra entry point (also the ``coap-train`` console script)."""
     from coap_dist.train.app import run
 
+    hydra_cfg = HydraConfig.get()
     try:
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         assert isinstance(config, dict)
-        run(config, Path(HydraConfig.get().runtime.output_dir))
+        run(config, Path(hydra_cfg.runtime.output_dir))
     except (ConfigError, OmegaConfBaseException) as err:
         print(f"coap_dist.train: invalid config: {err}", file=sys.stderr, flush=True)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            # A sweep's launcher (basic, submitit, ...) reports an exception as the job's
+            # failure; SystemExit would end a submitit task without a result to report.
+            raise ConfigError(str(err)) from None
         raise SystemExit(2) from None
 
 

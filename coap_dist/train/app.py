@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from coap_dist.train.config import TrainConfig
+from coap_dist.train.config import ConfigError, TrainConfig
 from coap_dist.train.data import load_tokens
 from coap_dist.train.loop import train_run
 from coap_dist.train.parallelize import (
@@ -21,6 +21,7 @@ from coap_dist.train.parallelize import (
     init_distributed,
 )
 from coap_dist.train.report import RunResult, format_table, plot_losses, write_summary
+from coap_dist.train.rundir import RunDirLock, check_writable
 
 log = logging.getLogger("coap_dist.train")
 
@@ -37,12 +38,21 @@ def run(config: dict[str, Any], output_dir: Path) -> list[RunResult]:
     """
     cfg = TrainConfig.from_dict(config)
     env = init_distributed(cfg)
+    lock: RunDirLock | None = None
     try:
         threads = cpu_threads(cfg.threads, env)
         if threads is not None:
             torch.set_num_threads(threads)
         out_dir = Path(broadcast_object(str(output_dir.resolve()), env))
-        out_dir.mkdir(parents=True, exist_ok=True)
+        error = None
+        if env.is_main:
+            try:
+                lock = claim_run_dir(cfg, out_dir)
+            except ConfigError as err:
+                error = str(err)
+        error = broadcast_object(error, env)
+        if error is not None:
+            raise ConfigError(error)
         tokens = load_tokens(cfg.data)
         if env.is_main:
             log.info(
@@ -64,7 +74,20 @@ def run(config: dict[str, Any], output_dir: Path) -> list[RunResult]:
             report(cfg, results, out_dir)
         return results
     finally:
+        if lock is not None:
+            lock.release()
         close_distributed()
+
+
+def claim_run_dir(cfg: TrainConfig, out_dir: Path) -> RunDirLock:
+    """Rank 0, before training: the run dir and the checkpoint dir are writable, and no
+    other run holds the run dir (the returned lock is held until :func:`run` ends)."""
+    check_writable(out_dir, "hydra.run.dir")
+    if cfg.checkpoint.every:
+        check_writable(out_dir / cfg.checkpoint.dir, "checkpoint.dir")
+    lock = RunDirLock(out_dir)
+    lock.acquire()
+    return lock
 
 
 def cpu_threads(setting: int | str | None, env: DistEnv) -> int | None:

@@ -1,21 +1,27 @@
-"""Checkpoints of the training app: model, optimizer, step, RNG states and the metric history,
-so that ``resume=<dir>`` continues on the same loss curve.
+"""Checkpoints of the training app: model, optimizer, step, RNG states, the run's settings and
+the loop's own state, so that ``resume=<dir>`` continues exactly where the run stopped.
 
 A checkpoint is a directory ``<run dir>/<checkpoint.dir>/<optimizer name>/step_<N>`` holding
-``meta.pt`` (step, run name, strategy, world size, per-rank RNG states, history) and, by the
+``meta.pt`` (step, run name, strategy, world size, per-rank RNG states, metric history, the
+run's settings, the open loss window and the optimizer's cumulative counters) and, by the
 strategy's ``checkpoint_format``:
 
 * ``torch`` (single, ddp, ddp_sharded): ``state.pt`` with the full model ``state_dict`` and
-  the optimizer's ``state_dict`` (COAP's owner-sharded layout is gathered into a
-  layout-independent one; ``ZeroRedundancyOptimizer`` is consolidated on rank 0), written by
-  rank 0. Any of these three strategies, at any world size, can resume it.
+  the optimizer's whole state (COAP's owner layout consolidated on rank 0,
+  ``ZeroRedundancyOptimizer`` likewise), written by rank 0. Any of these three strategies, at
+  any world size, can resume it.
 * ``dcp`` (fsdp2, hsdp): ``torch.distributed.checkpoint`` of ``get_model_state_dict`` /
-  ``get_optimizer_state_dict``, written by every rank in parallel, loaded with the
-  ``set_*`` counterparts (resharding to the new mesh if it changed).
-* ``deepspeed``: the engine's own ``save_checkpoint`` / ``load_checkpoint`` (tag ``engine``).
+  ``get_optimizer_state_dict``, written by every rank in parallel, loaded with the ``set_*``
+  counterparts (resharding to the new mesh if it changed).
+* ``deepspeed``: the engine's own ``save_checkpoint`` / ``load_checkpoint`` (tag ``engine``);
+  DeepSpeed resumes it at the same world size only.
 
-The directory is written as ``step_<N>.tmp`` and renamed when complete, so a crash mid-save
-never leaves a directory that looks finished.
+Safety: before writing, the free space is checked against the checkpoint's size (estimated
+from the tensors held); files are written into ``step_<N>.tmp``, fsynced, and the directory
+renamed into place (then its parent fsynced), so a crash or a full disk never leaves a
+directory that looks finished, and never touches the previous checkpoints. A failed save
+removes its ``.tmp`` directory and stops the run with the reason; stale ``.tmp`` directories
+of crashed runs are removed by the next save.
 
 The batches are a pure function of ``(seed, step)`` (:mod:`coap_dist.train.data`), so the
 step number is the data position.
@@ -23,18 +29,34 @@ step number is the data position.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
 
-from coap_dist.train.config import ConfigError
-from coap_dist.train.parallelize import DistEnv, Strategy, barrier, gather_objects
+from coap_dist.train.config import ConfigError, resume_changes
+from coap_dist.train.optim import state_bytes
+from coap_dist.train.parallelize import (
+    DistEnv,
+    Strategy,
+    all_gather_ints,
+    barrier,
+    broadcast_object,
+    gather_objects,
+)
 
 _META = "meta.pt"
 _STATE = "state.pt"
+_MIB = 1 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message says why and what is left intact."""
 
 
 def _rng_state(env: DistEnv) -> dict[str, Any]:
@@ -63,6 +85,87 @@ def step_dir(root: Path, run_name: str, step: int) -> Path:
     return root / run_name / f"step_{step:07d}"
 
 
+def latest(root: Path, run_name: str) -> Path | None:
+    """The newest complete checkpoint of ``run_name`` under ``root`` (None if there is none)."""
+    done = sorted(p for p in (root / run_name).glob("step_*") if p.is_dir() and p.suffix == "")
+    return done[-1] if done else None
+
+
+def _local_bytes(module: nn.Module) -> int:
+    """Bytes of the parameters and buffers this rank holds (DTensor: its shard; ZeRO-3: its
+    partition)."""
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if isinstance(t, DTensor):
+            t = t.to_local()
+        part = getattr(t, "ds_tensor", None)
+        total += (part if part is not None else t).nbytes
+    return total
+
+
+def estimated_bytes(strategy: Strategy) -> int:
+    """Bytes the next checkpoint of ``strategy`` will take on disk, over all ranks (an
+    estimate from the tensors held: model, optimizer state, DeepSpeed's fp32 masters)."""
+    env, model, optimizer = strategy.env, strategy.unwrapped, strategy.optimizer
+    assert optimizer is not None
+    fmt = strategy.checkpoint_format
+    mine = state_bytes(optimizer)
+    if fmt == "torch":
+        # rank 0 writes the whole model and the optimizer state of every rank (or its own
+        # copy when the state is replicated)
+        states = all_gather_ints([mine], env)
+        optim = sum(s[0] for s in states) if strategy.shards_optimizer else states[0][0]
+        return _local_bytes(model) + optim
+    local = _local_bytes(model) + mine
+    if fmt == "deepspeed":
+        numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+        local += 4 * numel // env.world_size  # fp32 master partition
+    return sum(v[0] for v in all_gather_ints([local], env))
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory below ``root`` (data first, then the entries)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            _fsync_file(Path(dirpath) / name)
+        _fsync_file(Path(dirpath))
+
+
+def _save_file(obj: Any, path: Path) -> None:
+    """``torch.save`` into ``path`` and fsync it."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _prepare(path: Path, tmp: Path, need: int) -> str | None:
+    """Rank 0, before any write: remove stale ``.tmp`` directories of this run, check the
+    free space, create ``tmp``. Returns an error message or None."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        free = shutil.disk_usage(path.parent).free
+        if free < need * 1.05 + _MIB:
+            return (
+                f"checkpoint: not enough space for {path} ({need / _MIB:,.1f} MiB needed, "
+                f"{free / _MIB:,.1f} MiB free on that filesystem); nothing was written"
+            )
+        tmp.mkdir()
+    except OSError as err:
+        return f"checkpoint: cannot create {tmp}: {err}"
+    return None
+
+
 def save(path: Path, strategy: Strategy, meta: dict[str, Any]) -> None:
     """Write the checkpoint of ``strategy``'s model and optimizer to ``path`` (collective).
 
@@ -70,13 +173,38 @@ def save(path: Path, strategy: Strategy, meta: dict[str, Any]) -> None:
         path: the final ``step_<N>`` directory.
         strategy: the set-up strategy (holds model and optimizer).
         meta: step, run name, history ... (anything ``torch.load(weights_only=True)`` reads).
+
+    Raises:
+        CheckpointError: on every rank, when the space is short or a write fails; the
+            ``.tmp`` directory is removed and earlier checkpoints are untouched.
     """
     env = strategy.env
     tmp = path.with_name(path.name + ".tmp")
+    need = estimated_bytes(strategy)
+    error = broadcast_object(_prepare(path, tmp, need) if env.is_main else None, env)
+    if error is None:
+        error = _write(tmp, strategy, meta)
+    if error is not None:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            before = latest(path.parent.parent, path.parent.name)
+            kept = f"the last complete checkpoint, {before}, is intact" if before else ""
+            error = f"{error}; {kept or 'no earlier checkpoint of this run exists'}"
+        raise CheckpointError(broadcast_object(error, env))
     if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        old = path.with_name(path.name + ".old")
+        if path.exists():  # the same step saved again (a resumed run): swap, then drop
+            path.rename(old)
+        tmp.rename(path)
+        _fsync_file(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
     barrier(env)
+
+
+def _write(tmp: Path, strategy: Strategy, meta: dict[str, Any]) -> str | None:
+    """Every rank writes its part into ``tmp`` and fsyncs it; the first rank's error (as
+    a message) or None, the same on every rank."""
+    env = strategy.env
     meta = {
         **meta,
         "format": strategy.checkpoint_format,
@@ -85,34 +213,40 @@ def save(path: Path, strategy: Strategy, meta: dict[str, Any]) -> None:
         "rng": gather_objects(_rng_state(env), env),
     }
     fmt = strategy.checkpoint_format
-    if fmt == "torch":
-        optimizer = strategy.optimizer
-        assert optimizer is not None
-        if hasattr(optimizer, "consolidate_state_dict"):  # ZeroRedundancyOptimizer
-            optimizer.consolidate_state_dict(to=0)
-            optim_state = optimizer.state_dict() if env.is_main else None
-        else:
-            # Called on every rank: a sharded optimizer may gather its state collectively.
-            optim_state = optimizer.state_dict()
-        if env.is_main:
-            state = {"model": strategy.unwrapped.state_dict(), "optimizer": optim_state}
-            torch.save(state, tmp / _STATE)
-    elif fmt == "dcp":
-        import torch.distributed.checkpoint as dcp
+    failure: str | None = None
+    try:
+        if fmt == "torch":
+            optimizer = strategy.optimizer
+            assert optimizer is not None
+            if hasattr(optimizer, "consolidate_state_dict"):
+                # every rank takes part (owner-sharded state is gathered to rank 0)
+                optimizer.consolidate_state_dict(to=0)
+            if env.is_main:
+                state = {
+                    "model": strategy.unwrapped.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                }
+                _save_file(state, tmp / _STATE)
+        elif fmt == "dcp":
+            import torch.distributed.checkpoint as dcp
 
-        dcp.save(_dcp_state(strategy), checkpoint_id=str(tmp))
-    elif fmt == "deepspeed":
-        assert strategy.model is not None
-        strategy.model.save_checkpoint(str(tmp), tag="engine")
-    else:
-        raise ValueError(f"unknown checkpoint format {fmt!r}")
-    if env.is_main:
-        torch.save(meta, tmp / _META)
-    barrier(env)
-    if env.is_main:
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-    barrier(env)
+            dcp.save(_dcp_state(strategy), checkpoint_id=str(tmp))
+        elif fmt == "deepspeed":
+            assert strategy.model is not None
+            strategy.model.save_checkpoint(str(tmp), tag="engine")
+        else:
+            raise ValueError(f"unknown checkpoint format {fmt!r}")
+        if env.is_main:
+            _save_file(meta, tmp / _META)
+        _fsync_tree(tmp)
+    except (OSError, RuntimeError) as err:  # ENOSPC surfaces as either, by library
+        free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else 0
+        failure = (
+            f"checkpoint: writing {tmp} failed on rank {env.rank}: {str(err).splitlines()[0]} "
+            f"({free / _MIB:,.1f} MiB free on that filesystem)"
+        )
+    errors = [e for e in gather_objects(failure, env) if e is not None]
+    return errors[0] if errors else None
 
 
 def _dcp_state(strategy: Strategy) -> dict[str, Any]:
@@ -137,52 +271,99 @@ def read_meta(path: Path) -> dict[str, Any]:
     return torch.load(path / _META, weights_only=True)
 
 
-def load(path: Path, strategy: Strategy, run_name: str) -> dict[str, Any]:
-    """Restore model, optimizer and RNG states from ``path`` into the set-up ``strategy``
-    (collective); returns the checkpoint's meta (``step``, ``history``, ...).
-
-    Args:
-        path: a ``step_<N>`` checkpoint directory.
-        strategy: the set-up strategy of this run.
-        run_name: this run's optimizer name, which must be the checkpoint's.
-    """
-    env = strategy.env
-    meta = read_meta(path)
+def check(
+    path: Path, meta: dict[str, Any], strategy: Strategy, run_name: str, settings: dict[str, Any]
+) -> list[tuple[str, Any, Any]]:
+    """Refuse a checkpoint this run cannot continue exactly, before anything is loaded:
+    another optimizer, another checkpoint format, a DeepSpeed checkpoint at another world
+    size, or a changed setting the saved state cannot carry (``config.RESUME_REFUSED``).
+    Returns the settings that changed and take effect, as ``(field, saved, new)``."""
+    where = str(path)
     if meta["run"] != run_name:
         raise ConfigError(
-            f"resume={str(path)!r} is a checkpoint of optimizer {meta['run']}, but this run "
+            f"resume={where!r} is a checkpoint of optimizer {meta['run']}, but this run "
             f"trains {run_name}; set optimizer={meta['run']}"
         )
     fmt = strategy.checkpoint_format
     if meta["format"] != fmt:
         raise ConfigError(
-            f"resume={str(path)!r} was written by strategy {meta['strategy']} (format "
+            f"resume={where!r} was written by strategy {meta['strategy']} (format "
             f"{meta['format']}); strategy.name={strategy.cfg.strategy.name} needs format {fmt}"
         )
-    if fmt == "torch":
-        state = torch.load(path / _STATE, map_location="cpu", weights_only=True)
-        strategy.unwrapped.load_state_dict(state["model"])
-        assert strategy.optimizer is not None
-        strategy.optimizer.load_state_dict(state["optimizer"])
-    elif fmt == "dcp":
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            set_model_state_dict,
-            set_optimizer_state_dict,
+    if fmt == "deepspeed" and meta["world_size"] != strategy.env.world_size:
+        raise ConfigError(
+            f"resume={where!r}: DeepSpeed checkpoints resume at the world size they were saved "
+            f"at ({meta['world_size']} processes), this run has {strategy.env.world_size}; "
+            f"start {meta['world_size']} processes"
         )
+    return resume_changes(
+        meta.get("settings", {}), settings, deepspeed=fmt == "deepspeed", where=where
+    )
 
-        model, optimizer = strategy.model, strategy.optimizer
-        state = _dcp_state(strategy)
-        dcp.load(state, checkpoint_id=str(path))
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
-    elif fmt == "deepspeed":
-        assert strategy.model is not None
-        strategy.model.load_checkpoint(str(path), tag="engine")
+
+def _hyperparameters(optimizer: Any) -> list[list[dict[str, Any]]]:
+    """The hyperparameters of every param group at each level of the optimizer's wrappers."""
+    out = []
+    seen: set[int] = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        groups = getattr(optimizer, "param_groups", None)
+        if groups is not None:
+            out.append([{k: v for k, v in g.items() if k != "params"} for g in groups])
+        optimizer = getattr(optimizer, "optim", None) or getattr(optimizer, "optimizer", None)
+    return out
+
+
+def _restore_hyperparameters(optimizer: Any, saved: list[list[dict[str, Any]]]) -> None:
+    levels = iter(saved)
+    seen: set[int] = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        groups = getattr(optimizer, "param_groups", None)
+        if groups is not None:
+            for group, values in zip(groups, next(levels), strict=True):
+                group.update(values)
+        optimizer = getattr(optimizer, "optim", None) or getattr(optimizer, "optimizer", None)
+
+
+def load(path: Path, meta: dict[str, Any], strategy: Strategy) -> None:
+    """Restore model, optimizer and RNG states from checkpoint ``path`` (checked with
+    :func:`check`) into the set-up ``strategy`` (collective). The hyperparameters of this
+    run's optimizer replace the saved ones (the state itself is the checkpoint's)."""
+    env = strategy.env
+    optimizer = strategy.optimizer
+    assert optimizer is not None
+    fresh = _hyperparameters(optimizer)
+    fmt = strategy.checkpoint_format
+    try:
+        if fmt == "torch":
+            state = torch.load(path / _STATE, map_location="cpu", weights_only=True)
+            strategy.unwrapped.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        elif fmt == "dcp":
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import (
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            model = strategy.model
+            state = _dcp_state(strategy)
+            dcp.load(state, checkpoint_id=str(path))
+            set_model_state_dict(model, state["model"])
+            set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        elif fmt == "deepspeed":
+            assert strategy.model is not None
+            strategy.model.load_checkpoint(str(path), tag="engine")
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ConfigError(
+            f"resume={str(path)!r} does not fit this run's model or optimizer: "
+            f"{str(err).splitlines()[0]}"
+        ) from err
+    _restore_hyperparameters(optimizer, fresh)
     rng = meta["rng"]
     if len(rng) == env.world_size:
         mine = rng[env.rank]
         mine["python"] = _tuples(mine["python"])
         _set_rng_state(mine, env)
     barrier(env)
-    return meta

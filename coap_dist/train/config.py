@@ -440,6 +440,9 @@ class TrainConfig:
     lr_schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+    compile: bool = False
     log_every: int = 10
     resume: str | None = None
     device: str = "auto"
@@ -478,6 +481,9 @@ class TrainConfig:
         _choice("lr_schedule", self.lr_schedule, ("cosine", "linear", "constant"))
         _set(self, "min_lr_ratio", _float("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0))
         _set(self, "max_grad_norm", _float("max_grad_norm", self.max_grad_norm, low=0.0))
+        _int("grad_accum", self.grad_accum)
+        _bool("activation_checkpointing", self.activation_checkpointing)
+        _bool("compile", self.compile)
         _int("log_every", self.log_every)
         if self.resume is not None:
             _str("resume", self.resume)
@@ -496,6 +502,16 @@ class TrainConfig:
         if self.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"seq_len ({self.seq_len}) must be <= model.max_seq_len ({self.model.max_seq_len})"
+            )
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) must be divisible by grad_accum "
+                f"({self.grad_accum}): each optimizer step averages grad_accum equal micro-batches"
+            )
+        if self.compile and self.strategy.name == "deepspeed":
+            raise ConfigError(
+                "compile=true is not supported under strategy deepspeed (DeepSpeed's module "
+                "hooks and per-block torch.compile are not tested together); set compile=false"
             )
         if self.warmup_steps >= self.steps:
             raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
@@ -530,3 +546,74 @@ class TrainConfig:
         if self.compare and self.baseline is not None and self.baseline.name != self.optimizer.name:
             runs.append(self.baseline)
         return runs
+
+
+# ----------------------------------------------------------------------------- resume rules
+
+RESUME_REFUSED: tuple[str, ...] = (
+    "model.",
+    "optimizer.name",
+    "optimizer.kind",
+    "optimizer.rank",
+    "optimizer.rank_ratio",
+    "optimizer.state_bits",
+    "optimizer.proj_type",
+    "optimizer.proj",
+)
+"""Settings a resumed run must keep (field-path prefixes): the model's shape and what the
+optimizer state's shapes and formats depend on (rank, rank_ratio, state_bits, the optimizer
+itself, GaLore/APOLLO projection types). Everything else takes effect on resume: the
+optimizer's other hyperparameters (lr, betas, eps, weight_decay, update_interval,
+reproject_factor, scale, projector_update, moments, ...) replace the saved ones, and
+schedule, batch, data, precision, accumulation, logging, evaluation and checkpoint settings
+apply from the next step."""
+
+RESUME_REFUSED_DEEPSPEED: tuple[str, ...] = ("precision", "strategy.zero_stage")
+"""Also kept under DeepSpeed, whose engine checkpoints depend on them (with the world size)."""
+
+
+def resume_settings(cfg: TrainConfig, opt_cfg: OptimizerConfig) -> dict[str, Any]:
+    """The run's settings as ``{"field.path": value}`` (``optimizer.*`` from ``opt_cfg``, the
+    optimizer this run trains), stored in each checkpoint and compared on resume."""
+    out: dict[str, Any] = {}
+
+    def add(prefix: str, value: Any) -> None:
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                if f.compare:
+                    add(f"{prefix}{f.name}.", getattr(value, f.name))
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                add(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = list(value) if isinstance(value, tuple) else value
+
+    for f in dataclasses.fields(cfg):
+        if f.name in ("optimizer", "baseline", "resume", "compare", "progress", "plot", "threads"):
+            continue  # which runs, and how they look: not part of a run's settings
+        add(f"{f.name}.", getattr(cfg, f.name))
+    add("optimizer.", opt_cfg)
+    return out
+
+
+def resume_changes(
+    saved: Mapping[str, Any], new: Mapping[str, Any], *, deepspeed: bool, where: str
+) -> list[tuple[str, Any, Any]]:
+    """The settings that differ between a checkpoint (``saved``) and this run (``new``), as
+    ``(field, saved value, new value)``; raises :class:`ConfigError` naming the first one a
+    resume cannot honour (:data:`RESUME_REFUSED`, and :data:`RESUME_REFUSED_DEEPSPEED` under
+    DeepSpeed), with what to set."""
+    refused = RESUME_REFUSED + (RESUME_REFUSED_DEEPSPEED if deepspeed else ())
+    changes = []
+    for key in sorted(set(saved) | set(new)):
+        old, cur = saved.get(key, "<unset>"), new.get(key, "<unset>")
+        if old == cur:
+            continue
+        if any(key == r or (r.endswith(".") and key.startswith(r)) for r in refused):
+            raise ConfigError(
+                f"resume={where!r}: {key} was {old!r} in the checkpoint, this run sets {cur!r}; "
+                f"the saved state cannot be carried over to it. Resume with {key}={old!r}, or "
+                f"start a new run without resume"
+            )
+        changes.append((key, old, cur))
+    return changes

@@ -73,6 +73,8 @@ def load_memmap(path: str, dtype: str, vocab_size: int, field: str) -> np.ndarra
     if not file.is_file():
         raise ConfigError(f"{field} is not a file: {str(file)!r}")
     itemsize = np.dtype(dtype).itemsize
+    if file.stat().st_size == 0:
+        raise ConfigError(f"{field}: {str(file)!r} is empty (0 bytes); write the token ids first")
     if file.stat().st_size % itemsize:
         raise ConfigError(
             f"{field}: size {file.stat().st_size} bytes is not a multiple of data.dtype={dtype}"
@@ -115,6 +117,8 @@ class Batches:
         global_batch: sequences per step over all ranks B (divisible by ``world_size``).
         seed: data seed.
         rank, world_size: this process's slice of the global batch.
+        micro_batches: the slice is cut into this many equal micro-batches (gradient
+            accumulation), in order.
     """
 
     def __init__(
@@ -126,6 +130,7 @@ class Batches:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        micro_batches: int = 1,
     ) -> None:
         if len(tokens) < seq_len + 2:
             raise ConfigError(
@@ -136,6 +141,12 @@ class Batches:
                 f"batch_size ({global_batch}) must be divisible by the number of processes "
                 f"({world_size})"
             )
+        if (global_batch // world_size) % micro_batches:
+            raise ConfigError(
+                f"batch_size ({global_batch}) must be divisible by the number of processes x "
+                f"grad_accum ({world_size} x {micro_batches})"
+            )
+        self.micro_batches = micro_batches
         self.tokens = tokens
         self.seq_len = seq_len
         self.global_batch = global_batch
@@ -148,10 +159,12 @@ class Batches:
         rng = np.random.default_rng([self.seed, step])
         return rng.integers(0, len(self.tokens) - self.seq_len, size=self.global_batch)
 
-    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's ``(inputs, targets)`` of ``step``, each (B / W, T) int64."""
+    def get(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches ``[(inputs, targets), ...]`` of ``step``, each
+        (B / (W A), T) int64, A = ``micro_batches``; together the rows (B / W) of this rank."""
         local = self.offsets(step)[self.local_start : self.local_start + self.local_batch]
-        return _windows(self.tokens, local, self.seq_len)
+        x, y = _windows(self.tokens, local, self.seq_len)
+        return list(zip(x.chunk(self.micro_batches), y.chunk(self.micro_batches), strict=True))
 
 
 def eval_batches(

@@ -55,8 +55,15 @@ class JsonlLogger:
         clean = {
             k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in line.items()
         }
-        self._file.write(json.dumps(clean, allow_nan=False) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(clean, allow_nan=False) + "\n")
+            self._file.flush()
+        except OSError as err:
+            raise RuntimeError(
+                f"logger: writing metrics to {self.path} failed ({err.strerror or err}); the "
+                f"run stops here (its checkpoints so far are intact). Free space there or set "
+                f"logger.filename / hydra.run.dir elsewhere"
+            ) from err
 
     def close(self) -> None:
         """Close the file."""

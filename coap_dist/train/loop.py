@@ -1,13 +1,17 @@
 """The training loop: one optimizer, ``cfg.steps`` steps, top to bottom.
 
-Model -> strategy (wrap + optimizer) -> optional resume -> for each step: learning rate,
-batch, forward, backward, step; every ``log_every`` steps a metrics record, every
-``eval.every`` steps (and at the end) validation, every ``checkpoint.every`` steps a
-checkpoint.
+Optional resume check -> model (meta) -> strategy (wrap, materialise this rank's shards,
+optimizer) -> optional resume -> for each step: learning rate, ``grad_accum`` micro-batches
+(forward, backward), optimizer step; every ``log_every`` steps a metrics record (loss over the
+window, optimizer metrics, state bytes and peak memory per rank), every ``eval.every`` steps
+(and at the end) validation, every ``checkpoint.every`` steps a checkpoint that also holds the
+open loss window and the optimizer's counters, so a resumed run logs what an uninterrupted one
+would.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -18,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from coap_dist.models.llama import Llama
+from coap_dist.optim.coap import COUNTERS
 from coap_dist.train import checkpoint
-from coap_dist.train.config import OptimizerConfig, TrainConfig
+from coap_dist.train.config import OptimizerConfig, TrainConfig, resume_settings
 from coap_dist.train.data import Batches, eval_batches
 from coap_dist.train.loggers import build_logger
 from coap_dist.train.optim import optimizer_metrics, state_bytes
@@ -30,8 +34,11 @@ from coap_dist.train.parallelize import (
     all_gather_ints,
     all_reduce_mean,
     build_strategy,
+    peak_memory_bytes,
 )
 from coap_dist.train.report import RunResult
+
+log = logging.getLogger("coap_dist.train")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -86,6 +93,33 @@ def _sync(env: DistEnv) -> None:
         torch.cuda.synchronize(env.device)
 
 
+CUMULATIVE = (*(f"optim/{k}" for k in COUNTERS), "optim/projector_time_s")
+"""Optimizer metrics that count since the start of the run (continued across resumes)."""
+LAST_VALUE = ("optim/projection_residual",)
+"""Optimizer metrics that keep their last value until the next event (carried over a resume
+until the resumed optimizer produces its own)."""
+
+
+class _Carry:
+    """What a resumed run adds to the optimizer's own metrics so that they continue the
+    saved run's: offsets of the cumulative counters, the last values of the others."""
+
+    def __init__(self, saved: dict[str, float], now: dict[str, float]) -> None:
+        self.offsets = {k: saved[k] - now.get(k, 0.0) for k in CUMULATIVE if k in saved}
+        self.last = {k: saved[k] for k in LAST_VALUE if k in saved}
+
+    def apply(self, metrics: dict[str, float]) -> dict[str, float]:
+        out = dict(metrics)
+        for k, v in self.offsets.items():
+            out[k] = out.get(k, 0.0) + v
+        for k, v in self.last.items():
+            if k in out and not math.isfinite(out[k]):
+                out[k] = v
+            elif k in out:
+                self.last = {}  # the optimizer has its own value now
+        return out
+
+
 def train_run(
     cfg: TrainConfig,
     opt_cfg: OptimizerConfig,
@@ -105,12 +139,17 @@ def train_run(
         config_dict: the resolved config, stored with wandb runs.
     """
     train_tokens, val_tokens = tokens
-
-    # Same seed, same initial weights on every rank and for every optimizer.
-    torch.manual_seed(cfg.seed)
-    model = Llama(cfg.model.to_llama())
+    settings = resume_settings(cfg, opt_cfg)
     strategy = build_strategy(cfg, env)
-    model, optimizer = strategy.setup(model, opt_cfg)
+    meta: dict[str, Any] | None = None
+    changes: list[tuple[str, Any, Any]] = []
+    if cfg.resume is not None:  # checked before the model is built
+        meta = checkpoint.read_meta(Path(cfg.resume))
+        changes = checkpoint.check(Path(cfg.resume), meta, strategy, opt_cfg.name, settings)
+
+    # Same seed, same initial weights on every rank, for every optimizer and every strategy.
+    torch.manual_seed(cfg.seed)
+    _, optimizer = strategy.setup(strategy.build_model(), opt_cfg)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]
     batches = Batches(
         train_tokens,
@@ -119,12 +158,26 @@ def train_run(
         seed=cfg.seed,
         rank=env.rank,
         world_size=env.world_size,
+        micro_batches=cfg.grad_accum,
     )
 
     start_step, history = 0, []
-    if cfg.resume is not None:
-        meta = checkpoint.load(Path(cfg.resume), strategy, opt_cfg.name)
+    window_loss = torch.zeros((), device=env.device)
+    window_steps, window_time = 0, 0.0
+    carry = _Carry({}, {})
+    if meta is not None:
+        assert cfg.resume is not None
+        checkpoint.load(Path(cfg.resume), meta, strategy)
         start_step, history = meta["step"], list(meta["history"])
+        window = meta.get("window", {"loss_sum": 0.0, "steps": 0, "time": 0.0})
+        window_loss += window["loss_sum"]
+        window_steps, window_time = window["steps"], window["time"]
+        carry = _Carry(meta.get("optim_metrics", {}), optimizer_metrics(optimizer))
+        if env.is_main:
+            for key, old, new in changes:
+                log.info(
+                    "resume: %s was %r in the checkpoint, now %r (takes effect)", key, old, new
+                )
     logger = build_logger(
         cfg.logger, run_name=opt_cfg.name, out_dir=out_dir, config=config_dict, is_main=env.is_main
     )
@@ -137,24 +190,18 @@ def train_run(
     )
 
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    window_loss = torch.zeros((), device=env.device)
-    window_steps, window_time, train_time, train_steps = 0, 0.0, 0.0, 0
+    train_time, train_steps = 0.0, 0
     postfix: dict[str, str] = {}
     val_loss = float("nan")
+    peaks = [peak_memory_bytes(env.device)]
     for step in range(start_step + 1, cfg.steps + 1):
         t0 = time.perf_counter()
         factor = lr_factor(step, cfg)
         for group, peak in zip(optimizer.param_groups, peak_lrs, strict=True):
             group["lr"] = peak * factor
 
-        x, y = batches.get(step)
-        with strategy.autocast():
-            logits = model(x.to(env.device, non_blocking=True))
-        loss = loss_fn(logits, y.to(env.device, non_blocking=True))
-        strategy.backward(loss)
-        grad_norm = strategy.optimizer_step()
-
-        window_loss += loss.detach()
+        loss, grad_norm = strategy.train_step(batches.get(step), loss_fn)
+        window_loss += loss
         window_steps += 1
         log_now = step % cfg.log_every == 0 or step == cfg.steps
         if log_now:
@@ -166,19 +213,24 @@ def train_run(
         bar.update(1)
 
         if log_now:
-            per_rank = all_gather_ints(state_bytes(optimizer), env)
+            gathered = all_gather_ints([state_bytes(optimizer), peak_memory_bytes(env.device)], env)
+            per_rank = [g[0] for g in gathered]
+            peaks = [g[1] for g in gathered]
             record: dict[str, Any] = {
-                **optimizer_metrics(optimizer),
+                **carry.apply(optimizer_metrics(optimizer)),
                 "train/loss": float(all_reduce_mean(window_loss / window_steps, env)),
                 "train/lr": peak_lrs[0] * factor,
                 "train/grad_norm": float(grad_norm),
                 "train/tokens_per_s": tokens_per_step * window_steps / window_time,
                 "optim/state_bytes": per_rank[env.rank],
                 **{f"optim/state_bytes_rank{r}": b for r, b in enumerate(per_rank)},
+                "memory/peak_bytes": max(peaks),
+                **{f"memory/peak_bytes_rank{r}": b for r, b in enumerate(peaks)},
             }
             logger.log(record, step)
             history.append({"step": step, **record})
             postfix["loss"] = f"{record['train/loss']:.3f}"
+            postfix["mem"] = f"{max(peaks) / 2**30:.2f}GiB"
             bar.set_postfix(postfix)
             window_loss.zero_()
             window_steps, window_time = 0, 0.0
@@ -191,7 +243,18 @@ def train_run(
             bar.set_postfix(postfix)
 
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            meta = {"step": step, "run": opt_cfg.name, "history": history}
+            meta = {
+                "step": step,
+                "run": opt_cfg.name,
+                "history": history,
+                "settings": settings,
+                "window": {
+                    "loss_sum": float(window_loss),
+                    "steps": window_steps,
+                    "time": window_time,
+                },
+                "optim_metrics": carry.apply(optimizer_metrics(optimizer)),
+            }
             path = checkpoint.step_dir(out_dir / cfg.checkpoint.dir, opt_cfg.name, step)
             checkpoint.save(path, strategy, meta)
             if env.is_main:
@@ -202,11 +265,13 @@ def train_run(
     if start_step >= cfg.steps:  # resumed from the last step: nothing left to train
         val_loss = evaluate(strategy, val_tokens, cfg)
     train_losses = [h["train/loss"] for h in history if "train/loss" in h]
+    final = all_gather_ints([state_bytes(optimizer), peak_memory_bytes(env.device)], env)
     return RunResult(
         name=opt_cfg.name,
         train_loss=train_losses[-1] if train_losses else float("nan"),
         val_loss=val_loss,
-        state_bytes=all_gather_ints(state_bytes(optimizer), env),
+        state_bytes=[g[0] for g in final],
         tokens_per_s=tokens_per_step * train_steps / train_time if train_time else float("nan"),
+        peak_memory_bytes=[g[1] for g in final],
         history=history,
     )

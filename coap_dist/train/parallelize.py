@@ -1,8 +1,10 @@
 """Apply a parallelism strategy to a plain model: the one place that knows about DDP, FSDP2 and
 DeepSpeed. The model code (``coap_dist.models``) stays free of all of it.
 
-Every strategy has the same interface (:class:`Strategy`): ``setup`` wraps the model and builds
-the optimizer, ``backward`` and ``optimizer_step`` run one update, ``checkpoint_format`` says how
+Every strategy has the same interface (:class:`Strategy`): ``build_model`` creates the model
+without allocating it (meta device; DeepSpeed ZeRO-3: ``deepspeed.zero.Init``), ``setup`` wraps
+it, materialises only what this rank holds and builds the optimizer, ``train_step`` runs one
+optimizer step over ``grad_accum`` micro-batches, ``checkpoint_format`` says how
 :mod:`coap_dist.train.checkpoint` saves it. One subclass per mode:
 
 =================  ============================================================================
@@ -14,6 +16,11 @@ the optimizer, ``backward`` and ``optimizer_step`` run one update, ``checkpoint_
 ``hsdp``           ``fully_shard`` on a 2-D ``(replicate, shard)`` mesh
 ``deepspeed``      a DeepSpeed engine (ZeRO stage 0-3) whose JSON config names the optimizer
 =================  ============================================================================
+
+Initial weights are ``Llama.init_values(seed)`` whatever the strategy: each rank draws every
+parameter's full value in turn (one at a time, on the CPU) and keeps its own shard, so a model
+sharded over N ranks starts from the weights of a one-process build of the same seed, and no
+rank ever holds the whole model (peak: its shards plus the largest single parameter).
 """
 
 from __future__ import annotations
@@ -32,8 +39,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from coap_dist.models.llama import Llama
 from coap_dist.train.config import ConfigError, OptimizerConfig, TrainConfig
 from coap_dist.train.optim import build_optimizer, deepspeed_optimizer_config
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Any  # (logits (B, T, V), targets (B, T)) -> 0-dim loss
 
 
 @dataclass(frozen=True)
@@ -82,12 +93,10 @@ def init_distributed(cfg: TrainConfig) -> DistEnv:
     _slurm_to_torch_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = pick_device(cfg.device, local_rank)
+    use_cuda = device.type == "cuda"
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+        torch.cuda.set_device(device)
     if not cfg.strategy.distributed:
         if world_size > 1:
             raise ConfigError(
@@ -125,6 +134,83 @@ def init_distributed(cfg: TrainConfig) -> DistEnv:
     return env
 
 
+def pick_device(setting: str, local_rank: int) -> torch.device:
+    """The device of this process for ``device=<setting>``; ``cuda`` without a usable GPU is
+    a config error naming what was found, before any process group or model exists."""
+    available = torch.cuda.is_available()
+    if setting == "cpu" or (setting == "auto" and not available):
+        return torch.device("cpu")
+    if not available:
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(
+            f"device=cuda, but no CUDA device is usable here (torch {torch.__version__} is "
+            f"{build}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); "
+            f"use device=cpu or device=auto"
+        )
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(
+            f"device={setting}: LOCAL_RANK={local_rank} but only {count} GPU(s) are visible on "
+            f"this node; start at most {count} processes per node (NPROC / NPROC_PER_NODE)"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process so far: CUDA max allocated on a GPU, else the peak
+    resident set size (``VmHWM`` of ``/proc/self/status``; ``ru_maxrss`` elsewhere)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+def _local_chunk(value: torch.Tensor, param: Any) -> torch.Tensor:
+    """The part of the full ``value`` that DTensor ``param`` holds on this rank (its
+    ``Shard(d)`` placements chunk like ``torch.chunk``; ``Replicate`` keeps everything)."""
+    mesh = param.device_mesh
+    coordinate = mesh.get_coordinate()
+    local = value
+    for mesh_dim, placement in enumerate(param.placements):
+        if not placement.is_shard():
+            continue
+        size = local.shape[placement.dim]
+        pieces = mesh.size(mesh_dim)
+        step = -(-size // pieces)
+        start = min(coordinate[mesh_dim] * step, size)
+        local = local.narrow(placement.dim, start, min(step, size - start))
+    return local
+
+
+@torch.no_grad()
+def materialize(model: Llama, device: torch.device, seed: int) -> None:
+    """Allocate ``model`` (built on the meta device, possibly sharded) on ``device`` and
+    write its initial weights: each parameter's full ``init_values`` value in turn, of which
+    this rank keeps its shard (DTensor parameters) or everything (plain ones)."""
+    from torch.distributed.tensor import DTensor
+
+    model.to_empty(device=device)
+    model.reset_buffers()
+    for (name, value), param in zip(model.init_values(seed), model.parameters(), strict=True):
+        if isinstance(param, DTensor):
+            target = param.to_local()
+            value = _local_chunk(value, param)
+        else:
+            target = param
+        if tuple(value.shape) != tuple(target.shape):
+            raise RuntimeError(f"materialize: {name} shard {tuple(value.shape)} vs {target.shape}")
+        target.copy_(value)
+
+
 def close_distributed() -> None:
     """Leave the process group, if any.
 
@@ -145,7 +231,7 @@ class Strategy:
     """Single process: the model as is. Base of the multi-process strategies.
 
     Args:
-        cfg: the whole run config (strategy, precision, clipping).
+        cfg: the whole run config (strategy, precision, clipping, accumulation).
         env: this process's rank, world size and device.
     """
 
@@ -158,6 +244,20 @@ class Strategy:
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
+    def build_model(self) -> Llama:
+        """The model of ``cfg.model`` on the meta device (nothing allocated), with activation
+        checkpointing and per-block ``torch.compile`` applied as configured."""
+        with torch.device("meta"):
+            model = Llama(self.cfg.model.to_llama(), seed=self.cfg.seed)
+        self._prepare(model)
+        return model
+
+    def _prepare(self, model: Llama) -> None:
+        model.set_activation_checkpointing(self.cfg.activation_checkpointing)
+        if self.cfg.compile:
+            for layer in model.layers:
+                layer.compile()  # in place: parameter names unchanged
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """Apply the parallelism to ``model`` (already on ``env.device``)."""
         return model
@@ -169,9 +269,13 @@ class Strategy:
     def setup(
         self, model: nn.Module, opt_cfg: OptimizerConfig
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Wrap ``model`` and build its optimizer; returns ``(module to call, optimizer)``."""
-        model = model.to(self.env.device)
-        self.model = self.wrap(model)
+        """Materialise ``model`` if it is on the meta device, wrap it and build its
+        optimizer; returns ``(module to call, optimizer)``. A model that is already
+        allocated is moved to the device as it is."""
+        if _on_meta(model):
+            assert isinstance(model, Llama)
+            materialize(model, self.env.device, self.cfg.seed)
+        self.model = self.wrap(model.to(self.env.device))
         self.optimizer = self.make_optimizer(self.unwrapped, opt_cfg)
         return self.model, self.optimizer
 
@@ -187,9 +291,32 @@ class Strategy:
             self.env.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"
         )
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Gradients of ``loss`` (averaged over ranks where data-parallel)."""
-        loss.backward()
+    def no_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """Around the backward of a micro-batch: skip the gradient all-reduce unless it is
+        the ``last`` of the step (DDP); a no-op elsewhere."""
+        return contextlib.nullcontext()
+
+    def train_step(
+        self, batches: list[Batch], loss_fn: LossFn
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over the micro-batches ``batches`` (``grad_accum`` of them):
+        forward and backward of each with loss / len(batches), then clip and step.
+
+        Returns:
+            (mean loss over the micro-batches, global gradient 2-norm before clipping), both
+            0-dim tensors on the device (no host synchronisation).
+        """
+        assert self.model is not None
+        total = torch.zeros((), device=self.env.device)
+        n = len(batches)
+        for i, (x, y) in enumerate(batches):
+            with self.no_sync(i == n - 1):
+                with self.autocast():
+                    logits = self.model(x.to(self.env.device, non_blocking=True))
+                loss = loss_fn(logits, y.to(self.env.device, non_blocking=True))
+                (loss / n).backward()
+            total += loss.detach()
+        return total / n, self.optimizer_step()
 
     def optimizer_step(self) -> torch.Tensor:
         """Clip to ``max_grad_norm`` (0: no clipping), step, zero the gradients.
@@ -212,6 +339,10 @@ class Strategy:
         self.model.train(mode)
 
 
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
 class DDPStrategy(Strategy):
     """``DistributedDataParallel``; the optimizer state is replicated on every rank."""
 
@@ -220,6 +351,11 @@ class DDPStrategy(Strategy):
 
         device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
+
+    def no_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """DDP's ``no_sync`` on all but the last micro-batch: one all-reduce per step."""
+        assert self.model is not None
+        return contextlib.nullcontext() if last else self.model.no_sync()  # type: ignore[operator]
 
 
 class ShardedDDPStrategy(DDPStrategy):
@@ -233,6 +369,19 @@ class FSDP2Strategy(Strategy):
     2-D ``(replicate, shard)`` mesh (``hsdp``); the optimizer sees DTensor parameters."""
 
     checkpoint_format = "dcp"
+
+    def setup(
+        self, model: nn.Module, opt_cfg: OptimizerConfig
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Shard ``model`` (on the meta device: nothing allocated yet), then allocate and
+        initialise only this rank's shards; an allocated model is sharded as it is."""
+        meta = _on_meta(model)
+        self.model = self.wrap(model if meta else model.to(self.env.device))
+        if meta:
+            assert isinstance(model, Llama)
+            materialize(model, self.env.device, self.cfg.seed)
+        self.optimizer = self.make_optimizer(self.unwrapped, opt_cfg)
+        return self.model, self.optimizer
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
@@ -262,6 +411,9 @@ class FSDP2Strategy(Strategy):
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """FSDP2 casts parameters itself (``MixedPrecisionPolicy``)."""
         return contextlib.nullcontext()
+
+    # Gradient accumulation keeps FSDP2's reduce-scatter on every micro-batch: gradients
+    # stay sharded (1/N memory) at the price of one reduce-scatter per micro-batch.
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -295,33 +447,94 @@ class DeepSpeedStrategy(Strategy):
 
     The optimizer is named in the engine's JSON config (``{"type": "COAP", ...}``, registered
     by ``coap_dist.integrations.deepspeed``); ``coap_dist.param_groups`` still decides which
-    parameters are projected. Clipping is the engine's ``gradient_clipping``. ``deepspeed`` is
-    imported only here, when this strategy is used.
+    parameters are projected. Clipping is the engine's ``gradient_clipping``, accumulation its
+    ``gradient_accumulation_steps`` (= ``grad_accum``). At stage 3 the model is built under
+    ``deepspeed.zero.Init`` (each parameter partitioned as it is created) and its initial
+    weights written one gathered parameter at a time. ``deepspeed`` is imported only here.
     """
 
     checkpoint_format = "deepspeed"
 
-    def ds_config(self, opt_cfg: OptimizerConfig) -> dict[str, Any]:
-        """The engine's JSON config: batch, clipping, ZeRO stage, precision, optimizer, then
-        ``strategy.extra`` merged on top."""
-        config = {
-            "train_micro_batch_size_per_gpu": self.cfg.batch_size // self.env.world_size,
-            "gradient_accumulation_steps": 1,
+    def __init__(self, cfg: TrainConfig, env: DistEnv) -> None:
+        super().__init__(cfg, env)
+        self._partitioned = False  # built under zero.Init, weights not written yet
+
+    def ds_config(self, opt_cfg: OptimizerConfig | None) -> dict[str, Any]:
+        """The engine's JSON config: batch, accumulation, clipping, ZeRO stage, precision,
+        optimizer (when given), then ``strategy.extra`` merged on top."""
+        config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": self.cfg.batch_size
+            // (self.env.world_size * self.cfg.grad_accum),
+            "gradient_accumulation_steps": self.cfg.grad_accum,
             "gradient_clipping": self.cfg.max_grad_norm,
             "zero_optimization": {"stage": self.cfg.strategy.zero_stage},
             "bf16": {"enabled": self.cfg.precision == "bf16"},
-            "optimizer": deepspeed_optimizer_config(opt_cfg, cpu=self.env.device.type == "cpu"),
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }
+        if opt_cfg is not None:
+            config["optimizer"] = deepspeed_optimizer_config(
+                opt_cfg, cpu=self.env.device.type == "cpu"
+            )
         return _merge(config, dict(self.cfg.strategy.extra))
+
+    def check_extra(self) -> None:
+        """``strategy.extra`` keys that DeepSpeed would silently ignore are a config error."""
+        from coap_dist.integrations.deepspeed import unknown_config_keys
+
+        unknown = unknown_config_keys(self.ds_config(None))
+        bad = {k: v for k, v in unknown.items() if k in self.cfg.strategy.extra}
+        if bad:
+            key, near = next(iter(bad.items()))
+            hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+            raise ConfigError(
+                f"strategy.extra.{key} is not a DeepSpeed config key{hint}; DeepSpeed would "
+                f"ignore it silently"
+            )
+
+    def build_model(self) -> Llama:
+        """Stages 0-2: on the meta device; stage 3: under ``deepspeed.zero.Init``."""
+        if self.cfg.strategy.zero_stage != 3:
+            return super().build_model()
+        import deepspeed
+
+        self.check_extra()
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config(None)):
+            model = Llama(self.cfg.model.to_llama(), init=False)
+        self._prepare(model)
+        self._partitioned = True
+        return model
+
+    @torch.no_grad()
+    def _write_partitioned(self, model: Llama) -> None:
+        """Initial weights of a zero.Init model, one gathered parameter at a time (rank 0
+        writes, DeepSpeed re-partitions)."""
+        import deepspeed
+
+        with torch.device("meta"):
+            twin = Llama(model.cfg, init=False)  # shapes only
+        values = twin.init_values(self.cfg.seed) if self.env.is_main else None
+        for param in model.parameters():
+            value = next(values)[1] if values is not None else None
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if value is not None:
+                    param.data.copy_(value)
 
     def setup(
         self, model: nn.Module, opt_cfg: OptimizerConfig
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Build the engine; returns ``(engine, engine.optimizer)``."""
+        """Materialise (meta) or fill (zero.Init) the model, build the engine; returns
+        ``(engine, engine.optimizer)``."""
         import deepspeed
 
+        self.check_extra()
+        if self._partitioned:
+            assert isinstance(model, Llama)
+            self._write_partitioned(model)
+            self._partitioned = False
+        elif _on_meta(model):
+            assert isinstance(model, Llama)
+            materialize(model, self.env.device, self.cfg.seed)
         if opt_cfg.kind == "adamw":
             params: Any = [p for p in model.parameters() if p.requires_grad]
         else:
@@ -339,19 +552,24 @@ class DeepSpeedStrategy(Strategy):
         """The engine holds bf16 weights itself when ``precision=bf16``."""
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """``engine.backward`` (loss scaling, gradient partitioning)."""
-        assert self.model is not None
-        self.model.backward(loss)
-
-    def optimizer_step(self) -> torch.Tensor:
-        """``engine.step`` (clips, steps, zeroes); returns the engine's global grad norm."""
-        assert self.model is not None
-        self.model.step()
-        norm = self.model.get_global_grad_norm()
+    def train_step(
+        self, batches: list[Batch], loss_fn: LossFn
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``engine.backward`` and ``engine.step`` per micro-batch: the engine scales the loss
+        by 1 / ``gradient_accumulation_steps`` and steps the optimizer (clipping first) at
+        the accumulation boundary. Returns (mean loss, the engine's global grad norm)."""
+        engine = self.model
+        assert engine is not None
+        total = torch.zeros((), device=self.env.device)
+        for x, y in batches:
+            loss = loss_fn(engine(x.to(self.env.device)), y.to(self.env.device))
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach()
+        norm = engine.get_global_grad_norm()
         if norm is None:
-            return torch.tensor(float("nan"))
-        return torch.as_tensor(norm, dtype=torch.float32).detach().cpu()
+            norm = float("nan")
+        return total / len(batches), torch.as_tensor(norm, dtype=torch.float32).detach()
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -384,14 +602,14 @@ def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return value / env.world_size
 
 
-def all_gather_ints(value: int, env: DistEnv) -> list[int]:
-    """``[value on rank 0, value on rank 1, ...]``."""
+def all_gather_ints(values: list[int], env: DistEnv) -> list[list[int]]:
+    """``[values on rank 0, values on rank 1, ...]`` (one all-gather for the whole list)."""
     if env.world_size == 1 or not dist.is_initialized():
-        return [value]
-    local = torch.tensor([value], dtype=torch.int64, device=env.device)
+        return [list(values)]
+    local = torch.tensor(values, dtype=torch.int64, device=env.device)
     out = [torch.zeros_like(local) for _ in range(env.world_size)]
     dist.all_gather(out, local)
-    return [int(t.item()) for t in out]
+    return [[int(v) for v in t.tolist()] for t in out]
 
 
 def broadcast_object(obj: Any, env: DistEnv) -> Any:

@@ -22,6 +22,7 @@ class RunResult:
         state_bytes: optimizer-state bytes held by each rank, ``[rank 0, rank 1, ...]``.
         tokens_per_s: training throughput over all ranks (forward, backward and optimizer
             step; validation and checkpointing excluded).
+        peak_memory_bytes: peak memory of each rank (CUDA max allocated, or peak host RSS).
         history: the logged records, each with ``step`` and ``train/loss`` or ``val/loss``.
     """
 
@@ -30,6 +31,7 @@ class RunResult:
     val_loss: float
     state_bytes: list[int]
     tokens_per_s: float
+    peak_memory_bytes: list[int] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -37,16 +39,30 @@ class RunResult:
         """Optimizer state of the most loaded rank, in MiB."""
         return max(self.state_bytes) / MIB
 
+    @property
+    def peak_memory_mib(self) -> float:
+        """Peak memory of the most loaded rank, in MiB."""
+        return max(self.peak_memory_bytes, default=0) / MIB
+
 
 def format_table(results: list[RunResult]) -> str:
-    """A fixed-width table: optimizer, final train / val loss, state MiB per rank, tokens/s."""
-    header = ("optimizer", "train loss", "val loss", "opt state MiB/rank", "tokens/s")
+    """A fixed-width table: optimizer, final train / val loss, optimizer state and peak memory
+    of the most loaded rank (MiB), tokens/s."""
+    header = (
+        "optimizer",
+        "train loss",
+        "val loss",
+        "opt state MiB/rank",
+        "peak mem MiB/rank",
+        "tokens/s",
+    )
     rows = [
         (
             r.name,
             f"{r.train_loss:.4f}",
             f"{r.val_loss:.4f}",
             f"{r.state_mib:.3f}",
+            f"{r.peak_memory_mib:,.0f}",
             f"{r.tokens_per_s:,.0f}",
         )
         for r in results
@@ -69,6 +85,7 @@ def write_summary(results: list[RunResult], path: Path) -> None:
         row = asdict(r)
         row.pop("history")
         row["state_mib"] = r.state_mib
+        row["peak_memory_mib"] = r.peak_memory_mib
         rows.append(row)
     path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
 

@@ -233,17 +233,3 @@ def test_memmap_paths_are_mandatory() -> None:
 
     with pytest.raises(MissingMandatoryValue, match=r"data\.train_path"):
         compose_dict(["data=memmap"])
-
-
-def test_submitit_launcher_config_composes() -> None:
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    search = f"hydra.searchpath=[file://{REPO / 'configs' / 'submitit'}]"
-    with initialize_config_module(config_module="coap_dist.configs", version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[search, "hydra/launcher=slurm"],
-            return_hydra_config=True,
-        )
-    launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("SlurmLauncher")
-    assert launcher.tasks_per_node == launcher.gpus_per_node == 8

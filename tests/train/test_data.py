@@ -56,20 +56,26 @@ def test_split_holds_out_whole_works() -> None:
 def test_batches_are_a_pure_function_of_seed_and_step() -> None:
     tokens = np.arange(10_000, dtype=np.int64) % 251
     one = Batches(tokens, seq_len=16, global_batch=8, seed=3)
-    x, y = one.get(5)
+    ((x, y),) = one.get(5)
     assert x.shape == y.shape == (8, 16) and x.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
-    assert torch.equal(one.get(5)[0], x)
-    assert not torch.equal(one.get(6)[0], x)
-    assert not torch.equal(Batches(tokens, seq_len=16, global_batch=8, seed=4).get(5)[0], x)
-    # Two ranks see the two halves of the same global batch.
-    halves = [
-        Batches(tokens, seq_len=16, global_batch=8, seed=3, rank=r, world_size=2).get(5)[0]
+    assert torch.equal(one.get(5)[0][0], x)
+    assert not torch.equal(one.get(6)[0][0], x)
+    assert not torch.equal(Batches(tokens, seq_len=16, global_batch=8, seed=4).get(5)[0][0], x)
+    # Two ranks see the two halves of the same global batch, each as 2 micro-batches.
+    parts = [
+        micro[0]
         for r in (0, 1)
+        for micro in Batches(
+            tokens, seq_len=16, global_batch=8, seed=3, rank=r, world_size=2, micro_batches=2
+        ).get(5)
     ]
-    assert torch.equal(torch.cat(halves), x)
+    assert [p.shape[0] for p in parts] == [2, 2, 2, 2]
+    assert torch.equal(torch.cat(parts), x)
     with pytest.raises(ConfigError, match=r"batch_size \(8\) must be divisible"):
         Batches(tokens, seq_len=16, global_batch=8, seed=3, rank=0, world_size=3)
+    with pytest.raises(ConfigError, match=r"processes x grad_accum \(2 x 3\)"):
+        Batches(tokens, seq_len=16, global_batch=8, seed=3, world_size=2, micro_batches=3)
 
 
 def test_eval_batches_are_fixed_and_cover_the_stream() -> None:
@@ -102,12 +108,15 @@ def test_memmap_loader_reads_user_token_files(tmp_path) -> None:
     )
     train, val = load_tokens(cfg)
     assert isinstance(train, np.memmap) and len(train) == 4000 and len(val) == 1000
-    x, y = Batches(train, seq_len=8, global_batch=2, seed=0).get(1)
+    ((x, y),) = Batches(train, seq_len=8, global_batch=2, seed=0).get(1)
     assert int(x.max()) < 1000 and torch.equal(x[:, 1:], y[:, :-1])
     with pytest.raises(ConfigError, match=r"data.train_path holds token ids in \[0, 999\]"):
         load_memmap(str(tmp_path / "train.bin"), "uint16", 500, "data.train_path")
     with pytest.raises(ConfigError, match=r"not a multiple of data\.dtype=uint32"):
         (tmp_path / "odd.bin").write_bytes(b"\0" * 6)
         load_memmap(str(tmp_path / "odd.bin"), "uint32", 10, "data.train_path")
+    with pytest.raises(ConfigError, match=r"data\.train_path: .* is empty \(0 bytes\)"):
+        (tmp_path / "empty.bin").write_bytes(b"")
+        load_memmap(str(tmp_path / "empty.bin"), "uint16", 10, "data.train_path")
     with pytest.raises(ConfigError, match=r"data\.val_path is not a file"):
         load_memmap(str(tmp_path / "missing.bin"), "uint16", 10, "data.val_path")

@@ -104,6 +104,24 @@ def test_scripts_pass_shellcheck() -> None:
     subprocess.run([shellcheck, "--shell=bash", *map(str, SCRIPTS)], check=True)
 
 
+def _without_slurm() -> dict[str, str]:
+    """This process's environment minus every SLURM_* variable (a login node's)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+
+
+def dry_run_clean(script: str, *args: str, **env: str) -> str:
+    """:func:`dry_run` with no Slurm variables inherited from the test's own environment."""
+    proc = subprocess.run(
+        ["bash", str(LAUNCH / script), *args],
+        env={**_without_slurm(), **env, "DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return proc.stdout.strip()
+
+
 def test_dry_run_commands() -> None:
     cmd = dry_run("torchrun_local.sh", "steps=3", NPROC="3", CONFIG="mine", CONFIG_DIR="/cfg")
     assert "-m torch.distributed.run --standalone --nnodes=1 --nproc-per-node=3" in cmd
@@ -112,24 +130,114 @@ def test_dry_run_commands() -> None:
     explicit = dry_run("torchrun_local.sh", "strategy=fsdp2", NPROC="2", RUN_DIR="/r")
     assert "hydra.run.dir=/r strategy=fsdp2" in explicit and "strategy=ddp" not in explicit
 
-    ds = dry_run("deepspeed_local.sh", "model=1b", HOSTFILE="launch/hostfile.example")
-    assert ds.startswith("deepspeed --master_port 29500 --hostfile launch/hostfile.example")
-    assert "--no_local_rank --module coap_dist.train" in ds
+    ds = dry_run_clean(
+        "deepspeed_local.sh", "model=1b", HOSTFILE="launch/hostfile.example", PYTHON=sys.executable
+    )
+    # No deepspeed on PATH: the interpreter runs DeepSpeed's launcher module; a free port.
+    path_ds = shutil.which("deepspeed")
+    launcher = "deepspeed" if path_ds else f"{sys.executable} -m deepspeed.launcher.runner"
+    assert ds.startswith(f"{launcher} --master_port "), ds
+    port = int(ds.split("--master_port ")[1].split()[0])
+    assert 1024 <= port < 65536
+    assert "--hostfile launch/hostfile.example --no_local_rank --module coap_dist.train" in ds
     assert ds.endswith("strategy=deepspeed_zero2 model=1b")
+    custom = dry_run_clean(
+        "deepspeed_local.sh", DEEPSPEED="/opt/ds/bin/deepspeed", NPROC="2", MASTER_PORT="29611"
+    )
+    assert custom.startswith("/opt/ds/bin/deepspeed --master_port 29611 ")
+    assert "--num_gpus 2" in custom
 
-    slurm = {"HEAD_NODE": "node7", "SLURM_JOB_ID": "42", "SLURM_NNODES": "4"}
-    tr = dry_run("slurm_torchrun.sbatch", "model=7b", GPUS_PER_NODE="8", **slurm)
-    assert tr.startswith("srun --kill-on-bad-exit=1 ")
+    # Inside an allocation (Slurm's variables as sbatch sets them).
+    slurm = {
+        "SLURM_JOB_ID": "42",
+        "SLURM_NNODES": "4",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_CPUS_PER_TASK": "16",
+        "HEAD_NODE": "node7",
+    }
+    tr = dry_run_clean("slurm_torchrun.sbatch", "model=7b", **slurm)
+    assert tr.startswith("srun --kill-on-bad-exit=1 python3 -m torch.distributed.run ")
     for part in (
         "--nnodes=4 --nproc-per-node=8",
-        "--rdzv-id=42 --rdzv-backend=c10d --rdzv-endpoint=node7:29500",
+        "--rdzv-id=42 --rdzv-backend=c10d --rdzv-endpoint=node7:20042",  # per-job port
         "hydra.run.dir=outputs/slurm-42 strategy=fsdp2 model=7b",
     ):
-        assert part in tr
-    dss = dry_run("slurm_deepspeed.sbatch", "strategy=deepspeed_zero3", **slurm)
+        assert part in tr, (part, tr)
+    cpu = dry_run_clean("slurm_torchrun.sbatch", NPROC_PER_NODE="2", PYTHON="/v/python", **slurm)
+    assert "srun --kill-on-bad-exit=1 /v/python -m" in cpu and "--nproc-per-node=2" in cpu
+    legacy = dry_run_clean("slurm_torchrun.sbatch", GPUS_PER_NODE="4", **slurm)
+    assert "--nproc-per-node=4" in legacy
+    dss = dry_run_clean("slurm_deepspeed.sbatch", "strategy=deepspeed_zero3", **slurm)
     assert "--no_ssh" in dss and "--node_rank=" in dss and "SLURM_NODEID" in dss
-    assert "--hostfile hostfile-42 --master_addr node7 --master_port 29500" in dss
+    assert "--hostfile outputs/slurm-42/hostfile --master_addr node7 --master_port 20042" in dss
+    assert "--num_gpus 8" in dss
     assert dss.endswith("hydra.run.dir=outputs/slurm-42 strategy=deepspeed_zero3")
+
+    # On a login node (no allocation): the commands still print, with this host.
+    host = subprocess.run(["hostname"], capture_output=True, text=True, check=True).stdout.strip()
+    login = dry_run_clean("slurm_torchrun.sbatch")
+    assert "--nnodes=1 --nproc-per-node=" in login and f"--rdzv-endpoint={host}:29500" in login
+    login_ds = dry_run_clean("slurm_deepspeed.sbatch", PYTHON="/v/python", DEEPSPEED="")
+    assert f"--master_addr {host} --master_port 29500" in login_ds
+
+
+def test_sbatch_scripts_ask_for_no_gpus_of_their_own() -> None:
+    """GPUs and CPUs per task are sbatch options, so CPU-only nodes can run the scripts."""
+    for script in ("slurm_torchrun.sbatch", "slurm_deepspeed.sbatch"):
+        directives = [
+            line
+            for line in (LAUNCH / script).read_text().splitlines()
+            if line.startswith("#SBATCH")
+        ]
+        assert directives and not any("gpus" in d or "cpus" in d for d in directives), directives
+
+
+def test_sweep_config_runs_as_printed_and_config_errors_fail_the_sweep(tmp_path) -> None:
+    """The README's sweep composes with a strategy that matches its tasks (1 task: single);
+    a config error inside a sweep job is an exception the launcher reports (basic launcher
+    here: the sweep fails with the message), not a SystemExit that ends a submitit task
+    without a result."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="coap_dist.configs", version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                f"hydra.searchpath=[file://{REPO / 'configs' / 'submitit'}]",
+                "hydra/launcher=slurm",
+            ],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == 1 and cfg.strategy.name == "single"
+    assert launcher.gpus_per_node is None and launcher.mem_gb is None
+    readme = (REPO / "README.md").read_text()
+    assert "coap-train --multirun --config-dir configs/submitit hydra/launcher=slurm" in readme
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coap_dist.train",
+            "--multirun",
+            f"hydra.sweep.dir={tmp_path}",
+            "steps=2,-1",
+            "progress=false",
+            "batch_size=4",
+            "seq_len=16",
+            "warmup_steps=0",
+            "eval.batches=1",
+            "compare=false",
+            "plot=false",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert "steps must be a positive int, got -1" in proc.stderr
+    assert "ConfigError" in proc.stderr  # raised through the launcher, not SystemExit(2)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +256,10 @@ def test_torchrun_ddp_sharded_two_processes(tmp_path, single_small) -> None:
     """Two ranks with owner-sharded state: same losses as one process on the same global
     batches, each rank holding part of the state; a checkpoint resumes on the same curve."""
     out = torchrun(tmp_path / "run", "strategy=ddp_sharded", *SMALL, "checkpoint.every=3")
-    assert "| optimizer | train loss | val loss | opt state MiB/rank | tokens/s |" in out
+    assert (
+        "| optimizer | train loss | val loss | opt state MiB/rank | peak mem MiB/rank | tokens/s |"
+        in out
+    )
     assert f"metrics: {tmp_path / 'run' / 'metrics.jsonl'}" in out
     for ref in single_small:
         rows = records(tmp_path / "run", ref.name)
@@ -187,23 +298,74 @@ def test_torchrun_fsdp2_two_processes_resume_on_one(tmp_path, single_small) -> N
 @pytest.mark.distributed
 @pytest.mark.deepspeed
 def test_torchrun_deepspeed_two_processes(tmp_path, single_small) -> None:
-    """DeepSpeed ZeRO-2 engines on two ranks (AdamW now; COAP once registered)."""
+    """DeepSpeed ZeRO-2 engines on two ranks through the DeepSpeed launcher script: COAP
+    (named in the JSON config) and AdamW; AdamW matches one process."""
     pytest.importorskip("deepspeed")
-    import coap_dist  # noqa: F401  (registers torch.optim.COAP once the integration exists)
-
-    optimizer = "coap" if hasattr(torch.optim, "COAP") else "adamw"
     run_dir = tmp_path / "run"
-    overrides = [*SMALL, "strategy=deepspeed_zero2", f"optimizer={optimizer}"]
-    torchrun(run_dir, *overrides, "optimizer@baseline=adamw")
+    env = {
+        **os.environ,
+        "NPROC": "2",
+        "RUN_DIR": str(run_dir),
+        "PYTHON": sys.executable,
+        "DEEPSPEED": f"{sys.executable} -m deepspeed.launcher.runner",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        ["bash", str(LAUNCH / "deepspeed_local.sh"), *SMALL, "strategy=deepspeed_zero2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     adamw = records(run_dir, "adamw")
     np.testing.assert_allclose(
         [adamw[s]["train/loss"] for s in (3, 6)],
         [train_losses(single_small[1])[s] for s in (3, 6)],
         rtol=1e-4,
     )
-    if optimizer == "adamw":
-        pytest.skip(
-            "pending: COAP under DeepSpeed needs the lead's registration (torch.optim.COAP)"
-        )
     coap = records(run_dir, "coap")
     assert all(np.isfinite(coap[s]["train/loss"]) for s in (3, 6))
+    assert all(coap[6][f"optim/state_bytes_rank{r}"] > 0 for r in (0, 1))
+
+
+@pytest.mark.distributed
+def test_torchrun_hsdp_four_processes_with_accumulation(tmp_path, single_small) -> None:
+    """HSDP run by the app on 4 processes (2 replicas x 2 shards), 2 micro-batches per step:
+    AdamW matches one process; every rank reports its state bytes and peak memory."""
+    run_dir = tmp_path / "run"
+    torchrun(
+        run_dir,
+        "strategy=hsdp",
+        "strategy.replicate_degree=2",
+        "grad_accum=2",
+        "activation_checkpointing=true",
+        *[o for o in SMALL if not o.startswith("batch_size")],
+        "batch_size=8",
+        nproc=4,
+    )
+    ref = run(
+        compose_dict(
+            [
+                *[o for o in SMALL if not o.startswith("batch_size")],
+                "batch_size=8",
+                "logger=none",
+                "plot=false",
+                "optimizer=adamw",
+                "compare=false",
+            ]
+        ),
+        tmp_path / "ref",
+    )[0]
+    adamw = records(run_dir, "adamw")
+    np.testing.assert_allclose(
+        [adamw[s]["train/loss"] for s in (3, 6)],
+        [train_losses(ref)[s] for s in (3, 6)],
+        rtol=1e-4,
+    )
+    coap = records(run_dir, "coap")
+    for r in range(4):
+        assert coap[6][f"optim/state_bytes_rank{r}"] > 0
+        assert coap[6][f"memory/peak_bytes_rank{r}"] > 1 << 20
+    assert np.isfinite(coap[6]["train/loss"])

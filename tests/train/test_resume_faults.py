@@ -1,0 +1,272 @@
+"""The app's side of resuming and of faults, in this process (one rank) and in subprocesses:
+
+* an interrupted-and-resumed run logs exactly what the uninterrupted one logs, at every step
+  (loss windows that straddle the checkpoint, cumulative optimizer counters, the residual);
+* a changed setting takes effect (hyperparameters) or stops the run before training with
+  the field, the saved and the new value (rank, state format, model shape);
+* faults are errors naming the field before training: ``device=cuda`` without CUDA, a run dir
+  held by another run, an unwritable checkpoint dir, a misspelt DeepSpeed key;
+* a full disk at a save (a real small tmpfs: the space check) and a write failing half-way
+  (a real file-size limit, ``ulimit -f``) end with a clear error, no ``.tmp`` left behind and
+  the previous checkpoint intact; stale ``.tmp`` directories go at the next save;
+* gradient accumulation, activation checkpointing and ``compile=true`` keep the math, and peak
+  memory per rank is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from coap_dist.train import checkpoint
+from coap_dist.train.app import run
+from coap_dist.train.checkpoint import CheckpointError
+from coap_dist.train.config import ConfigError
+from coap_dist.train.report import RunResult
+
+from .conftest import FAST, REPO, compose_dict
+
+
+def with_(base: list[str], *extra: str) -> list[str]:
+    """``base`` overrides with ``extra`` ones replacing those of the same key."""
+    keys = {e.split("=", 1)[0] for e in extra}
+    return [o for o in base if o.split("=", 1)[0] not in keys] + list(extra)
+
+
+# Six steps, logged every 2, checkpointed every 3: the checkpoint at step 3 holds an open
+# loss window (step 3 of the 3-4 window).
+SIX = with_(FAST, "steps=6", "checkpoint.every=3", "eval.every=3", "compare=false", "plot=false")
+TIMING = ("train/tokens_per_s", "optim/projector_time_s", "memory/")
+
+
+def records(run_dir: Path) -> dict[tuple[int, str], dict]:
+    """``{(step, kind): record}`` of the JSON-lines file (kind: train or val)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[(r["step"], "train" if "train/loss" in r else "val")] = r
+    return out
+
+
+def comparable(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.startswith(TIMING)}
+
+
+def ckpt(run_dir: Path, step: int, name: str = "coap") -> Path:
+    return checkpoint.step_dir(run_dir / "checkpoints", name, step)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunResult]:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    (result,) = run(compose_dict(SIX), run_dir)
+    return run_dir, result
+
+
+def test_resumed_run_logs_what_the_uninterrupted_run_logs(uninterrupted, tmp_path) -> None:
+    run_dir, result = uninterrupted
+    (resumed,) = run(compose_dict([*SIX, f"resume={ckpt(run_dir, 3)}"]), tmp_path)
+    full, cont = records(run_dir), records(tmp_path)
+    assert sorted(cont) == [(4, "train"), (6, "train"), (6, "val")]
+    for key, record in cont.items():
+        assert comparable(record) == comparable(full[key]), key
+    assert cont[(6, "train")]["optim/refreshes"] == full[(6, "train")]["optim/refreshes"] > 0
+    assert math.isfinite(cont[(4, "train")]["optim/projection_residual"])
+    assert cont[(4, "train")]["memory/peak_bytes"] > 0
+    assert resumed.val_loss == result.val_loss
+    assert [h for h in resumed.history if h["step"] <= 3] == [
+        h for h in result.history if h["step"] <= 3
+    ]
+
+
+def test_changed_settings_take_effect_or_stop_the_run(uninterrupted, tmp_path) -> None:
+    run_dir, _ = uninterrupted
+    saved = ckpt(run_dir, 3)
+    # Hyperparameters take effect: T_u = 2 refreshes at k = 4 (step 5); weight decay moves W.
+    changed = [*SIX, f"resume={saved}", "optimizer.update_interval=2", "optimizer.weight_decay=0.5"]
+    run(compose_dict(changed), tmp_path / "changed")
+    full, cont = records(run_dir), records(tmp_path / "changed")
+    assert cont[(6, "train")]["optim/refreshes"] > full[(6, "train")]["optim/refreshes"]
+    assert cont[(6, "train")]["train/loss"] != full[(6, "train")]["train/loss"]
+    # What the state cannot carry stops the run before any training (no metrics written).
+    for override, field, old, new in (
+        ("optimizer.rank_ratio=2", "optimizer.rank_ratio", "4.0", "2.0"),
+        ("optimizer.state_bits=16", "optimizer.state_bits", "None", "16"),
+        ("model.n_layers=2", "model.n_layers", "4", "2"),
+    ):
+        out = tmp_path / field
+        message = rf"{field} was {old} in the checkpoint, this run sets {new}; .* Resume with"
+        with pytest.raises(ConfigError, match=message):
+            run(compose_dict([*SIX, f"resume={saved}", override]), out)
+        assert not (out / "metrics.jsonl").exists(), override
+
+
+def test_faults_stop_before_training_naming_the_field(uninterrupted, tmp_path) -> None:
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"device=cuda, but no CUDA device is usable"):
+            run(compose_dict(with_(SIX, "device=cuda")), tmp_path / "cuda")
+    # A run dir held by another (real, running) process.
+    held = tmp_path / "held"
+    held.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from coap_dist.train.rundir import RunDirLock; "
+            "RunDirLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(60)",
+            str(held),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=rf"is in use by another run \(.*{holder.pid}"):
+            run(compose_dict(SIX), held)
+        assert not (held / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    (result,) = run(
+        compose_dict(with_(SIX, "steps=2", "checkpoint.every=0")), held
+    )  # free again once the holder died
+    assert math.isfinite(result.val_loss)
+    # An unwritable checkpoint dir (below a regular file: unwritable even for root).
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"checkpoint\.dir: .* is not writable"):
+        run(compose_dict(with_(SIX, f"checkpoint.dir={blocker / 'ckpt'}")), tmp_path / "ro")
+    # A checkpoint of another model.
+    with pytest.raises(ConfigError, match=r"model\.dim was 128 in the checkpoint"):
+        run(
+            compose_dict(with_(SIX, "model.dim=64", f"resume={ckpt(uninterrupted[0], 3)}")),
+            tmp_path,
+        )
+
+
+@pytest.mark.deepspeed
+def test_misspelt_deepspeed_key_is_a_config_error(tmp_path) -> None:
+    pytest.importorskip("deepspeed")
+    bad = [*SIX, "strategy=deepspeed_zero2", "+strategy.extra.zero_optimisation.stage=3"]
+    with pytest.raises(
+        ConfigError, match=r"strategy\.extra\.zero_optimisation .* zero_optimization"
+    ):
+        run(compose_dict(bad), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.fixture
+def small_tmpfs() -> Iterator[Path]:
+    """A real 9 MiB filesystem: one checkpoint of the tiny model fits, two do not."""
+    mount = Path(tempfile.mkdtemp(prefix="coap_tmpfs_"))
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=9m", "tmpfs", str(mount)], capture_output=True
+    )
+    if proc.returncode:
+        mount.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+        mount.rmdir()
+
+
+def test_full_disk_at_a_save_keeps_the_previous_checkpoint(small_tmpfs, tmp_path) -> None:
+    ckpts = small_tmpfs / "ckpt"
+    stale = ckpts / "coap" / "step_0000001.tmp"
+    stale.mkdir(parents=True)  # left by a crashed run: removed by the next save
+    (stale / "junk").write_bytes(b"\0" * 1000)
+    overrides = with_(SIX, "checkpoint.every=2", f"checkpoint.dir={ckpts}")
+    with pytest.raises(CheckpointError, match=r"not enough space .*step_0000002, is intact"):
+        run(compose_dict(overrides), tmp_path)
+    assert sorted(p.name for p in (ckpts / "coap").iterdir()) == ["step_0000002"]
+    meta = checkpoint.read_meta(ckpts / "coap" / "step_0000002")
+    assert meta["step"] == 2 and (ckpts / "coap" / "step_0000002" / "state.pt").is_file()
+    # The metrics sink on a full disk: a clear error, not a raw OSError.
+    from coap_dist.train.loggers import JsonlLogger
+
+    filler = small_tmpfs / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    logger = JsonlLogger(small_tmpfs / "metrics.jsonl", "coap")
+    with pytest.raises(RuntimeError, match=r"logger: writing metrics to .* failed \(No space"):
+        for step in range(10_000):
+            logger.log({"train/loss": 1.0, "pad": "x" * 4096}, step)
+
+
+def test_write_failing_half_way_leaves_no_tmp_and_the_previous_checkpoint(tmp_path) -> None:
+    """A real write error during ``torch.save`` (a 3 MB file-size limit; the tiny model's
+    state.pt is larger), after the run's first checkpoint was written without a limit."""
+    base = with_(SIX, "steps=4", "checkpoint.every=2", f"hydra.run.dir={tmp_path}", "logger=none")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(
+        [sys.executable, "-m", "coap_dist.train", *with_(base, "steps=2")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = [*base, f"resume={ckpt(tmp_path, 2)}"]
+    limited = subprocess.run(
+        [
+            "bash",
+            "-c",
+            'ulimit -f 3000; exec "$@"',
+            "limited",
+            sys.executable,
+            "-m",
+            "coap_dist.train",
+            *resumed,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert limited.returncode != 0
+    assert "checkpoint: writing" in limited.stderr and "step_0000004.tmp failed" in limited.stderr
+    assert "step_0000002, is intact" in limited.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "coap").iterdir()) == ["step_0000002"]
+    assert checkpoint.read_meta(ckpt(tmp_path, 2))["step"] == 2
+
+
+def test_accumulation_checkpointing_and_compile_keep_the_math(uninterrupted, tmp_path) -> None:
+    _, ref = uninterrupted
+    short = with_(SIX, "checkpoint.every=0", "eval.every=0")
+
+    def train_losses(result: RunResult, key: str = "train/loss") -> list[float]:
+        return [h[key] for h in result.history if "train/loss" in h]
+
+    (accum,) = run(
+        compose_dict([*short, "grad_accum=2", "activation_checkpointing=true"]), tmp_path / "a"
+    )
+    # Same mean loss and the same gradient (its norm: Adam alone would hide a 2x scale);
+    # rounding differences of the split batch grow along the trajectory.
+    np.testing.assert_allclose(train_losses(accum), train_losses(ref), rtol=2e-4)
+    norms = train_losses(accum, "train/grad_norm"), train_losses(ref, "train/grad_norm")
+    np.testing.assert_allclose(norms[0][0], norms[1][0], rtol=1e-5)  # step 2
+    np.testing.assert_allclose(norms[0], norms[1], rtol=1e-3)
+    (compiled,) = run(compose_dict(with_(short, "steps=2", "compile=true")), tmp_path / "c")
+    np.testing.assert_allclose(train_losses(compiled), train_losses(ref)[:1], rtol=1e-4)
+    for result in (accum, compiled):
+        assert result.peak_memory_bytes[0] > 1 << 20
