@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -106,6 +107,28 @@ def worker(mode: str, model: str, overrides: list[str], out: Path) -> None:
     close_distributed()
 
 
+def _available_bytes() -> int:
+    """``MemAvailable`` of ``/proc/meminfo``."""
+    with open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def _watch(proc: subprocess.Popen, min_free: int) -> bool:
+    """Wait for ``proc``; kill its process group (``True``) if the machine's available
+    memory falls under ``min_free``, before the kernel's OOM killer picks a victim that may
+    not be ours."""
+    while proc.poll() is None:
+        if _available_bytes() < min_free:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def run_mode(mode: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ranks.json"
@@ -125,11 +148,21 @@ def run_mode(mode: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             *args.overrides,
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        stopped = _watch(proc, args.min_free_gib * 2**30)
+        stderr = proc.stderr.read() if proc.stderr else ""
         if proc.returncode != 0:
-            killed = "SIGKILL" in proc.stderr or "-9" in proc.stderr
-            print(f"{mode}: failed (rc {proc.returncode}{', OOM-killed' if killed else ''})")
-            print(proc.stderr[-3000:], file=sys.stderr)
+            killed = stopped or "SIGKILL" in stderr or "exitcode  : -9" in stderr
+            why = "stopped: the machine ran out of memory" if stopped else f"rc {proc.returncode}"
+            print(f"{mode}: failed ({why})", flush=True)
+            print(stderr[-3000:], file=sys.stderr)
             return [{"mode": mode, "failed": True, "oom_killed": killed}]
         return json.loads(out.read_text())
 
@@ -142,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument(
+        "--min-free-gib",
+        type=float,
+        default=1.5,
+        help="stop a run when the machine's available memory falls below this (GiB)",
+    )
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -187,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     mode,
                     "failed",
-                    "failed (OOM-killed)"
+                    "out of memory"
                     if any(r.get("oom_killed") for r in runs if r["mode"] == mode)
                     else "failed",
                 ]

@@ -10,12 +10,18 @@ from torch import nn
 
 import coap_dist
 from coap_dist.cli import main as cli_main
+from coap_dist.distributed.placement import (
+    REFRESH_BUCKET_BYTES,
+    refresh_buckets,
+    refresh_partial_bytes,
+)
 from coap_dist.functional.quant import BLOCK as COAP_QUANT_BLOCK
 from coap_dist.memory import (
     BNB_QMAP_BYTES,
     LAYOUTS,
     MIB,
     OPTIMIZERS,
+    coap_specs,
     estimate_state_bytes,
     lowrank_names,
     measure_state_bytes,
@@ -159,6 +165,40 @@ def test_per_rank_state_falls_as_one_over_n_under_every_layout() -> None:
     assert max(adamw.per_rank) - min(adamw.per_rank) <= 1
     with pytest.raises(ValueError, match="unknown layout"):
         estimate_state_bytes("tiny", "coap", rank=4, world_size=2, layout="ddp")
+
+
+def test_refresh_rounds_bound_the_partial_sums_held_at_once() -> None:
+    """A split refresh of LLaMA-7B (rank 1024) holds at most one round of partial sums: every
+    round is under REFRESH_BUCKET_BYTES (unless one matrix alone is larger), rounds keep the
+    index order and cover every matrix once, and their number does not depend on N."""
+    with torch.device("meta"):
+        model = Llama(LLAMA_PRESETS["7b"])
+    specs, _ = coap_specs(
+        model,
+        rank=1024,
+        rank_ratio=None,
+        rank_ratio_cnn=None,
+        dtype=torch.bfloat16,
+        state_bits=None,
+        projection_side="auto",
+        force_right=True,
+        adamw_patterns=None,
+        coap_patterns=None,
+    )
+    specs = [s for s in specs if s.kind == "matrix"]
+    items = [s.index for s in specs]
+    for kind in ("init", "update"):
+        sizes = [refresh_partial_bytes(s, kind, 8) for s in specs]
+        rounds = refresh_buckets(items, sizes)
+        assert [i for r in rounds for i in r] == items
+        by_index = dict(zip(items, sizes, strict=True))
+        for r in rounds:
+            assert len(r) == 1 or sum(by_index[i] for i in r) <= REFRESH_BUCKET_BYTES
+        assert sum(sizes) > 20 * REFRESH_BUCKET_BYTES, "all at once: over 5 GiB"
+        assert len(rounds) <= 2 * sum(sizes) / REFRESH_BUCKET_BYTES + 1
+    assert refresh_buckets([3, 4, 5], [10, 10, 10], limit=20) == [[3, 4], [5]]
+    assert refresh_buckets([3, 4], [30, 1], limit=20) == [[3], [4]]
+    assert refresh_buckets([], [], limit=20) == []
 
 
 # ------------------------------------------------------------------------------ measured

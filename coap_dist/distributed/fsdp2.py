@@ -34,7 +34,13 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from coap_dist.distributed.comm import Comm
 from coap_dist.distributed.owner import FragmentView, OwnerLayout, check_settings
-from coap_dist.distributed.placement import Range, chunk_range, lpt
+from coap_dist.distributed.placement import (
+    Range,
+    chunk_range,
+    lpt,
+    refresh_buckets,
+    refresh_partial_bytes,
+)
 from coap_dist.functional import projection as fproj
 from coap_dist.optim import kernels
 from coap_dist.optim.layout import Core, DenseWork, Layout, MatrixWork, Update, Work
@@ -317,7 +323,12 @@ class Fsdp2Local(Layout):
                 self._store(mw.index, mw.projector)
                 oks.append(ok)
         if split:
-            oks.extend(self._split_refresh(work, split, due))
+            group = {mw.index: mw.group for mw in work.matrices}
+            sizes = [
+                refresh_partial_bytes(self.specs[i], due[i], group[i]["oversample"]) for i in split
+            ]
+            for bucket in refresh_buckets(split, sizes):
+                oks.extend(self._split_refresh(work, bucket, due))
         for i in due:
             self._state(i)["refreshes"] += 1
         return oks

@@ -47,7 +47,14 @@ from torch import Tensor
 
 from coap_dist.distributed.boxes import Box, intersect, view_in_fragment, view_in_region
 from coap_dist.distributed.comm import Comm, Expect
-from coap_dist.distributed.placement import Piece, Placement, Range, owner_placement
+from coap_dist.distributed.placement import (
+    Piece,
+    Placement,
+    Range,
+    owner_placement,
+    refresh_buckets,
+    refresh_partial_bytes,
+)
 from coap_dist.distributed.routes import Geometry, Route, geometries, plan_routes
 from coap_dist.functional import projection as fproj
 from coap_dist.optim import kernels
@@ -473,8 +480,12 @@ class OwnerLayout(Layout):
             if kind is not None:
                 oks.append(kernels.conv_refresh(cw, kind))
         team_due = sorted(i for i in due if self._entries[i].split)
-        if team_due:
-            oks.extend(self._team_refresh(work, team_due, due))
+        sizes = [
+            refresh_partial_bytes(self._entries[i].spec, due[i], self._group(i)["oversample"])
+            for i in team_due
+        ]
+        for bucket in refresh_buckets(team_due, sizes):
+            oks.extend(self._team_refresh(work, bucket, due))
         for i in due:
             if self._state_present(i):
                 self._state(i)["refreshes"] += 1

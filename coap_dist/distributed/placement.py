@@ -34,6 +34,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+from coap_dist.functional import projection as fproj
 from coap_dist.functional import quant as fquant
 from coap_dist.optim.spec import ParamSpec, nbytes, state_shapes
 
@@ -362,3 +363,42 @@ def local_state_bytes(specs: Sequence[ParamSpec], world: int) -> list[int]:
                     "rank_ratio_cnn=None or sharding='owner')"
                 )
     return loads
+
+
+REFRESH_BUCKET_BYTES = 256 * 2**20
+"""Most bytes of partial sums one round of a split refresh carries. A refresh of split
+matrices (FSDP2 / HSDP rows, owner teams) reduces per-matrix partial sums to the rank that
+computes each SVD; sending all due matrices in one round would hold every matrix's partials,
+the packed send buffer and the received sums at once (LLaMA-1B, rank 512: about 6 GiB per
+rank; 7B, rank 1024: about 25 GiB), so the due matrices go in rounds of at most this many
+bytes, in index order. The number of rounds depends on the model and the rank, never on the
+world size."""
+
+
+def refresh_partial_bytes(spec: ParamSpec, kind: str, oversample: int) -> int:
+    """Upper bound of the bytes of one matrix's refresh partial sums (fp64): the Gram pair
+    ``Y^T Y`` (k x k) and ``G^T Y`` (b x k), k = r + oversample, of a randomized SVD, or the
+    correlation step's sums (``kind="update"``)."""
+    if kind == "update":
+        return 8 * fproj.correlation_partials_numel(spec.rank, spec.cols, "col")
+    k = spec.rank + oversample
+    return 8 * k * (k + spec.cols)
+
+
+def refresh_buckets(
+    items: Sequence[int], sizes: Sequence[int], limit: int | None = None
+) -> list[list[int]]:
+    """``items`` cut, in order, into consecutive rounds whose ``sizes`` add up to at most
+    ``limit`` (default :data:`REFRESH_BUCKET_BYTES`); an item larger than the limit is a
+    round of its own. Every rank cuts the same global list the same way."""
+    limit = REFRESH_BUCKET_BYTES if limit is None else limit
+    rounds: list[list[int]] = []
+    load = 0
+    for item, size in zip(items, sizes, strict=True):
+        if rounds and load + size <= limit:
+            rounds[-1].append(item)
+            load += size
+        else:
+            rounds.append([item])
+            load = size
+    return rounds

@@ -4,6 +4,7 @@ comparison in turn on the same data, then (rank 0) print the table and write
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from pathlib import Path
@@ -39,6 +40,7 @@ def run(config: dict[str, Any], output_dir: Path) -> list[RunResult]:
     cfg = TrainConfig.from_dict(config)
     env = init_distributed(cfg)
     lock: RunDirLock | None = None
+    completed = False
     try:
         threads = cpu_threads(cfg.threads, env)
         if threads is not None:
@@ -69,14 +71,21 @@ def run(config: dict[str, Any], output_dir: Path) -> list[RunResult]:
                 len(tokens[1]),
                 out_dir,
             )
-        results = [train_run(cfg, opt, env, out_dir, tokens, config) for opt in cfg.runs]
+        results = []
+        for opt in cfg.runs:
+            results.append(train_run(cfg, opt, env, out_dir, tokens, config))
+            # The finished run's model, wrapper and optimizer sit in reference cycles (DDP's
+            # reducer, FSDP hooks): free them now, so the next run starts from the same memory
+            # and no gloo work object is left for interpreter shutdown to destroy (SIGABRT).
+            gc.collect()
         if env.is_main:
             report(cfg, results, out_dir)
+        completed = True
         return results
     finally:
         if lock is not None:
             lock.release()
-        close_distributed()
+        close_distributed(wait=completed)
 
 
 def claim_run_dir(cfg: TrainConfig, out_dir: Path) -> RunDirLock:

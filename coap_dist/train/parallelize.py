@@ -26,6 +26,7 @@ rank ever holds the whole model (peak: its shards plus the largest single parame
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import importlib.util
 import os
@@ -211,8 +212,10 @@ def materialize(model: Llama, device: torch.device, seed: int) -> None:
         target.copy_(value)
 
 
-def close_distributed() -> None:
-    """Leave the process group, if any.
+def close_distributed(*, wait: bool = False) -> None:
+    """Leave the process group, if any; ``wait``: first wait at a barrier until every rank
+    is done (the job succeeded), so no rank tears its group down while another still
+    communicates. After a failure there is no barrier: the other ranks may never arrive.
 
     DeepSpeed caches groups derived from the world group in module globals; they would
     outlive the destroyed group and break a later ``run`` in the same process (a notebook, a
@@ -220,6 +223,9 @@ def close_distributed() -> None:
     """
     if not dist.is_initialized():
         return
+    if wait:
+        dist.barrier()
+    gc.collect()  # wrappers in reference cycles still hold the group's pending work
     dist.destroy_process_group()
     groups = sys.modules.get("deepspeed.utils.groups")
     if groups is not None:

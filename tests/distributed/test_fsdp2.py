@@ -36,6 +36,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import coap_dist
+from coap_dist.distributed import placement
 from coap_dist.distributed.placement import Placement, chunk_range
 from coap_dist.distributed.routes import bound_bytes, geometries
 from coap_dist.distributed.trace import NoCollectives, count_steps
@@ -260,10 +261,20 @@ def _phase_owner(rank: int, world: int, tmp: str) -> None:
 
 
 def _phase_hsdp(rank: int, world: int, tmp: str) -> None:
-    """HSDP on a (replicate 2 x shard 2) mesh: collectives on the shard sub-mesh only."""
+    """HSDP on a (replicate 2 x shard 2) mesh: collectives on the shard sub-mesh only; then
+    again with a refresh-round limit under any matrix's partial sums
+    (``REFRESH_BUCKET_BYTES``): the refresh goes in one round per matrix, same result."""
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    _hsdp_run(mesh, None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(placement, "REFRESH_BUCKET_BYTES", 1)
+        _hsdp_run(mesh, 1)
+
+
+def _hsdp_run(mesh: object, bucket: int | None) -> None:
     model = _shard(_model(), mesh)
     opt = coap_dist.COAPAdamW(model.parameters(), **KW)
+    records = count_steps(opt)
     ref_model = _model()
     ref_opt = coap_dist.COAPAdamW(ref_model.parameters(), **KW, projection_side="right")
     shard_rank = mesh.get_local_rank("shard")
@@ -280,6 +291,10 @@ def _phase_hsdp(rank: int, world: int, tmp: str) -> None:
         opt.zero_grad()
         ref_opt.zero_grad()
     assert opt.layout.world == 2, "the shard sub-mesh, not the world"
+    # Step 0 refreshes all three matrices: one round of partial sums, or one per matrix when
+    # the round limit is smaller than any matrix's sums.
+    rounds = 1 if bucket is None else 3
+    assert records[0].calls["_reduce_scatter_base_"] == rounds, records[0].calls
     for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
         diff = (p.full_tensor() - q).abs().max().item()
         assert diff < TOL, f"HSDP differs from 1-process by {diff}"
