@@ -75,6 +75,24 @@ def test_bad_group_and_shapes() -> None:
             ],
             rank=2,
         )
+    # A misspelt hyperparameter in a group names the nearest valid key, wherever the group
+    # comes from (param_groups(), a dict, add_param_group); the caller's own metadata passes.
+    with pytest.raises(
+        ValueError, match=r"unknown key `update_intervall`; did you mean `update_interval`"
+    ):
+        COAPAdamW(coap_dist.param_groups(_mlp(), update_intervall=40), rank=4)
+    with pytest.raises(
+        ValueError, match=r"param_groups\[0\]: unknown key `beta_1`; did you mean `beta1`"
+    ):
+        COAPAdafactor([{"params": list(_mlp().parameters()), "beta_1": 0.9}], rank=4)
+    extra = nn.Linear(8, 8)
+    named = COAPAdamW(
+        [{"params": list(_mlp().parameters()), "name": "body", "lr_scale": 0.5}], rank=4
+    )
+    named.add_param_group({"params": list(extra.parameters()), "weight_decay_rte": 0.1})
+    extra(torch.ones(1, 8)).sum().backward()
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: unknown key `weight_decay_rte`"):
+        named.step()
     with pytest.raises(ValueError, match="`beta1`=None"):
         COAPAdafactor(_mlp().parameters(), rank=4, beta1=None)
     with pytest.raises(

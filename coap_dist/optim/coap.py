@@ -40,7 +40,7 @@ from torch.optim import Optimizer
 
 from coap_dist.functional import projection as fproj
 from coap_dist.optim import kernels
-from coap_dist.optim.config import STATE_BITS, validate_group
+from coap_dist.optim.config import STATE_BITS, check_group_keys, validate_group
 from coap_dist.optim.layout import (
     Layout,
     Update,
@@ -101,6 +101,7 @@ class _COAPBase(Optimizer):
         self.skip_nonfinite = skip_nonfinite
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
+            check_group_keys(group, defaults, f"{name} param_groups[{i}]")
             validate_group(group, f"{name} param_groups[{i}]", adafactor=self._adafactor)
         # Weak references: after accelerate/FSDP2 swap in sharded parameters, the originals
         # must be freed; DeepSpeed keeps its model parameters alive, and this optimizer
@@ -292,6 +293,9 @@ class _COAPBase(Optimizer):
             if not any(g is h for h in self.groups):
                 self.groups.append(g)
                 self._built.append([weakref.ref(p) for p in g["params"]])
+                check_group_keys(
+                    g, self.defaults, f"{self.name} param_groups[{len(self.groups) - 1}]"
+                )
                 validate_group(
                     g,
                     f"{self.name} param_groups[{len(self.groups) - 1}]",

@@ -6,8 +6,9 @@ the first step with an error naming the field and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 ALGORITHMS = ("auto", "coap", "adamw")
@@ -16,22 +17,9 @@ MOMENT_MODES = ("rotate", "keep")
 SIDES = ("auto", "right", "left")
 STATE_BITS = (None, 32, 16, 8)
 
-COAP_KEYS = (
-    "algorithm",
-    "rank",
-    "rank_ratio",
-    "rank_ratio_cnn",
-    "update_interval",
-    "reproject_factor",
-    "scale",
-    "projector_update",
-    "moments",
-    "projection_side",
-    "oversample",
-    "power_iters",
-    "projector_lr",
-    "stagger",
-)
+MISSPELLING_CUTOFF = 0.8
+"""A group key this similar (``difflib`` ratio) to a hyperparameter, but not one, is taken
+for a misspelling of it."""
 
 
 def _is_number(x: Any) -> bool:
@@ -40,6 +28,26 @@ def _is_number(x: Any) -> bool:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_group_keys(group: Mapping[str, Any], known: Iterable[str], where: str) -> None:
+    """Raise ValueError for a group key that looks like a misspelt hyperparameter
+    (``update_intervall``), naming the key and the nearest valid one.
+
+    Keys that resemble no hyperparameter are left alone: torch lets a group carry the
+    caller's own metadata (``name``, ``param_names``, a layer id for layer-wise lr decay) and
+    schedulers add theirs (``initial_lr``).
+    """
+    known = sorted(set(known) | {"params"})
+    for key in group:
+        if key in known or not isinstance(key, str):
+            continue
+        near = difflib.get_close_matches(key, known, n=1, cutoff=MISSPELLING_CUTOFF)
+        if near:
+            raise ValueError(
+                f"{where}: unknown key `{key}`; did you mean `{near[0]}`? (valid keys: "
+                f"{', '.join(k for k in known if k != 'params')})"
+            )
 
 
 def validate_group(group: Mapping[str, Any], where: str, *, adafactor: bool = False) -> None:
