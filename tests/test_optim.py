@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 from typing import Any
 
@@ -52,6 +53,37 @@ BAD: list[tuple[dict[str, Any], str]] = [
 def test_bad_input_names_the_field(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         COAPAdamW(_mlp().parameters(), **kwargs)
+
+
+def test_add_param_group_after_steps_unfreezes_a_layer() -> None:
+    """A group added after some steps (unfreezing a layer) joins at the next step: the
+    existing parameters continue bitwise as if alone, the new ones as a fresh optimizer
+    started then, and the refresh counts add up."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    ref_model = copy.deepcopy(model)
+    kw = dict(lr=1e-2, rank=4, update_interval=2, reproject_factor=2)
+    opt = COAPAdamW(list(model[0].parameters()), **kw)
+    ref0 = COAPAdamW(list(ref_model[0].parameters()), **kw)
+    ref1 = None
+    for step in range(8):
+        x = torch.randn(4, 32, generator=torch.Generator().manual_seed(step))
+        if step == 3:
+            opt.add_param_group({"params": list(model[1].parameters()), "lr": 5e-3})
+            ref1 = COAPAdamW(list(ref_model[1].parameters()), **{**kw, "lr": 5e-3})
+        model(x).square().sum().backward()
+        ref_model(x).square().sum().backward()
+        for o in (opt, ref0, ref1):
+            if o is not None:
+                o.step()
+        model.zero_grad()
+        ref_model.zero_grad()
+    assert ref1 is not None
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    total = ref0.metrics()["optim/refreshes"] + ref1.metrics()["optim/refreshes"]
+    assert opt.metrics()["optim/refreshes"] == total
+    assert opt.state_bytes() == ref0.state_bytes() + ref1.state_bytes()
 
 
 def test_bad_group_and_shapes() -> None:

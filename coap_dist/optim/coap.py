@@ -114,6 +114,7 @@ class _COAPBase(Optimizer):
         self._process_group = process_group
         self._layout: Layout | None = None
         self._layout_stale = False
+        self._bound_groups = len(self.groups)  # groups the layout was bound with
         self.specs: list[ParamSpec] = []
         self.group_of: list[int] = []
         self._steps: list[int] = []
@@ -218,7 +219,16 @@ class _COAPBase(Optimizer):
         """Choose the layout from the tensors in the groups now and plan every parameter.
         State that already exists (tensors swapped after some steps) is carried over."""
         old_layout, old_state = self._layout, None
+        added = len(self.groups) > self._bound_groups
         if old_layout is not None and any(self.state.values()):
+            if old_layout.world != 1 and added:
+                raise RuntimeError(
+                    f"{self.name}: add_param_group after the first step is supported in one "
+                    f"process; under the sharded `{old_layout.name}` layout every rank's state "
+                    "placement would change. Add every group before the first step (a group "
+                    "can start with lr=0), or save with consolidate_state_dict() and load into "
+                    "a new optimizer built with all groups"
+                )
             if old_layout.world != 1:
                 raise RuntimeError(
                     f"{self.name}: a wrapper replaced the optimizer's tensors after sharded "
@@ -238,6 +248,10 @@ class _COAPBase(Optimizer):
         self._pending_load = None
         if load is not None:
             self._load(load)
+        if old_state is not None:
+            # Groups added since keep the old parameters' indices; the new ones start at 0.
+            self._steps += [0] * (len(self.specs) - len(self._steps))
+        self._bound_groups = len(self.groups)
 
     # -------------------------------------------------------------------------- step
     @torch.no_grad()

@@ -285,6 +285,17 @@ def _mismatch(rank: int) -> None:
         p.grad = torch.ones_like(p)
     with pytest.raises(ValueError, match=r"`param_groups\[0\]\.rank` differs across ranks"):
         opt.step()
+    # Groups added after sharded state exists: refused at once, with what to do instead.
+    model = _model()
+    opt = coap_dist.COAPAdamW(coap_dist.param_groups(model, **KW), **KW, sharding="owner")
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    extra = nn.Linear(4, 4)
+    extra.weight.grad, extra.bias.grad = torch.ones(4, 4), torch.ones(4)
+    opt.add_param_group({"params": list(extra.parameters())})
+    with pytest.raises(RuntimeError, match=r"add_param_group after the first step is supported"):
+        opt.step()
 
 
 @pytest.mark.distributed
