@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 from typing import Any
 
 import pytest
@@ -84,6 +85,37 @@ def test_add_param_group_after_steps_unfreezes_a_layer() -> None:
     total = ref0.metrics()["optim/refreshes"] + ref1.metrics()["optim/refreshes"]
     assert opt.metrics()["optim/refreshes"] == total
     assert opt.state_bytes() == ref0.state_bytes() + ref1.state_bytes()
+
+
+def test_deepcopy_and_pickle_continue_exactly() -> None:
+    """A deep copy and a pickle round trip of a model with its optimizer (8-bit state,
+    after a refresh) continue bitwise like the original, with the same counters."""
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = COAPAdamW(
+        coap_dist.param_groups(model), rank=4, update_interval=2, reproject_factor=2, state_bits=8
+    )
+
+    def train(m: nn.Module, o: COAPAdamW, steps: range) -> None:
+        for s in steps:
+            m(
+                torch.randn(4, 32, generator=torch.Generator().manual_seed(s))
+            ).square().sum().backward()
+            o.step()
+            o.zero_grad()
+
+    train(model, opt, range(3))
+    copies = [copy.deepcopy((model, opt)), pickle.loads(pickle.dumps((model, opt)))]
+    for m, o in [(model, opt), *copies]:
+        train(m, o, range(3, 8))
+    for m, o in copies:
+        for p, q in zip(model.parameters(), m.parameters(), strict=True):
+            assert torch.equal(p, q)
+        got, want = o.metrics(), opt.metrics()
+        assert {k: v for k, v in got.items() if "time" not in k} == {
+            k: v for k, v in want.items() if "time" not in k
+        }
+        assert o.state_bytes() == opt.state_bytes()
 
 
 def test_bad_group_and_shapes() -> None:

@@ -587,6 +587,52 @@ class _COAPBase(Optimizer):
                 )
 
     # ------------------------------------------------------------------------ metrics
+    # ------------------------------------------------------------------ copy / pickle
+    _COPIED = ("_counters", "_projector_time", "_residual", "_step_calls", "_refreshed")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` carry: the constructor settings, the
+        parameter groups (with their tensors) and :meth:`state_dict`, plus the counters of
+        :meth:`metrics`. A copy binds its own layout at its next step and continues exactly
+        like the original. Refused for sharded or process-group-bound optimizers: each rank
+        holds only its part of the state; checkpoint those with ``state_dict`` (after
+        ``consolidate_state_dict`` for owner layouts) instead."""
+        lay = self._layout
+        if (
+            (lay is not None and lay.world != 1)
+            or self._process_group is not None
+            or not (self._sharding is None or isinstance(self._sharding, str))
+        ):
+            where = f"the `{lay.name}` layout" if lay is not None else "a distribution layout"
+            raise RuntimeError(
+                f"{self.name}: cannot copy or pickle an optimizer bound to {where} (each rank "
+                "holds part of the state); save state_dict() (after consolidate_state_dict() "
+                "for owner layouts) and load it into a new optimizer"
+            )
+        return {
+            "defaults": self.defaults,
+            "param_groups": self.param_groups,
+            "settings": {
+                "state_bits": self.state_bits,
+                "sharding": self._sharding,
+                "skip_nonfinite": self.skip_nonfinite,
+            },
+            "state_dict": self.state_dict(),
+            "counters": {k: getattr(self, k) for k in self._COPIED},
+        }
+
+    def __setstate__(self, saved: dict[str, Any]) -> None:
+        _COAPBase.__init__(
+            self,
+            saved["param_groups"],
+            saved["defaults"],
+            process_group=None,
+            **saved["settings"],
+        )
+        self.load_state_dict(saved["state_dict"])
+        for k, v in saved["counters"].items():
+            setattr(self, k, v)
+
     def state_bytes(self) -> int:
         """Exact bytes of optimizer state held by this rank (every state tensor with
         ndim >= 1; DTensor state counts its local shard)."""

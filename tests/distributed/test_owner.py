@@ -21,6 +21,7 @@ fed the same gradients:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -296,6 +297,8 @@ def _mismatch(rank: int) -> None:
     opt.add_param_group({"params": list(extra.parameters())})
     with pytest.raises(RuntimeError, match=r"add_param_group after the first step is supported"):
         opt.step()
+    with pytest.raises(RuntimeError, match=r"cannot copy or pickle an optimizer bound to"):
+        copy.deepcopy(opt)
 
 
 @pytest.mark.distributed
