@@ -118,6 +118,29 @@ def test_deepcopy_and_pickle_continue_exactly() -> None:
         assert o.state_bytes() == opt.state_bytes()
 
 
+def test_foreign_state_complex_and_sparse_are_refused_clearly() -> None:
+    """Another optimizer's state dict is refused at load (not at a later step), complex and
+    sparse parameters at construction, sparse gradients at the step, each saying what to do."""
+    model = _mlp()
+    adamw = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 32)).sum().backward()
+    adamw.step()
+    opt = COAPAdamW(model.parameters(), rank=4)
+    with pytest.raises(ValueError, match=r"another optimizer's state dict .*'amsgrad'"):
+        opt.load_state_dict(adamw.state_dict())
+    complex_w = nn.Parameter(torch.zeros(4, 4, dtype=torch.cfloat))
+    with pytest.raises(ValueError, match=r"parameter 0 .* is complex; .*view_as_real"):
+        COAPAdamW([complex_w], rank=2)
+    sparse_w = nn.Parameter(torch.zeros(4, 4).to_sparse())
+    with pytest.raises(ValueError, match=r"is a torch.sparse_coo tensor; .*SparseAdam"):
+        COAPAdamW([sparse_w], rank=2)
+    emb = nn.Embedding(10, 8, sparse=True)
+    opt = COAPAdamW(emb.parameters(), rank=2)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match=r"sparse_coo gradient .*sparse=False"):
+        opt.step()
+
+
 def test_bad_group_and_shapes() -> None:
     w3 = nn.Parameter(torch.zeros(4, 4, 4))
     with pytest.raises(ValueError, match=r"3-D parameter .* algorithm='coap'"):

@@ -127,6 +127,9 @@ class _COAPBase(Optimizer):
         self._projector_time = 0.0
         self._residual = float("nan")
         built = [p for g in self.param_groups for p in g["params"]]
+        for gi, g in enumerate(self.param_groups):
+            for j, p in enumerate(g["params"]):
+                _refuse_unsupported(p, f"{name} param_groups[{gi}] parameter {j}")
         if sharding == "owner" and not (dist.is_available() and dist.is_initialized()):
             raise ValueError(
                 "invalid `sharding`='owner': it needs torch.distributed to be "
@@ -262,6 +265,15 @@ class _COAPBase(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         present = self._present_groups()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    raise RuntimeError(
+                        f"{self.name}: a parameter of shape {tuple(p.shape)} has a "
+                        f"{p.grad.layout} gradient (e.g. nn.Embedding(sparse=True)); COAP "
+                        "needs dense gradients: build the module with sparse=False, or give "
+                        "it to torch.optim.SparseAdam"
+                    )
         lay = self._bound()
         ids = lay.begin(present)
         if ids is None:
@@ -522,6 +534,18 @@ class _COAPBase(Optimizer):
                 f"{self.name}.load_state_dict: expected a dict with 'state' and 'param_groups' "
                 f"(an optimizer state dict), got keys {sorted(state_dict)}"
             )
+        own = ("update_interval", "projector_update", "moments")
+        for i, g in enumerate(saved):
+            missing = [k for k in own if k not in g]
+            if missing:
+                foreign = sorted(set(g) - set(self.defaults) - {"params"})
+                raise ValueError(
+                    f"{self.name}.load_state_dict: saved param_groups[{i}] has no "
+                    f"{', '.join(f'`{k}`' for k in missing)}: it is another optimizer's state "
+                    f"dict (its own keys: {foreign}), whose state COAP cannot take over. Load "
+                    f"the model weights only and start {self.name} fresh, or load into the "
+                    "optimizer that saved it"
+                )
         if [len(g["params"]) for g in saved] != self._group_sizes():
             raise ValueError(
                 f"{self.name}.load_state_dict: the saved groups hold "
@@ -652,6 +676,22 @@ class _COAPBase(Optimizer):
             | ({} if self._layout is None else self._layout.metrics())
         )
         return out
+
+
+def _refuse_unsupported(p: Tensor, where: str) -> None:
+    """Complex and sparse parameters: a clear error (torch AdamW would take them; COAP's
+    projections are real and dense), naming the parameter and what to do."""
+    if p.is_complex():
+        raise ValueError(
+            f"{where} (shape {tuple(p.shape)}, {p.dtype}) is complex; COAP optimizes real "
+            "parameters only. Store it as torch.view_as_real(...) in the model, or give it to "
+            "a separate torch.optim.AdamW"
+        )
+    if p.layout != torch.strided:
+        raise ValueError(
+            f"{where} (shape {tuple(p.shape)}) is a {p.layout} tensor; COAP needs dense "
+            "parameters. Give it to a separate optimizer (torch.optim.SparseAdam for sparse)"
+        )
 
 
 def _global_shape(p: Tensor) -> tuple[int, ...]:
