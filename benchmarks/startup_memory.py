@@ -39,14 +39,6 @@ MIB = 2**20
 MODES = ("sharded", "unsharded")
 
 
-def _peak_rss() -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def worker(mode: str, model: str, overrides: list[str], out: Path) -> None:
     """One rank of one run (started by torchrun): build, set up, 2 steps; writes its peaks."""
     import torch
@@ -58,7 +50,12 @@ def worker(mode: str, model: str, overrides: list[str], out: Path) -> None:
     from coap_dist.train.config import TrainConfig
     from coap_dist.train.data import Batches, load_tokens
     from coap_dist.train.loop import loss_fn
-    from coap_dist.train.parallelize import build_strategy, close_distributed, init_distributed
+    from coap_dist.train.parallelize import (
+        build_strategy,
+        close_distributed,
+        init_distributed,
+        peak_memory_bytes,
+    )
 
     torch.set_num_threads(1)
     with initialize_config_module(config_module="coap_dist.configs", version_base="1.3"):
@@ -78,7 +75,8 @@ def worker(mode: str, model: str, overrides: list[str], out: Path) -> None:
         net.set_activation_checkpointing(cfg.activation_checkpointing)
     strategy.setup(net, cfg.optimizer)
     start_s = time.perf_counter() - t0
-    start_peak = _peak_rss()
+    host = torch.device("cpu")  # host RSS (VmHWM), also on GPU nodes
+    start_peak = peak_memory_bytes(host)
     # Written before the steps: a run stopped for memory during them still reports its start.
     started = {"mode": mode, "rank": env.rank, "start_peak": start_peak, "start_s": start_s}
     (out.parent / f"start_rank{env.rank}.json").write_text(json.dumps(started))
@@ -99,7 +97,7 @@ def worker(mode: str, model: str, overrides: list[str], out: Path) -> None:
         "mode": mode,
         "rank": env.rank,
         "start_peak": start_peak,
-        "run_peak": _peak_rss(),
+        "run_peak": peak_memory_bytes(host),
         "start_s": start_s,
         "losses": losses,
     }

@@ -334,13 +334,6 @@ def lpt(costs: Sequence[float], world: int) -> list[int]:
     return owner
 
 
-def local_svd_holders(specs: Sequence[ParamSpec], world: int) -> dict[int, int]:
-    """LOCAL layout: the rank that computes each COAP matrix's refresh SVD (LPT on a b r)."""
-    mats = [s for s in specs if s.kind == "matrix"]
-    ranks = lpt([float(s.rows * s.cols * s.rank) for s in mats], world)
-    return {s.index: r for s, r in zip(mats, ranks, strict=True)}
-
-
 def local_state_bytes(specs: Sequence[ParamSpec], world: int) -> list[int]:
     """Per-rank state bytes of the LOCAL layout: every tensor split by its dim 0 like FSDP2
     (COAP matrices right-projected: their moment rows follow the weight's rows, and the

@@ -190,11 +190,6 @@ def _scatter_routes(g: Geometry, world: int, solo: bool) -> list[Route]:
     return out
 
 
-def factor_mode(routes: Sequence[Route], index: int, dst: int) -> bool:
-    """Whether ``dst`` takes factors (D rows and P) for matrix ``index``."""
-    return any(r.kind == "rows" and r.dst == dst for r in routes if r.index == index)
-
-
 def _itemsizes(spec: ParamSpec, weight: torch.dtype) -> dict[str, int]:
     return {
         "grad": weight.itemsize,

@@ -249,10 +249,6 @@ class OptimizerConfig:
         """The constructor arguments of this kind (everything but ``name``/``kind``)."""
         return {k: getattr(self, k) for k in sorted(_OPTIMIZER_KEYS[self.kind] | {"lr"})}
 
-    def as_dict(self) -> dict[str, Any]:
-        """The section as it would be written in YAML (for logs and checkpoints)."""
-        return {"name": self.name, "kind": self.kind, **self.kwargs()}
-
 
 STRATEGIES = ("single", "ddp", "ddp_sharded", "fsdp2", "hsdp", "deepspeed")
 _STRATEGY_KEYS: dict[str, set[str]] = {

@@ -103,7 +103,7 @@ def deepspeed_optimizer_config(cfg: OptimizerConfig, *, cpu: bool) -> dict[str, 
     raise ValueError(f"{cfg.where}.kind={cfg.kind} cannot run under DeepSpeed")
 
 
-def _innermost(optimizer: Any) -> Any:
+def innermost(optimizer: Any) -> Any:
     """Unwrap ZeroRedundancyOptimizer (``.optim``) and DeepSpeed wrappers (``.optimizer``)
     down to the object that owns the per-parameter state."""
     seen = set()
@@ -124,7 +124,7 @@ def state_bytes(optimizer: Any) -> int:
     ``opt.state_bytes()`` where the optimizer has it (COAP); otherwise the sum of the local
     shards of every tensor in ``opt.state`` (DTensor state counts its local shard only).
     """
-    inner = _innermost(optimizer)
+    inner = innermost(optimizer)
     if hasattr(inner, "state_bytes"):
         return int(inner.state_bytes())
     total = 0
@@ -140,7 +140,7 @@ def state_bytes(optimizer: Any) -> int:
 
 def optimizer_metrics(optimizer: Any) -> dict[str, float]:
     """``opt.metrics()`` (``optim/refreshes``, ``optim/projector_time_s``, ...) or ``{}``."""
-    inner = _innermost(optimizer)
+    inner = innermost(optimizer)
     if not hasattr(inner, "metrics"):
         return {}
     return {str(k): float(v) for k, v in inner.metrics().items()}

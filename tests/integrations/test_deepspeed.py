@@ -44,6 +44,7 @@ from torch import nn
 import coap_dist
 from coap_dist.distributed.routes import bound_bytes
 from coap_dist.distributed.trace import count_steps, merged
+from coap_dist.train.optim import innermost
 from tests.dist_harness import run_workers
 
 KW = dict(lr=1e-2, weight_decay=0.1, rank=8, update_interval=2, reproject_factor=2, scale=0.5)
@@ -125,10 +126,7 @@ def _config(stage: int, bf16: bool, extra: dict[str, Any]) -> dict[str, Any]:
 
 def _coap(engine: Any) -> Any:
     """The COAP optimizer inside the engine's ZeRO / mixed-precision wrappers."""
-    opt = engine.optimizer
-    while not isinstance(opt, (coap_dist.COAPAdamW, coap_dist.COAPAdafactor)):
-        opt = opt.optimizer
-    return opt
+    return innermost(engine.optimizer)
 
 
 def _build(stage: int, bf16: bool, extra: dict[str, Any], zero_init: bool) -> Any:

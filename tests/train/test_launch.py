@@ -50,17 +50,24 @@ def dry_run(script: str, *args: str, **env: str) -> str:
     return proc.stdout.strip()
 
 
-def torchrun(run_dir: Path, *overrides: str, nproc: int = 2) -> str:
-    """Run launch/torchrun_local.sh for real; returns stdout, fails with its output."""
+def torchrun(
+    run_dir: Path,
+    *overrides: str,
+    nproc: int = 2,
+    script: str = "torchrun_local.sh",
+    **extra_env: str,
+) -> str:
+    """Run launch/``script`` for real; returns stdout, fails with its output."""
     env = {
         **os.environ,
         "NPROC": str(nproc),
         "RUN_DIR": str(run_dir),
         "PYTHON": sys.executable,
         "OMP_NUM_THREADS": "1",
+        **extra_env,
     }
     proc = subprocess.run(
-        ["bash", str(LAUNCH / "torchrun_local.sh"), *overrides],
+        ["bash", str(LAUNCH / script), *overrides],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -302,23 +309,13 @@ def test_torchrun_deepspeed_two_processes(tmp_path, single_small) -> None:
     (named in the JSON config) and AdamW; AdamW matches one process."""
     pytest.importorskip("deepspeed")
     run_dir = tmp_path / "run"
-    env = {
-        **os.environ,
-        "NPROC": "2",
-        "RUN_DIR": str(run_dir),
-        "PYTHON": sys.executable,
-        "DEEPSPEED": f"{sys.executable} -m deepspeed.launcher.runner",
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.run(
-        ["bash", str(LAUNCH / "deepspeed_local.sh"), *SMALL, "strategy=deepspeed_zero2"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    torchrun(
+        run_dir,
+        *SMALL,
+        "strategy=deepspeed_zero2",
+        script="deepspeed_local.sh",
+        DEEPSPEED=f"{sys.executable} -m deepspeed.launcher.runner",
     )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     adamw = records(run_dir, "adamw")
     np.testing.assert_allclose(
         [adamw[s]["train/loss"] for s in (3, 6)],
