@@ -174,6 +174,8 @@ def _worker(rank: int, world: int, init: str, layout: str, port: int, out: str) 
     import coap_dist
     from coap_dist.distributed import Fsdp1Sharding
     from coap_dist.distributed.trace import count_steps, merged
+    from coap_dist.train.optim import innermost
+    from coap_dist.train.parallelize import close_distributed
 
     torch.set_num_threads(1)
     model = _tiny()
@@ -205,9 +207,7 @@ def _worker(rank: int, world: int, init: str, layout: str, port: int, out: str) 
             config=cfg,
             dist_init_required=False,
         )
-        opt = engine.optimizer
-        while not isinstance(opt, coap_dist.COAPAdamW):
-            opt = opt.optimizer
+        opt = innermost(engine.optimizer)
         records = count_steps(opt)
         for step in range(STEPS):
             engine.backward(_loss(engine, _batch(rank, step)))
@@ -257,7 +257,7 @@ def _worker(rank: int, world: int, init: str, layout: str, port: int, out: str) 
     dist.all_gather(rows, row)
     if rank == 0:
         torch.save(torch.stack(rows), out)
-    dist.destroy_process_group()
+    close_distributed(wait=True)
 
 
 def _free_port() -> int:

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from coap_dist.train.parallelize import close_distributed
+
 
 def _entry(
     rank: int, world: int, init_file: str, fn: Callable[..., None], args: tuple[Any, ...]
@@ -18,11 +20,12 @@ def _entry(
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    done = False
     try:
         fn(rank, world, *args)
-        dist.barrier()
+        done = True
     finally:
-        dist.destroy_process_group()
+        close_distributed(wait=done)
 
 
 def run_workers(fn: Callable[..., None], world: int, *args: Any) -> None:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from coap_dist.train.parallelize import close_distributed
 from tests.gpu.conftest import ON_CPU, devices
 
 KW = dict(lr=1e-3, rank=16, update_interval=2, reproject_factor=2, scale=0.5)
@@ -169,8 +170,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(rows, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    close_distributed(wait=True)
 
 
 def _ds_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -189,6 +189,7 @@ def _ds_worker(rank: int, world: int, port: int, out: str) -> None:
 
     import coap_dist
     from coap_dist.distributed.trace import count_steps, merged
+    from coap_dist.train.optim import innermost
 
     deepspeed.init_distributed(dist_backend="gloo" if ON_CPU else "nccl", auto_mpi_discovery=False)
     dev = _device(rank)
@@ -207,9 +208,7 @@ def _ds_worker(rank: int, world: int, port: int, out: str) -> None:
         config=cfg,
         dist_init_required=False,
     )
-    opt = engine.optimizer
-    while not isinstance(opt, coap_dist.COAPAdamW):
-        opt = opt.optimizer
+    opt = innermost(engine.optimizer)
     records = count_steps(opt)
     losses = []
     for _ in range(STEPS):
@@ -233,7 +232,7 @@ def _ds_worker(rank: int, world: int, port: int, out: str) -> None:
                 f,
             )
     engine.destroy()
-    dist.destroy_process_group()
+    close_distributed(wait=True)
 
 
 def _free_port() -> int:
