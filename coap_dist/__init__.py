@@ -8,9 +8,22 @@ DDP ranks) and makes ``torch.optim.COAP`` resolvable for DeepSpeed's JSON config
 
 from coap_dist import distributed as distributed  # installs the layout resolver
 from coap_dist.integrations.deepspeed import register as _register_deepspeed
-from coap_dist.optim import COAPAdafactor, COAPAdamW, param_groups
+from coap_dist.optim import (
+    COAPAdafactor,
+    COAPAdafactorConfig,
+    COAPAdamW,
+    COAPAdamWConfig,
+    param_groups,
+)
 
 _register_deepspeed()  # torch.optim.COAP / COAPAdafactor; does not import deepspeed
 
 __version__ = "0.1.0"
-__all__ = ["COAPAdafactor", "COAPAdamW", "__version__", "param_groups"]
+__all__ = [
+    "COAPAdafactor",
+    "COAPAdafactorConfig",
+    "COAPAdamW",
+    "COAPAdamWConfig",
+    "__version__",
+    "param_groups",
+]

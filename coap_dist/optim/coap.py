@@ -28,7 +28,9 @@ gradient and one all-reduce of a flag vector: the step's only host synchronisati
 from __future__ import annotations
 
 import math
+import textwrap
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -40,7 +42,7 @@ from torch.optim import Optimizer
 
 from coap_dist.functional import projection as fproj
 from coap_dist.optim import kernels
-from coap_dist.optim.config import STATE_BITS, check_group_keys, validate_group
+from coap_dist.optim.config import COAPAdafactorConfig, COAPAdamWConfig
 from coap_dist.optim.layout import (
     Layout,
     Update,
@@ -50,6 +52,7 @@ from coap_dist.optim.layout import (
     run_construction_hooks,
 )
 from coap_dist.optim.spec import ParamSpec, StateFormat, make_spec, with_stagger
+from coap_dist.optim.storage import convert_full
 
 SHARDING_NAMES = (None, "none", "owner", "local")
 
@@ -68,41 +71,39 @@ class _COAPBase(Optimizer):
     """Shared machinery of the COAP optimizers: late binding, the step loop, checkpoints."""
 
     _rule: kernels.AdamWRule | kernels.AdafactorRule = kernels.AdamWRule()
-    _adafactor = False
+    config_class: type[COAPAdamWConfig] = COAPAdamWConfig
 
     def __init__(
         self,
         params: Iterable[Any],
-        defaults: dict[str, Any],
+        lr: float | None,
+        config: COAPAdamWConfig | None,
+        hyperparameters: Mapping[str, Any],
         *,
-        state_bits: int | None,
         sharding: Any,
         process_group: Any,
-        skip_nonfinite: bool,
     ) -> None:
         name = type(self).__name__
-        if state_bits not in STATE_BITS:
-            raise ValueError(
-                f"{name}: invalid `state_bits`={state_bits!r}; must be one of "
-                f"{STATE_BITS} (None: same dtype as the parameter)"
+        given = {} if config is None else config.as_dict()
+        if config is not None and not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{name}: `config` must be a {self.config_class.__name__}, got "
+                f"{type(config).__name__}"
             )
-        if self._adafactor and state_bits == 8:
-            raise ValueError(
-                f"{name}: invalid `state_bits`=8; 8-bit state is available for "
-                "COAPAdamW only (Adafactor's factored moments are already tiny)"
-            )
+        if lr is not None:
+            given["lr"] = lr
+        if isinstance(given.get("betas"), list):
+            given["betas"] = tuple(given["betas"])
+        self.config = self.config_class.from_mapping({**given, **hyperparameters}, name)
         if not isinstance(sharding, Layout) and sharding not in SHARDING_NAMES:
             raise ValueError(
                 f"{name}: invalid `sharding`={sharding!r}; must be one of "
                 f"{SHARDING_NAMES} or a coap_dist.distributed layout instance"
             )
         self.name = name
-        self.state_bits = state_bits
-        self.skip_nonfinite = skip_nonfinite
-        super().__init__(params, defaults)
-        for i, group in enumerate(self.param_groups):
-            check_group_keys(group, defaults, f"{name} param_groups[{i}]")
-            validate_group(group, f"{name} param_groups[{i}]", adafactor=self._adafactor)
+        self.state_bits = self.config.state_bits
+        self.skip_nonfinite = self.config.skip_nonfinite
+        super().__init__(params, self.config.as_dict("group"))
         # Weak references: after accelerate/FSDP2 swap in sharded parameters, the originals
         # must be freed; DeepSpeed keeps its model parameters alive, and this optimizer
         # needs them (its groups then hold flat partitions).
@@ -127,9 +128,6 @@ class _COAPBase(Optimizer):
         self._projector_time = 0.0
         self._residual = float("nan")
         built = [p for g in self.param_groups for p in g["params"]]
-        for gi, g in enumerate(self.param_groups):
-            for j, p in enumerate(g["params"]):
-                _refuse_unsupported(p, f"{name} param_groups[{gi}] parameter {j}")
         if sharding == "owner" and not (dist.is_available() and dist.is_initialized()):
             raise ValueError(
                 "invalid `sharding`='owner': it needs torch.distributed to be "
@@ -145,6 +143,21 @@ class _COAPBase(Optimizer):
             group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
             self.plan([_global_shape(p) for p in built], [p.dtype for p in built], group_of, False)
         run_construction_hooks()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group`` (defaults fill the keys a group does not set), with
+        the group validated by :attr:`config_class`; a group setting ``rank`` (or
+        ``rank_ratio``) overrides the other one's default. Works after steps in one process
+        (the new parameters' state starts at their first gradient)."""
+        where = f"{self.name} param_groups[{len(self.param_groups)}]"
+        own = {k: v for k, v in param_group.items() if k != "params"}
+        for key, other in (("rank", "rank_ratio"), ("rank_ratio", "rank")):
+            if own.get(key) is not None and other not in own:
+                param_group[other] = None
+        super().add_param_group(param_group)
+        self.config_class.validate_group(self.param_groups[-1], where, own=own)
+        for j, p in enumerate(self.param_groups[-1]["params"]):
+            _refuse_unsupported(p, f"{where} parameter {j}")
 
     # --------------------------------------------------------------------- Core protocol
     @property
@@ -184,7 +197,7 @@ class _COAPBase(Optimizer):
             moment = proj = torch.bfloat16
         else:
             moment = proj = dtype
-        return StateFormat(moment, proj, self.state_bits == 8, self._adafactor)
+        return StateFormat(moment, proj, self.state_bits == 8, self._rule.factored)
 
     def settings(self) -> dict[str, Any]:
         """Settings every rank must share: group hyperparameters, sizes, state_bits."""
@@ -319,14 +332,6 @@ class _COAPBase(Optimizer):
             if not any(g is h for h in self.groups):
                 self.groups.append(g)
                 self._built.append([weakref.ref(p) for p in g["params"]])
-                check_group_keys(
-                    g, self.defaults, f"{self.name} param_groups[{len(self.groups) - 1}]"
-                )
-                validate_group(
-                    g,
-                    f"{self.name} param_groups[{len(self.groups) - 1}]",
-                    adafactor=self._adafactor,
-                )
                 self._layout_stale = True
         if self._layout_stale and self._layout is not None:
             self._layout_stale = False
@@ -524,19 +529,32 @@ class _COAPBase(Optimizer):
             self._consolidated = (self._step_calls, sd)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load hyperparameters and state (any form :meth:`state_dict` returns, from any
-        world size for the whole state). State tensors keep their saved dtype and are
-        copied; each rank keeps the pieces its layout assigns it. Before the first step the
-        state is kept and applied once the layout is bound."""
+        """Load state (any form :meth:`state_dict` returns, from any world size for the
+        whole state); each rank keeps the pieces its layout assigns it. Before the first
+        step the state is kept and applied once the layout is bound.
+
+        Hyperparameters: this optimizer's win. Only what a scheduler drives is restored
+        from the checkpoint, as torch does, so a resumed schedule continues: ``lr`` and
+        group keys that are not hyperparameters (``initial_lr``, ``max_lr``, metadata).
+        Every other saved value that differs (``weight_decay``, ``betas``, ``rank``, ...)
+        is replaced by this optimizer's, with a ``UserWarning`` listing them.
+
+        State: converted to this optimizer's format where it can be (single-process form,
+        e.g. a ``state_dict()`` of one process or after ``consolidate_state_dict()``):
+        dtype and ``state_bits`` changes, and a changed rank by re-projection
+        (:func:`coap_dist.optim.storage.convert_full`); what cannot be converted (another
+        projection side or shape, another optimizer's state) raises naming the parameter.
+        Sharded state (DCP DTensors, DeepSpeed pieces) must match this optimizer's format.
+        """
         saved = state_dict.get("param_groups")
         if not isinstance(saved, list) or "state" not in state_dict:
             raise ValueError(
                 f"{self.name}.load_state_dict: expected a dict with 'state' and 'param_groups' "
                 f"(an optimizer state dict), got keys {sorted(state_dict)}"
             )
-        own = ("update_interval", "projector_update", "moments")
+        marks = ("update_interval", "projector_update", "moments")
         for i, g in enumerate(saved):
-            missing = [k for k in own if k not in g]
+            missing = [k for k in marks if k not in g]
             if missing:
                 foreign = sorted(set(g) - set(self.defaults) - {"params"})
                 raise ValueError(
@@ -560,12 +578,25 @@ class _COAPBase(Optimizer):
             "state": {position[k]: v for k, v in state_dict["state"].items() if k in position},
             "param_groups": [{**g, "params": [position[p] for p in g["params"]]} for g in saved],
         }
-        for group, old in zip(self.groups, saved, strict=True):
+        hyper = set(self.config_class.keys("group")) - {"lr"}
+        replaced = []
+        for i, (group, old) in enumerate(zip(self.groups, saved, strict=True)):
             for k, v in old.items():
-                if k != "params":
-                    group[k] = tuple(v) if k == "betas" else v
-        for i, group in enumerate(self.groups):
-            validate_group(group, f"{self.name} param_groups[{i}]", adafactor=self._adafactor)
+                v = tuple(v) if k == "betas" else v
+                if k == "params":
+                    continue
+                if k not in hyper:
+                    group[k] = v
+                elif group.get(k) != v:
+                    replaced.append(f"param_groups[{i}].{k}: {v!r} -> {group.get(k)!r}")
+            self.config_class.validate_group(group, f"{self.name} param_groups[{i}]", own={})
+        if replaced:
+            warnings.warn(
+                f"{self.name}.load_state_dict: this optimizer's hyperparameters replace the "
+                f"checkpoint's: {'; '.join(replaced)}",
+                UserWarning,
+                stacklevel=2,
+            )
         self._consolidated = None
         if self._layout is None:
             self._pending_load = dict(state_dict)
@@ -574,41 +605,23 @@ class _COAPBase(Optimizer):
 
     def _load(self, sd: Mapping[str, Any]) -> None:
         lay = self._bound()
-        state = sd["state"]
-        for i, st in state.items():
+        state = dict(sd["state"])
+        partial = "coap_layout" in sd
+        for i, st in sd["state"].items():
             if not 0 <= int(i) < len(self.specs):
                 raise ValueError(
                     f"{self.name}.load_state_dict: state for parameter {i} of {len(self.specs)}"
                 )
-            self._check_saved(int(i), st, partial="coap_layout" in sd or _is_dtensor_state(st))
-        lay.load_state_dict(sd)
+            if not (partial or _is_dtensor_state(st)):
+                # a rank's pieces are checked by the layout (they must be its own)
+                state[i] = convert_full(
+                    self.specs[int(i)], st, f"{self.name}.load_state_dict: parameter {i}"
+                )
+        lay.load_state_dict({**sd, "state": state})
         steps = sd.get("coap_steps")
         if steps is None:
             steps = [int(state[i]["step"]) if i in state else 0 for i in range(len(self.specs))]
         self._steps = [int(k) for k in steps]
-
-    def _check_saved(self, index: int, st: Mapping[str, Any], partial: bool) -> None:
-        """Refuse state of another optimizer or other hyperparameters, naming the field."""
-        from coap_dist.optim.spec import state_shapes
-
-        if partial:
-            return  # a rank's pieces: the layout checks they are its own
-        expect = state_shapes(self.specs[index])
-        where = f"{self.name}.load_state_dict: parameter {index}"
-        missing = sorted(set(expect) - set(st))
-        if missing:
-            raise ValueError(
-                f"{where}: the saved state has keys {sorted(st)} but COAP expects {sorted(expect)} "
-                f"(missing {missing}); it was saved by another optimizer or with other settings "
-                "(state_bits, algorithm)"
-            )
-        for k, (shape, _) in expect.items():
-            v = st[k]
-            if isinstance(v, Tensor) and tuple(v.shape) != tuple(shape):
-                raise ValueError(
-                    f"{where}: saved `{k}` has shape {tuple(v.shape)}, this optimizer expects "
-                    f"{tuple(shape)} (rank, projection side or shape differ)"
-                )
 
     # ------------------------------------------------------------------------ metrics
     # ------------------------------------------------------------------ copy / pickle
@@ -634,13 +647,9 @@ class _COAPBase(Optimizer):
                 "for owner layouts) and load it into a new optimizer"
             )
         return {
-            "defaults": self.defaults,
+            "config": self.config,
             "param_groups": self.param_groups,
-            "settings": {
-                "state_bits": self.state_bits,
-                "sharding": self._sharding,
-                "skip_nonfinite": self.skip_nonfinite,
-            },
+            "sharding": self._sharding,
             "state_dict": self.state_dict(),
             "counters": {k: getattr(self, k) for k in self._COPIED},
         }
@@ -649,9 +658,11 @@ class _COAPBase(Optimizer):
         _COAPBase.__init__(
             self,
             saved["param_groups"],
-            saved["defaults"],
+            None,
+            saved["config"],
+            {},
+            sharding=saved["sharding"],
             process_group=None,
-            **saved["settings"],
         )
         self.load_state_dict(saved["state_dict"])
         for k, v in saved["counters"].items():
@@ -706,162 +717,69 @@ def _is_dtensor_state(st: Mapping[str, Any]) -> bool:
     return any(isinstance(v, DTensor) for v in st.values())
 
 
-def _coap_defaults(**kw: Any) -> dict[str, Any]:
-    return {"algorithm": "auto", **kw}
-
-
 class COAPAdamW(_COAPBase):
     """AdamW whose moments of matrix (and large conv) weights live in a moving rank-r subspace.
 
+    ``COAPAdamW(params, lr, **hyperparameters)`` or ``COAPAdamW(params, config=cfg)`` with a
+    :class:`~coap_dist.optim.config.COAPAdamWConfig` (keyword arguments override it). Every
+    hyperparameter but ``state_bits`` / ``skip_nonfinite`` may be set per parameter group;
+    ``algorithm`` ("auto": COAP for matrices, AdamW else; "coap"; "adamw") picks the method.
+    AdamW is in the reference form: eps outside the square root, decoupled decay
+    W <- (1 - lr wd) W after the update.
+
+    Besides the hyperparameters (table below, generated from the config dataclass):
+
     Args:
-        params: parameters or groups; a group may set any hyperparameter below and
-            ``algorithm`` ("auto": COAP for matrices, AdamW else; "coap"; "adamw").
-        lr, betas, eps, weight_decay: AdamW's (reference form: eps outside the square root,
-            decoupled decay W <- W - lr wd W after the update).
-        rank / rank_ratio: r = min(rank, min(m, n)) or min(m, n) // rank_ratio.
-        rank_ratio_cnn: Tucker ratio for convolutions (None: convolutions use AdamW).
-        update_interval: T_u, steps between projector updates.
-        reproject_factor: F, every T_u F steps a warm-started randomized SVD.
-        scale: alpha applied to the back-projected update.
-        projector_update: "scale_free" (default: relative objective + QR re-orthonormalization)
-            or "reference" (the published, scale-dependent step).
-        moments: "rotate" (default: M <- M C, V <- V (C*C) with C = P_old P_new^T) or "keep".
-        projection_side: "auto" (compress the smaller dim), "right" or "left".
-        oversample / power_iters: randomized SVD options. projector_lr: correlation step size.
-        stagger: spread refresh steps of matrices over the interval (flattens SVD spikes).
-        state_bits: None (parameter dtype), 32, 16 (bf16) or 8 (blockwise 8-bit moments).
         sharding: None (automatic, bound at the first step: FSDP2 DTensors -> row shards,
             DeepSpeed partitions -> ZeRO layout, else one process / replicated state),
             "owner" (state sharded over the data-parallel group), "local" (FSDP2 only) or a
             layout from ``coap_dist.distributed`` (``Fsdp1Sharding(model)``, ...).
         process_group: group for ``sharding="owner"`` (default: the world).
-        skip_nonfinite: skip the step of a parameter whose gradient is not finite.
     """
+
+    config_class = COAPAdamWConfig
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
+        lr: float | None = None,
         *,
-        rank: int | None = None,
-        rank_ratio: float | None = None,
-        rank_ratio_cnn: float | None = None,
-        update_interval: int = 32,
-        reproject_factor: int = 5,
-        scale: float = 1.0,
-        projector_update: str = "scale_free",
-        moments: str = "rotate",
-        projection_side: str = "auto",
-        oversample: int = 0,
-        power_iters: int = 0,
-        projector_lr: float = 0.1,
-        stagger: bool = False,
-        state_bits: int | None = None,
+        config: COAPAdamWConfig | None = None,
         sharding: Any = None,
         process_group: Any = None,
-        skip_nonfinite: bool = True,
+        **hyperparameters: Any,
     ) -> None:
-        defaults = _coap_defaults(
-            lr=lr,
-            betas=tuple(betas) if isinstance(betas, list) else betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            rank=rank,
-            rank_ratio=rank_ratio,
-            rank_ratio_cnn=rank_ratio_cnn,
-            update_interval=update_interval,
-            reproject_factor=reproject_factor,
-            scale=scale,
-            projector_update=projector_update,
-            moments=moments,
-            projection_side=projection_side,
-            oversample=oversample,
-            power_iters=power_iters,
-            projector_lr=projector_lr,
-            stagger=stagger,
-        )
         super().__init__(
-            params,
-            defaults,
-            state_bits=state_bits,
-            sharding=sharding,
-            process_group=process_group,
-            skip_nonfinite=skip_nonfinite,
+            params, lr, config, hyperparameters, sharding=sharding, process_group=process_group
         )
 
 
 class COAPAdafactor(_COAPBase):
-    """Adafactor (factored second moment, update clipping, first moment) on COAP projections.
+    """Adafactor (factored second moment, update clipping, momentum ``betas[0]``) on COAP
+    projections; AdamW with ``betas`` for every other parameter.
 
-    Matrices: HF-style Adafactor on R = G P^T with a first moment (``beta1`` is required: the
-    correlation-aware projector update uses it). Other parameters: AdamW with ``betas``.
-    ``lr`` is an absolute step size (no relative step, no parameter scaling).
+    Built like :class:`COAPAdamW` (``config``: a
+    :class:`~coap_dist.optim.config.COAPAdafactorConfig`); ``lr`` is an absolute step size
+    (no relative step, no parameter scaling). Hyperparameters (generated from the config):
     """
 
-    _adafactor = True
+    config_class = COAPAdafactorConfig
     _rule = kernels.AdafactorRule()
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
-        beta1: float | None = 0.9,
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
+        lr: float | None = None,
         *,
-        clip_threshold: float = 1.0,
-        decay_rate: float = -0.8,
-        eps1: float = 1e-30,
-        betas: tuple[float, float] = (0.9, 0.999),
-        rank: int | None = None,
-        rank_ratio: float | None = None,
-        rank_ratio_cnn: float | None = None,
-        update_interval: int = 32,
-        reproject_factor: int = 5,
-        scale: float = 1.0,
-        projector_update: str = "scale_free",
-        moments: str = "rotate",
-        projection_side: str = "auto",
-        oversample: int = 0,
-        power_iters: int = 0,
-        projector_lr: float = 0.1,
-        stagger: bool = False,
-        state_bits: int | None = None,
+        config: COAPAdafactorConfig | None = None,
         sharding: Any = None,
         process_group: Any = None,
-        skip_nonfinite: bool = True,
+        **hyperparameters: Any,
     ) -> None:
-        defaults = _coap_defaults(
-            lr=lr,
-            beta1=beta1,
-            eps=eps,
-            weight_decay=weight_decay,
-            clip_threshold=clip_threshold,
-            decay_rate=decay_rate,
-            eps1=eps1,
-            betas=tuple(betas),
-            rank=rank,
-            rank_ratio=rank_ratio,
-            rank_ratio_cnn=rank_ratio_cnn,
-            update_interval=update_interval,
-            reproject_factor=reproject_factor,
-            scale=scale,
-            projector_update=projector_update,
-            moments=moments,
-            projection_side=projection_side,
-            oversample=oversample,
-            power_iters=power_iters,
-            projector_lr=projector_lr,
-            stagger=stagger,
-        )
         super().__init__(
-            params,
-            defaults,
-            state_bits=state_bits,
-            sharding=sharding,
-            process_group=process_group,
-            skip_nonfinite=skip_nonfinite,
+            params, lr, config, hyperparameters, sharding=sharding, process_group=process_group
         )
+
+
+for _cls in (COAPAdamW, COAPAdafactor):
+    _cls.__doc__ = f"{_cls.__doc__}\n{textwrap.indent(_cls.config_class.docs(), '    ')}\n"

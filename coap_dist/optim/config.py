@@ -1,15 +1,29 @@
-"""Validated COAP hyperparameters (side-effect free).
+"""Every COAP hyperparameter in one place: its name, default, validation and meaning.
 
-Every group of a COAP optimizer is checked here at construction, so bad input fails before
-the first step with an error naming the field and what is allowed.
+:class:`COAPAdamWConfig` and :class:`COAPAdafactorConfig` (frozen, kw-only dataclasses) are
+the single source of truth. What reads them:
+
+* the optimizer constructors (``COAPAdamW(params, lr, **hyperparameters)``: the keyword
+  arguments are this dataclass's fields; the class docstring is generated from it);
+* parameter-group validation (:meth:`COAPAdamWConfig.validate_group`, at construction, at
+  ``add_param_group`` and after ``load_state_dict``);
+* the training app's ``optimizer`` section (``coap_dist.train.config``: every field is a
+  config key, validated by the same checks);
+* DeepSpeed JSON ``"params"`` (they become constructor keyword arguments);
+* the memory estimator (it builds the optimizer's own plan from them).
+
+Two scopes: *group* fields may differ per parameter group (torch's ``defaults``);
+*optimizer* fields (``state_bits``, ``skip_nonfinite``) hold for the whole optimizer.
+Unknown keys fail naming the key and the nearest valid one. Side-effect free.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar, Literal, TypeVar
 
 ALGORITHMS = ("auto", "coap", "adamw")
 PROJECTOR_UPDATES = ("scale_free", "reference")
@@ -21,6 +35,15 @@ MISSPELLING_CUTOFF = 0.8
 """A group key this similar (``difflib`` ratio) to a hyperparameter, but not one, is taken
 for a misspelling of it."""
 
+RENAMED = {
+    "beta1": "betas",
+}
+"""Keys that were renamed: ``COAPAdafactor`` reads its momentum from ``betas[0]`` (so
+schedulers that cycle momentum, e.g. OneCycleLR, reach every parameter)."""
+
+Check = Callable[[Any], str | None]
+"""A field check: ``None`` when the value is valid, else what is allowed."""
+
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -30,102 +53,316 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def check_group_keys(group: Mapping[str, Any], known: Iterable[str], where: str) -> None:
-    """Raise ValueError for a group key that looks like a misspelt hyperparameter
-    (``update_intervall``), naming the key and the nearest valid one.
+def number(*, low: float, strict: bool = False, high: float | None = None) -> Check:
+    """A finite number >= low (> low when ``strict``), < high when ``high`` is given."""
 
-    Keys that resemble no hyperparameter are left alone: torch lets a group carry the
-    caller's own metadata (``name``, ``param_names``, a layer id for layer-wise lr decay) and
-    schedulers add theirs (``initial_lr``).
-    """
-    known = sorted(set(known) | {"params"})
-    for key in group:
-        if key in known or not isinstance(key, str):
-            continue
-        near = difflib.get_close_matches(key, known, n=1, cutoff=MISSPELLING_CUTOFF)
-        if near:
-            raise ValueError(
-                f"{where}: unknown key `{key}`; did you mean `{near[0]}`? (valid keys: "
-                f"{', '.join(k for k in known if k != 'params')})"
-            )
+    def check(x: Any) -> str | None:
+        ok = _is_number(x) and (x > low if strict else x >= low) and (high is None or x < high)
+        if ok:
+            return None
+        interval = f"{'(' if strict else '['}{low}, {'inf' if high is None else high})"
+        return f"must be a finite number in {interval}"
+
+    return check
 
 
-def validate_group(group: Mapping[str, Any], where: str, *, adafactor: bool = False) -> None:
-    """Raise ValueError naming the first invalid field of a parameter group.
+def integer(*, low: int) -> Check:
+    """An int >= low (bools refused)."""
+    return lambda x: None if _is_int(x) and x >= low else f"must be an integer >= {low}"
 
-    ``where`` prefixes the message (e.g. "COAPAdamW param_groups[1]").
-    """
 
-    def fail(field: str, allowed: str) -> None:
-        raise ValueError(f"{where}: invalid `{field}`={group.get(field)!r}; {allowed}")
+def choice(options: tuple[Any, ...]) -> Check:
+    """One of ``options``."""
+    return lambda x: None if x in options else f"must be one of {options}"
 
-    lr = group.get("lr")
-    if not _is_number(lr) or lr < 0:
-        fail("lr", "must be a finite number >= 0")
-    eps = group.get("eps")
-    if not _is_number(eps) or eps < 0:
-        fail("eps", "must be a finite number >= 0")
-    betas = group.get("betas")
-    if (
-        not isinstance(betas, (tuple, list))
-        or len(betas) != 2
-        or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)
-    ):
-        fail("betas", "must be a pair of numbers, each in [0, 1)")
-    if adafactor:
-        beta1 = group.get("beta1")
-        if beta1 is None:
-            raise ValueError(
-                f"{where}: invalid `beta1`=None; COAPAdafactor needs a first moment: the "
-                "correlation-aware projector update uses it. Give beta1 in [0, 1), e.g. 0.9"
-            )
-        if not _is_number(beta1) or not 0.0 <= beta1 < 1.0:
-            fail("beta1", "must be a number in [0, 1)")
-        clip = group.get("clip_threshold")
-        if not _is_number(clip) or clip <= 0:
-            fail("clip_threshold", "must be a number > 0")
-        decay = group.get("decay_rate")
-        if not _is_number(decay) or not -1.0 <= decay < 0.0:
-            fail("decay_rate", "must be a number in [-1, 0)")
-    wd = group.get("weight_decay")
-    if not _is_number(wd) or wd < 0:
-        fail("weight_decay", "must be a finite number >= 0")
-    if group.get("algorithm") not in ALGORITHMS:
-        fail("algorithm", f"must be one of {ALGORITHMS}")
-    rank, ratio = group.get("rank"), group.get("rank_ratio")
-    if rank is not None and (not _is_int(rank) or rank <= 0):
-        fail("rank", "must be a positive integer (or None when rank_ratio is given)")
-    if ratio is not None and (not _is_number(ratio) or ratio <= 0):
-        fail("rank_ratio", "must be a number > 0 (r = min(m, n) // rank_ratio)")
-    cnn = group.get("rank_ratio_cnn")
-    if cnn is not None and (not _is_number(cnn) or cnn <= 0):
-        fail("rank_ratio_cnn", "must be a number > 0 (or None: convolutions use AdamW)")
-    if group.get("algorithm") != "adamw" and rank is None and ratio is None:
-        raise ValueError(
-            f"{where}: neither `rank` nor `rank_ratio` is set; COAP needs one of them for its "
-            "matrix parameters (e.g. rank=128 or rank_ratio=4), or algorithm='adamw' for this group"
+
+def boolean(x: Any) -> str | None:
+    """True or False."""
+    return None if isinstance(x, bool) else "must be True or False"
+
+
+def optional(check: Check, meaning: str) -> Check:
+    """None (``meaning``) or what ``check`` accepts."""
+    return lambda x: None if x is None or check(x) is None else f"{check(x)}, or None ({meaning})"
+
+
+def unit_pair(x: Any) -> str | None:
+    """Adam's betas: two numbers in [0, 1)."""
+    ok = (
+        isinstance(x, (tuple, list))
+        and len(x) == 2
+        and all(_is_number(b) and 0.0 <= b < 1.0 for b in x)
+    )
+    return None if ok else "must be a pair of numbers, each in [0, 1)"
+
+
+Scope = Literal["group", "optimizer"]
+
+
+def hp(default: Any, doc: str, check: Check, *, scope: Scope = "group") -> Any:
+    """A hyperparameter field: default, meaning (``doc``), validation, scope."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "check": check, "scope": scope})
+
+
+_H = TypeVar("_H", bound="Hyperparameters")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Hyperparameters:
+    """Base of the hyperparameter dataclasses: fields made with :func:`hp`, checked in
+    ``__post_init__``, built from mappings with unknown keys refused by name."""
+
+    optimizer_name: ClassVar[str] = "optimizer"
+
+    def __post_init__(self) -> None:
+        if isinstance(getattr(self, "betas", None), list):
+            object.__setattr__(self, "betas", tuple(self.betas))  # type: ignore[attr-defined]
+        values = self.as_dict()
+        where = self.optimizer_name
+        for f in dataclasses.fields(self):
+            _check_field(f, values[f.name], where)
+        self._check_combined(values, where, own=values)
+
+    # ----------------------------------------------------------------------- fields
+    @classmethod
+    def keys(cls, scope: Scope | None = None) -> tuple[str, ...]:
+        """Field names (of one scope, or all)."""
+        return tuple(
+            f.name for f in dataclasses.fields(cls) if scope is None or f.metadata["scope"] == scope
         )
-    ui = group.get("update_interval")
-    if not _is_int(ui) or ui < 1:
-        fail("update_interval", "must be an integer >= 1")
-    rf = group.get("reproject_factor")
-    if not _is_int(rf) or rf < 1:
-        fail("reproject_factor", "must be an integer >= 1")
-    sc = group.get("scale")
-    if not _is_number(sc) or sc <= 0:
-        fail("scale", "must be a number > 0")
-    if group.get("projector_update") not in PROJECTOR_UPDATES:
-        fail("projector_update", f"must be one of {PROJECTOR_UPDATES}")
-    if group.get("moments") not in MOMENT_MODES:
-        fail("moments", f"must be one of {MOMENT_MODES}")
-    if group.get("projection_side") not in SIDES:
-        fail("projection_side", f"must be one of {SIDES}")
-    for key in ("oversample", "power_iters"):
-        val = group.get(key)
-        if not _is_int(val) or val < 0:
-            fail(key, "must be an integer >= 0")
-    plr = group.get("projector_lr")
-    if not _is_number(plr) or plr <= 0:
-        fail("projector_lr", "must be a number > 0")
-    if not isinstance(group.get("stagger"), bool):
-        fail("stagger", "must be True or False")
+
+    def as_dict(self, scope: Scope | None = None) -> dict[str, Any]:
+        """Field values (of one scope, or all)."""
+        return {k: getattr(self, k) for k in self.keys(scope)}
+
+    @classmethod
+    def from_mapping(cls: type[_H], data: Mapping[str, Any], where: str | None = None) -> _H:
+        """Build from keyword arguments or a config section; an unknown key fails naming
+        the nearest valid one, a bad value naming the field (prefixed by ``where``)."""
+        where = where or cls.optimizer_name
+        for key in data:
+            _refuse_unknown(key, cls.keys(), where, near_only=False)
+        defaults = cls.keys()
+        values = {**{k: getattr(cls, k) for k in defaults}, **data}
+        if isinstance(values.get("betas"), list):
+            values["betas"] = tuple(values["betas"])
+        for f in dataclasses.fields(cls):
+            _check_field(f, values[f.name], where)
+        cls._check_combined(values, where, own=data)
+        return cls(**values)
+
+    @classmethod
+    def docs(cls) -> str:
+        """The hyperparameter reference (Markdown table) generated from the fields; the
+        README and the optimizers' docstrings show it."""
+        rows = ["| argument | default | meaning |", "| --- | --- | --- |"]
+        for f in dataclasses.fields(cls):
+            scope = " (whole optimizer)" if f.metadata["scope"] == "optimizer" else ""
+            rows.append(f"| `{f.name}` | `{f.default!r}` | {f.metadata['doc']}{scope} |")
+        return "\n".join(rows)
+
+    @classmethod
+    def _check_combined(
+        cls, values: Mapping[str, Any], where: str, *, own: Mapping[str, Any], group: bool = False
+    ) -> None:
+        """Rules across fields (none here)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class COAPAdamWConfig(Hyperparameters):
+    """Hyperparameters of :class:`~coap_dist.COAPAdamW` (see each field's ``doc``)."""
+
+    optimizer_name: ClassVar[str] = "COAPAdamW"
+
+    lr: float = hp(1e-3, "learning rate", number(low=0.0))
+    betas: tuple[float, float] = hp(
+        (0.9, 0.999), "Adam's (beta1, beta2); a scheduler may cycle beta1", unit_pair
+    )
+    eps: float = hp(1e-6, "added to sqrt(V) (outside the root)", number(low=0.0))
+    weight_decay: float = hp(
+        0.0, "decoupled decay: W <- (1 - lr wd) W after the update", number(low=0.0)
+    )
+    algorithm: str = hp(
+        "auto",
+        '"auto" (COAP for matrices and large convolutions, AdamW else), "coap" or "adamw"',
+        choice(ALGORITHMS),
+    )
+    rank: int | None = hp(
+        None,
+        "r = min(rank, min(m, n)); exactly one of rank / rank_ratio for COAP groups",
+        optional(integer(low=1), "use rank_ratio"),
+    )
+    rank_ratio: float | None = hp(
+        None,
+        "r = max(min(m, n) // rank_ratio, 1)",
+        optional(number(low=0.0, strict=True), "use rank"),
+    )
+    rank_ratio_cnn: float | None = hp(
+        None,
+        "Tucker-2 ratio for 4-D convolutions of more than 9216 elements",
+        optional(number(low=0.0, strict=True), "convolutions use AdamW"),
+    )
+    update_interval: int = hp(32, "T_u: steps between projector moves", integer(low=1))
+    reproject_factor: int = hp(
+        5, "F: every T_u F steps a warm-started randomized SVD", integer(low=1)
+    )
+    scale: float = hp(
+        1.0,
+        "alpha applied to the back-projected update (the LLaMA recipes use 0.25)",
+        number(low=0.0, strict=True),
+    )
+    projector_update: str = hp(
+        "scale_free",
+        '"scale_free" (relative objective + QR) or "reference" (the published step)',
+        choice(PROJECTOR_UPDATES),
+    )
+    moments: str = hp(
+        "rotate",
+        '"rotate" (M <- M C, V <- V (C*C), C = P_old P_new^T) or "keep" (published)',
+        choice(MOMENT_MODES),
+    )
+    projection_side: str = hp(
+        "auto", '"auto" (compress the smaller dim), "right" or "left"', choice(SIDES)
+    )
+    oversample: int = hp(0, "randomized-SVD oversampling columns", integer(low=0))
+    power_iters: int = hp(0, "randomized-SVD power iterations", integer(low=0))
+    projector_lr: float = hp(
+        0.1, "step size of the correlation-aware projector update", number(low=0.0, strict=True)
+    )
+    stagger: bool = hp(
+        False, "spread matrices' refresh steps over T_u (flattens SVD spikes)", boolean
+    )
+    state_bits: int | None = hp(
+        None,
+        "None (parameter dtype), 32, 16 (bf16) or 8 (blockwise 8-bit moments)",
+        choice(STATE_BITS),
+        scope="optimizer",
+    )
+    skip_nonfinite: bool = hp(
+        True,
+        "skip (on every rank) the step of a parameter whose gradient is not finite",
+        boolean,
+        scope="optimizer",
+    )
+
+    # ---------------------------------------------------------------- param groups
+    @classmethod
+    def check_group_keys(cls, group: Mapping[str, Any], where: str) -> None:
+        """Raise ValueError for a group key that looks like a misspelt or renamed
+        hyperparameter (``update_intervall``, ``beta1``), naming the nearest valid one.
+
+        Keys that resemble no hyperparameter are left alone: torch lets a group carry the
+        caller's own metadata (``name``, ``param_names``, a layer id for layer-wise lr
+        decay) and schedulers add theirs (``initial_lr``)."""
+        for key in group:
+            if isinstance(key, str) and key != "params":
+                _refuse_unknown(key, cls.keys("group"), where, near_only=True)
+        for key in cls.keys("optimizer"):
+            if key in group:
+                raise ValueError(
+                    f"{_at(where, key)} is set for the whole optimizer, not per parameter "
+                    f"group; pass {key}=... to the {cls.optimizer_name} constructor"
+                )
+
+    @classmethod
+    def validate_group(
+        cls, group: Mapping[str, Any], where: str, own: Mapping[str, Any] | None = None
+    ) -> None:
+        """Raise ValueError naming the first invalid field of a parameter group (defaults
+        merged in). ``own``: the keys the caller set on this group itself, for the rule
+        that a group sets at most one of ``rank`` / ``rank_ratio``."""
+        cls.check_group_keys(group, where)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key in cls.keys("group"):
+            _check_field(fields[key], group.get(key), where)
+        cls._check_combined(group, where, own=group if own is None else own, group=True)
+
+    @classmethod
+    def _check_combined(
+        cls, values: Mapping[str, Any], where: str, *, own: Mapping[str, Any], group: bool = False
+    ) -> None:
+        """Rules across fields: at most one of rank / rank_ratio set at one level; a group
+        (``group``) that COAP may project needs one of them (the constructor's defaults
+        need not: groups may set it)."""
+        if own.get("rank") is not None and own.get("rank_ratio") is not None:
+            raise ValueError(
+                f"{_at(where, 'rank')}={own['rank']!r} and {_at(where, 'rank_ratio', False)}="
+                f"{own['rank_ratio']!r} are both set; set one of them (the other to None)"
+            )
+        if (
+            group
+            and values.get("algorithm") != "adamw"
+            and values.get("rank") is None
+            and values.get("rank_ratio") is None
+        ):
+            raise ValueError(
+                f"{_at(where, 'rank')} and {_at(where, 'rank_ratio', False)} are both unset; COAP needs one of them for "
+                "its matrix parameters (e.g. rank=128 or rank_ratio=4), or algorithm='adamw' "
+                "for this group"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class COAPAdafactorConfig(COAPAdamWConfig):
+    """Hyperparameters of :class:`~coap_dist.COAPAdafactor`: COAPAdamW's, plus Adafactor's.
+
+    Matrices: Adafactor with momentum ``betas[0]`` (the correlation-aware projector update
+    uses the first moment) and a factored second moment decaying as 1 - t^decay_rate; every
+    other parameter: AdamW with ``betas``. ``lr`` is absolute (no relative step)."""
+
+    optimizer_name: ClassVar[str] = "COAPAdafactor"
+
+    clip_threshold: float = hp(
+        1.0, "update clipping: U / max(1, RMS(U) / d)", number(low=0.0, strict=True)
+    )
+    decay_rate: float = hp(
+        -0.8,
+        "second-moment decay beta2_t = 1 - t^decay_rate, in [-1, 0)",
+        number(low=-1.0, high=0.0),
+    )
+    eps1: float = hp(1e-30, "added to the factored second moment", number(low=0.0))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.state_bits == 8:
+            raise ValueError(
+                f"{_at(self.optimizer_name, 'state_bits')}=8 is invalid: 8-bit state is for "
+                "COAPAdamW only (Adafactor's factored moments are already tiny)"
+            )
+
+
+def _check_field(f: dataclasses.Field[Any], value: Any, where: str) -> None:
+    problem = f.metadata["check"](value)
+    if problem is not None:
+        raise ValueError(f"{_at(where, f.name)}={value!r} is invalid: {problem}")
+
+
+def _refuse_unknown(key: str, known: Iterable[str], where: str, *, near_only: bool) -> None:
+    """Raise for ``key`` not in ``known`` (only when it resembles one, with ``near_only``)."""
+    known = sorted(known)
+    if key in known:
+        return
+    if key in RENAMED:
+        raise ValueError(
+            f"{_at(where, key)} is now `{RENAMED[key]}`: COAPAdafactor's momentum is "
+            "betas[0], as in torch's optimizers (pass betas=(beta1, beta2))"
+        )
+    near = difflib.get_close_matches(key, known, n=1, cutoff=MISSPELLING_CUTOFF)
+    if near_only and not near:
+        return
+    hint = f"did you mean `{near[0]}`? " if near else ""
+    what = (
+        f"unknown config key {where}{key}"
+        if where.endswith(".")
+        else f"{where}: unknown key `{key}`"
+    )
+    raise ValueError(f"{what}; {hint}(valid keys: {', '.join(known)})")
+
+
+def _at(where: str, key: str, first: bool = True) -> str:
+    """How a message names field ``key`` of ``where``: a config path (``where`` ending in
+    ".") reads ``optimizer.rank``, anything else ``COAPAdamW param_groups[0]: `rank```
+    (``first=False``: without the prefix, for a second field in one sentence)."""
+    if where.endswith("."):
+        return f"{where}{key}"
+    return f"{where}: `{key}`" if first else f"`{key}`"

@@ -101,7 +101,7 @@ def adafactor_directions(
             u,
             w.state["exp_avg"],
             sq,
-            beta1=w.group["beta1"],
+            beta1=w.group["betas"][0],
             clip_threshold=w.group["clip_threshold"],
             global_rows=w.spec.rows,
         )
@@ -122,6 +122,9 @@ class AdamWRule:
     rounds = 0
     """Rounds of sums over a split matrix's rows per step."""
 
+    factored = False
+    """Whether the second moment of a matrix is factored (row and column statistics)."""
+
     def sum_sizes(self, spec: ParamSpec) -> tuple[int, ...]:
         """Length of each round's per-matrix sum (none: the update is row-local)."""
         return ()
@@ -139,10 +142,13 @@ class AdamWRule:
 
 class AdafactorRule:
     """COAP-Adafactor on matrices: factored second moment, clipping, first moment with
-    ``beta1``; alpha = lr scale (no bias correction)."""
+    momentum ``betas[0]``; alpha = lr scale (no bias correction)."""
 
     rounds = 2
     """Rounds of sums over a split matrix's rows per step (column statistics, RMS)."""
+
+    factored = True
+    """Whether the second moment of a matrix is factored (row and column statistics)."""
 
     def sum_sizes(self, spec: ParamSpec) -> tuple[int, ...]:
         """Column statistics and row normaliser (r + 1), then the sum of U^2 (1)."""

@@ -16,6 +16,7 @@ view); :func:`read_moment` / :func:`write_moment` convert at the boundary.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -186,3 +187,105 @@ def _join_moment(
     ).reshape(shape)
     q, scales = fquant.quantize(value, signed)
     return {f"{name}_q": q, f"{name}_scale": scales}
+
+
+# ------------------------------------------------------------------------ conversion
+RESEED = 0x5EED
+"""Seed of the orthonormal directions a rank increase adds (every rank draws the same)."""
+
+
+def convert_full(spec: ParamSpec, saved: Mapping[str, Any], where: str) -> State:
+    """A parameter's full-form state converted to the format ``spec`` plans.
+
+    * dtype and ``state_bits``: moments are read (dequantized) and stored in the planned
+      format; projectors and factors are cast;
+    * rank of a COAP matrix, r_old -> r: a re-projection. Smaller: keep the r directions of
+      P with the largest second moment (column sums of V; Adafactor: its column statistic),
+      so P_new = P_old[keep], M_new = M[:, keep], V_new = V[:, keep] (the rotation
+      C = P_old P_new^T is that selection). Larger: append r - r_old directions orthonormal
+      to P_old (seeded, identical on every rank), with M = 0 and V set to each row's mean
+      of V (the step along a new direction starts at the size of the others);
+    * anything else that differs (another projection side or shape, another optimizer's or
+      algorithm's keys, Tucker ranks) raises ValueError naming the key and the reason.
+
+    Tensors end on the CPU (the layout places them).
+    """
+    expect = state_shapes(spec)
+    have = {k: v for k, v in saved.items()}
+    names = {k[:-2] if k.endswith("_q") else k for k in have if not k.endswith("_scale")}
+    planned = {k[:-2] if k.endswith("_q") else k for k in expect if not k.endswith("_scale")}
+    if names != planned:
+        raise ValueError(
+            f"{where}: the saved state holds {sorted(names)} but this optimizer keeps "
+            f"{sorted(planned)} for a {spec.kind} parameter of shape {spec.shape}; it was saved "
+            "by another optimizer or for another algorithm (COAPAdamW vs COAPAdafactor, "
+            "algorithm='adamw' vs COAP). Load it into the optimizer that saved it"
+        )
+    values: dict[str, Tensor] = {}
+    for name in names:
+        v = have.get(name)
+        if name in MOMENTS and v is None:
+            v = fquant.dequantize(have[f"{name}_q"], have[f"{name}_scale"], MOMENTS[name])
+        values[name] = v.detach().cpu() if isinstance(v, Tensor) else torch.tensor(float(v))
+    if spec.kind == "matrix":
+        _reproject(spec, values, where)
+    out: State = {}
+    for key, (shape, dtype) in expect.items():
+        base = key[:-2] if key.endswith("_q") else key[:-6] if key.endswith("_scale") else key
+        if key.endswith("_scale"):
+            continue
+        v = values[base]
+        if v.numel() != math.prod(shape) or (spec.kind != "dense" and tuple(v.shape) != shape):
+            raise ValueError(
+                f"{where}: saved `{base}` has shape {tuple(v.shape)}, this optimizer expects "
+                f"{tuple(shape)} (the projection side, the parameter's shape or the Tucker "
+                "ranks differ; only a matrix's rank and the state format can be converted)"
+            )
+        v = v.reshape(shape)
+        if key.endswith("_q"):
+            codes, scales = fquant.quantize(v.float(), MOMENTS[base])
+            out[key], out[f"{base}_scale"] = codes, scales
+        else:
+            out[key] = v.to(dtype).clone()
+    return out
+
+
+def _reproject(spec: ParamSpec, values: dict[str, Tensor], where: str) -> None:
+    """Re-project a matrix's moments and projector to rank ``spec.rank`` (in place)."""
+    p = values["projector"].double()
+    if p.ndim != 2 or p.shape[1] != spec.cols:
+        raise ValueError(
+            f"{where}: the saved projector has shape {tuple(p.shape)}, this optimizer projects "
+            f"{spec.rows} x {spec.cols} (side {spec.side!r}, r = {spec.rank}): the projection "
+            "side or the parameter's shape differ; load with the saving optimizer's "
+            "projection_side"
+        )
+    r_old, r = p.shape[0], spec.rank
+    if r_old == r:
+        return
+    factored = "exp_avg_sq_col" in values
+    energy = values["exp_avg_sq_col"] if factored else values["exp_avg_sq"].double().sum(0)
+    m = values["exp_avg"].double()
+    if r < r_old:
+        keep = torch.topk(energy.double(), r).indices.sort().values
+        values["projector"] = p[keep]
+        values["exp_avg"] = m[:, keep]
+        if factored:
+            values["exp_avg_sq_col"] = values["exp_avg_sq_col"][keep]
+        else:
+            values["exp_avg_sq"] = values["exp_avg_sq"][:, keep]
+        return
+    extra = r - r_old
+    gen = torch.Generator().manual_seed(RESEED)
+    q = torch.randn(extra, spec.cols, generator=gen, dtype=torch.float64)
+    for _ in range(2):  # twice: orthogonal to P to rounding
+        q = q - (q @ p.T) @ p
+    q = torch.linalg.qr(q.T).Q.T
+    values["projector"] = torch.cat([p, q])
+    values["exp_avg"] = torch.cat([m, m.new_zeros(m.shape[0], extra)], 1)
+    if factored:
+        col = values["exp_avg_sq_col"].double()
+        values["exp_avg_sq_col"] = torch.cat([col, col.mean().expand(extra)])
+    else:
+        v = values["exp_avg_sq"].double()
+        values["exp_avg_sq"] = torch.cat([v, v.mean(1, keepdim=True).expand(-1, extra)], 1)

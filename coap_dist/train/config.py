@@ -10,9 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from coap_dist.models.llama import LlamaConfig
+from coap_dist.optim.config import (
+    COAPAdafactorConfig,
+    COAPAdamWConfig,
+    Hyperparameters,
+    choice,
+    hp,
+    integer,
+    number,
+    unit_pair,
+)
 
 
 class ConfigError(ValueError):
@@ -136,118 +146,103 @@ class ModelConfig:
         return LlamaConfig(**fields)
 
 
-OPTIMIZER_KINDS = ("coap", "coap_adafactor", "adamw", "galore", "apollo")
-_PROJECTOR_KEYS = {"rank", "rank_ratio", "update_interval", "reproject_factor", "scale"}
-_OPTIMIZER_KEYS: dict[str, set[str]] = {
-    "adamw": {"betas", "eps", "weight_decay"},
-    "coap": {"betas", "eps", "weight_decay", "projector_update", "moments", "state_bits"}
-    | _PROJECTOR_KEYS,
-    "coap_adafactor": {
-        "beta1",
-        "betas",
-        "eps",
-        "weight_decay",
-        "projector_update",
-        "moments",
-        "state_bits",
-    }
-    | _PROJECTOR_KEYS,
-    "galore": {"betas", "eps", "weight_decay", "rank", "update_proj_gap", "scale", "proj_type"},
-    "apollo": {
-        "betas",
-        "eps",
-        "weight_decay",
-        "rank",
-        "update_proj_gap",
-        "scale",
-        "proj",
-        "scale_type",
-        "proj_type",
-    },
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdamWRecipe(Hyperparameters):
+    """``torch.optim.AdamW``'s keys the app sets (the full-rank baseline)."""
+
+    optimizer_name: ClassVar[str] = "AdamW"
+
+    lr: float = hp(1e-3, "learning rate", number(low=0.0))
+    betas: tuple[float, float] = hp((0.9, 0.999), "Adam's (beta1, beta2)", unit_pair)
+    eps: float = hp(1e-6, "added to sqrt(V)", number(low=0.0))
+    weight_decay: float = hp(0.0, "decoupled weight decay", number(low=0.0))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GaLoreRecipe(AdamWRecipe):
+    """``galore_torch.GaLoreAdamW``'s keys (its low-rank groups get the projection keys)."""
+
+    optimizer_name: ClassVar[str] = "GaLoreAdamW"
+
+    rank: int = hp(32, "projection rank", integer(low=1))
+    update_proj_gap: int = hp(200, "steps between SVDs", integer(low=1))
+    scale: float = hp(0.25, "update scale", number(low=0.0, strict=True))
+    proj_type: str = hp(
+        "std", "projection side rule", choice(("std", "reverse_std", "left", "right", "full"))
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ApolloRecipe(GaLoreRecipe):
+    """``apollo_torch.APOLLOAdamW``'s keys."""
+
+    optimizer_name: ClassVar[str] = "APOLLOAdamW"
+
+    scale: float = hp(1.0, "update scale", number(low=0.0, strict=True))
+    proj: str = hp("random", "projection kind", choice(("random", "svd")))
+    scale_type: str = hp("channel", "scaling granularity", choice(("channel", "tensor")))
+
+
+RECIPES: dict[str, type[Hyperparameters]] = {
+    "coap": COAPAdamWConfig,
+    "coap_adafactor": COAPAdafactorConfig,
+    "adamw": AdamWRecipe,
+    "galore": GaLoreRecipe,
+    "apollo": ApolloRecipe,
 }
+"""Optimizer kind -> the dataclass holding its keys, defaults and checks. COAP's are the
+library's own (:mod:`coap_dist.optim.config`): every constructor key is a config key."""
+
+OPTIMIZER_KINDS = tuple(RECIPES)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
-    """One optimizer recipe (``configs/optimizer/*.yaml``).
+    """One optimizer recipe (``configs/optimizer/*.yaml``): ``name``, ``kind`` and the
+    kind's hyperparameters (every other key of the section), in ``hparams``.
 
-    ``kind`` picks the implementation and which keys are accepted: ``coap`` ->
-    ``coap_dist.COAPAdamW``, ``coap_adafactor`` -> ``coap_dist.COAPAdafactor``, ``adamw`` ->
-    ``torch.optim.AdamW``, ``galore`` -> ``galore_torch.GaLoreAdamW``, ``apollo`` ->
-    ``apollo_torch.APOLLOAdamW``. ``name`` labels the run in the table, logs and checkpoints.
-    ``where`` is the config key the section came from (``optimizer`` or ``baseline``).
+    ``kind`` picks the implementation and its hyperparameter dataclass (:data:`RECIPES`):
+    ``coap`` -> ``coap_dist.COAPAdamW`` (:class:`~coap_dist.COAPAdamWConfig`),
+    ``coap_adafactor`` -> ``coap_dist.COAPAdafactor``, ``adamw`` -> ``torch.optim.AdamW``,
+    ``galore`` -> ``galore_torch.GaLoreAdamW``, ``apollo`` -> ``apollo_torch.APOLLOAdamW``.
+    ``lr`` is required. ``name`` labels the run in the table, logs and checkpoints; ``where``
+    is the config key the section came from (``optimizer`` or ``baseline``).
     """
 
     name: str
     kind: str
-    lr: float
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-6
-    beta1: float = 0.9
-    rank: int | None = None
-    rank_ratio: float | None = None
-    update_interval: int = 32
-    reproject_factor: int = 5
-    scale: float = 1.0
-    projector_update: str = "scale_free"
-    moments: str = "rotate"
-    state_bits: int | None = None
-    update_proj_gap: int = 200
-    proj_type: str = "std"
-    proj: str = "random"
-    scale_type: str = "channel"
+    hparams: Hyperparameters
     where: str = dataclasses.field(default="optimizer", repr=False, compare=False)
 
     @classmethod
     def from_dict(cls, where: str, data: object) -> OptimizerConfig:
-        """Build from the ``where`` section, accepting only the keys of its ``kind``."""
+        """Build from the ``where`` section; its keys are validated by the kind's dataclass
+        (the optimizer's own checks, so the app and the library cannot disagree)."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{where} must be a mapping, got {data!r}")
         kind = _choice(f"{where}.kind", data.get("kind"), OPTIMIZER_KINDS)
-        allowed = {"name", "kind", "lr"} | _OPTIMIZER_KEYS[kind]
-        return _from_mapping(cls, where, data, allowed, where=where)
-
-    def __post_init__(self) -> None:
-        w = self.where
-        _str(f"{w}.name", self.name)
-        _choice(f"{w}.kind", self.kind, OPTIMIZER_KINDS)
-        _set(self, "lr", _float(f"{w}.lr", self.lr, low=0.0, open_low=True))
-        _set(self, "weight_decay", _float(f"{w}.weight_decay", self.weight_decay, low=0.0))
-        if not isinstance(self.betas, list | tuple) or len(self.betas) != 2:
-            raise ConfigError(f"{w}.betas must be a pair [beta1, beta2], got {self.betas!r}")
-        betas = tuple(
-            _float(f"{w}.betas[{i}]", b, low=0.0, high=1.0, open_high=True)
-            for i, b in enumerate(self.betas)
+        for key in ("name", "lr"):
+            if key not in data:
+                raise ConfigError(f"missing config key {where}.{key}")
+        rest = {k: v for k, v in data.items() if k not in ("name", "kind")}
+        recipe = RECIPES[kind]
+        try:
+            hparams = recipe.from_mapping(rest, f"{where}.")
+            if isinstance(hparams, COAPAdamWConfig):
+                hparams.validate_group(hparams.as_dict("group"), f"{where}.")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return cls(
+            name=_str(f"{where}.name", data["name"]), kind=kind, hparams=hparams, where=where
         )
-        _set(self, "betas", betas)
-        _set(self, "eps", _float(f"{w}.eps", self.eps, low=0.0, open_low=True))
-        _set(self, "beta1", _float(f"{w}.beta1", self.beta1, low=0.0, high=1.0, open_high=True))
-        if self.rank is not None:
-            _int(f"{w}.rank", self.rank)
-        if self.rank_ratio is not None:
-            _set(self, "rank_ratio", _float(f"{w}.rank_ratio", self.rank_ratio, low=1.0))
-        if self.rank is not None and self.rank_ratio is not None:
-            raise ConfigError(
-                f"{w}.rank ({self.rank}) and {w}.rank_ratio ({self.rank_ratio}) are both set; "
-                f"set one of them to null"
-            )
-        if self.kind in ("galore", "apollo") and self.rank is None:
-            raise ConfigError(f"{w}.rank must be a positive int for kind {self.kind}, got None")
-        _int(f"{w}.update_interval", self.update_interval)
-        _int(f"{w}.reproject_factor", self.reproject_factor)
-        _set(self, "scale", _float(f"{w}.scale", self.scale, low=0.0, open_low=True))
-        _choice(f"{w}.projector_update", self.projector_update, ("scale_free", "reference"))
-        _choice(f"{w}.moments", self.moments, ("rotate", "keep"))
-        _choice(f"{w}.state_bits", self.state_bits, (None, 32, 16, 8))
-        _int(f"{w}.update_proj_gap", self.update_proj_gap)
-        _choice(f"{w}.proj_type", self.proj_type, ("std", "reverse_std", "left", "right", "full"))
-        _choice(f"{w}.proj", self.proj, ("random", "svd"))
-        _choice(f"{w}.scale_type", self.scale_type, ("channel", "tensor"))
 
     def kwargs(self) -> dict[str, Any]:
-        """The constructor arguments of this kind (everything but ``name``/``kind``)."""
-        return {k: getattr(self, k) for k in sorted(_OPTIMIZER_KEYS[self.kind] | {"lr"})}
+        """The constructor arguments of this kind (every hyperparameter)."""
+        return self.hparams.as_dict()
+
+    def settings(self) -> dict[str, Any]:
+        """``name``, ``kind`` and every hyperparameter, flat (what a checkpoint records)."""
+        return {"name": self.name, "kind": self.kind, **self.kwargs()}
 
 
 STRATEGIES = ("single", "ddp", "ddp_sharded", "fsdp2", "hsdp", "deepspeed")
@@ -523,7 +518,7 @@ class TrainConfig:
                     f"got strategy.name={self.strategy.name}"
                 )
             zero_stage = self.strategy.zero_stage or 0
-            if opt.kind.startswith("coap") and opt.state_bits == 8 and zero_stage >= 1:
+            if opt.kind.startswith("coap") and opt.kwargs()["state_bits"] == 8 and zero_stage >= 1:
                 raise ConfigError(
                     f"{opt.where}.state_bits=8 is not supported under DeepSpeed ZeRO stages 1-3, "
                     f"got strategy.zero_stage={zero_stage}; use deepspeed_zero0 or state_bits=16"
@@ -588,7 +583,7 @@ def resume_settings(cfg: TrainConfig, opt_cfg: OptimizerConfig) -> dict[str, Any
         if f.name in ("optimizer", "baseline", "resume", "compare", "progress", "plot", "threads"):
             continue  # which runs, and how they look: not part of a run's settings
         add(f"{f.name}.", getattr(cfg, f.name))
-    add("optimizer.", opt_cfg)
+    add("optimizer.", opt_cfg.settings())
     return out
 
 
