@@ -180,9 +180,9 @@ def test_bad_group_and_shapes() -> None:
     # Optimizer-wide settings are refused in a group; rank and rank_ratio at one level too.
     with pytest.raises(ValueError, match=r"`state_bits` is set for the whole optimizer"):
         COAPAdamW([{"params": list(_mlp().parameters()), "state_bits": 8}], rank=4)
-    with pytest.raises(ValueError, match=r"both `rank`=4 and `rank_ratio`=2"):
+    with pytest.raises(ValueError, match=r"`rank`=4 and `rank_ratio`=2 are both set"):
         COAPAdamW(_mlp().parameters(), rank=4, rank_ratio=2)
-    with pytest.raises(ValueError, match=r"param_groups\[0\]: both `rank`=4 and `rank_ratio`"):
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: `rank`=4 and `rank_ratio`=2 are both"):
         COAPAdamW([{"params": list(_mlp().parameters()), "rank": 4, "rank_ratio": 2}])
     # A group's rank_ratio overrides the constructor's rank (and vice versa).
     mixed = COAPAdamW([{"params": list(_mlp().parameters()), "rank_ratio": 2}], rank=4)
@@ -463,3 +463,149 @@ def test_stagger_spreads_refreshes() -> None:
         counts[stagger] = per_step
     assert counts[False] == [3, 0, 0, 3, 0, 0, 3]  # all matrices at k = 0, 3, 6
     assert counts[True] == [3, 1, 1, 1, 1, 1, 1]  # k = 0 for all, then one matrix per step
+
+
+def _train(model: nn.Module, opt: Any, steps: range) -> list[float]:
+    losses = []
+    for s in steps:
+        loss = model(torch.randn(4, 32, generator=torch.Generator().manual_seed(s))).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    return losses
+
+
+def test_load_state_dict_new_hyperparameters_win_and_state_converts() -> None:
+    """load_state_dict: the new optimizer's hyperparameters win (with a warning naming each),
+    lr and scheduler keys are restored as torch does; state converts to the new state_bits
+    and rank (re-projection); what cannot convert is refused naming the parameter."""
+    kw: dict[str, Any] = dict(update_interval=2, reproject_factor=2)
+    model = _mlp()
+    opt = COAPAdamW(coap_dist.param_groups(model, rank=8), 1e-2, **kw)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    for s in range(3):
+        _train(model, opt, range(s, s + 1))
+        sched.step()
+    saved, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    assert saved["param_groups"][0]["lr"] == pytest.approx(1e-2 / 8)
+
+    def fresh(**changes: Any) -> tuple[nn.Module, COAPAdamW]:
+        m = _mlp()
+        m.load_state_dict(weights)
+        args = {**kw, "rank": 8, **changes}
+        return m, COAPAdamW(coap_dist.param_groups(m, rank=args.pop("rank")), 1e-2, **args)
+
+    # Same settings: bitwise continuation; lr and initial_lr come back from the checkpoint.
+    m_ref, ref = fresh()
+    ref.load_state_dict(saved)
+    assert ref.param_groups[0]["lr"] == pytest.approx(1e-2 / 8)
+    assert ref.param_groups[0]["initial_lr"] == 1e-2
+    m_orig = copy.deepcopy(model)
+    want = _train(model, opt, range(3, 9))
+    assert _train(m_ref, ref, range(3, 9)) == want
+    # New hyperparameters win, each named in one warning.
+    m_new, new = fresh(weight_decay=0.1, update_interval=3, betas=(0.8, 0.99))
+    with pytest.warns(UserWarning, match=r"weight_decay: 0.0 -> 0.1.*update_interval: 2 -> 3"):
+        new.load_state_dict(saved)
+    g = new.param_groups[0]
+    assert (g["weight_decay"], g["update_interval"], g["betas"]) == (0.1, 3, (0.8, 0.99))
+    # state_bits: bf16 moments continue close to the fp32 run; 8-bit on a matrix whose
+    # moments are above the 8-bit threshold (128 x 64), and back to fp32.
+    m_b, b = fresh(state_bits=16)
+    b.load_state_dict(saved)
+    got = _train(m_b, b, range(3, 9))
+    assert max(abs(x - y) / y for x, y in zip(got, want, strict=True)) < 0.05
+    big = nn.Linear(128, 128, bias=False)
+    x = torch.randn(8, 128)
+    o32 = COAPAdamW(big.parameters(), 1e-3, rank=64)
+    big(x).square().mean().backward()
+    o32.step()
+    for bits, key in ((8, "exp_avg_q"), (None, "exp_avg")):
+        o = COAPAdamW(big.parameters(), 1e-3, rank=64, state_bits=bits)
+        o.load_state_dict(o32.state_dict() if bits == 8 else o8.state_dict())
+        o.step()  # binds and converts (the gradient is still there: one more step)
+        assert key in o.state[big.weight]
+        m8 = o.state[big.weight]
+        moment = m8["exp_avg"] if key == "exp_avg" else None
+        if bits == 8:
+            o8 = o
+        else:
+            assert moment is not None and moment.dtype == torch.float32
+    # Rank 8 -> 4 keeps the 4 directions with the largest second moment; 8 -> 12 adds
+    # orthonormal ones. Both continue like the rank-8 run (no jump) with P orthonormal.
+    for rank in (4, 12):
+        m_r, r = fresh(rank=rank)
+        with pytest.warns(UserWarning, match=rf"rank: 8 -> {rank}"):
+            r.load_state_dict(saved)
+        losses = _train(m_r, r, range(3, 9))
+        p = r.state[m_r[0].weight]["projector"]
+        assert p.shape == (rank, 32)
+        assert torch.allclose(p @ p.T, torch.eye(rank), atol=1e-5)
+        assert max(abs(x - y) / y for x, y in zip(losses, want, strict=True)) < 0.25
+    old_p = saved["state"][0]["projector"]
+    m_r, r = fresh(rank=4)
+    r.load_state_dict(saved)
+    _train(m_r, r, range(3, 4))  # step 4: no refresh, P is the loaded one
+    kept = r.state[m_r[0].weight]["projector"]
+    assert all(any(torch.equal(row, q) for q in old_p) for row in kept)
+    # What cannot convert: another projection side, another optimizer's state layout.
+    m_s, side = fresh(projection_side="left")
+    side.load_state_dict(saved)
+    with pytest.raises(ValueError, match=r"parameter 0: the saved projector has shape"):
+        _train(m_s, side, range(1))
+    m_f = _mlp()
+    fac = COAPAdafactor(coap_dist.param_groups(m_f, rank=8), 1e-2, **kw)
+    fac.load_state_dict(saved)
+    with pytest.raises(ValueError, match=r"COAPAdamW vs COAPAdafactor"):
+        _train(m_f, fac, range(1))
+    del m_orig, m_s
+
+
+def test_contract_frozen_compile_and_momentum_schedulers() -> None:
+    """Frozen parameters cost nothing; torch.compile of a train step with opt.step() runs
+    (the step is a graph break) and matches eager; Adafactor reads its momentum from
+    betas[0], so OneCycleLR's momentum cycling reaches the matrices."""
+    # Frozen: 1 of 3 linears trainable holds exactly the state of that linear alone.
+    model = _mlp()
+    for layer in (model[0], model[2], model[3]):
+        layer.requires_grad_(False)
+    opt = COAPAdamW(model.parameters(), rank=4)
+    alone = COAPAdamW(model[5].parameters(), rank=4)
+    _train(model, opt, range(2))
+    _train(model, alone, range(2))
+    assert opt.state_bytes() == alone.state_bytes() > 0
+    assert {id(p) for p in opt.state} == {id(p) for p in model[5].parameters()}
+    # torch.compile of the whole train step.
+    eager, compiled = _mlp(), _mlp()
+    opts = [COAPAdamW(param_groups(m, rank=4), 1e-2, update_interval=2) for m in (eager, compiled)]
+
+    def make_step(m: nn.Module, o: COAPAdamW) -> Any:
+        def step(x: torch.Tensor) -> torch.Tensor:
+            loss = m(x).square().mean()
+            loss.backward()
+            o.step()
+            o.zero_grad()
+            return loss
+
+        return step
+
+    run_eager, run_compiled = make_step(eager, opts[0]), torch.compile(make_step(compiled, opts[1]))
+    for s in range(5):
+        x = torch.randn(4, 32, generator=torch.Generator().manual_seed(s))
+        assert float(run_compiled(x)) == pytest.approx(float(run_eager(x)), rel=1e-5)
+    assert opts[1].metrics()["optim/refreshes"] == opts[0].metrics()["optim/refreshes"] > 0
+    # Adafactor: momentum = betas[0]; OneCycleLR cycles it (it needs betas in defaults).
+    a, b = _mlp(), _mlp()
+    fa = COAPAdafactor(param_groups(a, rank=4), 1e-2)
+    fb = COAPAdafactor(param_groups(b, rank=4), 1e-2)
+    cyc = torch.optim.lr_scheduler.OneCycleLR(fb, max_lr=1e-2, total_steps=10, div_factor=1.0)
+    fa.param_groups[0]["betas"] = fb.param_groups[0]["betas"]  # same start
+    _train(a, fa, range(1))
+    _train(b, fb, range(1))
+    cyc.step()
+    assert fb.param_groups[0]["betas"][0] != fa.param_groups[0]["betas"][0]
+    fa.param_groups[0]["lr"] = fb.param_groups[0]["lr"]
+    _train(a, fa, range(1, 2))
+    _train(b, fb, range(1, 2))
+    assert not torch.equal(a[0].weight, b[0].weight)  # the matrix saw the cycled momentum

@@ -270,9 +270,14 @@ class _COAPBase(Optimizer):
         self._bound_groups = len(self.groups)
 
     # -------------------------------------------------------------------------- step
+    @torch.compiler.disable(recursive=True)
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step (see the module docstring for the exact update)."""
+        """One optimizer step (see the module docstring for the exact update).
+
+        Runs eagerly under ``torch.compile``: a compiled train step breaks its graph here
+        (the step's layout binding, refresh schedule and host synchronisation are Python
+        control flow; its GEMMs and foreach kernels are already batched)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -599,7 +604,9 @@ class _COAPBase(Optimizer):
             )
         self._consolidated = None
         if self._layout is None:
-            self._pending_load = dict(state_dict)
+            # Applied at the first step: a snapshot now (on the CPU), as torch would have
+            # copied the values by the time the saving optimizer steps on.
+            self._pending_load = {**state_dict, "state": _snapshot(state_dict["state"])}
             return
         self._load(state_dict)
 
@@ -703,6 +710,21 @@ def _refuse_unsupported(p: Tensor, where: str) -> None:
             f"{where} (shape {tuple(p.shape)}) is a {p.layout} tensor; COAP needs dense "
             "parameters. Give it to a separate optimizer (torch.optim.SparseAdam for sparse)"
         )
+
+
+def _snapshot(state: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
+    """CPU copies of plain state tensors (DTensor state and pieces are the layout's)."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        i: {
+            k: v.detach().to("cpu", copy=True)
+            if isinstance(v, Tensor) and not isinstance(v, DTensor)
+            else v
+            for k, v in st.items()
+        }
+        for i, st in state.items()
+    }
 
 
 def _global_shape(p: Tensor) -> tuple[int, ...]:

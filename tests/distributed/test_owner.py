@@ -259,7 +259,7 @@ def _zero2(rank: int, world: int) -> None:
 
 def _adafactor(rank: int, world: int) -> None:
     """COAPAdafactor: a split matrix's column statistics and RMS are summed over its team."""
-    kw = dict(KW, beta1=0.9)
+    kw = dict(KW, betas=(0.9, 0.999))
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = coap_dist.COAPAdafactor(coap_dist.param_groups(model, **KW), **kw, sharding="owner")
