@@ -1,4 +1,4 @@
-"""optimizer.step() time: COAP vs torch AdamW (foreach) vs GaLore, on LLaMA-shaped matrices.
+"""optimizer.step() time: COAP vs its floor, torch AdamW (fused, foreach), GaLore and APOLLO.
 
 Only ``step()`` is timed: the parameters are a stack of LLaMA linear weights (per layer
 wq, wk, wv, wo: d x d; w1, w3: f x d; w2: d x f) whose gradients are fixed random tensors set
@@ -14,7 +14,14 @@ the cycle k = 1 .. T_u*F), the median plain step, the median update step, the re
 step, the first step and the cycle maximum. Runs are interleaved (optimizer order rotates
 every repeat) so that load from other processes on the machine hits all of them alike.
 
-Run (about 2-3 minutes on 2 cores with the defaults)::
+Rows: ``floor`` (the projected-Adam floor: two GEMMs and an r-wide Adam on a fixed P,
+:class:`ProjectedAdamFloor`), ``adamw_fused``, ``adamw`` (foreach), ``coap``,
+``coap_reference``, ``coap_dense`` (COAP's AdamW path on the same tensors), ``galore``,
+``apollo``. The ratios section checks the targets of :data:`TARGETS` (plain <= 1.05 floor,
+recalibration <= 2.1 plain, update <= 2.6 plain, cycle mean <= 1.2 floor, dense path <=
+fused AdamW).
+
+Run (about 4 minutes on 2 cores with the defaults)::
 
     python benchmarks/step_time.py
     python benchmarks/step_time.py --layers 1 --repeats 2 --no-reference   # quicker
@@ -75,18 +82,59 @@ def make_params(
     return params
 
 
+class ProjectedAdamFloor(torch.optim.Optimizer):
+    """The floor of a projected-Adam step: a fixed orthonormal P per matrix (r x b in the
+    canonical orientation of :mod:`coap_dist.functional.projection`), R = G P^T, Adam on R
+    (r-wide, torch._foreach), W <- W - lr_t D P. Two GEMMs and the r-wide Adam, nothing
+    else: what any low-rank-moment optimizer must pay at a plain step."""
+
+    def __init__(self, params: list[nn.Parameter], rank: int, lr: float = 1e-3) -> None:
+        from coap_dist.functional import projection as fproj
+
+        super().__init__(params, {"lr": lr, "betas": (0.9, 0.999), "eps": 1e-6})
+        gen = torch.Generator().manual_seed(0)
+        self.t = 0
+        self.items = []
+        for p in self.param_groups[0]["params"]:
+            side = fproj.choose_side(tuple(p.shape))
+            a, b = p.shape if side == "right" else p.shape[::-1]
+            r = min(rank, a, b)
+            q = torch.linalg.qr(torch.randn(b, r, generator=gen)).Q.t().contiguous()
+            zeros = torch.zeros(a, r, dtype=p.dtype)
+            self.items.append((p, side, q.to(p.dtype), zeros, zeros.clone()))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        """One plain projected-Adam step of every matrix."""
+        from coap_dist.functional import adam as fadam
+        from coap_dist.functional import projection as fproj
+
+        self.t += 1
+        group = self.param_groups[0]
+        b1, b2 = group["betas"]
+        rs = [fproj.project(fproj.canonical(p.grad, s), q) for p, s, q, _, _ in self.items]
+        ms = [m for *_, m, _ in self.items]
+        vs = [v for *_, v in self.items]
+        ds = fadam.adam_directions(ms, vs, rs, b1, b2, group["eps"])
+        alpha = fadam.adam_step_size(group["lr"], b1, b2, self.t)
+        for (p, side, q, _, _), d in zip(self.items, ds, strict=True):
+            fproj.canonical(p, side).add_(d @ q, alpha=-alpha)
+
+
 def factories(args: argparse.Namespace) -> dict[str, OptimizerFactory]:
-    """Optimizer constructors by label, all with the same lr, rank and refresh interval."""
+    """Optimizer constructors by label, all with the same lr, rank and refresh interval.
+
+    ``floor``: :class:`ProjectedAdamFloor`. ``adamw_fused`` / ``adamw``: torch AdamW with
+    its fused kernel / foreach. ``coap``: COAPAdamW defaults; ``coap_dense``: COAPAdamW's
+    AdamW path (``algorithm="adamw"``) on the same tensors, to compare with ``adamw_fused``.
+    """
     out: dict[str, OptimizerFactory] = {
-        "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0, foreach=True),
+        "floor": lambda ps: ProjectedAdamFloor(ps, args.rank),
+        "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+        "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
     }
     if not args.no_coap:
-        try:
-            from coap_dist import COAPAdamW
-        except ImportError as err:
-            raise SystemExit(
-                f"coap_dist.COAPAdamW is not importable ({err}); use --no-coap"
-            ) from err
+        from coap_dist import COAPAdamW
 
         def coap(mode: str) -> OptimizerFactory:
             return lambda ps: COAPAdamW(
@@ -96,11 +144,13 @@ def factories(args: argparse.Namespace) -> dict[str, OptimizerFactory]:
                 update_interval=args.update_interval,
                 reproject_factor=args.reproject_factor,
                 projector_update=mode,
+                stagger=args.stagger,
             )
 
         out["coap"] = coap("scale_free")
         if not args.no_reference:
             out["coap_reference"] = coap("reference")
+        out["coap_dense"] = lambda ps: COAPAdamW([{"params": ps, "algorithm": "adamw"}], lr=1e-3)
     if not args.no_galore:
         try:
             from galore_torch import GaLoreAdamW
@@ -121,6 +171,25 @@ def factories(args: argparse.Namespace) -> dict[str, OptimizerFactory]:
             return GaLoreAdamW([group], lr=1e-3, no_deprecation_warning=True)
 
         out["galore"] = galore
+    if not args.no_apollo:
+        try:
+            from apollo_torch import APOLLOAdamW
+        except ImportError as err:
+            raise SystemExit(f"apollo_torch is not importable ({err}); use --no-apollo") from err
+
+        def apollo(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
+            group = {
+                "params": ps,
+                "rank": args.rank,
+                "update_proj_gap": args.update_interval,
+                "scale": 1.0,
+                "proj": "random",
+                "scale_type": "channel",
+                "proj_type": "std",
+            }
+            return APOLLOAdamW([group], lr=1e-3)
+
+        out["apollo"] = apollo
     return out
 
 
@@ -182,15 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         label: {key: statistics.median(r[key] for r in runs[label]) for key in runs[label][0]}
         for label in labels
     }
-    ratios: dict[str, dict[str, float]] = {}
-    pairs = [(label, "adamw") for label in labels if label != "adamw"]
-    pairs += [(label, "galore") for label in labels if label.startswith("coap")]
-    for label, base in pairs:
-        if base in summary:
-            ratios[f"{label}/{base}"] = {
-                key: summary[label][key] / summary[base][key]
-                for key in ("amortised_ms", "plain_median_ms", "cycle_max_ms")
-            }
+    ratios = targets(summary)
     n_params = sum(m * n for _, (m, n) in shapes)
     return {
         "benchmark": "step_time",
@@ -212,13 +273,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "threads": args.threads,
             "galore_update_proj_gap": args.update_interval,
             "galore_proj_type": "std",
-            "coap_options": "defaults (moments='rotate', stagger=False) except the mode",
+            "coap_options": f"defaults (moments='rotate') except the mode; stagger={args.stagger}",
         },
         "summary_ms": summary,
         "ratios": ratios,
         "runs_ms": runs,
         "raw_step_seconds": raw,
     }
+
+
+TARGETS = {
+    "coap plain / floor plain": ("coap", "plain_median_ms", "floor", "plain_median_ms", 1.05),
+    "coap recalibration / coap plain": (
+        "coap",
+        "recalibration_ms",
+        "coap",
+        "plain_median_ms",
+        2.1,
+    ),
+    "coap update / coap plain": ("coap", "update_median_ms", "coap", "plain_median_ms", 2.6),
+    "coap cycle mean / floor plain": ("coap", "amortised_ms", "floor", "plain_median_ms", 1.2),
+    "coap_dense / adamw_fused (mean)": (
+        "coap_dense",
+        "amortised_ms",
+        "adamw_fused",
+        "amortised_ms",
+        1.0,
+    ),
+}
+"""Ratio name -> (label, statistic, base label, base statistic, target: ratio <= target)."""
+
+
+def targets(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Every :data:`TARGETS` ratio whose two rows ran, with its target and verdict."""
+    out = {}
+    for name, (label, key, base, base_key, target) in TARGETS.items():
+        if label in summary and base in summary:
+            ratio = summary[label][key] / summary[base][base_key]
+            out[name] = {"ratio": ratio, "target": target, "met": float(ratio <= target)}
+    return out
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -234,7 +327,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     ]
     rows = [[label, *(f"{s[k]:.2f}" for k in keys)] for label, s in summary.items()]
     ratio_rows = [
-        [name, *(f"{v[k]:.2f}" for k in ("amortised_ms", "plain_median_ms", "cycle_max_ms"))]
+        [name, f"{v['ratio']:.2f}", f"<= {v['target']}", "met" if v["met"] else "NOT met"]
         for name, v in result["ratios"].items()
     ]
     return "\n\n".join(
@@ -259,8 +352,8 @@ def to_markdown(result: dict[str, Any]) -> str:
                 ],
                 rows,
             ),
-            "## Ratios (same run)",
-            markdown_table(["ratio", "amortised", "plain", "cycle max"], ratio_rows),
+            "## Targets (ratios of the same run)",
+            markdown_table(["ratio", "measured", "target", "verdict"], ratio_rows),
             "## Machine (at start)",
             machine_markdown(result["machine"]),
             f"Load average at the end: {result['load_average_1m_at_end']:.2f}; "
@@ -270,13 +363,14 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line options (defaults: two LLaMA-60M blocks, rank 128, T_u 32, F 5)."""
+    """Command-line options (defaults: four LLaMA-60M blocks, 28 matrices, 12.6 M
+    parameters, rank 128, T_u 8, F 5)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dim", type=int, default=512, help="hidden size d (LLaMA-60M: 512)")
     p.add_argument("--ffn", type=int, default=1376, help="MLP width f (LLaMA-60M: 1376)")
-    p.add_argument("--layers", type=int, default=2, help="number of blocks")
+    p.add_argument("--layers", type=int, default=4, help="number of blocks")
     p.add_argument("--rank", type=int, default=128, help="rank for COAP and GaLore")
-    p.add_argument("--update-interval", type=int, default=32, help="T_u (GaLore proj gap)")
+    p.add_argument("--update-interval", type=int, default=8, help="T_u (GaLore proj gap)")
     p.add_argument("--reproject-factor", type=int, default=5, help="F")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -285,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-coap", action="store_true", help="skip COAP")
     p.add_argument("--no-reference", action="store_true", help="skip COAP reference mode")
     p.add_argument("--no-galore", action="store_true", help="skip GaLore")
+    p.add_argument("--no-apollo", action="store_true", help="skip APOLLO")
+    p.add_argument("--stagger", action="store_true", help="COAP with stagger=True")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
     return p
 

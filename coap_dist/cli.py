@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rank-ratio",
         type=_positive_float,
         default=None,
-        help="rank as min(m, n) // RATIO (used when --rank is absent)",
+        help="rank as min(m, n) // RATIO (instead of --rank)",
     )
     mem.add_argument(
         "--dtype",
@@ -176,6 +176,8 @@ def _memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     ):
         which = "--all" if args.all else f"--optimizer {args.optimizer}"
         parser.error(f"argument --rank: {which} needs --rank (or --rank-ratio)")
+    if args.rank is not None and args.rank_ratio is not None:
+        parser.error("argument --rank-ratio: not allowed with --rank")
     patterns = None
     if args.adamw_patterns is not None:
         patterns = [p for p in args.adamw_patterns.split(",") if p]

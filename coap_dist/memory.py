@@ -23,7 +23,7 @@ plan allocates (:func:`coap_dist.optim.spec.state_shapes` of :func:`coap_specs`)
 formulas below describe.
 
 Matrix W (m x n), rank ``r = min(rank, m, n)`` or ``r = max(min(m, n) // rank_ratio, 1)``
-(``rank_ratio`` wins when both are given, as in the optimizer). Side rule (COAP reference and
+(giving both is refused, as in the optimizer). Side rule (COAP reference and
 GaLore ``proj_type="std"``): m >= n projects on the right (P: r x n, moments m x r), else on
 the left (P: m x r, moments r x n). So, with the default side rule,
 
@@ -437,7 +437,7 @@ def estimate_state_bytes(
             name of ``LLAMA_PRESETS``; configs and presets are instantiated on the meta device.
         optimizer: one of :data:`OPTIMIZERS`.
         rank: projection rank r (capped at min(m, n)); for ``galore``/``coap``/``coap8bit``.
-        rank_ratio: rho, r = max(min(m, n) // rho, 1); wins over ``rank`` when both are given.
+        rank_ratio: rho, r = max(min(m, n) // rho, 1); not together with ``rank``.
         rank_ratio_cnn: Tucker ratio for convolutions (COAP); None keeps them in AdamW.
         dtype: parameter dtype; unquantized state uses it unless ``state_dtype`` is given.
         state_dtype: dtype of unquantized moments and of projectors (``COAPAdamW``'s
@@ -461,6 +461,10 @@ def estimate_state_bytes(
     if optimizer in _LOWRANK:
         if rank is None and rank_ratio is None:
             raise ValueError(f"optimizer {optimizer!r} needs rank or rank_ratio; neither was given")
+        if rank is not None and rank_ratio is not None:
+            raise ValueError(
+                f"rank={rank} and rank_ratio={rank_ratio} are both given; give one of them"
+            )
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         if rank_ratio is not None and not rank_ratio > 0:

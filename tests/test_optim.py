@@ -182,7 +182,9 @@ def test_bad_group_and_shapes() -> None:
         COAPAdamW([{"params": list(_mlp().parameters()), "state_bits": 8}], rank=4)
     with pytest.raises(ValueError, match=r"`rank`=4 and `rank_ratio`=2 are both set"):
         COAPAdamW(_mlp().parameters(), rank=4, rank_ratio=2)
-    with pytest.raises(ValueError, match=r"param_groups\[0\]: `rank`=4 and `rank_ratio`=2 are both"):
+    with pytest.raises(
+        ValueError, match=r"param_groups\[0\]: `rank`=4 and `rank_ratio`=2 are both"
+    ):
         COAPAdamW([{"params": list(_mlp().parameters()), "rank": 4, "rank_ratio": 2}])
     # A group's rank_ratio overrides the constructor's rank (and vice versa).
     mixed = COAPAdamW([{"params": list(_mlp().parameters()), "rank_ratio": 2}], rank=4)
@@ -505,7 +507,7 @@ def test_load_state_dict_new_hyperparameters_win_and_state_converts() -> None:
     want = _train(model, opt, range(3, 9))
     assert _train(m_ref, ref, range(3, 9)) == want
     # New hyperparameters win, each named in one warning.
-    m_new, new = fresh(weight_decay=0.1, update_interval=3, betas=(0.8, 0.99))
+    _, new = fresh(weight_decay=0.1, update_interval=3, betas=(0.8, 0.99))
     with pytest.warns(UserWarning, match=r"weight_decay: 0.0 -> 0.1.*update_interval: 2 -> 3"):
         new.load_state_dict(saved)
     g = new.param_groups[0]
@@ -521,17 +523,17 @@ def test_load_state_dict_new_hyperparameters_win_and_state_converts() -> None:
     o32 = COAPAdamW(big.parameters(), 1e-3, rank=64)
     big(x).square().mean().backward()
     o32.step()
-    for bits, key in ((8, "exp_avg_q"), (None, "exp_avg")):
-        o = COAPAdamW(big.parameters(), 1e-3, rank=64, state_bits=bits)
-        o.load_state_dict(o32.state_dict() if bits == 8 else o8.state_dict())
-        o.step()  # binds and converts (the gradient is still there: one more step)
-        assert key in o.state[big.weight]
-        m8 = o.state[big.weight]
-        moment = m8["exp_avg"] if key == "exp_avg" else None
-        if bits == 8:
-            o8 = o
-        else:
-            assert moment is not None and moment.dtype == torch.float32
+    o8 = COAPAdamW(big.parameters(), 1e-3, rank=64, state_bits=8)
+    o8.load_state_dict(o32.state_dict())
+    o8.step()  # binds and converts (the gradient is still there: one more step)
+    assert {"exp_avg_q", "exp_avg_scale"} <= set(o8.state[big.weight])
+    back32 = COAPAdamW(big.parameters(), 1e-3, rank=64)
+    back32.load_state_dict(o8.state_dict())
+    back32.step()
+    assert back32.state[big.weight]["exp_avg"].dtype == torch.float32
+    assert torch.allclose(
+        back32.state[big.weight]["projector"], o8.state[big.weight]["projector"], atol=1e-6
+    )
     # Rank 8 -> 4 keeps the 4 directions with the largest second moment; 8 -> 12 adds
     # orthonormal ones. Both continue like the rank-8 run (no jump) with P orthonormal.
     for rank in (4, 12):
@@ -609,3 +611,23 @@ def test_contract_frozen_compile_and_momentum_schedulers() -> None:
     _train(a, fa, range(1, 2))
     _train(b, fb, range(1, 2))
     assert not torch.equal(a[0].weight, b[0].weight)  # the matrix saw the cycled momentum
+
+
+def test_hyperparameters_have_one_source() -> None:
+    """The dataclass is the one place: the README shows its generated table, the app's
+    optimizer section accepts exactly its fields, and the constructor's groups carry them."""
+    from pathlib import Path
+
+    from coap_dist.train.config import RECIPES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert coap_dist.COAPAdamWConfig.docs() in readme
+    for line in coap_dist.COAPAdafactorConfig.docs().splitlines()[2:]:
+        assert line in readme, line
+    assert RECIPES["coap"] is coap_dist.COAPAdamWConfig
+    assert RECIPES["coap_adafactor"] is coap_dist.COAPAdafactorConfig
+    opt = COAPAdamW(_mlp().parameters(), config=coap_dist.COAPAdamWConfig(rank=4, stagger=True))
+    assert set(opt.param_groups[0]) - {"params"} == set(coap_dist.COAPAdamWConfig.keys("group"))
+    assert opt.param_groups[0]["stagger"] is True and opt.config.rank == 4
+    with pytest.raises(TypeError, match="`config` must be a COAPAdafactorConfig"):
+        COAPAdafactor(_mlp().parameters(), config=coap_dist.COAPAdamWConfig(rank=4))

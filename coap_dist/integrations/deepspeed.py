@@ -5,8 +5,9 @@ DeepSpeed has no optimizer registry: a type it does not know resolves through
 ``torch.optim.COAP`` (:class:`~coap_dist.COAPAdamW`) and ``torch.optim.COAPAdafactor``
 resolvable, declares them ZeRO-supported (no ``zero_allow_untested_optimizer`` needed) and
 installs a layout resolver that recognises what a DeepSpeed engine hands the optimizer. The
-JSON ``params`` become constructor keyword arguments; an unknown key fails with Python's
-error naming it. Nothing here imports ``deepspeed``.
+JSON ``params`` become constructor keyword arguments, validated by the optimizer's config
+dataclass (:class:`~coap_dist.COAPAdamWConfig`): an unknown key fails naming the nearest
+valid one. Nothing here imports ``deepspeed``.
 
 The layout is chosen at the first ``step()`` from the tensors the engine handed over (never
 from the call stack), as measured with DeepSpeed 0.19.8:

@@ -347,7 +347,9 @@ def _refuse_unknown(key: str, known: Iterable[str], where: str, *, near_only: bo
             f"{_at(where, key)} is now `{RENAMED[key]}`: COAPAdafactor's momentum is "
             "betas[0], as in torch's optimizers (pass betas=(beta1, beta2))"
         )
-    near = difflib.get_close_matches(key, known, n=1, cutoff=MISSPELLING_CUTOFF)
+    # A key that must be a hyperparameter gets the nearest one as a hint at a lower bar.
+    cutoff = MISSPELLING_CUTOFF if near_only else 0.6
+    near = difflib.get_close_matches(key, known, n=1, cutoff=cutoff)
     if near_only and not near:
         return
     hint = f"did you mean `{near[0]}`? " if near else ""

@@ -166,20 +166,69 @@ class AdafactorRule:
 
 
 # ------------------------------------------------------------------------------ AdamW
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Weight (= moment) dtypes that take torch's fused AdamW kernel."""
+
+
+def _fused_devices() -> tuple[str, ...]:
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    return tuple(_get_fused_kernels_supported_devices())
+
+
 def dense_steps(works: Sequence[DenseWork], steps: Sequence[int]) -> None:
-    """AdamW (reference form) in place on each piece's weight, batched with torch._foreach
-    per (group, moment dtype, weight dtype):
+    """AdamW (reference form) in place on each piece's weight:
 
         M <- b1 M + (1 - b1) G;  V <- b2 V + (1 - b2) G^2;
-        W <- W - lr_t M / (sqrt(V) + eps);  W <- (1 - lr wd) W
+        W <- (1 - lr wd) (W - lr_t M / (sqrt(V) + eps))
 
     with lr_t = lr sqrt(1 - b2^t) / (1 - b1^t) and t the update count after this step.
+
+    Pieces whose moments are plain tensors of the weight's dtype, on a device with torch's
+    fused AdamW kernel (CPU and CUDA among them), take that kernel, one launch per (group,
+    dtype, t): it computes W <- W (1 - lr' wd') - (lr' / bc1) M / (sqrt(V) / sqrt(bc2) + eps'),
+    which is the update above for lr' = lr k, wd' = lr wd / lr', eps' = eps / sqrt(bc2)
+    (k = 1 - lr wd, bc_i = 1 - b_i^t). The rest (8-bit moments, state in another dtype than
+    the weight) runs the same math with torch._foreach.
     """
-    buckets: dict[tuple[int, torch.dtype, torch.dtype], list[int]] = {}
+    fused: dict[tuple[int, torch.dtype, int], list[int]] = {}
+    rest: dict[tuple[int, torch.dtype, torch.dtype], list[int]] = {}
     ms = [read_moment(w.state, "exp_avg", True) for w in works]
+    devices = _fused_devices() if works else ()
     for j, (w, m) in enumerate(zip(works, ms, strict=True)):
-        buckets.setdefault((id(w.group), m.dtype, w.weight.dtype), []).append(j)
-    for idx in buckets.values():
+        plain = "exp_avg" in w.state and "exp_avg_sq" in w.state
+        if (
+            plain
+            and m.dtype == w.weight.dtype
+            and m.dtype in FUSED_DTYPES
+            and w.weight.device.type in devices
+            and decay_keep(w.group) > 0
+        ):
+            fused.setdefault((id(w.group), m.dtype, steps[j]), []).append(j)
+        else:
+            rest.setdefault((id(w.group), m.dtype, w.weight.dtype), []).append(j)
+    for (_, dtype, t), idx in fused.items():
+        group = works[idx[0]].group
+        b1, b2 = group["betas"]
+        keep = decay_keep(group)
+        lr = group["lr"] * keep
+        weights = [works[j].weight for j in idx]
+        torch._fused_adamw_(
+            weights,
+            [works[j].grad.to(dtype) for j in idx],
+            [ms[j] for j in idx],
+            [works[j].state["exp_avg_sq"] for j in idx],
+            [],
+            [torch.full((), float(t), device=w.device) for w in weights],
+            lr=lr,
+            beta1=b1,
+            beta2=b2,
+            weight_decay=group["lr"] * group["weight_decay"] / lr if lr > 0 else 0.0,
+            eps=group["eps"] / (1.0 - b2**t) ** 0.5,
+            amsgrad=False,
+            maximize=False,
+        )
+    for idx in rest.values():
         group = works[idx[0]].group
         b1, b2 = group["betas"]
         m_b = [ms[j] for j in idx]

@@ -68,11 +68,10 @@ def _check_close(
     opt: coap_dist.COAPAdamW, model: nn.Module, ref_model: nn.Module, what: str
 ) -> None:
     lay = opt.layout
-    exact = {
-        id(p)
-        for i, p in enumerate(lay.params)
-        if lay.placement.whole(i) or not opt.specs[i].lowrank
-    }
+    # Whole pieces are bitwise the single-process run; split ones agree to rounding (split
+    # matrices sum over ranks; split AdamW pieces go through torch's fused CPU kernel,
+    # whose scalar tail of the last < 8 elements of a piece rounds differently).
+    exact = {id(p) for i, p in enumerate(lay.params) if lay.placement.whole(i)}
     for (name, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
         if id(p) in exact:
             assert torch.equal(p, q), f"{what}: {name} differs from one process"
@@ -176,7 +175,7 @@ def _checkpoint(
     for i, st in ref_sd["state"].items():
         for key, val in st.items():
             got = sd["state"][i][key]
-            if lay.placement.whole(i) or not opt.specs[i].lowrank or key in ("step", "refreshes"):
+            if lay.placement.whole(i) or key in ("step", "refreshes"):
                 assert torch.equal(got, val), (i, key)
             else:
                 torch.testing.assert_close(got, val, atol=1e-4, rtol=1e-4, msg=f"{i} {key}")

@@ -354,7 +354,7 @@ def _check_errors(rank: int) -> None:
     engine.destroy()
     typo = _config(2, False, {})
     typo["optimizer"]["params"]["rnak"] = 4
-    with pytest.raises(TypeError, match="rnak"):
+    with pytest.raises(ValueError, match="unknown key `rnak`; did you mean `rank`"):
         _build_cfg(typo)
 
 
