@@ -118,7 +118,7 @@ class ProjectedAdamFloor(torch.optim.Optimizer):
         ds = fadam.adam_directions(ms, vs, rs, b1, b2, group["eps"])
         alpha = fadam.adam_step_size(group["lr"], b1, b2, self.t)
         for (p, side, q, _, _), d in zip(self.items, ds, strict=True):
-            fproj.canonical(p, side).add_(d @ q, alpha=-alpha)
+            fproj.canonical(p, side).addmm_(d, q, alpha=-alpha)
 
 
 def factories(args: argparse.Namespace) -> dict[str, OptimizerFactory]:

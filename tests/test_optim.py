@@ -467,7 +467,7 @@ def test_stagger_spreads_refreshes() -> None:
     assert counts[True] == [3, 1, 1, 1, 1, 1, 1]  # k = 0 for all, then one matrix per step
 
 
-def _train(model: nn.Module, opt: Any, steps: range) -> list[float]:
+def _fit(model: nn.Module, opt: Any, steps: range) -> list[float]:
     losses = []
     for s in steps:
         loss = model(torch.randn(4, 32, generator=torch.Generator().manual_seed(s))).square().mean()
@@ -487,7 +487,7 @@ def test_load_state_dict_new_hyperparameters_win_and_state_converts() -> None:
     opt = COAPAdamW(coap_dist.param_groups(model, rank=8), 1e-2, **kw)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
     for s in range(3):
-        _train(model, opt, range(s, s + 1))
+        _fit(model, opt, range(s, s + 1))
         sched.step()
     saved, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
     assert saved["param_groups"][0]["lr"] == pytest.approx(1e-2 / 8)
@@ -504,8 +504,8 @@ def test_load_state_dict_new_hyperparameters_win_and_state_converts() -> None:
     assert ref.param_groups[0]["lr"] == pytest.approx(1e-2 / 8)
     assert ref.param_groups[0]["initial_lr"] == 1e-2
     m_orig = copy.deepcopy(model)
-    want = _train(model, opt, range(3, 9))
-    assert _train(m_ref, ref, range(3, 9)) == want
+    want = _fit(model, opt, range(3, 9))
+    assert _fit(m_ref, ref, range(3, 9)) == want
     # New hyperparameters win, each named in one warning.
     _, new = fresh(weight_decay=0.1, update_interval=3, betas=(0.8, 0.99))
     with pytest.warns(UserWarning, match=r"weight_decay: 0.0 -> 0.1.*update_interval: 2 -> 3"):
@@ -516,7 +516,7 @@ def test_load_state_dict_new_hyperparameters_win_and_state_converts() -> None:
     # moments are above the 8-bit threshold (128 x 64), and back to fp32.
     m_b, b = fresh(state_bits=16)
     b.load_state_dict(saved)
-    got = _train(m_b, b, range(3, 9))
+    got = _fit(m_b, b, range(3, 9))
     assert max(abs(x - y) / y for x, y in zip(got, want, strict=True)) < 0.05
     big = nn.Linear(128, 128, bias=False)
     x = torch.randn(8, 128)
@@ -540,7 +540,7 @@ def test_load_state_dict_new_hyperparameters_win_and_state_converts() -> None:
         m_r, r = fresh(rank=rank)
         with pytest.warns(UserWarning, match=rf"rank: 8 -> {rank}"):
             r.load_state_dict(saved)
-        losses = _train(m_r, r, range(3, 9))
+        losses = _fit(m_r, r, range(3, 9))
         p = r.state[m_r[0].weight]["projector"]
         assert p.shape == (rank, 32)
         assert torch.allclose(p @ p.T, torch.eye(rank), atol=1e-5)
@@ -548,19 +548,19 @@ def test_load_state_dict_new_hyperparameters_win_and_state_converts() -> None:
     old_p = saved["state"][0]["projector"]
     m_r, r = fresh(rank=4)
     r.load_state_dict(saved)
-    _train(m_r, r, range(3, 4))  # step 4: no refresh, P is the loaded one
+    _fit(m_r, r, range(3, 4))  # step 4: no refresh, P is the loaded one
     kept = r.state[m_r[0].weight]["projector"]
     assert all(any(torch.equal(row, q) for q in old_p) for row in kept)
     # What cannot convert: another projection side, another optimizer's state layout.
     m_s, side = fresh(projection_side="left")
     side.load_state_dict(saved)
     with pytest.raises(ValueError, match=r"parameter 0: the saved projector has shape"):
-        _train(m_s, side, range(1))
+        _fit(m_s, side, range(1))
     m_f = _mlp()
     fac = COAPAdafactor(coap_dist.param_groups(m_f, rank=8), 1e-2, **kw)
     fac.load_state_dict(saved)
     with pytest.raises(ValueError, match=r"COAPAdamW vs COAPAdafactor"):
-        _train(m_f, fac, range(1))
+        _fit(m_f, fac, range(1))
     del m_orig, m_s
 
 
@@ -574,8 +574,8 @@ def test_contract_frozen_compile_and_momentum_schedulers() -> None:
         layer.requires_grad_(False)
     opt = COAPAdamW(model.parameters(), rank=4)
     alone = COAPAdamW(model[5].parameters(), rank=4)
-    _train(model, opt, range(2))
-    _train(model, alone, range(2))
+    _fit(model, opt, range(2))
+    _fit(model, alone, range(2))
     assert opt.state_bytes() == alone.state_bytes() > 0
     assert {id(p) for p in opt.state} == {id(p) for p in model[5].parameters()}
     # torch.compile of the whole train step.
@@ -603,13 +603,13 @@ def test_contract_frozen_compile_and_momentum_schedulers() -> None:
     fb = COAPAdafactor(param_groups(b, rank=4), 1e-2)
     cyc = torch.optim.lr_scheduler.OneCycleLR(fb, max_lr=1e-2, total_steps=10, div_factor=1.0)
     fa.param_groups[0]["betas"] = fb.param_groups[0]["betas"]  # same start
-    _train(a, fa, range(1))
-    _train(b, fb, range(1))
+    _fit(a, fa, range(1))
+    _fit(b, fb, range(1))
     cyc.step()
     assert fb.param_groups[0]["betas"][0] != fa.param_groups[0]["betas"][0]
     fa.param_groups[0]["lr"] = fb.param_groups[0]["lr"]
-    _train(a, fa, range(1, 2))
-    _train(b, fb, range(1, 2))
+    _fit(a, fa, range(1, 2))
+    _fit(b, fb, range(1, 2))
     assert not torch.equal(a[0].weight, b[0].weight)  # the matrix saw the cycled momentum
 
 

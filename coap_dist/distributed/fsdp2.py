@@ -379,6 +379,7 @@ class Fsdp2Local(Layout):
                         mw.projector,
                         read_moment(mw.state, "exp_avg", True),
                         cos_axis="row",
+                        orthonormal=mw.group["projector_update"] != "reference",
                     )
                 ]
             else:
@@ -396,6 +397,7 @@ class Fsdp2Local(Layout):
                     global_rows=mw.spec.rows,
                     cos_axis="row",
                     scale_free=not reference,
+                    orthonormal=not reference,
                     lr=mw.group["projector_lr"],
                 )
                 ok = fproj.all_finite(p_new)

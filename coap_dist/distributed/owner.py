@@ -68,7 +68,7 @@ from coap_dist.optim.layout import (
     Work,
     refuse_fsdp1,
 )
-from coap_dist.optim.spec import ParamSpec, state_shapes
+from coap_dist.optim.spec import ParamSpec, state_shapes, with_stagger
 from coap_dist.optim.storage import allocate, assemble, nbytes_of, read_moment, slice_full
 
 __all__ = ["FragmentView", "OwnerLayout", "OwnerSharding", "ReplicatedView", "check_settings"]
@@ -292,6 +292,8 @@ class OwnerLayout(Layout):
         self.placement = owner_placement(
             specs, self.world, frags, split=self.split, imbalance=self.imbalance
         )
+        # Stagger within each rank's own refreshes (the holder computes a matrix's refresh).
+        specs = with_stagger(specs, core.groups, [self._worker(i) for i in range(len(specs))])
         self._entries = geometries(specs, self.placement, frags)
         self._mine = [self.placement.piece(i, self.rank) for i in range(len(specs))]
         gather, scatter = plan_routes(
@@ -305,6 +307,12 @@ class OwnerLayout(Layout):
         self._s_out = [[r for r in rs if r.src == me] for rs in scatter]
         self._s_in = [[r for r in rs if r.dst == me] for rs in scatter]
         return specs
+
+    def _worker(self, index: int) -> int:
+        """The rank that computes parameter ``index``'s refresh: its holder (AdamW: the
+        rank of its first piece)."""
+        h = self.placement.holder[index]
+        return h if h >= 0 else self.placement.pieces[index][0].rank
 
     # ------------------------------------------------------------------------------ step
     def begin(self, present: Sequence[bool]) -> list[int] | None:
@@ -587,6 +595,7 @@ class OwnerLayout(Layout):
                         mw.projector,
                         read_moment(mw.state, "exp_avg", True),
                         cos_axis="row" if mw.spec.side == "right" else "col",
+                        orthonormal=mw.group["projector_update"] != "reference",
                     )
                 ]
             w, z = fproj.gram_partials(sketch[i], mw.grad)
@@ -596,7 +605,8 @@ class OwnerLayout(Layout):
             s = self._entries[i].spec
             if due[i] == "update":
                 axis = "row" if s.side == "right" else "col"
-                n = fproj.correlation_partials_numel(s.rank, s.cols, axis)
+                ortho = self._group(i)["projector_update"] != "reference"
+                n = fproj.correlation_partials_numel(s.rank, s.cols, axis, ortho)
                 return [Expect((n,), torch.float32)]
             k = k_of(i)
             return [Expect((k, k), torch.float64), Expect((k, s.cols), torch.float32)]
@@ -616,6 +626,7 @@ class OwnerLayout(Layout):
                     global_rows=e.spec.rows,
                     cos_axis="row" if e.spec.side == "right" else "col",
                     scale_free=not reference,
+                    orthonormal=not reference,
                     lr=group["projector_lr"],
                 )
                 ok = fproj.all_finite(p_new)

@@ -110,13 +110,26 @@ def canonicalize_signs(p: Tensor) -> Tensor:
 
 
 def _top_right_singular(b: Tensor, rank: int, fix_signs: bool) -> Tensor:
-    """First ``rank`` right singular vectors of B (k x b) as rows; non-finite entries of B are
-    zeroed first (the caller rejects the result through :func:`all_finite` of B), so that
-    the SVD never fails on bad input and never needs a host synchronisation."""
+    """First ``rank`` right singular vectors of B (k x b) as rows, orthonormal even where B
+    is rank-deficient; non-finite entries of B are zeroed first (the caller rejects the
+    result through :func:`all_finite` of B), so that the factorisation never fails on bad
+    input and never needs a host synchronisation.
+
+    With ``fix_signs`` (the default mode): B^T = Q_b R_b (Householder QR, b x k), then the
+    right singular vectors are the columns of Q_b W, W the eigenvectors of R_b R_b^T
+    (k x k, fp64, by descending eigenvalue), signs fixed by :func:`canonicalize_signs`:
+    the same subspace and axes as an SVD of B at about 0.6 of its cost on the CPU
+    (measured 2.2 vs 3.5 ms for 128 x 512). Without (the reference mode): LAPACK's SVD,
+    signs as it returns them, like the published code."""
     clean = torch.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0)
-    _, _, vh = torch.linalg.svd(clean, full_matrices=False)
-    p = vh[:rank].contiguous()
-    return canonicalize_signs(p) if fix_signs else p
+    if not fix_signs:
+        _, _, vh = torch.linalg.svd(clean, full_matrices=False)
+        return vh[:rank].contiguous()
+    q, r = torch.linalg.qr(clean.t(), mode="reduced")
+    rd = r.double()
+    _, w = torch.linalg.eigh(rd @ rd.t())
+    w = w.flip(1)[:, :rank].to(q.dtype)
+    return canonicalize_signs((q @ w).t().contiguous())
 
 
 def all_finite(t: Tensor) -> Tensor:
@@ -190,7 +203,7 @@ def basis_from_gram(
 
 # --------------------------------------------------------------------- correlation update
 def correlation_partials(
-    g: Tensor, p: Tensor, m: Tensor, *, cos_axis: Literal["row", "col"]
+    g: Tensor, p: Tensor, m: Tensor, *, cos_axis: Literal["row", "col"], orthonormal: bool = False
 ) -> Tensor:
     """Sums over this member's rows that the correlation step needs (flat fp32 vector).
 
@@ -199,35 +212,41 @@ def correlation_partials(
     (M_t * w2)^T M_t]; column cosine: [per-column |g_j|^2 (b), S_t, M_t^T G_t, K_t, M_t^T M_t].
     Row weights (w1_i = 1 / (|u_i| |g_i|), w2_i = cos_i / |u_i|^2, U = M P) are per-row, so
     a row split only sums. See :func:`correlation_from_sums` for the step itself.
+
+    ``orthonormal`` (P P^T = I, the scale-free mode's invariant): |u_i|^2 = |m_i|^2 and
+    K = S P^T are taken from that, so K is left out (one a x r x r product less here, and
+    r^2 fewer numbers to sum over a team).
     """
     gf, pf, mf = g.float(), p.float(), m.float()
     rr = gf @ pf.t()
     eps = 1e-8
     if cos_axis == "row":
-        qq = pf @ pf.t()
         gn2 = (gf * gf).sum(1)
-        un2 = ((mf @ qq) * mf).sum(1)
+        un2 = (mf * mf).sum(1) if orthonormal else ((mf @ (pf @ pf.t())) * mf).sum(1)
         ug = (mf * rr).sum(1)
         gn, un = gn2.sqrt().clamp_min(eps), un2.sqrt().clamp_min(eps)
         cos = ug / (gn * un)
         w1 = 1.0 / (gn * un)
         w2 = torch.where(un2 > 0, cos / un.square(), torch.zeros_like(cos))
         stacked = torch.cat([rr, mf * w1[:, None]], dim=1).t() @ gf  # (2r x b)
-        kk = rr.t() @ rr
         t2 = (mf * w2[:, None]).t() @ mf
-        scalars = torch.stack([gn2.sum(), cos.sum()])
-        return torch.cat([scalars, stacked.flatten(), kk.flatten(), t2.flatten()])
-    stacked = torch.cat([rr, mf], dim=1).t() @ gf  # (2r x b): S and M^T G
-    kk = rr.t() @ rr
-    mm = mf.t() @ mf
-    gcol2 = (gf * gf).sum(0)
-    return torch.cat([gcol2, stacked.flatten(), kk.flatten(), mm.flatten()])
+        head = torch.stack([gn2.sum(), cos.sum()])
+    else:
+        stacked = torch.cat([rr, mf], dim=1).t() @ gf  # (2r x b): S and M^T G
+        t2 = mf.t() @ mf
+        head = (gf * gf).sum(0)
+    parts = [head, stacked.flatten()]
+    if not orthonormal:
+        parts.append((rr.t() @ rr).flatten())
+    return torch.cat([*parts, t2.flatten()])
 
 
-def correlation_partials_numel(rank: int, cols: int, cos_axis: Literal["row", "col"]) -> int:
+def correlation_partials_numel(
+    rank: int, cols: int, cos_axis: Literal["row", "col"], orthonormal: bool = False
+) -> int:
     """Length of the vector :func:`correlation_partials` returns."""
     head = 2 if cos_axis == "row" else cols
-    return head + 2 * rank * cols + 2 * rank * rank
+    return head + 2 * rank * cols + (1 if orthonormal else 2) * rank * rank
 
 
 def correlation_from_sums(
@@ -239,6 +258,7 @@ def correlation_from_sums(
     scale_free: bool,
     lr: float = 0.1,
     max_norm: float = 1.0,
+    orthonormal: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One clipped gradient step on COAP's correlation-aware objective; returns (P_new, L).
 
@@ -259,48 +279,48 @@ def correlation_from_sums(
                     w1_i = 1 / (|u_i| |g_i|), w2_i = cos_i / |u_i|^2
         col cosine: dc/dP = (1/b) [(M^T G) * w1 - (M^T M P) * w2]   (column weights)
 
-    ``flat`` is the sum over all rows of :func:`correlation_partials`; the clip uses the
-    global gradient norm. The scale-free mode then re-orthonormalizes P (QR). The reference
-    mode reproduces the published update exactly (MSE normalisation, no
-    re-orthonormalization): its step vanishes as |G|^2.
+    ``flat`` is the sum over all rows of :func:`correlation_partials` with the same
+    ``orthonormal`` (P P^T = I, which the scale-free mode keeps: then Q = I, K = S P^T,
+    ||E||^2 = ||G||^2 - tr(K) and d||E||^2/dP = -2 (S - K P)); the clip uses the global
+    gradient norm. The scale-free mode then re-orthonormalizes P (QR). The reference mode
+    reproduces the published update exactly (MSE normalisation, no re-orthonormalization):
+    its step vanishes as |G|^2.
     """
     pf = p.float()
     r, b = pf.shape
-    qq = pf @ pf.t()
+    ortho = orthonormal
+    qq = None if ortho else pf @ pf.t()
     eps = 1e-8
+    head = 2 if cos_axis == "row" else b
+    s = flat[head : head + r * b].view(r, b)
+    second = flat[head + r * b : head + 2 * r * b].view(r, b)
+    off = head + 2 * r * b
+    kk = s @ pf.t() if ortho else flat[off : off + r * r].view(r, r)
+    small = flat[off if ortho else off + r * r :].view(r, r)
     if cos_axis == "row":
         gsq, cos_sum = flat[0], flat[1]
-        off = 2
-        s = flat[off : off + r * b].view(r, b)
-        t1 = flat[off + r * b : off + 2 * r * b].view(r, b)
-        off += 2 * r * b
-        kk = flat[off : off + r * r].view(r, r)
-        t2 = flat[off + r * r :].view(r, r)
         c = cos_sum / global_rows
-        dc = (t1 - t2 @ pf) / global_rows
+        dc = (second - small @ pf) / global_rows
     else:
         gcol2 = flat[:b]
         gsq = gcol2.sum()
-        off = b
-        s = flat[off : off + r * b].view(r, b)
-        mg = flat[off + r * b : off + 2 * r * b].view(r, b)
-        off += 2 * r * b
-        kk = flat[off : off + r * r].view(r, r)
-        mm = flat[off + r * r :].view(r, r)
-        mmp = mm @ pf
-        ug = (pf * mg).sum(0)
+        mmp = small @ pf
+        ug = (pf * second).sum(0)
         un2 = (pf * mmp).sum(0)
         gn, un = gcol2.sqrt().clamp_min(eps), un2.sqrt().clamp_min(eps)
         cos = ug / (gn * un)
         w1 = 1.0 / (gn * un)
         w2 = torch.where(un2 > 0, cos / un.square(), torch.zeros_like(cos))
         c = cos.sum() / b
-        dc = (mg * w1[None, :] - mmp * w2[None, :]) / b
-    # ||G - G P^T P||^2 = ||G||^2 - 2 tr(K) + tr(K Q): no full-size residual matrix.
-    f = (gsq - 2.0 * torch.trace(kk) + (kk * qq).sum()).clamp_min(0.0)
+        dc = (second * w1[None, :] - mmp * w2[None, :]) / b
     z = gsq.clamp_min(torch.finfo(torch.float32).tiny) if scale_free else float(global_rows * b)
-    eye = torch.eye(r, device=pf.device, dtype=pf.dtype)
-    de = -2.0 * ((2.0 * eye - qq) @ s - kk @ pf) / z
+    if qq is None:
+        f = (gsq - torch.trace(kk)).clamp_min(0.0)
+        de = -2.0 * (s - kk @ pf) / z
+    else:
+        # ||G - G P^T P||^2 = ||G||^2 - 2 tr(K) + tr(K Q): no full-size residual matrix.
+        f = (gsq - 2.0 * torch.trace(kk) + (kk * qq).sum()).clamp_min(0.0)
+        de = -2.0 * (2.0 * s - qq @ s - kk @ pf) / z
     err = f / z
     grad = (1.0 - c) * de - err * dc
     norm = torch.linalg.vector_norm(grad)
@@ -321,16 +341,18 @@ def correlation_update(
     scale_free: bool,
     lr: float = 0.1,
     max_norm: float = 1.0,
+    orthonormal: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The correlation step of one whole matrix (see :func:`correlation_from_sums`)."""
     return correlation_from_sums(
-        correlation_partials(g, p, m, cos_axis=cos_axis),
+        correlation_partials(g, p, m, cos_axis=cos_axis, orthonormal=orthonormal),
         p,
         global_rows=global_rows,
         cos_axis=cos_axis,
         scale_free=scale_free,
         lr=lr,
         max_norm=max_norm,
+        orthonormal=orthonormal,
     )
 
 

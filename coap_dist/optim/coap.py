@@ -345,19 +345,34 @@ class _COAPBase(Optimizer):
 
     def _grad_stats(self, lay: Layout, ids: list[int]) -> Tensor:
         """[has gradient, non-finite, non-zero] per parameter (this rank's pieces), then the
-        metric partials of the previous step (residual sums, rejected refreshes)."""
+        metric partials of the previous step (residual sums, rejected refreshes).
+
+        One reduction per gradient: its sum (non-finite iff an entry is NaN or +-inf, or
+        the sum overflows), or before a parameter's first step its L2 norm (zero iff the
+        gradient is, the deferred-initialisation rule). With ``skip_nonfinite=False`` a
+        parameter that has stepped needs none."""
         n = len(self.specs)
         assert self._pending is not None
         present = {i: g for i in ids if (g := lay.local_grad(i)) is not None}
+        first = [i for i in present if self._steps[i] == 0]
+        later = [i for i in present if self._steps[i] > 0 and self.skip_nonfinite]
         rows = {}
         if present:
-            if any(g.is_sparse for g in present.values()):
-                raise RuntimeError(f"{self.name} does not support sparse gradients")
-            norms = torch._foreach_norm(list(present.values()), ord=1)  # one pass per tensor
-            v = torch.stack([x.float() for x in norms])
-            bad = torch.isfinite(v).logical_not()  # (not ~: unsupported by fake CUDA tensors)
-            flags = torch.stack([torch.ones_like(v), bad.float(), (v > 0).float()], 1)
-            rows = dict(zip(present, flags, strict=True))
+            one = torch.ones((), device=lay.device)
+            red: dict[int, Tensor] = {}
+            if first:
+                norms = torch._foreach_norm([present[i] for i in first])
+                red.update(zip(first, norms, strict=True))
+            red.update({i: present[i].sum() for i in later})
+            for i in present:
+                if i not in red:
+                    rows[i] = torch.stack([one, one * 0, one])
+            if red:
+                v = torch.stack([red[i].float() for i in red])
+                bad = torch.isfinite(v).logical_not()  # (not ~: unsupported by fake CUDA tensors)
+                nonzero = torch.tensor([i in later for i in red], device=v.device) | (v != 0)
+                flags = torch.stack([torch.ones_like(v), bad.float(), nonzero.float()], 1)
+                rows.update(zip(red, flags, strict=True))
         none = torch.zeros(3, device=lay.device)
         buf = torch.cat(
             [torch.stack([rows.get(i, none) for i in range(n)]).reshape(-1), self._pending]

@@ -269,6 +269,7 @@ def refresh_whole(work: MatrixWork, due: str) -> tuple[Tensor, Tensor]:
             global_rows=spec.rows,
             cos_axis="row" if spec.side == "right" else "col",
             scale_free=not reference,
+            orthonormal=not reference,
             lr=group["projector_lr"],
         )
         return p_new, fproj.all_finite(p_new)
