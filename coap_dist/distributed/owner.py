@@ -68,7 +68,7 @@ from coap_dist.optim.layout import (
     Work,
     refuse_fsdp1,
 )
-from coap_dist.optim.spec import ParamSpec, state_shapes, with_stagger
+from coap_dist.optim.spec import ParamSpec, state_shapes
 from coap_dist.optim.storage import allocate, assemble, nbytes_of, read_moment, slice_full
 
 __all__ = ["FragmentView", "OwnerLayout", "OwnerSharding", "ReplicatedView", "check_settings"]
@@ -292,8 +292,6 @@ class OwnerLayout(Layout):
         self.placement = owner_placement(
             specs, self.world, frags, split=self.split, imbalance=self.imbalance
         )
-        # Stagger within each rank's own refreshes (the holder computes a matrix's refresh).
-        specs = with_stagger(specs, core.groups, [self._worker(i) for i in range(len(specs))])
         self._entries = geometries(specs, self.placement, frags)
         self._mine = [self.placement.piece(i, self.rank) for i in range(len(specs))]
         gather, scatter = plan_routes(
@@ -307,12 +305,6 @@ class OwnerLayout(Layout):
         self._s_out = [[r for r in rs if r.src == me] for rs in scatter]
         self._s_in = [[r for r in rs if r.dst == me] for rs in scatter]
         return specs
-
-    def _worker(self, index: int) -> int:
-        """The rank that computes parameter ``index``'s refresh: its holder (AdamW: the
-        rank of its first piece)."""
-        h = self.placement.holder[index]
-        return h if h >= 0 else self.placement.pieces[index][0].rank
 
     # ------------------------------------------------------------------------------ step
     def begin(self, present: Sequence[bool]) -> list[int] | None:

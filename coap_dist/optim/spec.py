@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -133,30 +133,17 @@ def make_spec(
     return ParamSpec(index, group_index, "dense", shape, fmt)
 
 
-def with_stagger(
-    specs: list[ParamSpec],
-    groups: list[Mapping[str, Any]],
-    worker: Sequence[int] | None = None,
-) -> list[ParamSpec]:
+def with_stagger(specs: list[ParamSpec], groups: list[Mapping[str, Any]]) -> list[ParamSpec]:
     """Specs with refresh offsets: with ``stagger`` the j-th of J low-rank parameters starts
-    its schedule (j T_u) // J steps early, spreading refreshes over the interval.
-
-    ``worker`` (the rank that computes each parameter's refresh, under owner layouts) counts
-    j and J among the parameters of the same worker, so that every rank spreads its own
-    refreshes: a synchronous step waits for the busiest rank, and a global spread would put
-    a step's refreshes on whichever ranks own those matrices."""
-    owner = [0] * len(specs) if worker is None else list(worker)
+    its schedule (j T_u) // J steps early, spreading refreshes over the interval. The same
+    offsets under every layout (so a sharded run keeps one process's schedule)."""
     lowrank = [s for s in specs if s.lowrank]
-    order: dict[int, int] = {}
-    count: dict[int, int] = {}
-    for s in lowrank:
-        order[s.index] = count.get(owner[s.index], 0)
-        count[owner[s.index]] = order[s.index] + 1
+    order = {s.index: j for j, s in enumerate(lowrank)}
     out = []
     for s in specs:
         group = groups[s.group]
         if s.lowrank and group["stagger"]:
-            offset = (order[s.index] * group["update_interval"]) // count[owner[s.index]]
+            offset = (order[s.index] * group["update_interval"]) // max(len(lowrank), 1)
             s = dataclasses.replace(s, offset=offset)
         out.append(s)
     return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -120,6 +121,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     _zero2(rank, world)
     _adafactor(rank, world)
     _mismatch(rank)
+    _stagger(rank, world)
 
 
 def _check_traffic(
@@ -298,6 +300,28 @@ def _mismatch(rank: int) -> None:
         opt.step()
     with pytest.raises(RuntimeError, match=r"cannot copy or pickle an optimizer bound to"):
         copy.deepcopy(opt)
+
+
+def _stagger(rank: int, world: int) -> None:
+    """stagger=True under the owner layout keeps one process's schedule (the same offsets on
+    every rank, j T_u // J over all J matrices) and every matrix refreshes once per T_u."""
+    model = _model()
+    kw = dict(KW, update_interval=4, stagger=True)
+    opt = coap_dist.COAPAdamW(coap_dist.param_groups(model, **kw), **kw, sharding="owner")
+    one = coap_dist.COAPAdamW(coap_dist.param_groups(_model(), **kw), **kw)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    plan = [(s.index, s.offset) for s in opt.specs if s.lowrank]
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, plan)
+    assert all(p == plan for p in every), "the stagger plan differs across ranks"
+    assert plan == [(s.index, s.offset) for s in one.specs if s.lowrank]
+    assert [off for _, off in plan] == [(j * 4) // len(plan) for j in range(len(plan))]
+    before = opt.metrics()["optim/refreshes"]
+    for _ in range(4):
+        opt.step()
+    assert opt.metrics()["optim/refreshes"] - before == len(plan)  # each once per T_u
 
 
 @pytest.mark.distributed
