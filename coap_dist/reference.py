@@ -10,11 +10,22 @@ with ``moments="keep"`` reproduces the published coap_torch behaviour step for s
 from __future__ import annotations
 
 import math
+from typing import TypedDict
 
 import torch
 from torch import Tensor
 
 SEED = 3407
+
+
+class _ParamState(TypedDict, total=False):
+    """Per-tensor state: step count, and for 2-D tensors the side, projector and moments."""
+
+    k: int
+    side: str
+    P: Tensor
+    M: Tensor
+    V: Tensor
 
 
 class ReferenceCOAPAdamW:
@@ -50,7 +61,7 @@ class ReferenceCOAPAdamW:
             side,
             projector_lr,
         )
-        self.state: list[dict[str, Tensor | int | str]] = [{"k": 0} for _ in params]
+        self.state: list[_ParamState] = [{"k": 0} for _ in params]
 
     # --- helpers in the paper's orientation -------------------------------------------------
     def _side(self, w: Tensor) -> str:
@@ -109,6 +120,7 @@ class ReferenceCOAPAdamW:
             loss = err * (1 - cos.mean())
             loss.backward()
         grad = proj.grad
+        assert grad is not None  # loss.backward() above populated it
         norm = grad.norm()
         coef = min(1.0, 1.0 / (float(norm) + 1e-6))
         new = (proj - self.plr * coef * grad).detach()

@@ -41,11 +41,14 @@ class Fsdp1View(FragmentView):
             if not handle._use_orig_params:
                 raise ValueError("Fsdp1Sharding needs FSDP(..., use_orig_params=True)")
             flat = handle.flat_param
+            assert flat._params is not None  # set whenever use_orig_params=True
             for p, shape, info in zip(
                 flat._params, flat._shapes, flat._shard_param_infos, strict=True
             ):
                 if info.in_shard:
-                    start, stop = info.intra_param_start_idx, info.intra_param_end_idx + 1
+                    first, last = info.intra_param_start_idx, info.intra_param_end_idx
+                    assert first is not None and last is not None  # set for in-shard params
+                    start, stop = first, last + 1
                 else:
                     start = stop = 0
                 self._local[p] = (tuple(shape), start, stop)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -144,8 +144,8 @@ class Fsdp2View(FragmentView):
         return self._params[index]._local_tensor
 
     def grad(self, index: int) -> Tensor | None:
-        g = self._params[index].grad
-        return None if g is None else g._local_tensor
+        g = self._params[index].grad  # a DTensor parameter's grad is a DTensor
+        return None if g is None else cast(DTensor, g)._local_tensor
 
 
 class Fsdp2Owner(OwnerLayout):
@@ -224,8 +224,8 @@ class Fsdp2Local(Layout):
         return [i for i in range(len(self._dparams)) if present[self.group_of[i]]]
 
     def local_grad(self, index: int) -> Tensor | None:
-        g = self._dparams[index].grad
-        return None if g is None else g._local_tensor
+        g = self._dparams[index].grad  # a DTensor parameter's grad is a DTensor
+        return None if g is None else cast(DTensor, g)._local_tensor
 
     def agree(self, values: Tensor) -> list[float]:
         if self.world > 1:
@@ -263,6 +263,7 @@ class Fsdp2Local(Layout):
             group = self._core.groups[self.group_of[i]]
             g = p.grad
             assert g is not None
+            g_local = cast(DTensor, g)._local_tensor  # a DTensor parameter's grad is a DTensor
             st = self._state(i)
             if s.kind == "matrix":
                 work.matrices.append(
@@ -272,13 +273,13 @@ class Fsdp2Local(Layout):
                         group,
                         st,
                         self._rows(i),
-                        g._local_tensor,
+                        g_local,
                         self._full_p[i],
                         self._sharded(i),
                     )
                 )
             else:
-                work.dense.append(DenseWork(i, s, group, st, p._local_tensor, g._local_tensor))
+                work.dense.append(DenseWork(i, s, group, st, p._local_tensor, g_local))
         return work
 
     def _all_gather_projectors(self, mats: Sequence[int]) -> dict[int, Tensor]:

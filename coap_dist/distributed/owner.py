@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -596,7 +596,7 @@ class OwnerLayout(Layout):
         def partial_shapes(i: int) -> list[Expect]:
             s = self._entries[i].spec
             if due[i] == "update":
-                axis = "row" if s.side == "right" else "col"
+                axis: Literal["row", "col"] = "row" if s.side == "right" else "col"
                 ortho = self._group(i)["projector_update"] != "reference"
                 n = fproj.correlation_partials_numel(s.rank, s.cols, axis, ortho)
                 return [Expect((n,), torch.float32)]
@@ -1009,12 +1009,12 @@ class OwnerLayout(Layout):
                     host = buf.cpu()
                     off = 0
                     for i, a, b, keys in entries:
-                        st: dict[str, Any] = {}
+                        recv: dict[str, Any] = {}
                         for k, shape, dtype in keys:
                             n = _nbytes(shape, dtype)
-                            st[k] = host[off : off + n].view(dtype).view(shape).clone()
+                            recv[k] = host[off : off + n].view(dtype).view(shape).clone()
                             off += n
-                        got.append((i, a, b, st))
+                        got.append((i, a, b, recv))
                 collected[q] = got
         return self._assemble(collected) if me == to else None
 

@@ -170,7 +170,7 @@ def owner_placement(
     """
     holder = [-1] * len(specs)
     pieces: list[tuple[Piece, ...]] = [()] * len(specs)
-    loads = [0] * world
+    loads: list[float] = [0] * world  # bytes; split rows add fractional per-row shares
     for index, pcs in dense_pieces(specs, world, fragments).items():
         pieces[index] = pcs
         for pc in pcs:
@@ -204,7 +204,7 @@ of them: fewer would cost more as a projector copy than they save in moved gradi
 def _place_split(
     mats: Sequence[ParamSpec],
     fragments: Sequence[Sequence[Range] | None],
-    loads: list[int],
+    loads: list[float],
     cap: float,
     holder: list[int],
     pieces: list[tuple[Piece, ...]],
@@ -263,7 +263,7 @@ def _natural_rows(s: ParamSpec, frag: Sequence[Range] | None, world: int) -> lis
 def _fill_gaps(
     s: ParamSpec,
     blocks: dict[int, list[int]],
-    loads: list[int],
+    loads: list[float],
     cap: float,
     per_row: float,
     holder: int,

@@ -178,13 +178,13 @@ def _scatter_routes(g: Geometry, world: int, solo: bool) -> list[Route]:
         fac = sum((hi - lo) * s.rank for _, _, (lo, hi) in parts) + (
             s.rank * s.cols if needs_p else 0
         )
-        for pc, boxes, rows in parts:
+        for pc, part_boxes, rows in parts:
             if fac < upd:
                 out.append(
                     Route(s.index, "rows", pc.rank, d, rows=rows, shape=(rows[1] - rows[0], s.rank))
                 )
             else:
-                out.append(Route(s.index, "update", pc.rank, d, boxes=boxes))
+                out.append(Route(s.index, "update", pc.rank, d, boxes=part_boxes))
         if fac < upd and needs_p:
             out.append(Route(s.index, "proj", g.holder, d, shape=(s.rank, s.cols)))
     return out

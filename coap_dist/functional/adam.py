@@ -31,7 +31,7 @@ def adam_directions(
     torch._foreach_addcmul_(vs, rs, rs, value=1.0 - beta2)
     denom = torch._foreach_sqrt(vs)
     torch._foreach_add_(denom, eps)
-    return torch._foreach_div(ms, denom)
+    return list(torch._foreach_div(ms, denom))
 
 
 def adafactor_beta2(t: int, decay_rate: float = -0.8) -> float:

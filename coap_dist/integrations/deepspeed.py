@@ -315,7 +315,7 @@ def unknown_config_keys(config: dict[str, Any]) -> dict[str, list[str]]:
         def __len__(self) -> int:
             return dict.__len__(self.data)
 
-    class _Recording(dict):  # type: ignore[type-arg]
+    class _Recording(dict):
         def __getitem__(self, key: Any) -> Any:
             looked_up.add(str(key))
             return super().__getitem__(key)
@@ -328,7 +328,7 @@ def unknown_config_keys(config: dict[str, Any]) -> dict[str, list[str]]:
             looked_up.add(str(key))
             return super().__contains__(key)
 
-        def keys(self) -> Any:  # type: ignore[override]
+        def keys(self) -> Any:
             return _Keys(self)
 
     try:

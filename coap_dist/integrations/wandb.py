@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, cast
 
 
 class WandbLogger:
@@ -53,7 +53,8 @@ class WandbLogger:
             name=name,
             group=group,
             tags=list(tags),
-            mode=mode,
+            # logger.mode is checked by the config; wandb.init rejects other strings itself
+            mode=cast(Literal["online", "offline", "disabled"], mode),
             config=dict(config or {}),
             dir=dir,
         )

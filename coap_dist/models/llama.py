@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -201,6 +202,9 @@ class Llama(nn.Module):
             to the caller (sharded materialisation, DeepSpeed ``zero.Init``).
     """
 
+    rope_cos: torch.Tensor  # non-persistent buffers, registered in __init__
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: LlamaConfig, *, seed: int | None = None, init: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
@@ -248,7 +252,7 @@ class Llama(nn.Module):
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each block's activations in the backward pass (see :class:`Block`)."""
         for layer in self.layers:
-            layer.checkpoint_activations = enabled
+            cast(Block, layer).checkpoint_activations = enabled
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[1]

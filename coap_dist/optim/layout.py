@@ -116,7 +116,11 @@ class Core(Protocol):
     name: str
     state: Any
     groups: list[dict[str, Any]]
-    built: list[list[Tensor | None]]
+
+    @property
+    def built(self) -> list[list[Tensor | None]]:
+        """Per group, the tensors the optimizer was built with (None where freed)."""
+        ...
 
     def plan(
         self,

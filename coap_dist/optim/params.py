@@ -39,7 +39,8 @@ def param_groups(
     adamw_pats = list(adamw_patterns or ())
     coap_pats = list(coap_patterns or ())
     seen: set[int] = set()
-    coap, adamw = [], []
+    coap: list[nn.Parameter] = []
+    adamw: list[nn.Parameter] = []
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -133,7 +133,7 @@ def make_spec(
     return ParamSpec(index, group_index, "dense", shape, fmt)
 
 
-def with_stagger(specs: list[ParamSpec], groups: list[Mapping[str, Any]]) -> list[ParamSpec]:
+def with_stagger(specs: list[ParamSpec], groups: Sequence[Mapping[str, Any]]) -> list[ParamSpec]:
     """Specs with refresh offsets: with ``stagger`` the j-th of J low-rank parameters starts
     its schedule (j T_u) // J steps early, spreading refreshes over the interval. The same
     offsets under every layout (so a sharded run keeps one process's schedule)."""

@@ -224,7 +224,7 @@ def convert_full(spec: ParamSpec, saved: Mapping[str, Any], where: str) -> State
     values: dict[str, Tensor] = {}
     for name in names:
         v = have.get(name)
-        if name in MOMENTS and v is None:
+        if v is None:  # only an 8-bit moment's name is not a key: it is `<name>_q`
             v = fquant.dequantize(have[f"{name}_q"], have[f"{name}_scale"], MOMENTS[name])
         values[name] = v.detach().cpu() if isinstance(v, Tensor) else torch.tensor(float(v))
     if spec.kind == "matrix":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -41,7 +42,8 @@ def main(cfg: DictConfig) -> None:
     try:
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         assert isinstance(config, dict)
-        run(config, Path(hydra_cfg.runtime.output_dir))
+        # the config's top-level keys are strings (a DictConfig from YAML)
+        run(cast(dict[str, Any], config), Path(hydra_cfg.runtime.output_dir))
     except (ConfigError, OmegaConfBaseException) as err:
         print(f"coap_dist.train: invalid config: {err}", file=sys.stderr, flush=True)
         if hydra_cfg.mode == RunMode.MULTIRUN:

@@ -232,8 +232,9 @@ def _write(tmp: Path, strategy: Strategy, meta: dict[str, Any]) -> str | None:
 
             dcp.save(_dcp_state(strategy), checkpoint_id=str(tmp))
         elif fmt == "deepspeed":
-            assert strategy.model is not None
-            strategy.model.save_checkpoint(str(tmp), tag="engine")
+            engine: Any = strategy.model  # a DeepSpeedEngine (deepspeed is untyped)
+            assert engine is not None
+            engine.save_checkpoint(str(tmp), tag="engine")
         else:
             raise ValueError(f"unknown checkpoint format {fmt!r}")
         if env.is_main:
@@ -348,13 +349,15 @@ def load(path: Path, meta: dict[str, Any], strategy: Strategy) -> None:
             )
 
             model = strategy.model
-            state = _dcp_state(strategy)
+            state = _dcp_state(strategy)  # asserts the model is built
+            assert model is not None
             dcp.load(state, checkpoint_id=str(path))
             set_model_state_dict(model, state["model"])
             set_optimizer_state_dict(model, optimizer, state["optimizer"])
         elif fmt == "deepspeed":
-            assert strategy.model is not None
-            strategy.model.load_checkpoint(str(path), tag="engine")
+            engine: Any = strategy.model  # a DeepSpeedEngine (deepspeed is untyped)
+            assert engine is not None
+            engine.load_checkpoint(str(path), tag="engine")
     except (RuntimeError, ValueError, KeyError) as err:
         raise ConfigError(
             f"resume={str(path)!r} does not fit this run's model or optimizer: "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from coap_dist.models.llama import LlamaConfig
 from coap_dist.optim.config import (
@@ -23,6 +23,9 @@ from coap_dist.optim.config import (
     number,
     unit_pair,
 )
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 class ConfigError(ValueError):
@@ -86,7 +89,7 @@ def _set(obj: object, name: str, value: object) -> None:
     object.__setattr__(obj, name, value)
 
 
-_D = TypeVar("_D")
+_D = TypeVar("_D", bound="DataclassInstance")
 
 
 def _from_mapping(

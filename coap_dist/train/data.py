@@ -100,7 +100,9 @@ def load_tokens(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     return train, val
 
 
-def _windows(tokens: np.ndarray, offsets: np.ndarray, seq_len: int) -> tuple[torch.Tensor, ...]:
+def _windows(
+    tokens: np.ndarray, offsets: np.ndarray, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs ``x[b] = tokens[o_b : o_b + T]`` and targets ``y[b] = tokens[o_b + 1 : o_b + T + 1]``,
     both int64 of shape (len(offsets), T)."""
     rows = np.stack([np.asarray(tokens[o : o + seq_len + 1]) for o in offsets.tolist()])

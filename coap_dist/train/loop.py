@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from coap_dist.optim.coap import COUNTERS
+from coap_dist.optim.schedule import COUNTERS
 from coap_dist.train import checkpoint
 from coap_dist.train.config import OptimizerConfig, TrainConfig, resume_settings
 from coap_dist.train.data import Batches, eval_batches

@@ -34,7 +34,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -409,7 +409,7 @@ class FSDP2Strategy(Strategy):
             reduce_dtype=torch.float32,
         )
         reshard = self.cfg.strategy.reshard_after_forward
-        for block in model.layers:
+        for block in cast(nn.ModuleList, model.layers):  # Llama.layers
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
         return model
@@ -564,7 +564,7 @@ class DeepSpeedStrategy(Strategy):
         """``engine.backward`` and ``engine.step`` per micro-batch: the engine scales the loss
         by 1 / ``gradient_accumulation_steps`` and steps the optimizer (clipping first) at
         the accumulation boundary. Returns (mean loss, the engine's global grad norm)."""
-        engine = self.model
+        engine: Any = self.model  # a DeepSpeedEngine (deepspeed is untyped)
         assert engine is not None
         total = torch.zeros((), device=self.env.device)
         for x, y in batches:
@@ -581,7 +581,7 @@ class DeepSpeedStrategy(Strategy):
     def unwrapped(self) -> nn.Module:
         """The model inside the engine."""
         assert self.model is not None
-        return self.model.module
+        return cast(nn.Module, self.model.module)  # DeepSpeedEngine.module
 
 
 _STRATEGIES: dict[str, type[Strategy]] = {

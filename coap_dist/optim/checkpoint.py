@@ -1,0 +1,226 @@
+"""Checkpoints of the COAP optimizers: torch's ``state_dict`` / ``load_state_dict``
+contract over any layout, and ``consolidate_state_dict`` for owner layouts.
+
+A mixin of :class:`~coap_dist.optim.coap.COAPAdamW` and ``COAPAdafactor``: it reads the
+optimizer's groups, plan and bound layout (declared below) and converts saved state with
+:func:`coap_dist.optim.storage.convert_full`. The format: torch's (``state`` keyed by
+position in optimizer order, ``param_groups`` with positions), tensors only, plus
+``coap_steps`` (every parameter's update count, which every rank keeps).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from coap_dist.optim.config import COAPAdamWConfig
+from coap_dist.optim.layout import Layout
+from coap_dist.optim.spec import ParamSpec
+from coap_dist.optim.storage import convert_full
+
+
+class Checkpoints:
+    """``state_dict``, ``consolidate_state_dict``, ``load_state_dict`` (see each)."""
+
+    name: str
+    config_class: type[COAPAdamWConfig]
+    groups: list[dict[str, Any]]
+    defaults: dict[str, Any]
+    state: Any
+    specs: list[ParamSpec]
+    group_of: list[int]
+    _built: list[list[weakref.ref[Tensor]]]
+    _layout: Layout | None
+    _steps: list[int]
+    _step_calls: int
+    _pending_load: dict[str, Any] | None
+    _consolidated: tuple[int, dict[str, Any]] | None
+
+    def _bound(self) -> Layout:
+        raise NotImplementedError
+
+    def _group_sizes(self) -> list[int]:
+        """Parameters per group, counting the tensors state is keyed by (a wrapper's groups
+        may hold flat partitions instead)."""
+        if self._layout is None:
+            return [len(refs) for refs in self._built]
+        return [self.group_of.count(gi) for gi in range(len(self.groups))]
+
+    def _packed_groups(self) -> list[dict[str, Any]]:
+        out, start = [], 0
+        for g, n in zip(self.groups, self._group_sizes(), strict=True):
+            hyper = {k: v for k, v in g.items() if k != "params"}
+            out.append({**hyper, "params": list(range(start, start + n))})
+            start += n
+        return out
+
+    def _local_state_dict(self) -> dict[str, Any]:
+        """This rank's state in torch's format (indices in optimizer order), plus the
+        global step counts every rank keeps."""
+        lay = self._bound()
+        state = {i: dict(self.state[p]) for i, p in enumerate(lay.params) if self.state.get(p)}
+        return {
+            "state": state,
+            "param_groups": self._packed_groups(),
+            "coap_steps": list(self._steps),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors only (loads with ``torch.load(..., weights_only=True)``).
+
+        One process or replicated state: the whole state. Sharded layouts: FSDP2's default
+        returns DTensor state for ``torch.distributed.checkpoint``; DeepSpeed this rank's
+        pieces; the other owner layouts raise unless :meth:`consolidate_state_dict` ran on
+        every rank first (then the rank it named gets the whole state). Never enters a
+        collective.
+        """
+        if self._consolidated is not None:
+            at, sd = self._consolidated
+            if at != self._step_calls:
+                raise RuntimeError(
+                    f"{self.name}: the state consolidated by consolidate_state_dict() is from "
+                    f"before the last {self._step_calls - at} step(s); call it again on every "
+                    "rank before state_dict()"
+                )
+            return sd
+        if self._layout is None:
+            if self._pending_load is not None:
+                return self._pending_load
+            return {"state": {}, "param_groups": self._packed_groups()}
+        return self._layout.state_dict(self._local_state_dict)
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Collective (call it on every rank): gather the whole single-process state on rank
+        ``to`` of the layout's group, where the next :meth:`state_dict` returns it."""
+        lay = self._bound()
+        full = lay.consolidate(to)
+        self._consolidated = None
+        if full is not None:
+            sd = {
+                "state": full,
+                "param_groups": self._packed_groups(),
+                "coap_steps": list(self._steps),
+            }
+            self._consolidated = (self._step_calls, sd)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load state (any form :meth:`state_dict` returns, from any world size for the
+        whole state); each rank keeps the pieces its layout assigns it. Before the first
+        step the state is kept and applied once the layout is bound.
+
+        Hyperparameters: this optimizer's win. Only what a scheduler drives is restored
+        from the checkpoint, as torch does, so a resumed schedule continues: ``lr`` and
+        group keys that are not hyperparameters (``initial_lr``, ``max_lr``, metadata).
+        Every other saved value that differs (``weight_decay``, ``betas``, ``rank``, ...)
+        is replaced by this optimizer's, with a ``UserWarning`` listing them.
+
+        State: converted to this optimizer's format where it can be (single-process form,
+        e.g. a ``state_dict()`` of one process or after ``consolidate_state_dict()``):
+        dtype and ``state_bits`` changes, and a changed rank by re-projection
+        (:func:`coap_dist.optim.storage.convert_full`); what cannot be converted (another
+        projection side or shape, another optimizer's state) raises naming the parameter.
+        Sharded state (DCP DTensors, DeepSpeed pieces) must match this optimizer's format.
+        """
+        saved = state_dict.get("param_groups")
+        if not isinstance(saved, list) or "state" not in state_dict:
+            raise ValueError(
+                f"{self.name}.load_state_dict: expected a dict with 'state' and 'param_groups' "
+                f"(an optimizer state dict), got keys {sorted(state_dict)}"
+            )
+        marks = ("update_interval", "projector_update", "moments")
+        for i, g in enumerate(saved):
+            missing = [k for k in marks if k not in g]
+            if missing:
+                foreign = sorted(set(g) - set(self.defaults) - {"params"})
+                raise ValueError(
+                    f"{self.name}.load_state_dict: saved param_groups[{i}] has no "
+                    f"{', '.join(f'`{k}`' for k in missing)}: it is another optimizer's state "
+                    f"dict (its own keys: {foreign}), whose state COAP cannot take over. Load "
+                    f"the model weights only and start {self.name} fresh, or load into the "
+                    "optimizer that saved it"
+                )
+        if [len(g["params"]) for g in saved] != self._group_sizes():
+            raise ValueError(
+                f"{self.name}.load_state_dict: the saved groups hold "
+                f"{[len(g['params']) for g in saved]} parameters, this optimizer's "
+                f"{self._group_sizes()}"
+            )
+        # Saved parameter ids are positions in the saved groups (torch's convention; DCP
+        # uses fully qualified names): map them to this optimizer's order.
+        position = {pid: i for i, pid in enumerate(pid for g in saved for pid in g["params"])}
+        state_dict = {
+            **state_dict,
+            "state": {position[k]: v for k, v in state_dict["state"].items() if k in position},
+            "param_groups": [{**g, "params": [position[p] for p in g["params"]]} for g in saved],
+        }
+        hyper = set(self.config_class.keys("group")) - {"lr"}
+        replaced = []
+        for i, (group, old) in enumerate(zip(self.groups, saved, strict=True)):
+            for k, v in old.items():
+                v = tuple(v) if k == "betas" else v
+                if k == "params":
+                    continue
+                if k not in hyper:
+                    group[k] = v
+                elif group.get(k) != v:
+                    replaced.append(f"param_groups[{i}].{k}: {v!r} -> {group.get(k)!r}")
+            self.config_class.validate_group(group, f"{self.name} param_groups[{i}]", own={})
+        if replaced:
+            warnings.warn(
+                f"{self.name}.load_state_dict: this optimizer's hyperparameters replace the "
+                f"checkpoint's: {'; '.join(replaced)}",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._consolidated = None
+        if self._layout is None:
+            # Applied at the first step: a snapshot now (on the CPU), as torch would have
+            # copied the values by the time the saving optimizer steps on.
+            self._pending_load = {**state_dict, "state": _snapshot(state_dict["state"])}
+            return
+        self._load(state_dict)
+
+    def _load(self, sd: Mapping[str, Any]) -> None:
+        lay = self._bound()
+        state = dict(sd["state"])
+        partial = "coap_layout" in sd
+        for i, st in sd["state"].items():
+            if not 0 <= int(i) < len(self.specs):
+                raise ValueError(
+                    f"{self.name}.load_state_dict: state for parameter {i} of {len(self.specs)}"
+                )
+            if not (partial or _is_dtensor_state(st)):
+                # a rank's pieces are checked by the layout (they must be its own)
+                state[i] = convert_full(
+                    self.specs[int(i)], st, f"{self.name}.load_state_dict: parameter {i}"
+                )
+        lay.load_state_dict({**sd, "state": state})
+        steps = sd.get("coap_steps")
+        if steps is None:
+            steps = [int(state[i]["step"]) if i in state else 0 for i in range(len(self.specs))]
+        self._steps = [int(k) for k in steps]
+
+
+def _snapshot(state: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
+    """CPU copies of plain state tensors (DTensor state and pieces are the layout's)."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        i: {
+            k: v.detach().to("cpu", copy=True)
+            if isinstance(v, Tensor) and not isinstance(v, DTensor)
+            else v
+            for k, v in st.items()
+        }
+        for i, st in state.items()
+    }
+
+
+def _is_dtensor_state(st: Mapping[str, Any]) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(v, DTensor) for v in st.values())
