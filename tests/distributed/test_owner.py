@@ -308,15 +308,18 @@ def _stagger(rank: int, world: int) -> None:
     model = _model()
     kw = dict(KW, update_interval=4, stagger=True)
     opt = coap_dist.COAPAdamW(coap_dist.param_groups(model, **kw), **kw, sharding="owner")
-    one = coap_dist.COAPAdamW(coap_dist.param_groups(_model(), **kw), **kw)
-    for p in model.parameters():
+    alone = _model()
+    one = coap_dist.COAPAdamW(coap_dist.param_groups(alone, **kw), **kw)
+    for p in [*model.parameters(), *alone.parameters()]:
         p.grad = torch.ones_like(p)
     opt.step()
+    one.step()
     plan = [(s.index, s.offset) for s in opt.specs if s.lowrank]
     every: list[Any] = [None] * world
     dist.all_gather_object(every, plan)
     assert all(p == plan for p in every), "the stagger plan differs across ranks"
-    assert plan == [(s.index, s.offset) for s in one.specs if s.lowrank]
+    single = [(s.index, s.offset) for s in one.specs if s.lowrank]
+    assert plan == single, (plan, single)
     assert [off for _, off in plan] == [(j * 4) // len(plan) for j in range(len(plan))]
     before = opt.metrics()["optim/refreshes"]
     for _ in range(4):

@@ -100,7 +100,7 @@ def test_changed_settings_take_effect_or_stop_the_run(uninterrupted, tmp_path) -
     assert cont[(6, "train")]["train/loss"] != full[(6, "train")]["train/loss"]
     # What the state cannot carry stops the run before any training (no metrics written).
     for override, field, old, new in (
-        ("optimizer.rank_ratio=2", "optimizer.rank_ratio", "4.0", "2.0"),
+        ("optimizer.rank_ratio=2", "optimizer.rank_ratio", "4", "2"),
         ("optimizer.state_bits=16", "optimizer.state_bits", "None", "16"),
         ("model.n_layers=2", "model.n_layers", "4", "2"),
     ):
