@@ -556,6 +556,16 @@ def test_load_state_dict_new_hyperparameters_win_and_state_converts() -> None:
     side.load_state_dict(saved)
     with pytest.raises(ValueError, match=r"parameter 0: the saved projector has shape"):
         _fit(m_s, side, range(1))
+    # An Adafactor checkpoint from before `beta1` became `betas[0]` still loads.
+    m_old = _mlp()
+    old_fac = COAPAdafactor(coap_dist.param_groups(m_old, rank=8), 1e-2, **kw)
+    _fit(m_old, old_fac, range(1))
+    legacy = copy.deepcopy(old_fac.state_dict())
+    for g in legacy["param_groups"]:
+        g["beta1"] = 0.9
+    again = COAPAdafactor(coap_dist.param_groups(_mlp(), rank=8), 1e-2, **kw)
+    again.load_state_dict(legacy)
+    assert "beta1" not in again.param_groups[0]
     m_f = _mlp()
     fac = COAPAdafactor(coap_dist.param_groups(m_f, rank=8), 1e-2, **kw)
     fac.load_state_dict(saved)

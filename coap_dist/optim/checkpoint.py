@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from coap_dist.optim.config import COAPAdamWConfig
+from coap_dist.optim.config import RENAMED, COAPAdamWConfig
 from coap_dist.optim.layout import Layout
 from coap_dist.optim.spec import ParamSpec
 from coap_dist.optim.storage import convert_full
@@ -162,8 +162,8 @@ class Checkpoints:
         for i, (group, old) in enumerate(zip(self.groups, saved, strict=True)):
             for k, v in old.items():
                 v = tuple(v) if k == "betas" else v
-                if k == "params":
-                    continue
+                if k == "params" or k in RENAMED:
+                    continue  # a renamed key (an older checkpoint's `beta1`): the new one wins
                 if k not in hyper:
                     group[k] = v
                 elif group.get(k) != v:
