@@ -151,6 +151,18 @@ def factories(args: argparse.Namespace) -> dict[str, OptimizerFactory]:
         if not args.no_reference:
             out["coap_reference"] = coap("reference")
         out["coap_dense"] = lambda ps: COAPAdamW([{"params": ps, "algorithm": "adamw"}], lr=1e-3)
+
+    def lowrank_group(ps: list[nn.Parameter], **extra: Any) -> dict[str, Any]:
+        """GaLore's / APOLLO's group: the same rank and refresh interval as COAP."""
+        return {
+            "params": ps,
+            "rank": args.rank,
+            "update_proj_gap": args.update_interval,
+            "scale": 1.0,
+            "proj_type": "std",
+            **extra,
+        }
+
     if not args.no_galore:
         try:
             from galore_torch import GaLoreAdamW
@@ -161,14 +173,7 @@ def factories(args: argparse.Namespace) -> dict[str, OptimizerFactory]:
             ) from err
 
         def galore(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
-            group = {
-                "params": ps,
-                "rank": args.rank,
-                "update_proj_gap": args.update_interval,
-                "scale": 1.0,
-                "proj_type": "std",
-            }
-            return GaLoreAdamW([group], lr=1e-3, no_deprecation_warning=True)
+            return GaLoreAdamW([lowrank_group(ps)], lr=1e-3, no_deprecation_warning=True)
 
         out["galore"] = galore
     if not args.no_apollo:
@@ -178,15 +183,7 @@ def factories(args: argparse.Namespace) -> dict[str, OptimizerFactory]:
             raise SystemExit(f"apollo_torch is not importable ({err}); use --no-apollo") from err
 
         def apollo(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
-            group = {
-                "params": ps,
-                "rank": args.rank,
-                "update_proj_gap": args.update_interval,
-                "scale": 1.0,
-                "proj": "random",
-                "scale_type": "channel",
-                "proj_type": "std",
-            }
+            group = lowrank_group(ps, proj="random", scale_type="channel")
             return APOLLOAdamW([group], lr=1e-3)
 
         out["apollo"] = apollo

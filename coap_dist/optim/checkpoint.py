@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
@@ -40,8 +40,11 @@ class Checkpoints:
     _pending_load: dict[str, Any] | None
     _consolidated: tuple[int, dict[str, Any]] | None
 
-    def _bound(self) -> Layout:
-        raise NotImplementedError
+    if TYPE_CHECKING:
+
+        def _bound(self) -> Layout:
+            """The bound layout (the optimizer's)."""
+            ...
 
     def _group_sizes(self) -> list[int]:
         """Parameters per group, counting the tensors state is keyed by (a wrapper's groups

@@ -67,12 +67,12 @@ class _COAPBase(Checkpoints, Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float | None,
-        config: COAPAdamWConfig | None,
-        hyperparameters: Mapping[str, Any],
+        lr: float | None = None,
         *,
-        sharding: Any,
-        process_group: Any,
+        config: COAPAdamWConfig | None = None,
+        sharding: Any = None,
+        process_group: Any = None,
+        **hyperparameters: Any,
     ) -> None:
         name = type(self).__name__
         given = {} if config is None else config.as_dict()
@@ -83,8 +83,6 @@ class _COAPBase(Checkpoints, Optimizer):
             )
         if lr is not None:
             given["lr"] = lr
-        if isinstance(given.get("betas"), list):
-            given["betas"] = tuple(given["betas"])
         self.config = self.config_class.from_mapping({**given, **hyperparameters}, name)
         if not isinstance(sharding, Layout) and sharding not in SHARDING_NAMES:
             raise ValueError(
@@ -352,23 +350,22 @@ class _COAPBase(Checkpoints, Optimizer):
         present = {i: g for i in ids if (g := lay.local_grad(i)) is not None}
         first = [i for i in present if self._steps[i] == 0]
         later = [i for i in present if self._steps[i] > 0 and self.skip_nonfinite]
-        rows = {}
+        rows: dict[int, Tensor] = {}
+
+        def flag(ids_: list[int], reduced: Sequence[Tensor], stepped: bool) -> None:
+            v = torch.stack([x.float() for x in reduced])
+            bad = torch.isfinite(v).logical_not()  # (not ~: unsupported by fake CUDA tensors)
+            nonzero = torch.ones_like(v) if stepped else (v != 0).float()
+            stacked = torch.stack([torch.ones_like(v), bad.float(), nonzero], 1)
+            rows.update(zip(ids_, stacked, strict=True))
+
         if present:
             one = torch.ones((), device=lay.device)
-            red: dict[int, Tensor] = {}
+            rows.update(dict.fromkeys(present, torch.stack([one, one * 0, one])))  # unchecked
             if first:
-                norms = torch._foreach_norm([present[i] for i in first])
-                red.update(zip(first, norms, strict=True))
-            red.update({i: present[i].sum() for i in later})
-            for i in present:
-                if i not in red:
-                    rows[i] = torch.stack([one, one * 0, one])
-            if red:
-                v = torch.stack([red[i].float() for i in red])
-                bad = torch.isfinite(v).logical_not()  # (not ~: unsupported by fake CUDA tensors)
-                nonzero = torch.tensor([i in later for i in red], device=v.device) | (v != 0)
-                flags = torch.stack([torch.ones_like(v), bad.float(), nonzero.float()], 1)
-                rows.update(zip(red, flags, strict=True))
+                flag(first, torch._foreach_norm([present[i] for i in first]), False)
+            if later:
+                flag(later, [present[i].sum() for i in later], True)
         none = torch.zeros(3, device=lay.device)
         buf = torch.cat(
             [torch.stack([rows.get(i, none) for i in range(n)]).reshape(-1), self._pending]
@@ -489,13 +486,7 @@ class _COAPBase(Checkpoints, Optimizer):
 
     def __setstate__(self, saved: dict[str, Any]) -> None:
         _COAPBase.__init__(
-            self,
-            saved["param_groups"],
-            None,
-            saved["config"],
-            {},
-            sharding=saved["sharding"],
-            process_group=None,
+            self, saved["param_groups"], config=saved["config"], sharding=saved["sharding"]
         )
         self.load_state_dict(saved["state_dict"])
         for k, v in saved["counters"].items():
@@ -566,20 +557,6 @@ class COAPAdamW(_COAPBase):
 
     config_class = COAPAdamWConfig
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float | None = None,
-        *,
-        config: COAPAdamWConfig | None = None,
-        sharding: Any = None,
-        process_group: Any = None,
-        **hyperparameters: Any,
-    ) -> None:
-        super().__init__(
-            params, lr, config, hyperparameters, sharding=sharding, process_group=process_group
-        )
-
 
 class COAPAdafactor(_COAPBase):
     """Adafactor (factored second moment, update clipping, momentum ``betas[0]``) on COAP
@@ -592,20 +569,6 @@ class COAPAdafactor(_COAPBase):
 
     config_class = COAPAdafactorConfig
     _rule = kernels.AdafactorRule()
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float | None = None,
-        *,
-        config: COAPAdafactorConfig | None = None,
-        sharding: Any = None,
-        process_group: Any = None,
-        **hyperparameters: Any,
-    ) -> None:
-        super().__init__(
-            params, lr, config, hyperparameters, sharding=sharding, process_group=process_group
-        )
 
 
 for _cls in (COAPAdamW, COAPAdafactor):

@@ -13,6 +13,7 @@ math only sees compute tensors.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Generator, Mapping, Sequence
 from typing import Any
 
@@ -170,6 +171,7 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Weight (= moment) dtypes that take torch's fused AdamW kernel."""
 
 
+@functools.cache
 def _fused_devices() -> tuple[str, ...]:
     from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
@@ -191,7 +193,7 @@ def dense_steps(works: Sequence[DenseWork], steps: Sequence[int]) -> None:
     (k = 1 - lr wd, bc_i = 1 - b_i^t). The rest (8-bit moments, state in another dtype than
     the weight) runs the same math with torch._foreach.
     """
-    fused: dict[tuple[int, torch.dtype, int], list[int]] = {}
+    fused: dict[tuple[int, torch.dtype, int, torch.device], list[int]] = {}
     rest: dict[tuple[int, torch.dtype, torch.dtype], list[int]] = {}
     ms = [read_moment(w.state, "exp_avg", True) for w in works]
     devices = _fused_devices() if works else ()
@@ -204,22 +206,23 @@ def dense_steps(works: Sequence[DenseWork], steps: Sequence[int]) -> None:
             and w.weight.device.type in devices
             and decay_keep(w.group) > 0
         ):
-            fused.setdefault((id(w.group), m.dtype, steps[j]), []).append(j)
+            fused.setdefault((id(w.group), m.dtype, steps[j], w.weight.device), []).append(j)
         else:
             rest.setdefault((id(w.group), m.dtype, w.weight.dtype), []).append(j)
-    for (_, dtype, t), idx in fused.items():
+    for (_, dtype, t, _), idx in fused.items():
         group = works[idx[0]].group
         b1, b2 = group["betas"]
         keep = decay_keep(group)
         lr = group["lr"] * keep
         weights = [works[j].weight for j in idx]
+        step = torch.full((), float(t), device=weights[0].device)  # read-only in the kernel
         torch._fused_adamw_(
             weights,
             [works[j].grad.to(dtype) for j in idx],
             [ms[j] for j in idx],
             [works[j].state["exp_avg_sq"] for j in idx],
             [],
-            [torch.full((), float(t), device=w.device) for w in weights],
+            [step] * len(idx),
             lr=lr,
             beta1=b1,
             beta2=b2,
