@@ -1,315 +1,294 @@
-"""Convergence: validation loss of a tiny LLaMA on Shakespeare bytes, per optimizer.
+"""Convergence: validation loss of the tiny LLaMA on Shakespeare bytes, per optimizer variant.
 
-The model is ``LLAMA_PRESETS["tiny"]`` (4 blocks, d 128, f 344, byte vocabulary 256); the data
-is the corpus embedded in the package (``coap_dist.train.data``: byte tokens, the default
-held-out works as the validation stream, training batches a pure function of (seed, step)).
-Optimizers (built by :func:`train_step.build_optimizer`, so with the same rank, refresh
-interval, scale, eps and parameter split as the speed benchmark):
+Every run is the library's own training job, ``python -m coap_dist.train`` (Hydra config
+``coap_dist/configs/train.yaml``, the app's optimizer factory, training loop, data and
+validation), started as a subprocess with the overrides of its variant; this script only
+chooses the runs, reads each run's ``metrics.jsonl`` / ``summary.json`` and tabulates.
 
-* ``adamw`` (torch), ``coap`` (default: scale-free projector update, rotated moments),
-  ``coap_reference`` (``projector_update="reference"``, ``moments="keep"``: the published
-  behaviour), ``coap8bit`` (``state_bits=8``), ``galore`` (GaLoreAdamW), ``apollo``
-  (APOLLOAdamW, if installed).
+Variants (:data:`VARIANTS`): ``adamw``, ``galore``, ``apollo``, ``coap_reference`` (the
+published behaviour: ``projector_update=reference``, ``moments=keep``), ``coap`` (the library's
+defaults), ``coap_right`` (every matrix right-projected: what FSDP2's default row-shard layout
+runs), the two half-way COAP variants that say which default matters (``coap_sf_keep``,
+``coap_ref_rotate``), ``coap_adaptive`` (``refresh=adaptive``) and ``coap_auto_rank``
+(``rank=auto`` at the fixed-rank state bytes). Every low-rank method gets the same rank and the
+same refresh interval T_u (GaLore's / APOLLO's ``update_proj_gap``).
 
-Protocol, identical for every optimizer:
+Protocol, identical for every variant:
 
-1. learning-rate sweep: each lr of ``--lrs`` for ``--sweep-steps`` steps with seed 0; the lr
-   with the lowest final validation loss is chosen (a non-finite loss counts as +inf);
-2. the chosen lr for ``--steps`` steps with each seed of ``--seeds`` (model init and data
-   order follow the seed; all optimizers see the same batches for a seed).
+1. learning-rate sweep: each lr of ``--lrs`` for ``--sweep-steps`` steps with the first seed;
+   the lr with the lowest final validation loss is chosen (a failed or non-finite run counts
+   as +inf);
+2. the chosen lr for ``--steps`` steps with each seed of ``--seeds`` (model init and data order
+   follow the seed; every variant sees the same batches for a seed).
 
-Every run: the same token budget (steps x batch x seq_len), linear warm-up over the first 10%
-of its steps then cosine decay to 10% of the lr, gradient norm clipped to 1, no weight decay.
-Validation loss (mean cross-entropy, nats per byte) on a fixed set of windows spread evenly over
-the held-out works, every ``--eval-every`` steps and at the end.
+Reported beside the final validation loss (mean and spread max - min over seeds): the refresh
+work per matrix per 1,000 steps (SVDs: COAP's seeded and warm-started randomized SVDs,
+GaLore's SVDs; correlation updates: COAP's projector steps) and the optimizer-state bytes.
 
 Run::
 
-    python benchmarks/convergence.py            # ~15-20 minutes on 2 shared cores
-    python benchmarks/convergence.py --quick    # ~1 minute smoke check (numbers meaningless)
+    python benchmarks/convergence.py --jobs 2     # the full measurement (~2 h on 2 cores)
+    python benchmarks/convergence.py --quick      # ~2 minute smoke check (numbers meaningless)
 
-Writes ``benchmarks/results/convergence.{json,md,png}``.
+Runs are kept under ``--runs-dir`` and reused when the same run (same effective config, see
+:func:`run_key`) is asked for again, so an interrupted measurement continues where it
+stopped; after a change to the optimizer's code, delete the runs dir. Writes
+``benchmarks/results/convergence.{json,md,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import hashlib
+import json
 import math
+import os
 import statistics
+import subprocess
 import sys
+import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
-    RESULTS_DIR,
-    _version,
-    machine_info,
-    machine_markdown,
-    markdown_table,
-    publish,
-    require_positive,
+from _common import RESULTS_DIR, machine_info, machine_markdown, markdown_table, publish
+
+from coap_dist.models.llama import LLAMA_PRESETS
+from coap_dist.optim.config import COAPAdamWConfig
+
+REPO = Path(__file__).resolve().parents[1]
+MATRICES_PER_BLOCK = 7
+"""q, k, v, o, gate, up, down: the block matrices every low-rank method projects."""
+
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "adamw": ("optimizer=adamw",),
+    "galore": ("optimizer=galore", "optimizer.rank={rank}", "optimizer.update_proj_gap={tu}"),
+    "apollo": ("optimizer=apollo", "optimizer.rank={rank}", "optimizer.update_proj_gap={tu}"),
+    "coap_reference": (
+        "optimizer=coap",
+        "optimizer.projector_update=reference",
+        "optimizer.moments=keep",
+    ),
+    "coap_scale_free": (
+        "optimizer=coap",
+        "optimizer.projector_update=scale_free",
+        "optimizer.moments=rotate",
+    ),
+    "coap_sf_keep": (
+        "optimizer=coap",
+        "optimizer.projector_update=scale_free",
+        "optimizer.moments=keep",
+    ),
+    "coap_ref_rotate": (
+        "optimizer=coap",
+        "optimizer.projector_update=reference",
+        "optimizer.moments=rotate",
+    ),
+    "coap_right": ("optimizer=coap", "optimizer.projection_side=right"),
+    "coap_adaptive": ("optimizer=coap", "optimizer.refresh=adaptive"),
+    "coap_auto_rank": ("optimizer=coap", "optimizer.rank=auto"),
+}
+"""Label -> the Hydra overrides of the variant ({rank}, {tu}: the common rank and T_u)."""
+
+COAP_COMMON = (
+    "optimizer.rank={rank}",
+    "optimizer.rank_ratio=null",
+    "optimizer.update_interval={tu}",
+    "optimizer.reproject_factor={f}",
 )
-from train_step import LABELS, LowRankConfig, Unavailable, build_optimizer
+"""Overrides every COAP variant starts from (a variant's own ones come after and win)."""
 
-from coap_dist.models.llama import LLAMA_PRESETS, Llama
-from coap_dist.train.config import DataConfig
-from coap_dist.train.data import Batches, eval_batches, load_shakespeare
+DEFAULT_VARIANTS = (
+    "adamw",
+    "galore",
+    "apollo",
+    "coap_reference",
+    "coap_scale_free",
+    "coap_right",
+    "coap_sf_keep",
+    "coap_ref_rotate",
+)
 
-DEFAULT_OPTIMIZERS = ("adamw", "coap", "coap_reference", "coap8bit", "galore", "apollo")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RunConfig:
-    """One training run.
-
-    Attributes:
-        steps: optimizer steps (the token budget is steps x batch x seq_len).
-        batch, seq_len: sequences per step and tokens per sequence.
-        eval_every: steps between validation evaluations (and one at the end).
-        eval_batches: validation batches of ``batch`` windows each.
-        warmup_frac: fraction of the steps with a linear lr warm-up.
-        final_lr_frac: lr at the end of the cosine decay, as a fraction of the peak.
-        clip: gradient-norm clipping threshold.
-    """
-
-    steps: int
-    batch: int
-    seq_len: int
-    eval_every: int
-    eval_batches: int
-    warmup_frac: float = 0.1
-    final_lr_frac: float = 0.1
-    clip: float = 1.0
-
-    def lr_factor(self, step: int) -> float:
-        """Multiplier of the peak lr at ``step``: linear warm-up, then cosine to final_lr_frac."""
-        warmup = max(1, round(self.warmup_frac * self.steps))
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, self.steps - warmup)
-        cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return self.final_lr_frac + (1.0 - self.final_lr_frac) * cosine
+QUICK = {
+    "steps": 12,
+    "sweep_steps": 6,
+    "batch": 4,
+    "seq_len": 32,
+    "eval_every": 6,
+    "eval_batches": 2,
+    "lrs": [1e-3, 1e-2],
+    "seeds": [0, 1],
+    "update_interval": 3,
+    "reproject_factor": 2,
+    "rank": 8,
+    "log_every": 3,
+}
+"""Overrides of ``--quick`` (a smoke check of the whole pipeline)."""
 
 
-@torch.no_grad()
-def validation_loss(model: nn.Module, val: np.ndarray, cfg: RunConfig) -> float:
-    """Mean cross-entropy (nats per token) over the fixed validation windows."""
-    losses = []
-    for x, y in eval_batches(
-        val, seq_len=cfg.seq_len, global_batch=cfg.batch, n_batches=cfg.eval_batches
-    ):
-        losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
-    return statistics.fmean(losses)
+def overrides(
+    label: str, args: argparse.Namespace, *, lr: float, seed: int, steps: int
+) -> list[str]:
+    """The complete Hydra command line of one run."""
+    fill = {"rank": args.rank, "tu": args.update_interval, "f": args.reproject_factor}
+    own = [o.format(**fill) for o in VARIANTS[label]]
+    coap = [o.format(**fill) for o in COAP_COMMON] if own[0] == "optimizer=coap" else []
+    warmup = max(1, round(args.warmup_frac * steps))
+    return [
+        own[0],
+        "compare=false",
+        f"steps={steps}",
+        f"warmup_steps={warmup}",
+        f"batch_size={args.batch}",
+        f"seq_len={args.seq_len}",
+        f"eval.every={min(args.eval_every, steps)}",
+        f"eval.batches={args.eval_batches}",
+        f"log_every={min(args.log_every, steps)}",
+        f"threads={args.threads}",
+        "logger=jsonl",
+        "progress=false",
+        "plot=false",
+        f"seed={seed}",
+        f"optimizer.lr={lr:g}",
+        f"optimizer.name={label}",
+        *coap,
+        *own[1:],
+    ]
 
 
-def train(
-    label: str,
-    *,
-    lr: float,
-    seed: int,
-    cfg: RunConfig,
-    lowrank: LowRankConfig,
-    train_tokens: np.ndarray,
-    val_tokens: np.ndarray,
-) -> dict[str, Any]:
-    """Train the tiny LLaMA from scratch with optimizer ``label``; the loss curves.
+_HYDRA = threading.Lock()
+"""Hydra's global state admits one compose at a time (variants run in threads)."""
 
-    Returns ``{"label", "lr", "seed", "steps", "tokens", "train_loss": [per step],
-    "val": [[step, tokens, loss], ...], "final_val_loss", "diverged", "seconds"}``; a run whose
-    training loss turns non-finite stops there with ``final_val_loss = inf``.
-    """
-    t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    model = Llama(dataclasses.replace(LLAMA_PRESETS["tiny"], max_seq_len=cfg.seq_len))
-    opt = build_optimizer(label, model, lr=lr, lowrank=lowrank)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.lr_factor)
-    batches = Batches(train_tokens, seq_len=cfg.seq_len, global_batch=cfg.batch, seed=seed)
-    tokens_per_step = cfg.batch * cfg.seq_len
-    train_loss: list[float] = []
-    val: list[list[float]] = []
-    diverged = False
-    for step in range(cfg.steps):
-        x, y = batches.get(step)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        if not torch.isfinite(loss):
-            diverged = True
-            break
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        train_loss.append(loss.item())
-        done = step + 1
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            val.append([done, done * tokens_per_step, validation_loss(model, val_tokens, cfg)])
-    final = float("inf") if diverged or not val else val[-1][2]
-    if not math.isfinite(final):
-        diverged = True
-        final = float("inf")
-    return {
-        "label": label,
-        "lr": lr,
-        "seed": seed,
-        "steps": cfg.steps,
-        "tokens": cfg.steps * tokens_per_step,
-        "train_loss": train_loss,
-        "val": val,
-        "final_val_loss": final,
-        "diverged": diverged,
-        "seconds": time.perf_counter() - t0,
+
+def run_key(cmd: list[str]) -> str:
+    """Hash of the config the app will run (Hydra-composed and resolved, as the app gets
+    it), less optimizer keys at their library default: a run is reused only for the same
+    effective settings, and a new key added with its default does not invalidate runs."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from coap_dist.train.config import RECIPES
+
+    with _HYDRA, initialize_config_module(config_module="coap_dist.configs", version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(config_name="train", overrides=cmd), resolve=True)
+    assert isinstance(cfg, dict)
+    cfg.pop("hydra", None)
+    opt = cfg["optimizer"]
+    recipe = RECIPES[opt["kind"]]
+    fields = {f.name: f.default for f in dataclasses.fields(recipe)}
+    cfg["optimizer"] = {
+        k: v
+        for k, v in opt.items()
+        if not (k in fields and (tuple(v) if isinstance(v, list) else v) == fields[k])
     }
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _ema(values: list[float], beta: float = 0.9) -> list[float]:
-    """Bias-corrected exponential moving average: a_k = EMA_k / (1 - beta^k)."""
-    out, avg = [], 0.0
-    for k, v in enumerate(values, start=1):
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta**k))
+def run_one(
+    label: str, args: argparse.Namespace, *, lr: float, seed: int, steps: int
+) -> dict[str, Any]:
+    """Train one run with ``python -m coap_dist.train`` (or reuse a finished identical one)
+    and read its outcome: the validation curve, the last optimizer counters, state bytes."""
+    cmd = overrides(label, args, lr=lr, seed=seed, steps=steps)
+    key = run_key(cmd)
+    run_dir = args.runs_dir / f"{label}_lr{lr:g}_s{seed}_n{steps}_{key}"
+    summary_path, metrics_path = run_dir / "summary.json", run_dir / "metrics.jsonl"
+    seconds = float("nan")
+    error = None
+    if not summary_path.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "coap_dist.train", *cmd, f"hydra.run.dir={run_dir}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+        )
+        seconds = time.perf_counter() - t0
+        (run_dir / "seconds").write_text(f"{seconds}\n")
+        if proc.returncode != 0:
+            error = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+            (run_dir / "error.txt").write_text(proc.stdout + proc.stderr)
+    elif (run_dir / "seconds").exists():
+        seconds = float((run_dir / "seconds").read_text())
+    out: dict[str, Any] = {"label": label, "lr": lr, "seed": seed, "steps": steps}
+    out["overrides"] = cmd
+    out["seconds"] = seconds
+    if error is not None or not summary_path.exists():
+        print(f"  {label} lr {lr:g} seed {seed}: FAILED {error}", flush=True)
+        return {**out, "final_val_loss": math.inf, "error": error, "val": [], "train": []}
+    (summary,) = json.loads(summary_path.read_text())
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    tokens_per_step = args.batch * args.seq_len
+    val = [
+        [r["step"], r["step"] * tokens_per_step, r["val/loss"]] for r in records if "val/loss" in r
+    ]
+    train = [[r["step"], r["train/loss"]] for r in records if "train/loss" in r]
+    last = [r for r in records if "train/loss" in r][-1]
+    final = summary["val_loss"]
+    out.update(
+        final_val_loss=final if math.isfinite(final) else math.inf,
+        val=val,
+        train=train,
+        state_bytes=max(summary["state_bytes"]),
+        tokens_per_s=summary["tokens_per_s"],
+        counters={k: v for k, v in last.items() if k.startswith("optim/")},
+    )
     return out
 
 
-def plot(result: dict[str, Any], path: Path) -> Path | None:
-    """Validation and smoothed training loss vs tokens, one colour per optimizer (PNG)."""
-    try:
-        import matplotlib
+def refresh_work(label: str, run: dict[str, Any], args: argparse.Namespace) -> tuple[float, float]:
+    """(SVDs, correlation updates) per low-rank matrix per 1,000 steps of one run."""
+    n_mat = MATRICES_PER_BLOCK * LLAMA_PRESETS["tiny"].n_layers
+    per_k = 1000.0 / run["steps"] / n_mat
+    if label.startswith("coap"):
+        c = run.get("counters", {})
+        svds = c.get("optim/refreshes", math.nan) - c.get("optim/projector_updates", math.nan)
+        return svds * per_k, c.get("optim/projector_updates", math.nan) * per_k
+    if label == "galore":  # an SVD at the first step and every update_proj_gap steps
+        return n_mat * math.ceil(run["steps"] / args.update_interval) * per_k, 0.0
+    return 0.0, 0.0  # AdamW; APOLLO draws random projections (no SVD)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, (ax_val, ax_train) = plt.subplots(1, 2, figsize=(12, 4.5))
-    tokens_per_step = result["config"]["batch"] * result["config"]["seq_len"]
-    for i, (label, runs) in enumerate(result["full_runs"].items()):
-        color = f"C{i}"
-        lr = result["chosen_lr"][label]
-        for j, r in enumerate(runs):
-            name = f"{label} (lr {lr:g})" if j == 0 else None
-            if r["val"]:
-                xs, ys = [v[1] for v in r["val"]], [v[2] for v in r["val"]]
-                ax_val.plot(xs, ys, color=color, lw=1.2, ls="-" if j == 0 else "--", label=name)
-            xs_t = [(k + 1) * tokens_per_step for k in range(len(r["train_loss"]))]
-            ax_train.plot(
-                xs_t,
-                _ema(r["train_loss"]),
-                color=color,
-                lw=0.8,
-                alpha=0.8,
-                ls="-" if j == 0 else "--",
-                label=name,
-            )
-    cfg = result["config"]
-    for ax, title in ((ax_val, "validation loss"), (ax_train, "training loss (EMA 0.9)")):
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("cross-entropy (nats / byte)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    ax_val.legend(fontsize=8)
-    finals = [
-        s["final_val_mean"]
-        for s in result["summary"].values()
-        if math.isfinite(s["final_val_mean"])
-    ]
-    firsts = [
-        r["val"][0][2]
-        for runs in result["full_runs"].values()
-        for r in runs
-        if r["val"] and math.isfinite(r["val"][0][2])
-    ]
-    if finals and firsts:
-        # Zoom on the part where the curves separate: from the first evaluation down.
-        top, bottom = max(firsts) + 0.05, min(finals) - 0.15
-        ax_val.set_ylim(bottom, top)
-        ax_train.set_ylim(bottom - 0.1, top)
-    fig.suptitle(
-        f"tiny LLaMA on Shakespeare bytes: rank {cfg['rank']}, T_u {cfg['update_interval']}, "
-        f"F {cfg['reproject_factor']}, seeds {cfg['seeds']} (solid: first, dashed: second)",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+
+def variant(label: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Sweep, then the seeds at the chosen lr, for one variant (runs in order)."""
+    sweep = {}
+    for lr in args.lrs:
+        r = run_one(label, args, lr=lr, seed=args.seeds[0], steps=args.sweep_steps)
+        sweep[f"{lr:g}"] = r["final_val_loss"]
+        print(f"sweep {label:>16} lr {lr:g}: {r['final_val_loss']:.4f}", flush=True)
+    chosen = float(min(sweep, key=sweep.__getitem__))
+    runs = [run_one(label, args, lr=chosen, seed=s, steps=args.steps) for s in args.seeds]
+    finals = [r["final_val_loss"] for r in runs]
+    for r in runs:
+        print(f"full  {label:>16} lr {chosen:g} seed {r['seed']}: {r['final_val_loss']:.4f}")
+    work = [refresh_work(label, r, args) for r in runs]
+    summary = {
+        "lr": chosen,
+        "lr_at_grid_edge": len(args.lrs) > 1 and chosen in (min(args.lrs), max(args.lrs)),
+        "final_val_per_seed": finals,
+        "final_val_mean": statistics.fmean(finals),
+        "final_val_spread": max(finals) - min(finals),
+        "svds_per_matrix_per_1k_steps": statistics.fmean(w[0] for w in work),
+        "updates_per_matrix_per_1k_steps": statistics.fmean(w[1] for w in work),
+        "state_bytes": max((r.get("state_bytes", 0) for r in runs), default=0),
+        "seconds_per_run": statistics.fmean(r["seconds"] for r in runs),
+    }
+    return {"sweep": sweep, "runs": runs, "summary": summary}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Sweep, full runs and summary; the JSON-ready result."""
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
+    """Every variant (``--jobs`` at a time), then the JSON-ready result."""
     machine_at_start = machine_info()
     wall0 = time.perf_counter()
-    val_docs = DataConfig(name="shakespeare").val_docs
-    train_tokens, val_tokens = load_shakespeare(val_docs)
-    lowrank = LowRankConfig(
-        rank=args.rank,
-        update_interval=args.update_interval,
-        reproject_factor=args.reproject_factor,
-        scale=args.scale,
-    )
-    common = {"batch": args.batch, "seq_len": args.seq_len, "eval_batches": args.eval_batches}
-    sweep_cfg = RunConfig(steps=args.sweep_steps, eval_every=args.sweep_steps, **common)
-    full_cfg = RunConfig(steps=args.steps, eval_every=args.eval_every, **common)
-    data = {"lowrank": lowrank, "train_tokens": train_tokens, "val_tokens": val_tokens}
-
-    unavailable: dict[str, str] = {}
-    sweep: dict[str, dict[str, float]] = {}
-    sweep_seconds: dict[str, float] = {}
-    for label in args.optimizers:
-        t0 = time.perf_counter()
-        losses: dict[str, float] = {}
-        try:
-            for lr in args.lrs:
-                r = train(label, lr=lr, seed=args.seeds[0], cfg=sweep_cfg, **data)
-                losses[f"{lr:g}"] = r["final_val_loss"]
-        except Unavailable as err:
-            unavailable[label] = str(err)
-            print(f"{label}: skipped ({err})", flush=True)
-            continue
-        sweep[label] = losses
-        sweep_seconds[label] = time.perf_counter() - t0
-        shown = ", ".join(f"lr {k}: {v:.4f}" for k, v in losses.items())
-        print(f"sweep {label:>15}: {shown} ({sweep_seconds[label]:.0f} s)", flush=True)
-    chosen = {label: float(min(losses, key=losses.__getitem__)) for label, losses in sweep.items()}
-    edge = {
-        label: chosen[label] in (min(args.lrs), max(args.lrs)) and len(args.lrs) > 1
-        for label in chosen
-    }
-
-    full_runs: dict[str, list[dict[str, Any]]] = {label: [] for label in chosen}
-    for seed in args.seeds:
-        for label in chosen:
-            r = train(label, lr=chosen[label], seed=seed, cfg=full_cfg, **data)
-            full_runs[label].append(r)
-            print(
-                f"full {label:>15} lr {chosen[label]:g} seed {seed}: final val "
-                f"{r['final_val_loss']:.4f} ({r['seconds']:.0f} s, "
-                f"{time.perf_counter() - wall0:.0f} s elapsed)",
-                flush=True,
-            )
-
-    summary: dict[str, dict[str, Any]] = {}
-    for label, runs in full_runs.items():
-        finals = [r["final_val_loss"] for r in runs]
-        summary[label] = {
-            "lr": chosen[label],
-            "lr_at_grid_edge": edge[label],
-            "final_val_per_seed": finals,
-            "final_val_mean": statistics.fmean(finals),
-            "final_val_spread": max(finals) - min(finals),
-            "seconds_per_run": statistics.fmean(r["seconds"] for r in runs),
-        }
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {label: pool.submit(variant, label, args) for label in args.variants}
+        done = {label: f.result() for label, f in futures.items()}
+    summary = {label: d["summary"] for label, d in done.items()}
     if "adamw" in summary:
         base = summary["adamw"]["final_val_mean"]
         for s in summary.values():
@@ -323,10 +302,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {
             "model": "tiny",
             "parameters": LLAMA_PRESETS["tiny"].num_params(),
-            "data": "shakespeare bytes (coap_dist.train.data)",
-            "val_docs": list(val_docs),
-            "train_tokens_available": len(train_tokens),
-            "val_tokens_available": len(val_tokens),
+            "data": "shakespeare bytes (coap_dist.train.data, the app's default held-out works)",
+            "entry_point": "python -m coap_dist.train (one subprocess per run)",
             "batch": args.batch,
             "seq_len": args.seq_len,
             "steps": args.steps,
@@ -337,23 +314,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "eval_every": args.eval_every,
             "eval_batches": args.eval_batches,
             "eval_tokens": args.eval_batches * args.batch * args.seq_len,
-            "schedule": "linear warm-up 10% of steps, cosine to 10% of the lr",
-            "grad_clip": full_cfg.clip,
-            "weight_decay": 0.0,
-            "eps": 1e-6,
+            "schedule": f"linear warm-up {args.warmup_frac:.0%} of steps, cosine to 10% of the lr",
             "rank": args.rank,
             "update_interval": args.update_interval,
             "reproject_factor": args.reproject_factor,
-            "scale": args.scale,
             "threads": args.threads,
-            "packages": {name: _version(name) for name in ("apollo-torch", "galore-torch")},
+            "variants": {label: list(VARIANTS[label]) for label in args.variants},
         },
-        "unavailable": unavailable,
-        "sweep": sweep,
-        "sweep_seconds": sweep_seconds,
-        "chosen_lr": chosen,
+        "sweep": {label: d["sweep"] for label, d in done.items()},
+        "chosen_lr": {label: s["lr"] for label, s in summary.items()},
         "summary": summary,
-        "full_runs": full_runs,
+        "full_runs": {label: d["runs"] for label, d in done.items()},
     }
 
 
@@ -366,49 +337,45 @@ def to_markdown(result: dict[str, Any]) -> str:
         rows.append(
             [
                 label,
-                f"{s['lr']:g}" + (" (grid edge)" if s["lr_at_grid_edge"] else ""),
+                f"{s['lr']:g}" + (" (edge)" if s["lr_at_grid_edge"] else ""),
                 *(f"{result['sweep'][label][lr]:.4f}" for lr in lrs),
-                *(f"{v:.4f}" for v in s["final_val_per_seed"]),
-                f"{s['final_val_mean']:.4f}",
+                " / ".join(f"{v:.4f}" for v in s["final_val_per_seed"]),
+                f"{s['final_val_mean']:.4f} ± {s['final_val_spread'] / 2:.4f}",
                 f"{s['vs_adamw']:.4f}" if "vs_adamw" in s else "-",
+                f"{s['svds_per_matrix_per_1k_steps']:.1f}",
+                f"{s['updates_per_matrix_per_1k_steps']:.1f}",
+                f"{s['state_bytes'] / 2**20:.3f}",
                 f"{s['seconds_per_run']:.0f}",
             ]
         )
     header = [
-        "optimizer",
-        "chosen lr",
-        *(f"sweep lr {lr}" for lr in lrs),
-        *(f"final val seed {seed}" for seed in cfg["seeds"]),
-        "mean",
+        "variant",
+        "lr",
+        *(f"sweep {lr}" for lr in lrs),
+        "final val per seed",
+        "mean ± half spread",
         "/ AdamW",
+        "SVDs / matrix / 1k steps",
+        "updates / matrix / 1k steps",
+        "state MiB",
         "s / run",
     ]
     parts = [
         "# Convergence: tiny LLaMA on Shakespeare bytes",
-        (
-            "**Quick mode: smoke check only, numbers are not meaningful.**"
-            if result["quick"]
-            else ""
-        ),
-        f"LLaMA `tiny` ({cfg['parameters']:,} parameters, byte vocabulary), "
-        f"{cfg['steps']} steps x {cfg['batch']} x {cfg['seq_len']} tokens = "
-        f"{cfg['tokens_per_run']:,} training tokens per run for every optimizer; validation on "
-        f"{cfg['eval_tokens']:,} tokens of {', '.join(cfg['val_docs'])} (held out). "
-        f"Rank {cfg['rank']}, T_u={cfg['update_interval']}, F={cfg['reproject_factor']}, "
-        f"scale {cfg['scale']}; {cfg['schedule']}; gradient clipping {cfg['grad_clip']}; "
-        f"no weight decay; eps {cfg['eps']}. lr chosen per optimizer by the same sweep "
-        f"({', '.join(lrs)}; {cfg['sweep_steps']} steps, seed {cfg['seeds'][0]}, lowest final "
-        f"validation loss), then {len(cfg['seeds'])} seeds at the chosen lr. Loss in nats per "
-        f"byte; {cfg['threads']} torch threads.",
+        "**Quick mode: smoke check only, numbers are not meaningful.**" if result["quick"] else "",
+        f"LLaMA `tiny` ({cfg['parameters']:,} parameters, byte vocabulary), each run "
+        f"`{cfg['entry_point']}`: {cfg['steps']} steps x {cfg['batch']} x {cfg['seq_len']} "
+        f"tokens = {cfg['tokens_per_run']:,} training tokens; validation on "
+        f"{cfg['eval_tokens']:,} held-out tokens. Rank {cfg['rank']}, T_u={cfg['update_interval']}"
+        f" (GaLore / APOLLO update_proj_gap), F={cfg['reproject_factor']}; {cfg['schedule']}; "
+        f"the app's defaults otherwise (gradient clipping 1.0, no weight decay). lr chosen per "
+        f"variant by the same sweep ({', '.join(lrs)}; {cfg['sweep_steps']} steps, seed "
+        f"{cfg['seeds'][0]}), then seeds {cfg['seeds']} at the chosen lr. Loss in nats per "
+        f"byte; {cfg['threads']} torch thread(s) per run.",
         markdown_table(header, rows),
+        "Overrides per variant: "
+        + "; ".join(f"`{k}`: {' '.join(v)}" for k, v in cfg["variants"].items()),
         "![curves](convergence.png)",
-    ]
-    if result["unavailable"]:
-        parts += [
-            "## Not run",
-            "\n".join(f"- `{k}`: {v}" for k, v in result["unavailable"].items()),
-        ]
-    parts += [
         "## Machine (at start)",
         machine_markdown(result["machine"]),
         f"Load average at the end: {result['load_average_1m_at_end']:.2f}; "
@@ -417,12 +384,52 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-def _labels(text: str) -> list[str]:
-    labels = [s for s in text.split(",") if s]
-    bad = [s for s in labels if s not in LABELS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown optimizer(s) {bad}; choose from {LABELS}")
-    return labels
+def plot(result: dict[str, Any], path: Path) -> Path | None:
+    """Validation loss vs tokens (mean over seeds) and its tail, one colour per variant."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (ax_all, ax_tail) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for i, (label, runs) in enumerate(result["full_runs"].items()):
+        curves = [r["val"] for r in runs if r["val"]]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        xs = [curves[0][k][1] for k in range(n)]
+        mean = [statistics.fmean(c[k][2] for c in curves) for k in range(n)]
+        lo = [min(c[k][2] for c in curves) for k in range(n)]
+        hi = [max(c[k][2] for c in curves) for k in range(n)]
+        for ax, start in ((ax_all, 0), (ax_tail, n // 2)):
+            ax.plot(
+                xs[start:],
+                mean[start:],
+                color=f"C{i % 10}",
+                lw=1.3,
+                label=label,
+                ls="-" if i < 10 else "--",
+            )
+            ax.fill_between(xs[start:], lo[start:], hi[start:], color=f"C{i % 10}", alpha=0.15)
+    for ax, title in ((ax_all, "validation loss"), (ax_tail, "second half (band: seed range)")):
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("cross-entropy (nats / byte)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax_tail.legend(fontsize=8)
+    cfg = result["config"]
+    fig.suptitle(
+        f"tiny LLaMA, Shakespeare bytes, rank {cfg['rank']}, T_u {cfg['update_interval']}, "
+        f"F {cfg['reproject_factor']}, seeds {cfg['seeds']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _floats(text: str) -> list[float]:
@@ -433,45 +440,45 @@ def _ints(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s]
 
 
-QUICK = {
-    "steps": 12,
-    "sweep_steps": 6,
-    "batch": 4,
-    "seq_len": 32,
-    "eval_every": 4,
-    "eval_batches": 2,
-    "lrs": [1e-3, 1e-2],
-    "update_interval": 3,
-    "reproject_factor": 2,
-    "rank": 16,
-}
-"""Overrides of ``--quick`` (a smoke check of the whole pipeline in about a minute)."""
+def _variants(text: str) -> list[str]:
+    labels = [s for s in text.split(",") if s]
+    bad = [s for s in labels if s not in VARIANTS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
+    return labels
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line options (defaults: the full measurement, ~20 minutes on 2 cores)."""
+    """Command-line options (defaults: the full measurement)."""
+    defaults = COAPAdamWConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=200, help="steps of each full run")
-    p.add_argument("--sweep-steps", type=int, default=50, help="steps of each sweep run")
-    p.add_argument("--batch", type=int, default=16, help="sequences per step")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
-    p.add_argument("--eval-every", type=int, default=25, help="steps between evaluations")
+    p.add_argument("--steps", type=int, default=2000, help="steps of each full run")
+    p.add_argument("--sweep-steps", type=int, default=400, help="steps of each sweep run")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--warmup-frac", type=float, default=0.1, help="warm-up fraction of steps")
+    p.add_argument("--eval-every", type=int, default=250, help="steps between evaluations")
     p.add_argument("--eval-batches", type=int, default=16, help="validation batches")
+    p.add_argument("--log-every", type=int, default=50, help="steps between metric records")
     p.add_argument("--lrs", type=_floats, default=[1e-3, 3e-3, 1e-2, 3e-2], help="lr sweep grid")
-    p.add_argument("--seeds", type=_ints, default=[0, 1], help="seeds of the full runs")
-    p.add_argument("--rank", type=int, default=32, help="rank for COAP, GaLore, APOLLO")
-    p.add_argument("--update-interval", type=int, default=20, help="T_u (update_proj_gap)")
-    p.add_argument("--reproject-factor", type=int, default=5, help="F")
-    p.add_argument("--scale", type=float, default=1.0, help="alpha (COAP, GaLore, APOLLO)")
-    # One thread: on 2 cores shared with other jobs, 2 OpenMP threads ran 3-20x slower per step.
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="seeds of the full runs")
+    p.add_argument("--rank", type=int, default=32, help="rank of every low-rank method")
     p.add_argument(
-        "--optimizers",
-        type=_labels,
-        default=list(DEFAULT_OPTIMIZERS),
-        help=f"comma-separated subset of {','.join(LABELS)}",
+        "--update-interval", type=int, default=defaults.update_interval, help="T_u (GaLore gap)"
     )
-    p.add_argument("--quick", action="store_true", help="tiny budget: smoke check (~1 min)")
+    p.add_argument(
+        "--reproject-factor", type=int, default=defaults.reproject_factor, help="COAP's F"
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="variants trained at the same time")
+    p.add_argument(
+        "--variants",
+        type=_variants,
+        default=list(DEFAULT_VARIANTS),
+        help=f"comma-separated subset of {','.join(VARIANTS)}",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny budget: smoke check")
+    p.add_argument("--runs-dir", type=Path, default=REPO / "outputs" / "convergence")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
     return p
 
@@ -483,26 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
-    require_positive(
-        parser,
-        args,
-        (
-            "steps",
-            "sweep_steps",
-            "batch",
-            "seq_len",
-            "eval_every",
-            "eval_batches",
-            "rank",
-            "update_interval",
-            "reproject_factor",
-            "threads",
-        ),
-    )
+        args.runs_dir = args.runs_dir / "quick"
+    for flag in ("steps", "sweep_steps", "batch", "seq_len", "eval_every", "rank", "jobs"):
+        if getattr(args, flag) < 1:
+            parser.error(f"argument --{flag.replace('_', '-')}: must be a positive integer")
     if not args.lrs or not args.seeds:
         parser.error("--lrs and --seeds must each name at least one value")
-    if args.seq_len > LLAMA_PRESETS["tiny"].max_seq_len:
-        parser.error(f"--seq-len must be at most {LLAMA_PRESETS['tiny'].max_seq_len}")
     result = run(args)
     publish("convergence", result, to_markdown(result), args.out)
     png = plot(result, args.out / "convergence.png")

@@ -467,6 +467,92 @@ def test_stagger_spreads_refreshes() -> None:
     assert counts[True] == [3, 1, 1, 1, 1, 1, 1]  # k = 0 for all, then one matrix per step
 
 
+ADAPTIVE = dict(lr=1e-2, rank=4, update_interval=2, reproject_factor=2, refresh="adaptive")
+
+
+def _subspace_grads(moving: bool, steps: int) -> list[torch.Tensor]:
+    """64 x 48 gradients (right-projected: P is 4 x 48) in a rank-4 row space plus 1% noise:
+    one fixed space, or a new random space every 4 steps."""
+    gen = torch.Generator().manual_seed(1 if moving else 2)
+    spaces = [torch.linalg.qr(torch.randn(48, 4, generator=gen))[0] for _ in range(steps)]
+    out = []
+    for k in range(steps):
+        basis = spaces[k // 4 if moving else 0]
+        g = torch.randn(64, 4, generator=gen) @ basis.T
+        out.append(g + 0.01 * g.norm() / 48 * torch.randn(64, 48, generator=gen))
+    return out
+
+
+def _adaptive_run(
+    grads: list[torch.Tensor], opt_kw: dict[str, Any], start: Any = None, steps: range = range(0)
+) -> tuple[nn.Parameter, COAPAdamW, list[Any]]:
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(64, 48))
+    opt = COAPAdamW([w], **opt_kw)
+    if start is not None:
+        w.data.copy_(start[0])
+        opt.load_state_dict(start[1])
+    saved = []
+    for k in steps:
+        w.grad = grads[k].clone()
+        opt.step()
+        buf = io.BytesIO()
+        torch.save((w.detach().clone(), opt.state_dict()), buf)
+        saved.append(buf.getvalue())
+    return w, opt, saved
+
+
+def test_adaptive_refresh_follows_the_residual_within_budget_and_resumes_exactly() -> None:
+    """refresh="adaptive": a matrix whose gradients stay in one subspace skips refreshes, one
+    whose subspace keeps changing is recalibrated as often as its SVD credit allows (never
+    more); decisions and weights continue bitwise from a checkpoint taken at any step; the
+    metrics report skips, residual and drift."""
+    steps = 48
+    counts = {}
+    for moving in (False, True):
+        grads = _subspace_grads(moving, steps)
+        w, opt, saved = _adaptive_run(grads, ADAPTIVE, steps=range(steps))
+        m = opt.metrics()
+        counts[moving] = m
+        st = opt.state[w]
+        assert int(st["step"]) == steps
+        # Budget: one credit to start, refresh_budget / (T_u F) per step, so at most
+        # 1 + 47 / 4 = 12 recalibrations over 48 steps (the fixed schedule makes 11).
+        assert m["optim/recalibrations"] <= 1 + (steps - 1) * 1.0 / 4
+        assert (
+            m["optim/recalibrations"] + m["optim/projector_updates"] + m["optim/refresh_skips"]
+            == (steps - 1) // 2
+        ), "one decision per candidate step (k = 2, 4, ..., 46)"
+        assert 0.0 <= m["optim/adaptive_residual"] <= 1.0
+        # Resume from checkpoints taken at every kind of step: the step after an SVD (it
+        # measures rho_0), the one before a candidate (it measures rho) and the candidate.
+        for at in (9, 10, 11, 22):
+            w0, sd = torch.load(io.BytesIO(saved[at]), weights_only=True)
+            assert "coap_refresh" in sd and "refresh_base" in sd["state"][0]
+            w2, opt2, _ = _adaptive_run(grads, ADAPTIVE, (w0, sd), range(at + 1, steps))
+            assert torch.equal(w2, w), f"resumed after update {at + 1}: weights differ"
+            assert opt2._adaptive == opt._adaptive, f"resumed after update {at + 1}: records"
+            assert int(opt2.state[w2]["refreshes"]) == int(st["refreshes"])
+    static, moving = counts[False], counts[True]
+    assert static["optim/refresh_skips"] >= 15, static
+    assert static["optim/recalibrations"] <= 3, static
+    assert moving["optim/recalibrations"] >= 10, moving
+    assert moving["optim/adaptive_residual"] > static["optim/adaptive_residual"]
+    # A fixed-schedule checkpoint loads into an adaptive optimizer (its records start now).
+    grads = _subspace_grads(True, 12)
+    fixed_kw = {**ADAPTIVE, "refresh": "fixed"}
+    w, opt, saved = _adaptive_run(grads, fixed_kw, steps=range(6))
+    w0, sd = torch.load(io.BytesIO(saved[-1]), weights_only=True)
+    assert "coap_refresh" not in sd and "refresh_base" not in sd["state"][0]
+    with pytest.warns(UserWarning, match="refresh: 'fixed' -> 'adaptive'"):
+        _, opt2, _ = _adaptive_run(grads, ADAPTIVE, (w0, sd), range(6, 12))
+    assert opt2._adaptive[0].last_svd >= 6 and int(opt2.state[opt2.params[0]]["step"]) == 12
+    with pytest.raises(ValueError, match="`refresh`='sometimes'"):
+        COAPAdamW([w], rank=4, refresh="sometimes")
+    with pytest.raises(ValueError, match="`refresh_budget`=0"):
+        COAPAdamW([w], rank=4, refresh="adaptive", refresh_budget=0)
+
+
 def _fit(model: nn.Module, opt: Any, steps: range) -> list[float]:
     losses = []
     for s in steps:

@@ -5,7 +5,11 @@ A mixin of :class:`~coap_dist.optim.coap.COAPAdamW` and ``COAPAdafactor``: it re
 optimizer's groups, plan and bound layout (declared below) and converts saved state with
 :func:`coap_dist.optim.storage.convert_full`. The format: torch's (``state`` keyed by
 position in optimizer order, ``param_groups`` with positions), tensors only, plus
-``coap_steps`` (every parameter's update count, which every rank keeps).
+``coap_steps`` (every parameter's update count, which every rank keeps) and, with adaptive
+refresh, ``coap_refresh`` (every adaptive matrix's schedule record, also kept by every rank).
+``torch.distributed.checkpoint`` keeps only ``state`` and ``param_groups``: there the
+per-parameter entries carry both (``step``, and the 0-d ``refresh_*`` entries of
+:data:`REFRESH_KEYS`).
 """
 
 from __future__ import annotations
@@ -15,12 +19,18 @@ import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from coap_dist.optim.config import RENAMED, COAPAdamWConfig
 from coap_dist.optim.layout import Layout
+from coap_dist.optim.schedule import AdaptiveState
 from coap_dist.optim.spec import ParamSpec
 from coap_dist.optim.storage import convert_full
+
+REFRESH_KEYS = ("refresh_credit", "refresh_base", "refresh_rho", "refresh_last")
+"""Per-parameter state-dict entries (0-d fp64 tensors) of an adaptive matrix's schedule
+record, :meth:`AdaptiveState.as_list` order; added to the saved copies only."""
 
 
 class Checkpoints:
@@ -36,6 +46,7 @@ class Checkpoints:
     _built: list[list[weakref.ref[Tensor]]]
     _layout: Layout | None
     _steps: list[int]
+    _adaptive: dict[int, AdaptiveState]
     _step_calls: int
     _pending_load: dict[str, Any] | None
     _consolidated: tuple[int, dict[str, Any]] | None
@@ -66,11 +77,27 @@ class Checkpoints:
         global step counts every rank keeps."""
         lay = self._bound()
         state = {i: dict(self.state[p]) for i, p in enumerate(lay.params) if self.state.get(p)}
+        for i, st in self._adaptive.items():
+            if i in state:
+                values = st.as_list()
+                state[i].update(
+                    {
+                        k: torch.tensor(v, dtype=torch.float64)
+                        for k, v in zip(REFRESH_KEYS, values, strict=True)
+                    }
+                )
         return {
             "state": state,
             "param_groups": self._packed_groups(),
-            "coap_steps": list(self._steps),
+            **self._host_records(),
         }
+
+    def _host_records(self) -> dict[str, Any]:
+        """What every rank keeps about every parameter: update counts and adaptive records."""
+        out: dict[str, Any] = {"coap_steps": list(self._steps)}
+        if self._adaptive:
+            out["coap_refresh"] = {i: st.as_list() for i, st in self._adaptive.items()}
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors only (loads with ``torch.load(..., weights_only=True)``).
@@ -103,11 +130,7 @@ class Checkpoints:
         full = lay.consolidate(to)
         self._consolidated = None
         if full is not None:
-            sd = {
-                "state": full,
-                "param_groups": self._packed_groups(),
-                "coap_steps": list(self._steps),
-            }
+            sd = {"state": full, "param_groups": self._packed_groups(), **self._host_records()}
             self._consolidated = (self._step_calls, sd)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -191,7 +214,12 @@ class Checkpoints:
         lay = self._bound()
         state = dict(sd["state"])
         partial = "coap_layout" in sd
+        records: dict[int, AdaptiveState] = {}
         for i, st in sd["state"].items():
+            if any(k in st for k in REFRESH_KEYS):
+                values = [float(st[k]) for k in REFRESH_KEYS]
+                records[int(i)] = AdaptiveState.from_list(values)
+                state[i] = st = {k: v for k, v in st.items() if k not in REFRESH_KEYS}
             if not 0 <= int(i) < len(self.specs):
                 raise ValueError(
                     f"{self.name}.load_state_dict: state for parameter {i} of {len(self.specs)}"
@@ -206,6 +234,11 @@ class Checkpoints:
         if steps is None:
             steps = [int(state[i]["step"]) if i in state else 0 for i in range(len(self.specs))]
         self._steps = [int(k) for k in steps]
+        saved = {int(i): AdaptiveState.from_list(v) for i, v in sd.get("coap_refresh", {}).items()}
+        for i in self._adaptive:
+            # A matrix without a saved record (a fixed-schedule checkpoint) counts from now.
+            fresh = AdaptiveState(last_svd=self._steps[i])
+            self._adaptive[i] = saved.get(i) or records.get(i) or fresh
 
 
 def _snapshot(state: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, Any]]:

@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from coap_dist.functional import projection as fproj
-from coap_dist.optim import kernels
+from coap_dist.optim import kernels, schedule
 from coap_dist.optim.checkpoint import Checkpoints
 from coap_dist.optim.config import COAPAdafactorConfig, COAPAdamWConfig
 from coap_dist.optim.layout import (
@@ -51,7 +51,7 @@ from coap_dist.optim.layout import (
     resolve_layout,
     run_construction_hooks,
 )
-from coap_dist.optim.schedule import COUNTERS, count_refreshes, refresh_due
+from coap_dist.optim.schedule import COUNTERS, AdaptiveState, count_refreshes, refresh_due
 from coap_dist.optim.spec import ParamSpec, StateFormat, make_spec, with_stagger
 
 SHARDING_NAMES = (None, "none", "owner", "local")
@@ -108,6 +108,7 @@ class _COAPBase(Checkpoints, Optimizer):
         self.specs: list[ParamSpec] = []
         self.group_of: list[int] = []
         self._steps: list[int] = []
+        self._adaptive: dict[int, AdaptiveState] = {}
         self._pending: Tensor | None = None
         self._pending_load: dict[str, Any] | None = None
         self._consolidated: tuple[int, dict[str, Any]] | None = None
@@ -248,6 +249,11 @@ class _COAPBase(Checkpoints, Optimizer):
         self._layout = layout
         self.state.clear()
         self._steps = [0] * len(self.specs)
+        self._adaptive = {
+            i: AdaptiveState()
+            for i, s in enumerate(self.specs)
+            if schedule.adaptive(s, self.groups[self.group_of[i]])
+        }
         self._pending = torch.zeros(2 * len(self.specs) + 1, device=layout.device)
         load = old_state if old_state is not None else self._pending_load
         self._pending_load = None
@@ -299,11 +305,15 @@ class _COAPBase(Checkpoints, Optimizer):
                 "Trainer swap them in (both supported)"
             )
         active = self._decide(lay, ids, host)
-        due = {
-            i: kind
+        due = self._schedule(active)
+        measure = [
+            i
             for i in active
-            if (kind := refresh_due(self.specs[i], self.groups[self.group_of[i]], self._steps[i]))
-        }
+            if i in self._adaptive
+            and schedule.measure_due(
+                self.specs[i], self.groups[self.group_of[i]], self._steps[i], self._adaptive[i]
+            )
+        ]
         for i in active:
             self._steps[i] += 1
             st = self.state.get(lay.params[i])
@@ -318,10 +328,46 @@ class _COAPBase(Checkpoints, Optimizer):
         assert self._pending is not None
         for ok in oks:
             self._pending[-1] += ok.logical_not().float()
-        updates = self._updates(lay, work, active, due)
+        measured = torch.zeros(2 * len(self.specs), device=lay.device) if measure else None
+        updates = self._updates(lay, work, active, due, set(measure), measured)
         kernels.dense_steps(work.dense, [self._steps[w.index] for w in work.dense])
         lay.scatter(updates, work)
+        if measured is not None:
+            self._record_residuals(lay, measure, measured)
         return loss
+
+    def _schedule(self, active: list[int]) -> dict[int, str]:
+        """The refresh each active parameter takes before this update (fixed or adaptive
+        schedule, :mod:`coap_dist.optim.schedule`); identical on every rank."""
+        due = {}
+        for i in active:
+            spec, group, k = self.specs[i], self.groups[self.group_of[i]], self._steps[i]
+            st = self._adaptive.get(i)
+            if st is None:
+                kind = refresh_due(spec, group, k)
+            else:
+                kind = schedule.adaptive_due(spec, group, k, st)
+                if kind is None and k and (k + spec.offset) % group["update_interval"] == 0:
+                    self._counters["refresh_skips"] += 1
+            if kind:
+                due[i] = kind
+        return due
+
+    def _record_residuals(self, lay: Layout, measure: list[int], measured: Tensor) -> None:
+        """Sum the residual partials of the adaptive matrices that measured this update over
+        the ranks (one collective, read on the host) and record rho in their schedule state.
+        The counts have been advanced: the measurement belongs to update k = count - 1."""
+        host = lay.agree(measured)
+        for i in measure:
+            rr, gg = host[2 * i], host[2 * i + 1]
+            rho = math.sqrt(max(0.0, 1.0 - rr / gg)) if gg > 0 else math.nan
+            schedule.record_residual(
+                self.specs[i],
+                self.groups[self.group_of[i]],
+                self._steps[i] - 1,
+                self._adaptive[i],
+                rho,
+            )
 
     def _present_groups(self) -> list[bool]:
         """Which of :attr:`groups` take part in this call (all, unless a wrapper steps a
@@ -406,17 +452,32 @@ class _COAPBase(Checkpoints, Optimizer):
         return active
 
     def _updates(
-        self, lay: Layout, work: Work, active: list[int], due: Mapping[int, str]
+        self,
+        lay: Layout,
+        work: Work,
+        active: list[int],
+        due: Mapping[int, str],
+        measure: set[int],
+        measured: Tensor | None,
     ) -> list[Update]:
         """Directions of every matrix piece (rounds of sums over split rows through the
-        layout) and convolution, with their step sizes."""
+        layout) and convolution, with their step sizes. Residual partials of this rank's
+        rows go to ``_pending`` (refreshed matrices, for ``metrics()``) and to ``measured``
+        (the adaptive matrices in ``measure``)."""
         assert self._pending is not None
         mats = work.matrices
         rs = [kernels.project(mw) for mw in mats]
         for mw, r in zip(mats, rs, strict=True):
-            if mw.index in due:
-                i = mw.index
-                self._pending[2 * i : 2 * i + 2] += fproj.residual_partials(mw.grad, r)
+            i = mw.index
+            refreshed = i in due
+            measuring = i in measure
+            if not (refreshed or measuring):
+                continue
+            partials = fproj.residual_partials(mw.grad, r)
+            if refreshed:
+                self._pending[2 * i : 2 * i + 2] += partials
+            if measuring and measured is not None:
+                measured[2 * i : 2 * i + 2] += partials
         active_mats = [i for i in active if self.specs[i].kind == "matrix"]
         rounds = [
             {i: self._rule.sum_sizes(self.specs[i])[k] for i in active_mats}
@@ -499,13 +560,20 @@ class _COAPBase(Checkpoints, Optimizer):
 
     def metrics(self) -> dict[str, float]:
         """Counters for loggers: state bytes, refreshes, projector time, skips, residual,
-        the optimizer's collectives and bytes of the last step. Counters are the same on
+        the optimizer's collectives and bytes of the last step; with adaptive refresh the
+        mean measured residual and drift (``refresh_skips``: candidates that took nothing). Counters are the same on
         every rank; the residual (mean over the matrices of the last refresh) is read at the
         next step's host sync."""
         out = {f"optim/{k}": float(v) for k, v in self._counters.items()}
         out["optim/state_bytes"] = float(self.state_bytes())
         out["optim/projector_time_s"] = self._projector_time
         out["optim/projection_residual"] = self._residual
+        if self._adaptive:
+            # Adaptive schedule: the mean of the last measured residual rho and drift s.
+            rhos = [st.last_rho for st in self._adaptive.values() if math.isfinite(st.last_rho)]
+            out["optim/adaptive_residual"] = sum(rhos) / len(rhos) if rhos else math.nan
+            drifts = [st.drift() for st in self._adaptive.values()]
+            out["optim/adaptive_drift"] = sum(drifts) / len(drifts)
         out.update(
             {"optim/comm_calls_per_step": 0.0, "optim/comm_bytes_per_step": 0.0}
             | ({} if self._layout is None else self._layout.metrics())

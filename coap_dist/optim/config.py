@@ -29,6 +29,7 @@ ALGORITHMS = ("auto", "coap", "adamw")
 PROJECTOR_UPDATES = ("scale_free", "reference")
 MOMENT_MODES = ("rotate", "keep")
 SIDES = ("auto", "right", "left")
+REFRESH_MODES = ("fixed", "adaptive")
 STATE_BITS = (None, 32, 16, 8)
 
 MISSPELLING_CUTOFF = 0.8
@@ -231,6 +232,23 @@ class COAPAdamWConfig(Hyperparameters):
     )
     stagger: bool = hp(
         False, "spread matrices' refresh steps over T_u (flattens SVD spikes)", boolean
+    )
+    refresh: str = hp(
+        "fixed",
+        '"fixed" (the T_u / F schedule) or "adaptive" (every T_u steps the projection '
+        "residual decides: SVD, projector step or nothing, within refresh_budget)",
+        choice(REFRESH_MODES),
+    )
+    refresh_threshold: float = hp(
+        0.1,
+        "adaptive: rise of the residual ||G - G P^T P|| / ||G|| since the last SVD, "
+        "relative to its value just after it, that calls for a recalibration",
+        number(low=0.0),
+    )
+    refresh_budget: float = hp(
+        1.0,
+        "adaptive: randomized SVDs per matrix per T_u F steps on average (at most 2 banked)",
+        number(low=0.0, strict=True),
     )
     state_bits: int | None = hp(
         None,

@@ -10,7 +10,8 @@ ranks), per-rank state bytes (the ranks partition the one-process state; the lar
 most 1.15 x total / N plus one matrix's), the collectives counted from the dispatcher (two per
 plain step at 2 and at 3 ranks: the flag all-reduce and one all-gather of the projector
 shards; two more at a refresh), and DCP checkpoints saved on 2 ranks, resumed on 2 (bitwise),
-3 and 1. An optimizer built before ``fully_shard`` without anyone swapping the new parameters
+3 and 1; ``refresh="adaptive"`` on row shards (the same decisions on every rank, DCP resume
+bitwise). An optimizer built before ``fully_shard`` without anyone swapping the new parameters
 in fails at its first step with the advice (accelerate and the HF Trainer swap them: see
 tests/integrations/test_hf.py).
 """
@@ -207,6 +208,31 @@ def _phase_save(rank: int, world: int, tmp: str) -> None:
     _train(model2, opt2, range(SAVE_AT, STEPS), rank, world)
     for n, p in model2.named_parameters():
         assert torch.equal(p.full_tensor(), final[n]), f"same-size resume differs at {n}"
+    _adaptive_dcp(rank, world, tmp)
+
+
+def _adaptive_dcp(rank: int, world: int, tmp: str) -> None:
+    """refresh="adaptive" on row shards: residual sums over the shards give every rank the
+    same decisions; a DCP checkpoint (per-parameter ``refresh_*`` entries: DCP keeps only
+    state and param_groups) resumes bitwise, schedule records included."""
+    model, opt = _sharded(world, refresh="adaptive", refresh_threshold=0.05)
+    _train(model, opt, range(5), rank, world)
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+        checkpoint_id=os.path.join(tmp, "adaptive"),
+    )
+    _train(model, opt, range(5, STEPS + 4), rank, world)
+    mine = {i: st.as_list() for i, st in opt._adaptive.items()}
+    every: list[object] = [None] * world
+    dist.all_gather_object(every, mine)
+    assert all(r == mine for r in every), "adaptive records differ across ranks"
+    assert len(mine) == 3 and opt.metrics()["optim/refresh_skips"] >= 0
+    model2, opt2 = _sharded(world, refresh="adaptive", refresh_threshold=0.05)
+    _load(model2, opt2, tmp, "adaptive")
+    _train(model2, opt2, range(5, STEPS + 4), rank, world)
+    assert {i: st.as_list() for i, st in opt2._adaptive.items()} == mine
+    for (n, p), q in zip(model2.named_parameters(), model.parameters(), strict=True):
+        assert torch.equal(p.full_tensor(), q.full_tensor()), f"adaptive DCP resume: {n}"
 
 
 def _load(model: nn.Module, opt: torch.optim.Optimizer, tmp: str, name: str = "ckpt") -> None:

@@ -16,7 +16,8 @@ fed the same gradients:
   at another world size (2 -> 3, 3 -> 1 process);
 * ZeRO-2 (``reduce_gradients=True``, no DDP) with a parameter missing its gradient on rank 0
   and a NaN on rank 1 only (skipped on every rank); COAPAdafactor with split matrices (two
-  rounds of team sums per step); ranks built with other hyperparameters fail at bind.
+  rounds of team sums per step); ranks built with other hyperparameters fail at bind;
+* ``refresh="adaptive"``: the same decisions on every rank and as one process.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     _adafactor(rank, world)
     _mismatch(rank)
     _stagger(rank, world)
+    _adaptive(rank, world)
 
 
 def _check_traffic(
@@ -325,6 +327,44 @@ def _stagger(rank: int, world: int) -> None:
     for _ in range(4):
         opt.step()
     assert opt.metrics()["optim/refreshes"] - before == len(plan)  # each once per T_u
+
+
+def _adaptive(rank: int, world: int) -> None:
+    """refresh="adaptive" under the owner layout: every rank takes the same decisions, the
+    same as one process (residuals of split matrices summed over their team), and the
+    consolidated checkpoint carries every matrix's schedule record."""
+    kw = dict(KW, refresh="adaptive", refresh_threshold=0.05)
+    model = _model()
+    opt = coap_dist.COAPAdamW(coap_dist.param_groups(model, **kw), **kw, sharding="owner")
+    ddp = nn.parallel.DistributedDataParallel(model)
+    ref_model = _model()
+    ref = coap_dist.COAPAdamW(coap_dist.param_groups(ref_model, **kw), **kw)
+    for step in range(16):
+        ddp(_batch(rank, step)).square().mean().backward()
+        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+        ref.zero_grad()
+    mine = {i: st.as_list() for i, st in opt._adaptive.items()}
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, mine)
+    assert all(r == mine for r in every), "adaptive records differ across ranks"
+    lay = opt.layout
+    for i, st in opt._adaptive.items():
+        one = ref._adaptive[i]
+        assert (st.credit, st.last_svd) == (one.credit, one.last_svd), f"matrix {i}"
+        exact = lay.placement.whole(i)
+        for a, b in ((st.base, one.base), (st.last_rho, one.last_rho)):
+            assert a == b if exact else abs(a - b) < 1e-5, f"matrix {i}: rho {a} vs {b}"
+    keys = ("recalibrations", "projector_updates", "refresh_skips")
+    m, m1 = opt.metrics(), ref.metrics()
+    assert [m[f"optim/{k}"] for k in keys] == [m1[f"optim/{k}"] for k in keys]
+    assert m["optim/refresh_skips"] + m["optim/projector_updates"] > 0
+    opt.consolidate_state_dict(to=0)
+    if rank == 0:
+        assert opt.state_dict()["coap_refresh"] == mine
 
 
 @pytest.mark.distributed
