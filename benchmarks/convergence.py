@@ -89,7 +89,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     ),
     "coap_right": ("optimizer=coap", "optimizer.projection_side=right"),
     "coap_adaptive": ("optimizer=coap", "optimizer.refresh=adaptive"),
-    "coap_auto_rank": ("optimizer=coap", "optimizer.rank=auto"),
+    "coap_auto_rank": ("optimizer=coap", "optimizer.rank=auto", "optimizer.rank_ratio={ratio}"),
 }
 """Label -> the Hydra overrides of the variant ({rank}, {tu}: the common rank and T_u)."""
 
@@ -133,9 +133,16 @@ def overrides(
     label: str, args: argparse.Namespace, *, lr: float, seed: int, steps: int
 ) -> list[str]:
     """The complete Hydra command line of one run."""
-    fill = {"rank": args.rank, "tu": args.update_interval, "f": args.reproject_factor}
+    fill = {
+        "rank": args.rank,
+        "tu": args.update_interval,
+        "f": args.reproject_factor,
+        "ratio": f"{LLAMA_PRESETS['tiny'].dim / args.rank:g}",  # rank_ratio giving `rank`
+    }
     own = [o.format(**fill) for o in VARIANTS[label]]
     coap = [o.format(**fill) for o in COAP_COMMON] if own[0] == "optimizer=coap" else []
+    # A variant's own setting of a key replaces the common one.
+    coap = [o for o in coap if o.split("=")[0] not in {v.split("=")[0] for v in own}]
     warmup = max(1, round(args.warmup_frac * steps))
     return [
         own[0],

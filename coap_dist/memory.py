@@ -418,7 +418,7 @@ def estimate_state_bytes(
     model: nn.Module | LlamaConfig | str,
     optimizer: str,
     *,
-    rank: int | None = None,
+    rank: int | str | None = None,
     rank_ratio: float | None = None,
     rank_ratio_cnn: float | None = None,
     dtype: torch.dtype = torch.bfloat16,
@@ -436,7 +436,9 @@ def estimate_state_bytes(
         model: a module (any device, meta included), a :class:`LlamaConfig` or a preset
             name of ``LLAMA_PRESETS``; configs and presets are instantiated on the meta device.
         optimizer: one of :data:`OPTIMIZERS`.
-        rank: projection rank r (capped at min(m, n)); for ``galore``/``coap``/``coap8bit``.
+        rank: projection rank r (capped at min(m, n)); for ``galore``/``coap``/``coap8bit``;
+            ``"auto"`` (COAP, with ``rank_ratio``): the automatic ranks' budget, which is the
+            fixed ranks' bytes (the state never exceeds it).
         rank_ratio: rho, r = max(min(m, n) // rho, 1); not together with ``rank``.
         rank_ratio_cnn: Tucker ratio for convolutions (COAP); None keeps them in AdamW.
         dtype: parameter dtype; unquantized state uses it unless ``state_dtype`` is given.
@@ -458,15 +460,27 @@ def estimate_state_bytes(
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
+    # COAP's automatic ranks share the bytes of rank_ratio's fixed ranks: that budget is
+    # what the state never exceeds, so it is the estimate.
+    if rank == "auto" and (optimizer not in ("coap", "coap8bit") or rank_ratio is None):
+        raise ValueError(
+            f"rank='auto' is a COAP setting that needs rank_ratio (its budget: the bytes "
+            f"of the fixed ranks); got optimizer={optimizer!r}, rank_ratio={rank_ratio!r}"
+        )
+    if isinstance(rank, str) and rank != "auto":
+        raise ValueError(f"rank must be a positive integer or 'auto', got {rank!r}")
+    fixed = None if isinstance(rank, str) else rank
     if optimizer in _LOWRANK:
-        if rank is None and rank_ratio is None:
+        if fixed is None and rank_ratio is None:
             raise ValueError(f"optimizer {optimizer!r} needs rank or rank_ratio; neither was given")
-        if rank is not None and rank_ratio is not None:
+        if fixed is not None and rank_ratio is not None:
             raise ValueError(
-                f"rank={rank} and rank_ratio={rank_ratio} are both given; give one of them"
+                f"rank={fixed} and rank_ratio={rank_ratio} are both given; give one of them"
             )
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        if fixed is not None and (
+            isinstance(fixed, bool) or not isinstance(fixed, int) or fixed < 1
+        ):
+            raise ValueError(f"rank must be a positive integer, got {fixed!r}")
         if rank_ratio is not None and not rank_ratio > 0:
             raise ValueError(f"rank_ratio must be a positive number, got {rank_ratio!r}")
     if rank_ratio_cnn is not None and not rank_ratio_cnn > 0:
@@ -476,7 +490,7 @@ def estimate_state_bytes(
         return _coap_estimate(
             module,
             optimizer,
-            rank=rank,
+            rank=fixed,
             rank_ratio=rank_ratio,
             rank_ratio_cnn=rank_ratio_cnn,
             dtype=dtype,
@@ -501,7 +515,7 @@ def estimate_state_bytes(
                 tuple(p.shape),
                 kind,
                 optimizer,
-                rank=rank,
+                rank=fixed,
                 rank_ratio=rank_ratio,
                 projection_side=projection_side,
                 itemsize=itemsize,

@@ -13,6 +13,7 @@ from torch import nn
 
 import coap_dist
 from coap_dist import COAPAdafactor, COAPAdamW, param_groups
+from coap_dist.memory import estimate_state_bytes
 
 
 def _mlp(seed: int = 0) -> nn.Module:
@@ -727,3 +728,74 @@ def test_hyperparameters_have_one_source() -> None:
     assert opt.param_groups[0]["stagger"] is True and opt.config.rank == 4
     with pytest.raises(TypeError, match="`config` must be a COAPAdafactorConfig"):
         COAPAdafactor(_mlp().parameters(), config=coap_dist.COAPAdamWConfig(rank=4))
+
+
+def _spectra_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 8)
+    )
+
+
+def test_auto_rank_redistributes_the_fixed_rank_bytes_and_resumes_exactly() -> None:
+    """rank="auto": per-matrix ranks re-chosen at each SVD from the spectrum, state resized,
+    never more state than the fixed ranks of rank_ratio (the memory estimator's figure);
+    a checkpoint (ranks in `coap_ranks` and in the tensors' shapes) resumes bitwise."""
+    kw = dict(lr=1e-2, rank_ratio=4, update_interval=2, reproject_factor=2)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(3))
+
+    def run(opt_kw: dict[str, Any], steps: range, start: Any = None) -> tuple[nn.Module, Any, list]:
+        model = _spectra_net()
+        opt = COAPAdamW(param_groups(model), **opt_kw)
+        if start is not None:
+            model.load_state_dict(start[0])
+            opt.load_state_dict(start[1])
+        history = []
+        for k in steps:
+            model(x * (1 + k % 3)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            ranks = [s.rank for s in opt.specs if s.kind == "matrix"]
+            buf = io.BytesIO()
+            torch.save((model.state_dict(), opt.state_dict()), buf)
+            history.append((ranks, opt.state_bytes(), buf.getvalue()))
+        return model, opt, history
+
+    _, fixed_opt, fixed_hist = run(kw, range(12))
+    budget = fixed_opt.state_bytes()
+    estimate = estimate_state_bytes(
+        _spectra_net(), "coap", rank="auto", rank_ratio=4, dtype=torch.float32
+    )
+    assert estimate.total == budget, (estimate.total, budget)
+    auto_kw = {**kw, "rank": "auto"}
+    model, opt, hist = run(auto_kw, range(12))
+    fixed_ranks = fixed_hist[0][0]
+    assert fixed_ranks == [8, 12, 2]
+    assert all(b <= budget for _, b, _ in hist), [b for _, b, _ in hist]
+    assert any(r != fixed_ranks for r, _, _ in hist), "the spectrum never moved a rank"
+    assert len({tuple(r) for r, _, _ in hist}) >= 2, "ranks were never re-chosen at a recalibration"
+    for r in (r for r, _, _ in hist):
+        for got, f in zip(r, fixed_ranks, strict=True):
+            assert max(1, f // 4) <= got <= 2 * f
+    for i, p in enumerate(opt.params):
+        spec = opt.specs[i]
+        if spec.kind == "matrix":
+            st = opt.state[p]
+            assert st["projector"].shape == (spec.rank, spec.cols)
+            assert st["exp_avg"].shape == st["exp_avg_sq"].shape == (spec.rows, spec.rank)
+            eye = st["projector"] @ st["projector"].T
+            torch.testing.assert_close(eye, torch.eye(spec.rank), atol=1e-4, rtol=0)
+    change = next(k for k in range(1, 12) if hist[k][0] != hist[k - 1][0])
+    for at in (change, change + 1):  # right after a resize, and a plain step later
+        w0, sd = torch.load(io.BytesIO(hist[at][2]), weights_only=True)
+        assert "coap_ranks" in sd
+        model2, _, hist2 = run(auto_kw, range(at + 1, 12), (w0, sd))
+        assert [h[0] for h in hist2] == [h[0] for h in hist[at + 1 :]]
+        for (n, p), q in zip(model2.named_parameters(), model.parameters(), strict=True):
+            assert torch.equal(p, q), f"resumed after step {at + 1}: {n} differs"
+    with pytest.raises(ValueError, match="`rank`='auto' needs `rank_ratio`"):
+        COAPAdamW(param_groups(_spectra_net()), rank="auto")
+    with pytest.raises(ValueError, match="`rank`='auto' is invalid with `refresh`='adaptive'"):
+        COAPAdamW(param_groups(_spectra_net()), rank="auto", rank_ratio=4, refresh="adaptive")
+    with pytest.raises(ValueError, match='must be an integer >= 1 or "auto"'):
+        COAPAdamW(param_groups(_spectra_net()), rank="big")

@@ -47,6 +47,7 @@ class Checkpoints:
     _layout: Layout | None
     _steps: list[int]
     _adaptive: dict[int, AdaptiveState]
+    _auto_rank: dict[int, int]
     _step_calls: int
     _pending_load: dict[str, Any] | None
     _consolidated: tuple[int, dict[str, Any]] | None
@@ -95,6 +96,8 @@ class Checkpoints:
     def _host_records(self) -> dict[str, Any]:
         """What every rank keeps about every parameter: update counts and adaptive records."""
         out: dict[str, Any] = {"coap_steps": list(self._steps)}
+        if self._auto_rank:
+            out["coap_ranks"] = dict(self._auto_rank)
         if self._adaptive:
             out["coap_refresh"] = {i: st.as_list() for i, st in self._adaptive.items()}
         return out
@@ -203,6 +206,10 @@ class Checkpoints:
                 stacklevel=2,
             )
         self._consolidated = None
+        ranks = {int(i): int(r) for i, r in state_dict.get("coap_ranks", {}).items()}
+        if self._layout is not None and ranks != self._auto_rank:
+            # rank="auto": the saved ranks decide the plan; bind again at the next step.
+            self._layout = None
         if self._layout is None:
             # Applied at the first step: a snapshot now (on the CPU), as torch would have
             # copied the values by the time the saving optimizer steps on.

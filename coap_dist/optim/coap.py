@@ -40,11 +40,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from coap_dist.functional import projection as fproj
-from coap_dist.optim import kernels, schedule
+from coap_dist.optim import autorank, kernels, schedule
 from coap_dist.optim.checkpoint import Checkpoints
 from coap_dist.optim.config import COAPAdafactorConfig, COAPAdamWConfig
 from coap_dist.optim.layout import (
     Layout,
+    MatrixWork,
     Update,
     Work,
     refuse_fsdp1,
@@ -53,6 +54,7 @@ from coap_dist.optim.layout import (
 )
 from coap_dist.optim.schedule import COUNTERS, AdaptiveState, count_refreshes, refresh_due
 from coap_dist.optim.spec import ParamSpec, StateFormat, make_spec, with_stagger
+from coap_dist.optim.storage import convert_full
 
 SHARDING_NAMES = (None, "none", "owner", "local")
 
@@ -109,6 +111,7 @@ class _COAPBase(Checkpoints, Optimizer):
         self.group_of: list[int] = []
         self._steps: list[int] = []
         self._adaptive: dict[int, AdaptiveState] = {}
+        self._auto_rank: dict[int, int] = {}  # rank="auto": each matrix's current rank
         self._pending: Tensor | None = None
         self._pending_load: dict[str, Any] | None = None
         self._consolidated: tuple[int, dict[str, Any]] | None = None
@@ -174,6 +177,7 @@ class _COAPBase(Checkpoints, Optimizer):
                     fmt=self._format(dtype),
                     forced_side="right" if force_right else None,
                     where=f"{self.name} param_groups[{gi}]",
+                    rank=self._auto_rank.get(i),
                 )
             )
         return with_stagger(specs, self.groups)
@@ -243,8 +247,19 @@ class _COAPBase(Checkpoints, Optimizer):
                     "consolidate_state_dict() and load into a new optimizer"
                 )
             old_state = self._local_state_dict()
+        load = old_state if old_state is not None else self._pending_load
+        if load is not None and "coap_ranks" in load:
+            self._auto_rank = {int(i): int(r) for i, r in load["coap_ranks"].items()}
         layout = resolve_layout(self.groups, self.built, self._sharding, self._process_group)
         self.specs = layout.bind(self)
+        auto = [g for g in self.groups if g.get("rank") == "auto"]
+        if auto and layout.world != 1:
+            raise ValueError(
+                f"{self.name}: rank='auto' re-sizes each matrix's state at its SVDs, which "
+                f"this release does with one process or replicated state (DDP) only, not "
+                f"under the sharded `{layout.name}` layout; set a fixed rank (or rank_ratio) "
+                "for sharded training"
+            )
         self.group_of = layout.group_of
         self._layout = layout
         self.state.clear()
@@ -255,7 +270,6 @@ class _COAPBase(Checkpoints, Optimizer):
             if schedule.adaptive(s, self.groups[self.group_of[i]])
         }
         self._pending = torch.zeros(2 * len(self.specs) + 1, device=layout.device)
-        load = old_state if old_state is not None else self._pending_load
         self._pending_load = None
         if load is not None:
             self._load(load)
@@ -323,6 +337,10 @@ class _COAPBase(Checkpoints, Optimizer):
         self._refreshed = [i for i in due if self.specs[i].kind == "matrix"]
         work = lay.gather(active)
         t0 = time.perf_counter()
+        if self._auto_groups() and self._reallocate(work, due):
+            lay = self._bound()  # re-planned with the new ranks
+            lay.begin(present)
+            work = lay.gather(active)
         oks = lay.refresh(work, due)
         self._projector_time += time.perf_counter() - t0
         assert self._pending is not None
@@ -336,10 +354,68 @@ class _COAPBase(Checkpoints, Optimizer):
             self._record_residuals(lay, measure, measured)
         return loss
 
+    def _auto_groups(self) -> list[int]:
+        """Indices of the groups with rank="auto"."""
+        return [gi for gi, g in enumerate(self.groups) if g.get("rank") == "auto"]
+
+    def _reallocate(self, work: Work, due: Mapping[int, str]) -> bool:
+        """rank="auto": before this step's SVDs, choose the ranks of each auto group's
+        matrices due one from their gradients' spectra (:mod:`coap_dist.optim.autorank`) and
+        re-plan the changed ones, their state re-projected to the new rank (the SVD that
+        follows then fits the projector at that rank). Returns whether any rank changed.
+        One process or replicated state only (checked at bind): every replica measures the
+        same averaged gradient, so all take the same decision."""
+        by_group: dict[int, list[MatrixWork]] = {}
+        for mw in work.matrices:
+            if due.get(mw.index) in ("init", "recalibrate") and mw.group.get("rank") == "auto":
+                by_group.setdefault(self.group_of[mw.index], []).append(mw)
+        changed: dict[int, int] = {}
+        for gi, mats in by_group.items():
+            group = self.groups[gi]
+            fixed = {
+                mw.index: fproj.resolve_rank(mw.spec.shape, None, group["rank_ratio"])
+                for mw in mats
+            }
+            profiles = {
+                mw.index: autorank.energy_profile(
+                    mw.grad,
+                    mw.projector if due[mw.index] == "recalibrate" else None,
+                    autorank.bounds(fixed[mw.index], min(mw.spec.rows, mw.spec.cols))[1],
+                )
+                for mw in mats
+            }
+            host = {i: p.tolist() for i, p in profiles.items()}  # the SVD step's host read
+            ranks = autorank.allocate(host, {mw.index: mw.spec for mw in mats}, fixed)
+            changed.update({i: r for i, r in ranks.items() if r != self.specs[i].rank})
+        if changed:
+            self._replan(changed)
+        return bool(changed)
+
+    def _replan(self, ranks: Mapping[int, int]) -> None:
+        """Bind a fresh layout planned with ``ranks`` (world-1 layouts), keeping every
+        parameter's state and re-projecting the matrices whose rank changes
+        (:func:`coap_dist.optim.storage.convert_full`)."""
+        old = self._bound()
+        kept = {i: self.state[p] for i, p in enumerate(old.params) if self.state.get(p)}
+        self._auto_rank.update(ranks)
+        layout = resolve_layout(self.groups, self.built, self._sharding, self._process_group)
+        self.specs = layout.bind(self)
+        self.group_of = layout.group_of
+        self._layout = layout
+        self.state.clear()
+        for i, st in kept.items():
+            if i in ranks:
+                where = f"{self.name}: rank='auto' re-plan of parameter {i}"
+                st = {
+                    k: v.to(layout.device)
+                    for k, v in convert_full(self.specs[i], st, where).items()
+                }
+            self.state[layout.params[i]] = st
+
     def _schedule(self, active: list[int]) -> dict[int, str]:
         """The refresh each active parameter takes before this update (fixed or adaptive
         schedule, :mod:`coap_dist.optim.schedule`); identical on every rank."""
-        due = {}
+        due: dict[int, str] = {}
         for i in active:
             spec, group, k = self.specs[i], self.groups[self.group_of[i]], self._steps[i]
             st = self._adaptive.get(i)

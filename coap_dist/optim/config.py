@@ -77,6 +77,11 @@ def choice(options: tuple[Any, ...]) -> Check:
     return lambda x: None if x in options else f"must be one of {options}"
 
 
+def rank_value(x: Any) -> str | None:
+    """A projection rank: an integer >= 1, or "auto"."""
+    return None if x == "auto" or (_is_int(x) and x >= 1) else 'must be an integer >= 1 or "auto"'
+
+
 def boolean(x: Any) -> str | None:
     """True or False."""
     return None if isinstance(x, bool) else "must be True or False"
@@ -188,10 +193,12 @@ class COAPAdamWConfig(Hyperparameters):
         '"auto" (COAP for matrices and large convolutions, AdamW else), "coap" or "adamw"',
         choice(ALGORITHMS),
     )
-    rank: int | None = hp(
+    rank: int | str | None = hp(
         None,
-        "r = min(rank, min(m, n)); exactly one of rank / rank_ratio for COAP groups",
-        optional(integer(low=1), "use rank_ratio"),
+        'r = min(rank, min(m, n)); exactly one of rank / rank_ratio for COAP groups; "auto": '
+        "per-matrix ranks chosen at every SVD from the spectrum, within the state bytes of "
+        "rank_ratio's fixed ranks (one process or replicated state; fixed schedule)",
+        optional(rank_value, "use rank_ratio"),
     )
     rank_ratio: float | None = hp(
         None,
@@ -302,7 +309,9 @@ class COAPAdamWConfig(Hyperparameters):
         """Rules across fields: at most one of rank / rank_ratio set at one level; a group
         (``group``) that COAP may project needs one of them (the constructor's defaults
         need not: groups may set it)."""
-        if own.get("rank") is not None and own.get("rank_ratio") is not None:
+        if values.get("rank") == "auto":
+            _check_auto_rank(values, where, group=group)
+        elif own.get("rank") is not None and own.get("rank_ratio") is not None:
             raise ValueError(
                 f"{_at(where, 'rank')}={own['rank']!r} and {_at(where, 'rank_ratio', False)}="
                 f"{own['rank_ratio']!r} are both set; set one of them (the other to None)"
@@ -346,6 +355,24 @@ class COAPAdafactorConfig(COAPAdamWConfig):
             raise ValueError(
                 f"{_at(self.optimizer_name, 'state_bits')}=8 is invalid: 8-bit state is for "
                 "COAPAdamW only (Adafactor's factored moments are already tiny)"
+            )
+
+
+def _check_auto_rank(values: Mapping[str, Any], where: str, *, group: bool) -> None:
+    """rank="auto": its budget comes from rank_ratio; the ranks are re-chosen for all of a
+    group's matrices at once, at the fixed schedule's common SVD steps."""
+    if group and values.get("rank_ratio") is None:
+        raise ValueError(
+            f"{_at(where, 'rank')}='auto' needs {_at(where, 'rank_ratio', False)}: the state "
+            "bytes of its fixed ranks are the budget the automatic ranks share (e.g. "
+            "rank='auto', rank_ratio=4)"
+        )
+    for key, plain in (("refresh", "fixed"), ("stagger", False)):
+        if values.get(key, plain) != plain:
+            raise ValueError(
+                f"{_at(where, 'rank')}='auto' is invalid with {_at(where, key, False)}="
+                f"{values[key]!r}: automatic ranks are re-allocated over a group's matrices at "
+                f"their common SVD steps; set {key}={plain!r} or a fixed rank"
             )
 
 

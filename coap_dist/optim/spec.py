@@ -109,14 +109,20 @@ def make_spec(
     fmt: StateFormat,
     forced_side: Side | None,
     where: str,
+    rank: int | None = None,
 ) -> ParamSpec:
-    """The plan of one parameter (``where`` prefixes error messages)."""
+    """The plan of one parameter (``where`` prefixes error messages; ``rank``: a matrix's
+    rank chosen by ``rank="auto"``, instead of the group's fixed one)."""
     algo = group["algorithm"]
     if algo == "adamw":
         return ParamSpec(index, group_index, "dense", shape, fmt)
     if len(shape) == 2:
         side = forced_side or fproj.choose_side(shape, group["projection_side"])
-        rank = fproj.resolve_rank(shape, group["rank"], group["rank_ratio"])
+        fixed = None if group["rank"] == "auto" else group["rank"]
+        small = min(shape)
+        if rank is None:
+            rank = fproj.resolve_rank(shape, fixed, group["rank_ratio"])
+        rank = min(rank, small)
         rows, cols = (shape[0], shape[1]) if side == "right" else (shape[1], shape[0])
         return ParamSpec(index, group_index, "matrix", shape, fmt, side, rank, rows, cols)
     if len(shape) == 4:

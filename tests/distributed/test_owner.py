@@ -17,7 +17,8 @@ fed the same gradients:
 * ZeRO-2 (``reduce_gradients=True``, no DDP) with a parameter missing its gradient on rank 0
   and a NaN on rank 1 only (skipped on every rank); COAPAdafactor with split matrices (two
   rounds of team sums per step); ranks built with other hyperparameters fail at bind;
-* ``refresh="adaptive"``: the same decisions on every rank and as one process.
+* ``refresh="adaptive"``: the same decisions on every rank and as one process;
+  ``rank="auto"``: the same ranks on every DDP replica, refused by the owner layout.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     _mismatch(rank)
     _stagger(rank, world)
     _adaptive(rank, world)
+    _auto_rank(rank, world)
 
 
 def _check_traffic(
@@ -365,6 +367,33 @@ def _adaptive(rank: int, world: int) -> None:
     opt.consolidate_state_dict(to=0)
     if rank == 0:
         assert opt.state_dict()["coap_refresh"] == mine
+
+
+def _auto_rank(rank: int, world: int) -> None:
+    """rank="auto" with replicated state under DDP: every replica chooses the same ranks and
+    keeps the same weights; the sharded owner layout refuses it at the first step, naming
+    the setting (no rank hangs)."""
+    kw = dict(KW, rank="auto", rank_ratio=2)
+    model = _model()
+    opt = coap_dist.COAPAdamW(coap_dist.param_groups(model, **kw), **kw)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    for step in range(6):
+        ddp(_batch(rank, step)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    mine = (
+        [s.rank for s in opt.specs if s.kind == "matrix"],
+        [float(p.sum()) for p in model.parameters()],
+    )
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, mine)
+    assert all(e == mine for e in every), f"replicas disagree: {every}"
+    owner_model = _model()
+    owner = coap_dist.COAPAdamW(coap_dist.param_groups(owner_model, **kw), **kw, sharding="owner")
+    for p in owner_model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="rank='auto' re-sizes"):
+        owner.step()
 
 
 @pytest.mark.distributed
