@@ -6,11 +6,12 @@ validation), started as a subprocess with the overrides of its variant; this scr
 chooses the runs, reads each run's ``metrics.jsonl`` / ``summary.json`` and tabulates.
 
 Variants (:data:`VARIANTS`): ``adamw``, ``galore``, ``apollo``, ``coap_reference`` (the
-published behaviour: ``projector_update=reference``, ``moments=keep``), ``coap`` (the library's
-defaults), ``coap_right`` (every matrix right-projected: what FSDP2's default row-shard layout
-runs), the two half-way COAP variants that say which default matters (``coap_sf_keep``,
-``coap_ref_rotate``), ``coap_adaptive`` (``refresh=adaptive``) and ``coap_auto_rank``
-(``rank=auto`` at the fixed-rank state bytes). Every low-rank method gets the same rank and the
+published behaviour: ``projector_update=reference``, ``moments=keep``), ``coap_scale_free``
+(``scale_free`` + ``rotate``), the two half-way COAP variants that say which of them matters
+(``coap_sf_keep``, ``coap_ref_rotate``), ``coap_right`` (the library's defaults with every
+matrix right-projected: what FSDP2's default row-shard layout runs), ``coap_adaptive``
+(``refresh=adaptive``) and ``coap_auto_rank`` (``rank=auto`` at the fixed-rank state bytes).
+The report marks which variant the library's defaults (:class:`COAPAdamWConfig`) are. Every low-rank method gets the same rank and the
 same refresh interval T_u (GaLore's / APOLLO's ``update_proj_gap``).
 
 Protocol, identical for every variant:
@@ -101,16 +102,22 @@ COAP_COMMON = (
 )
 """Overrides every COAP variant starts from (a variant's own ones come after and win)."""
 
-DEFAULT_VARIANTS = (
-    "adamw",
-    "galore",
-    "apollo",
-    "coap_reference",
-    "coap_scale_free",
-    "coap_right",
-    "coap_sf_keep",
-    "coap_ref_rotate",
-)
+DEFAULT_VARIANTS = tuple(VARIANTS)
+
+MODE_VARIANTS = {
+    ("reference", "keep"): "coap_reference",
+    ("scale_free", "rotate"): "coap_scale_free",
+    ("scale_free", "keep"): "coap_sf_keep",
+    ("reference", "rotate"): "coap_ref_rotate",
+}
+"""(projector_update, moments) -> the variant that runs them with every other default."""
+
+
+def default_variant() -> str:
+    """The variant the library's defaults are (:class:`COAPAdamWConfig`)."""
+    d = COAPAdamWConfig()
+    return MODE_VARIANTS[(d.projector_update, d.moments)]
+
 
 QUICK = {
     "steps": 12,
@@ -306,6 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_1m_at_end": machine_info()["load_average_1m"],
         "wall_seconds": time.perf_counter() - wall0,
         "quick": args.quick,
+        "default_variant": default_variant(),
         "config": {
             "model": "tiny",
             "parameters": LLAMA_PRESETS["tiny"].num_params(),
@@ -343,7 +351,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     for label, s in summary.items():
         rows.append(
             [
-                label,
+                label + (" (default)" if label == result["default_variant"] else ""),
                 f"{s['lr']:g}" + (" (edge)" if s["lr_at_grid_edge"] else ""),
                 *(f"{result['sweep'][label][lr]:.4f}" for lr in lrs),
                 " / ".join(f"{v:.4f}" for v in s["final_val_per_seed"]),

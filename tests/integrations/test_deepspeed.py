@@ -7,7 +7,7 @@ JSON-style config that names the optimizer only by ``"type": "COAP"`` (no
     stage 0 fp32 | stage 0 bf16 (FP16_UnfusedOptimizer) | stage 1 fp32 | stage 1 bf16
     stage 1 bf16 + fp32 gradient accumulation (BF16_Optimizer) | stage 2 fp32
     stage 2 bf16 with gradient_accumulation_steps=2 | stage 3 fp32 | stage 3 bf16 under zero.Init
-    stage 2 fp32 with "type": "COAPAdafactor"
+    stage 2 fp32 with "type": "COAPAdafactor" | stage 2 fp32 with "refresh": "adaptive"
 
 For each: the loss falls (COAPAdamW); every COAP matrix has state on exactly one rank (stages 1-3) or on
 every rank (stage 0) with low-rank shapes, ``step`` equal to the number of optimizer steps (not
@@ -18,7 +18,9 @@ the rank-averaged gradient (fp32: weights to rtol 1e-4 / atol 1e-5 after 8 steps
 to rtol 5e-2). Selected configs also save a checkpoint at step 4 with ``engine.save_checkpoint``,
 load it into a fresh engine and check that 4 more steps reproduce the uninterrupted run. Invalid
 setups (optimizer offload, an unknown JSON key) must fail at ``deepspeed.initialize``, and
-every shipped ``configs/deepspeed/*.json`` must initialize and step.
+every shipped ``configs/deepspeed/*.json`` must initialize and step. The adaptive case also
+checks that both ranks took the same refresh decisions (and, through the trajectory, the same
+as one process) and resumes from its ZeRO checkpoint (``coap_refresh`` in each rank's file).
 
 DeepSpeed JIT-compiles a shared-memory collective op on the first CPU ``initialize`` (minutes;
 cached in ``TORCH_EXTENSIONS_DIR``). These tests use the cached op when it is there and
@@ -71,6 +73,14 @@ CASES: list[tuple[str, int, bool, dict[str, Any], bool, bool]] = [
         {"optimizer": {"type": "COAPAdafactor", "params": KW}},
         False,
         False,
+    ),
+    (
+        "stage2-fp32-adaptive",
+        2,
+        False,
+        {"optimizer": {"type": "COAP", "params": {**KW, "refresh": "adaptive"}}},
+        False,
+        True,
     ),
     ("stage3-fp32", 3, False, {}, False, False),
     ("stage3-bf16-zero-init", 3, True, {}, True, True),
@@ -171,10 +181,10 @@ def _full_params(engine: Any) -> list[torch.Tensor]:
     return [p.detach().float().clone() for p in params]
 
 
-def _reference(ga: int, cls: type) -> tuple[list[torch.Tensor], list[float]]:
+def _reference(ga: int, cls: type, **kw: Any) -> tuple[list[torch.Tensor], list[float]]:
     """Single-process COAP (``cls``) on the mean gradient over ranks and micro-batches."""
     model = _model()
-    opt = cls(model.parameters(), **KW)
+    opt = cls(model.parameters(), **{**KW, **kw})
     losses = []
     for step in range(STEPS):
         opt.zero_grad()
@@ -189,7 +199,9 @@ def _reference(ga: int, cls: type) -> tuple[list[torch.Tensor], list[float]]:
     return [p.detach().clone() for p in model.parameters()], losses
 
 
-def _check_state(label: str, engine: Any, stage: int, rank: int) -> tuple[int, int]:
+def _check_state(
+    label: str, engine: Any, stage: int, rank: int, fixed: bool = True
+) -> tuple[int, int]:
     """COAP state of every matrix; returns (COAP state bytes, AdamW state bytes) of this rank.
 
     Stages 1-3: each matrix's projector is on exactly one rank and its moment rows, summed
@@ -220,7 +232,8 @@ def _check_state(label: str, engine: Any, stage: int, rank: int) -> tuple[int, i
             if "exp_avg" in st:
                 assert st["exp_avg"].shape[1] == r, (label, shape)
                 assert st["exp_avg"].dtype == torch.float32, (label, st["exp_avg"].dtype)
-            assert float(st["refreshes"]) == REFRESHES, (label, shape, st["refreshes"])
+            if fixed:  # (the adaptive schedule decides its own refreshes)
+                assert float(st["refreshes"]) == REFRESHES, (label, shape, st["refreshes"])
             assert float(st["step"]) == STEPS, (label, shape, st["step"])
         else:
             held = torch.tensor([1 if st else 0])
@@ -255,9 +268,10 @@ def _worker(rank: int, world: int, ckpt_root: str, port: int) -> None:
         _check_errors(rank)
         _check_shipped_configs(rank)
     refs = {
-        (1, False): _reference(1, coap_dist.COAPAdamW),
-        (2, False): _reference(2, coap_dist.COAPAdamW),
-        (1, True): _reference(1, coap_dist.COAPAdafactor),
+        (1, "adamw"): _reference(1, coap_dist.COAPAdamW),
+        (2, "adamw"): _reference(2, coap_dist.COAPAdamW),
+        (1, "adafactor"): _reference(1, coap_dist.COAPAdafactor),
+        (1, "adaptive"): _reference(1, coap_dist.COAPAdamW, refresh="adaptive"),
     }
     report = []
     for label, stage, bf16, extra, zero_init, ckpt in CASES:
@@ -273,13 +287,22 @@ def _worker(rank: int, world: int, ckpt_root: str, port: int) -> None:
             losses = first + _train(engine, rank, range(SAVE_AT, STEPS))
         else:
             losses = _train(engine, rank, range(STEPS))
-        adafactor = "optimizer" in extra
-        if not adafactor:  # (COAPAdafactor does not descend in 8 steps here, nor in 1 process)
+        kind = extra.get("optimizer", {}).get("type", "COAP")
+        adafactor = kind == "COAPAdafactor"
+        adaptive = extra.get("optimizer", {}).get("params", {}).get("refresh") == "adaptive"
+        variant = "adafactor" if adafactor else "adaptive" if adaptive else "adamw"
+        if variant == "adamw":  # (Adafactor and the adaptive schedule descend less in 8 steps
+            # here, in 1 process too: 1.116 -> 1.028; the comparison below is the check)
             assert losses[-1] < 0.9 * losses[0], (label, losses)
         _check_traffic(label, _coap(engine), stage, rank, records)
-        coap_bytes, adamw_bytes = _check_state(label, engine, stage, rank)
+        coap_bytes, adamw_bytes = _check_state(label, engine, stage, rank, not adaptive)
         assert coap_bytes < 0.6 * adamw_bytes, (label, coap_bytes, adamw_bytes)
-        ref_params, ref_losses = refs[(ga, adafactor)]
+        ref_params, ref_losses = refs[(ga, variant)]
+        if adaptive:  # the same decisions on both ranks, and as one process
+            counts = [_coap(engine).metrics()[f"optim/{k}"] for k in ("refreshes", "refresh_skips")]
+            every: list[Any] = [None] * WORLD
+            dist.all_gather_object(every, counts)
+            assert every[0] == every[1], (label, every)
         if bf16:
             torch.testing.assert_close(losses, ref_losses, rtol=5e-2, atol=0.0, msg=label)
         else:
@@ -296,7 +319,7 @@ def _worker(rank: int, world: int, ckpt_root: str, port: int) -> None:
             torch.testing.assert_close(again, losses[SAVE_AT:], rtol=1e-6, atol=0.0, msg=label)
             for i, (p, q) in enumerate(zip(_full_params(resumed), final, strict=True)):
                 torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=f"{label} resumed {i}")
-            _check_state(label + " resumed", resumed, stage, rank)
+            _check_state(label + " resumed", resumed, stage, rank, not adaptive)
             resumed.destroy()
         all_bytes = [None] * WORLD
         dist.all_gather_object(all_bytes, coap_bytes)
@@ -325,6 +348,9 @@ def _check_traffic(label: str, opt: Any, stage: int, rank: int, records: list) -
     dtypes = [lay.view.dtype(i) for i in range(len(opt.specs))]
     bound = bound_bytes(lay._entries, WORLD, rank, dtypes) + 8 * (per - 1) * (5 * len(dtypes) + 1)
     calls = 3 + (2 if isinstance(opt, coap_dist.COAPAdafactor) else 0)
+    # refresh="adaptive" measures the residual on the step before each candidate (odd k
+    # here): one more all-reduce of its sums.
+    calls += any(g.get("refresh") == "adaptive" for g in opt.groups)
     for k, rec in zip((1, 3, 5, 7), plain, strict=True):
         assert 1 <= rec.total_calls <= calls * per, (label, k, rec.calls)
         assert rec.devices <= {"cpu"}, (label, rec.devices)
