@@ -343,6 +343,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+PEERS = ("adamw", "galore", "apollo")
+
+
+def comparisons(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Paired comparisons (same seed = same initial weights and batches): for the best COAP
+    variant at no more state than the default against each peer and the published
+    behaviour, and for each COAP variant against the default, the per-seed differences of
+    final validation loss (negative: the first is better) and whether the gap of the means
+    exceeds the larger seed spread."""
+    summary = result["summary"]
+    default = result["default_variant"]
+    cap = summary.get(default, {}).get("state_bytes", 0)
+    coaps = [k for k, v in summary.items() if k.startswith("coap") and v["state_bytes"] <= cap]
+    pairs: list[tuple[str, str]] = []
+    if coaps:
+        best = min(coaps, key=lambda k: summary[k]["final_val_mean"])
+        pairs += [(best, p) for p in (*PEERS, "coap_reference") if p in summary and p != best]
+    pairs += [
+        (k, default)
+        for k in summary
+        if k.startswith("coap") and k != default and default in summary
+    ]
+    out = []
+    for a, b in dict.fromkeys(pairs):
+        sa, sb = summary[a], summary[b]
+        diffs = [
+            x - y for x, y in zip(sa["final_val_per_seed"], sb["final_val_per_seed"], strict=True)
+        ]
+        gap = sa["final_val_mean"] - sb["final_val_mean"]
+        spread = max(sa["final_val_spread"], sb["final_val_spread"])
+        out.append(
+            {
+                "a": a,
+                "b": b,
+                "per_seed": diffs,
+                "gap": gap,
+                "spread": spread,
+                "beyond": abs(gap) > spread,
+            }
+        )
+    return out
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     """Human-readable report of :func:`run`'s result."""
     cfg, summary = result["config"], result["summary"]
@@ -388,6 +431,22 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{cfg['seeds'][0]}), then seeds {cfg['seeds']} at the chosen lr. Loss in nats per "
         f"byte; {cfg['threads']} torch thread(s) per run.",
         markdown_table(header, rows),
+        "Paired by seed (negative: the first variant is better; beyond: |gap of means| > the "
+        "larger seed spread):",
+        markdown_table(
+            ["first", "second", "per-seed difference", "gap of means", "spread", "beyond spread"],
+            [
+                [
+                    c["a"],
+                    c["b"],
+                    " / ".join(f"{d:+.4f}" for d in c["per_seed"]),
+                    f"{c['gap']:+.4f}",
+                    f"{c['spread']:.4f}",
+                    "yes" if c["beyond"] else "no",
+                ]
+                for c in comparisons(result)
+            ],
+        ),
         "Overrides per variant: "
         + "; ".join(f"`{k}`: {' '.join(v)}" for k, v in cfg["variants"].items()),
         "![curves](convergence.png)",
@@ -512,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.lrs or not args.seeds:
         parser.error("--lrs and --seeds must each name at least one value")
     result = run(args)
+    result["comparisons"] = comparisons(result)
     publish("convergence", result, to_markdown(result), args.out)
     png = plot(result, args.out / "convergence.png")
     print(f"wrote {png}" if png else "matplotlib is not installed: no convergence.png")

@@ -78,6 +78,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         f"optimizer.reproject_factor={args.reproject_factor}",
         f"optimizer.projector_update={update}",
         f"optimizer.moments={moments}",
+        f"optimizer.projector_lr={args.projector_lr}",
     ]
     with initialize_config_module(config_module="coap_dist.configs", version_base="1.3"):
         raw = OmegaConf.to_container(
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--update-interval", type=int, default=32)
     p.add_argument("--reproject-factor", type=int, default=5)
+    p.add_argument("--projector-lr", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
@@ -205,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n\n".join(
         [
             "# Projector motion (tiny LLaMA, Shakespeare bytes)",
-            f"{args.steps} steps x {args.batch} x {args.seq_len} tokens, lr {args.lr:g}, rank "
+            f"{args.steps} steps x {args.batch} x {args.seq_len} tokens, lr {args.lr:g}, "
+            f"projector_lr {args.projector_lr:g}, rank "
             f"{args.rank}, T_u {args.update_interval}, F {args.reproject_factor}; d = 1 - "
             "||orth(P) orth(Q)^T||_F^2 / r, means over the 28 block matrices and the second "
             "half of the run.",

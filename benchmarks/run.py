@@ -244,7 +244,7 @@ def convergence_targets(conv: dict[str, Any] | None) -> list[Row]:
         "best COAP variant beats every peer beyond the seed spread, at <= fixed-rank state",
         "COAP default no worse than the published behaviour (reference mode)",
         f"COAP default within {100 * (CONVERGENCE_TARGET - 1):.0f}% of AdamW",
-        "FSDP2's right-projected variant no worse than the canonical side rule",
+        "FSDP2's right-projected variant no worse than the side rule beyond the seed spread",
     ]
     if conv is None:
         return [[n, "-", _status(None), "convergence.json missing"] for n in names]
@@ -278,17 +278,22 @@ def convergence_targets(conv: dict[str, Any] | None) -> list[Row]:
         rows.append([names[0], figure, _status(ok), budget])
     else:
         rows.append([names[0], "-", _status(None), "COAP variants or peers missing"])
-    pairs = [(default, "coap_reference", 1.0), (default, "adamw", CONVERGENCE_TARGET)]
-    pairs.append(("coap_right", default, 1.0))
-    for name, (a, b_, limit) in zip(names[1:], pairs, strict=True):
+    # (first, second, ratio limit, whether a gap within the seed spread passes)
+    pairs = [
+        (default, "coap_reference", 1.0, False),
+        (default, "adamw", CONVERGENCE_TARGET, False),
+        ("coap_right", default, 1.0, True),
+    ]
+    for name, (a, b_, limit, noisy) in zip(names[1:], pairs, strict=True):
         fa, fb = (None, None) if a is None else (_conv(conv, a), _conv(conv, b_))
         if fa is None or fb is None:
             rows.append([name, "-", _status(None), f"`{a}` or `{b_}` not in convergence.json"])
             continue
         ratio = fa[0] / fb[0]
-        ok = math.isfinite(ratio) and ratio <= limit
         gap = abs(fa[0] - fb[0])
-        noise = "within" if gap <= max(fa[1], fb[1]) else "outside"
+        within = gap <= max(fa[1], fb[1])
+        ok = math.isfinite(ratio) and (ratio <= limit or (noisy and within))
+        noise = "within" if within else "outside"
         figure = (
             f"{a} {fa[0]:.4f} vs {b_} {fb[0]:.4f} = {ratio:.4f} (spread {fa[1]:.4f} / {fb[1]:.4f})"
         )
