@@ -799,3 +799,21 @@ def test_auto_rank_redistributes_the_fixed_rank_bytes_and_resumes_exactly() -> N
         COAPAdamW(param_groups(_spectra_net()), rank="auto", rank_ratio=4, refresh="adaptive")
     with pytest.raises(ValueError, match='must be an integer >= 1 or "auto"'):
         COAPAdamW(param_groups(_spectra_net()), rank="big")
+
+
+def test_auto_rank_allocation_follows_the_spectra_within_the_budget() -> None:
+    """autorank.allocate: a matrix whose energy is spread gets rank from one whose energy is in
+    a few directions, the group's bytes stay within the fixed ranks', ranks in their bounds."""
+    from coap_dist.optim import autorank
+
+    opt = COAPAdamW([nn.Parameter(torch.zeros(64, 32)), nn.Parameter(torch.zeros(64, 32))], rank=8)
+    plan = opt.plan([(64, 32), (64, 32)], [torch.float32] * 2, [0, 0], False)
+    specs = dict(enumerate(plan))
+    peaked = [0.7, 0.2] + [0.1 / 14] * 14
+    flat = [1 / 16] * 16
+    ranks = autorank.allocate({0: peaked, 1: flat}, specs, {0: 8, 1: 8})
+    assert ranks[0] < 8 < ranks[1], ranks
+    assert all(2 <= r <= 16 for r in ranks.values())
+    cost = sum(autorank.state_cost(specs[i], r) for i, r in ranks.items())
+    assert cost <= 2 * autorank.state_cost(specs[0], 8)
+    assert autorank.allocate({0: flat, 1: flat}, specs, {0: 8, 1: 8}) == {0: 8, 1: 8}

@@ -82,7 +82,7 @@ def allocate(
     fixed: Mapping[int, int],
 ) -> dict[int, int]:
     """The ranks of a group's matrices that maximise the captured fraction within the bytes
-    of their fixed ranks (see the module docstring); deterministic (ties by index).
+    of their fixed ranks (see the module docstring); deterministic (ties by direction, then index).
 
     Args:
         profiles: per matrix index, s_1 >= s_2 >= ... (its :func:`energy_profile`).
@@ -97,12 +97,14 @@ def allocate(
         i: max(1, state_cost(specs[i], ranks[i] + 1) - state_cost(specs[i], ranks[i]))
         for i in profiles
     }
+    # Ties (equal fractions per byte) go to the earlier direction, then the lower index, so
+    # equal spectra share the budget evenly.
     candidates = sorted(
-        (-profiles[i][j] / unit[i], i, j)
+        (-profiles[i][j] / unit[i], j, i)
         for i in profiles
         for j in range(lim[i][0], min(lim[i][1], len(profiles[i])))
     )
-    for _, i, j in candidates:
+    for _, j, i in candidates:
         if ranks[i] != j:
             continue  # an earlier direction of this matrix did not fit
         extra = state_cost(specs[i], j + 1) - state_cost(specs[i], j)
