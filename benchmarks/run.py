@@ -2,10 +2,10 @@
 
 ::
 
-    python benchmarks/run.py all            # every benchmark, full settings (~45-60 min)
+    python benchmarks/run.py all            # every benchmark, full settings (~3 h: convergence ~2)
     python benchmarks/run.py memory         # memory.py
     python benchmarks/run.py speed          # step_time.py, then train_step.py
-    python benchmarks/run.py convergence    # convergence.py
+    python benchmarks/run.py convergence    # convergence.py (12 variants x 3 seeds x 2,000 steps)
     python benchmarks/run.py startup        # startup_memory.py (LLaMA-1B, ~10 min)
     python benchmarks/run.py distributed    # distributed.py
     python benchmarks/run.py summary        # only regenerate SUMMARY.md from the JSON files
@@ -57,7 +57,7 @@ SCRIPTS: dict[str, list[tuple[str, str, list[str], list[str]]]] = {
             ),
         ),
     ],
-    "convergence": [("convergence", "--out", [], ["--quick"])],
+    "convergence": [("convergence", "--out", ["--jobs", "2"], ["--quick"])],
     "startup": [("startup_memory", "--out-dir", [], ["--model", "tiny"])],
     "distributed": [
         (
