@@ -250,18 +250,16 @@ class _COAPBase(Checkpoints, Optimizer):
         load = old_state if old_state is not None else self._pending_load
         if load is not None and "coap_ranks" in load:
             self._auto_rank = {int(i): int(r) for i, r in load["coap_ranks"].items()}
-        layout = resolve_layout(self.groups, self.built, self._sharding, self._process_group)
-        self.specs = layout.bind(self)
+        layout = self._new_layout()
         auto = [g for g in self.groups if g.get("rank") == "auto"]
         if auto and layout.world != 1:
+            self._layout = None  # refused: a later step must not run on it
             raise ValueError(
                 f"{self.name}: rank='auto' re-sizes each matrix's state at its SVDs, which "
                 f"this release does with one process or replicated state (DDP) only, not "
                 f"under the sharded `{layout.name}` layout; set a fixed rank (or rank_ratio) "
                 "for sharded training"
             )
-        self.group_of = layout.group_of
-        self._layout = layout
         self.state.clear()
         self._steps = [0] * len(self.specs)
         self._adaptive = {
@@ -391,6 +389,15 @@ class _COAPBase(Checkpoints, Optimizer):
             self._replan(changed)
         return bool(changed)
 
+    def _new_layout(self) -> Layout:
+        """Resolve and bind a layout for the tensors present now; it becomes the bound one
+        (``specs``, ``group_of``), state untouched."""
+        layout = resolve_layout(self.groups, self.built, self._sharding, self._process_group)
+        self.specs = layout.bind(self)
+        self.group_of = layout.group_of
+        self._layout = layout
+        return layout
+
     def _replan(self, ranks: Mapping[int, int]) -> None:
         """Bind a fresh layout planned with ``ranks`` (world-1 layouts), keeping every
         parameter's state and re-projecting the matrices whose rank changes
@@ -398,10 +405,7 @@ class _COAPBase(Checkpoints, Optimizer):
         old = self._bound()
         kept = {i: self.state[p] for i, p in enumerate(old.params) if self.state.get(p)}
         self._auto_rank.update(ranks)
-        layout = resolve_layout(self.groups, self.built, self._sharding, self._process_group)
-        self.specs = layout.bind(self)
-        self.group_of = layout.group_of
-        self._layout = layout
+        layout = self._new_layout()
         self.state.clear()
         for i, st in kept.items():
             if i in ranks:
@@ -423,7 +427,7 @@ class _COAPBase(Checkpoints, Optimizer):
                 kind = refresh_due(spec, group, k)
             else:
                 kind = schedule.adaptive_due(spec, group, k, st)
-                if kind is None and k and (k + spec.offset) % group["update_interval"] == 0:
+                if kind is None and schedule.candidate(spec, group, k):
                     self._counters["refresh_skips"] += 1
             if kind:
                 due[i] = kind

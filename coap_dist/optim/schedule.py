@@ -114,6 +114,12 @@ def refresh_due(spec: ParamSpec, group: Mapping[str, Any], k: int) -> Refresh | 
     return None
 
 
+def candidate(spec: ParamSpec, group: Mapping[str, Any], k: int) -> bool:
+    """Whether the refresh before update k + 1 is an adaptive decision point,
+    (k + o) % T_u == 0 with k >= 1."""
+    return k > 0 and (k + spec.offset) % group["update_interval"] == 0
+
+
 def adaptive_due(
     spec: ParamSpec, group: Mapping[str, Any], k: int, st: AdaptiveState
 ) -> Refresh | None:
@@ -124,7 +130,7 @@ def adaptive_due(
         st.last_svd = 0
         return "init"
     st.credit = min(BANK, st.credit + group["refresh_budget"] / (tu * f))
-    if (k + spec.offset) % tu:
+    if not candidate(spec, group, k):
         return None
     s = st.drift()
     stale = k - st.last_svd >= STALE * tu * f
@@ -139,7 +145,7 @@ def adaptive_due(
 def measure_due(spec: ParamSpec, group: Mapping[str, Any], k: int, st: AdaptiveState) -> bool:
     """Whether update k + 1 (taken with the projector chosen for it) measures the residual:
     the step after an SVD (rho_0) or the step before a candidate (rho)."""
-    return k == st.last_svd + 1 or (k + 1 + spec.offset) % group["update_interval"] == 0
+    return k == st.last_svd + 1 or candidate(spec, group, k + 1)
 
 
 def record_residual(
@@ -148,7 +154,7 @@ def record_residual(
     """Store the residual measured by update k + 1 (see :func:`measure_due`)."""
     if k == st.last_svd + 1:
         st.base = rho
-    if (k + 1 + spec.offset) % group["update_interval"] == 0:
+    if candidate(spec, group, k + 1):
         st.last_rho = rho
 
 
