@@ -289,8 +289,18 @@ class OwnerLayout(Layout):
                 )
         check_settings(self.comm, core.settings(), core.name)
         frags = view.fragments(self.comm)
+        # rank="auto": state is placed by the fixed ranks' bytes (the budget), so that a
+        # re-plan with other ranks keeps every piece on its rank (and a resumed run places
+        # like the one that saved).
+        budget = core.plan(
+            shapes,
+            [view.dtype(i) for i in range(len(params))],
+            self.group_of,
+            False,
+            fixed_rank=True,
+        )
         self.placement = owner_placement(
-            specs, self.world, frags, split=self.split, imbalance=self.imbalance
+            budget, self.world, frags, split=self.split, imbalance=self.imbalance
         )
         self._entries = geometries(specs, self.placement, frags)
         self._mine = [self.placement.piece(i, self.rank) for i in range(len(specs))]

@@ -45,7 +45,6 @@ from coap_dist.optim.checkpoint import Checkpoints
 from coap_dist.optim.config import COAPAdafactorConfig, COAPAdamWConfig
 from coap_dist.optim.layout import (
     Layout,
-    MatrixWork,
     Update,
     Work,
     refuse_fsdp1,
@@ -54,7 +53,7 @@ from coap_dist.optim.layout import (
 )
 from coap_dist.optim.schedule import COUNTERS, AdaptiveState, count_refreshes, refresh_due
 from coap_dist.optim.spec import ParamSpec, StateFormat, make_spec, with_stagger
-from coap_dist.optim.storage import convert_full
+from coap_dist.optim.storage import convert_piece, rank_change, read_moment
 
 SHARDING_NAMES = (None, "none", "owner", "local")
 
@@ -164,6 +163,8 @@ class _COAPBase(Checkpoints, Optimizer):
         dtypes: Sequence[torch.dtype],
         group_of: Sequence[int],
         force_right: bool,
+        *,
+        fixed_rank: bool = False,
     ) -> list[ParamSpec]:
         """Every parameter's plan (see :class:`coap_dist.optim.layout.Core`)."""
         specs = []
@@ -177,7 +178,7 @@ class _COAPBase(Checkpoints, Optimizer):
                     fmt=self._format(dtype),
                     forced_side="right" if force_right else None,
                     where=f"{self.name} param_groups[{gi}]",
-                    rank=self._auto_rank.get(i),
+                    rank=None if fixed_rank else self._auto_rank.get(i),
                 )
             )
         return with_stagger(specs, self.groups)
@@ -252,13 +253,12 @@ class _COAPBase(Checkpoints, Optimizer):
             self._auto_rank = {int(i): int(r) for i, r in load["coap_ranks"].items()}
         layout = self._new_layout()
         auto = [g for g in self.groups if g.get("rank") == "auto"]
-        if auto and layout.world != 1:
+        if auto and layout.world != 1 and not layout.resizable:
             self._layout = None  # refused: a later step must not run on it
             raise ValueError(
                 f"{self.name}: rank='auto' re-sizes each matrix's state at its SVDs, which "
-                f"this release does with one process or replicated state (DDP) only, not "
-                f"under the sharded `{layout.name}` layout; set a fixed rank (or rank_ratio) "
-                "for sharded training"
+                f"the `{layout.name}` layout cannot: {layout.resizable_reason} Set a fixed "
+                "rank (or rank_ratio), or use sharding='owner' (FSDP2 / HSDP and DDP)"
             )
         self.state.clear()
         self._steps = [0] * len(self.specs)
@@ -361,32 +361,69 @@ class _COAPBase(Checkpoints, Optimizer):
         matrices due one from their gradients' spectra (:mod:`coap_dist.optim.autorank`) and
         re-plan the changed ones, their state re-projected to the new rank (the SVD that
         follows then fits the projector at that rank). Returns whether any rank changed.
-        One process or replicated state only (checked at bind): every replica measures the
-        same averaged gradient, so all take the same decision."""
-        by_group: dict[int, list[MatrixWork]] = {}
-        for mw in work.matrices:
-            if due.get(mw.index) in ("init", "recalibrate") and mw.group.get("rank") == "auto":
-                by_group.setdefault(self.group_of[mw.index], []).append(mw)
-        changed: dict[int, int] = {}
-        for gi, mats in by_group.items():
-            group = self.groups[gi]
-            fixed = {
-                mw.index: fproj.resolve_rank(mw.spec.shape, None, group["rank_ratio"])
-                for mw in mats
-            }
-            profiles = {
-                mw.index: autorank.energy_profile(
-                    mw.grad,
-                    mw.projector if due[mw.index] == "recalibrate" else None,
-                    autorank.bounds(fixed[mw.index], min(mw.spec.rows, mw.spec.cols))[1],
+
+        Under sharding every rank takes the same decision from the same numbers: the sketch
+        sums of a matrix split over ranks go through one ``team_sum``; the piece holding row 0
+        turns them into the profile; one ``agree`` then gives every rank every profile and
+        the second-moment column sums (over all rows) that a rank decrease keeps by."""
+        auto = sorted(
+            i
+            for i, kind in due.items()
+            if kind in ("init", "recalibrate")
+            and self.specs[i].kind == "matrix"
+            and self.groups[self.group_of[i]].get("rank") == "auto"
+        )
+        if not auto:
+            return False
+        lay = self._bound()
+        fixed = {
+            i: fproj.resolve_rank(
+                self.specs[i].shape, None, self.groups[self.group_of[i]]["rank_ratio"]
+            )
+            for i in auto
+        }
+        width = {i: autorank.sketch_width(self.specs[i], fixed[i]) for i in auto}
+        mats = {mw.index: mw for mw in work.matrices if mw.index in width}
+        partials = {
+            i: autorank.sketch_partials(
+                mw.grad, mw.projector if due[i] == "recalibrate" else None, width[i]
+            )
+            for i, mw in mats.items()
+        }
+        sums = lay.team_sum(partials, {i: width[i] * (width[i] + self.specs[i].cols) for i in auto})
+        offset, total = {}, 0
+        for i in auto:
+            offset[i] = total
+            total += width[i] + self.specs[i].rank
+        slots = torch.zeros(total, dtype=torch.float64, device=lay.device)
+        for i, mw in mats.items():
+            o, h, r = offset[i], width[i], self.specs[i].rank
+            first = mw.rows[0] == 0  # one piece per matrix holds row 0
+            if first:
+                slots[o : o + h] = autorank.profile_from_sums(sums[i], h)
+            if "exp_avg_sq_col" in mw.state:  # factored: the statistic is over all rows
+                if first:
+                    slots[o + h : o + h + r] = mw.state["exp_avg_sq_col"].double()
+            else:
+                slots[o + h : o + h + r] = (
+                    read_moment(mw.state, "exp_avg_sq", False).double().sum(0)
                 )
-                for mw in mats
-            }
-            host = {i: p.tolist() for i, p in profiles.items()}  # the SVD step's host read
-            ranks = autorank.allocate(host, {mw.index: mw.spec for mw in mats}, fixed)
+        host = lay.agree(slots)
+        changed: dict[int, int] = {}
+        for gi in sorted({self.group_of[i] for i in auto}):
+            mine = [i for i in auto if self.group_of[i] == gi]
+            profiles = {i: host[offset[i] : offset[i] + width[i]] for i in mine}
+            ranks = autorank.allocate(profiles, {i: self.specs[i] for i in mine}, fixed)
             changed.update({i: r for i, r in ranks.items() if r != self.specs[i].rank})
         if changed:
-            self._replan(changed)
+            energy = {
+                i: torch.tensor(
+                    host[offset[i] + width[i] : offset[i] + width[i] + self.specs[i].rank],
+                    dtype=torch.float64,
+                )
+                for i in changed
+            }
+            self._replan(changed, energy, work)
         return bool(changed)
 
     def _new_layout(self) -> Layout:
@@ -398,23 +435,34 @@ class _COAPBase(Checkpoints, Optimizer):
         self._layout = layout
         return layout
 
-    def _replan(self, ranks: Mapping[int, int]) -> None:
-        """Bind a fresh layout planned with ``ranks`` (world-1 layouts), keeping every
-        parameter's state and re-projecting the matrices whose rank changes
-        (:func:`coap_dist.optim.storage.convert_full`)."""
+    def _replan(self, ranks: Mapping[int, int], energy: Mapping[int, Tensor], work: Work) -> None:
+        """Bind a fresh layout planned with ``ranks`` (collective under sharding: every rank
+        re-plans at the same step), keeping every parameter's state and re-projecting this
+        rank's pieces of the matrices whose rank changes
+        (:func:`coap_dist.optim.storage.rank_change`, from ``energy``: each matrix's
+        second-moment column sums over all its rows). Pieces stay on their ranks: owner
+        layouts place state by the fixed ranks' bytes."""
         old = self._bound()
         kept = {i: self.state[p] for i, p in enumerate(old.params) if self.state.get(p)}
+        whole_p = {mw.index: mw.projector for mw in work.matrices}
+        changes = {}
+        for i, r in ranks.items():
+            p_old = whole_p.get(i)
+            if p_old is None and i in kept:
+                p_old = kept[i].get("projector")  # a holder that keeps no rows
+            changes[i] = rank_change(self.specs[i].rank, r, energy[i], p_old)
         self._auto_rank.update(ranks)
         layout = self._new_layout()
         self.state.clear()
         for i, st in kept.items():
-            if i in ranks:
+            if i not in ranks:
+                self.state[layout.params[i]] = st
+                continue
+            layout.ensure_state(i)
+            into = self.state.get(layout.params[i])
+            if into is not None:
                 where = f"{self.name}: rank='auto' re-plan of parameter {i}"
-                st = {
-                    k: v.to(layout.device)
-                    for k, v in convert_full(self.specs[i], st, where).items()
-                }
-            self.state[layout.params[i]] = st
+                convert_piece(st, into, changes[i], where)
 
     def _schedule(self, active: list[int]) -> dict[int, str]:
         """The refresh each active parameter takes before this update (fixed or adaptive

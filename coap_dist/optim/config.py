@@ -197,7 +197,7 @@ class COAPAdamWConfig(Hyperparameters):
         None,
         'r = min(rank, min(m, n)); exactly one of rank / rank_ratio for COAP groups; "auto": '
         "per-matrix ranks chosen at every SVD from the spectrum, within the state bytes of "
-        "rank_ratio's fixed ranks (one process or replicated state; fixed schedule)",
+        "rank_ratio's fixed ranks (fixed schedule; not under FSDP2's default row-shard layout)",
         optional(rank_value, "use rank_ratio"),
     )
     rank_ratio: float | None = hp(

@@ -128,10 +128,13 @@ class Core(Protocol):
         dtypes: Sequence[torch.dtype],
         group_of: Sequence[int],
         force_right: bool,
+        *,
+        fixed_rank: bool = False,
     ) -> list[ParamSpec]:
         """The plan of every parameter from its global shape, the dtype of the tensor the
         layout updates and its group (``force_right``: every matrix right-projected, for
-        row shards)."""
+        row shards; ``fixed_rank``: ``rank="auto"`` matrices at their fixed ranks, the
+        budget that owner layouts place state by)."""
         ...
 
     def settings(self) -> dict[str, Any]:
@@ -156,6 +159,11 @@ class Layout(abc.ABC):
     """
 
     name = "layout"
+    resizable = True
+    """Whether ``rank="auto"`` may re-plan this layout with other ranks at a step (state
+    pieces stay where they are; owner layouts place them by the fixed ranks' bytes)."""
+    resizable_reason = ""
+    """Why not, for the error message (when ``resizable`` is False)."""
     device: torch.device
     world: int
     params: list[Tensor]

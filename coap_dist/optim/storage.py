@@ -16,6 +16,7 @@ view); :func:`read_moment` / :func:`write_moment` convert at the boundary.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -194,17 +195,117 @@ RESEED = 0x5EED
 """Seed of the orthonormal directions a rank increase adds (every rank draws the same)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class RankChange:
+    """A COAP matrix's rank r_old -> r (:func:`rank_change`), applied alike to every piece.
+
+    Attributes:
+        old, new: r_old and r.
+        keep: a decrease: the (r,) sorted indices of the directions kept.
+        directions: an increase: the (r - r_old, b) rows appended to P (None on a piece
+            that keeps no projector: it only widens its moments).
+    """
+
+    old: int
+    new: int
+    keep: Tensor | None = None
+    directions: Tensor | None = None
+
+
+def rank_change(old: int, new: int, energy: Tensor, projector: Tensor | None) -> RankChange:
+    """The re-projection of a matrix from rank ``old`` to ``new``.
+
+    Smaller: keep the r directions of P with the largest second moment (``energy``: the
+    column sums of V over all rows; Adafactor: its column statistic), so P_new = P_old[keep],
+    M_new = M[:, keep], V_new = V[:, keep] (the rotation C = P_old P_new^T is that
+    selection). Larger: append r - r_old directions orthonormal to P_old (``projector``,
+    r_old x b; seeded, identical on every rank), with M = 0 and V set to each row's mean of V
+    (the step along a new direction starts at the size of the others).
+    """
+    if new < old:
+        keep = torch.topk(energy.double().cpu(), new).indices.sort().values
+        return RankChange(old, new, keep=keep)
+    if new == old or projector is None:
+        return RankChange(old, new)
+    p = projector.detach().double().cpu()
+    gen = torch.Generator().manual_seed(RESEED)
+    q = torch.randn(new - old, p.shape[1], generator=gen, dtype=torch.float64)
+    for _ in range(2):  # twice: orthogonal to P to rounding
+        q = q - (q @ p.T) @ p
+    return RankChange(old, new, directions=torch.linalg.qr(q.T).Q.T)
+
+
+def apply_rank_change(values: dict[str, Tensor], change: RankChange) -> None:
+    """Re-project a piece's compute values (moments of its rows, P if it keeps it) in place."""
+    factored = "exp_avg_sq_col" in values
+    m = values["exp_avg"].double()
+    if change.keep is not None:
+        keep = change.keep
+        if "projector" in values:
+            values["projector"] = values["projector"].double()[keep]
+        values["exp_avg"] = m[:, keep]
+        if factored:
+            values["exp_avg_sq_col"] = values["exp_avg_sq_col"][keep]
+        else:
+            values["exp_avg_sq"] = values["exp_avg_sq"][:, keep]
+        return
+    extra = change.new - change.old
+    if extra <= 0:
+        return
+    if "projector" in values:
+        if change.directions is None:
+            raise AssertionError("a rank increase of a piece keeping P needs its directions")
+        values["projector"] = torch.cat([values["projector"].double(), change.directions])
+    values["exp_avg"] = torch.cat([m, m.new_zeros(m.shape[0], extra)], 1)
+    if factored:
+        col = values["exp_avg_sq_col"].double()
+        values["exp_avg_sq_col"] = torch.cat([col, col.mean().expand(extra)])
+    else:
+        v = values["exp_avg_sq"].double()
+        values["exp_avg_sq"] = torch.cat([v, v.mean(1, keepdim=True).expand(-1, extra)], 1)
+
+
+def _read_values(saved: Mapping[str, Any]) -> dict[str, Tensor]:
+    """A state's values by name, 8-bit moments dequantized, on the CPU."""
+    names = {k[:-2] if k.endswith("_q") else k for k in saved if not k.endswith("_scale")}
+    values: dict[str, Tensor] = {}
+    for name in names:
+        v = saved.get(name)
+        if v is None:  # only an 8-bit moment's name is not a key: it is `<name>_q`
+            v = fquant.dequantize(saved[f"{name}_q"], saved[f"{name}_scale"], MOMENTS[name])
+        values[name] = v.detach().cpu() if isinstance(v, Tensor) else torch.tensor(float(v))
+    return values
+
+
+def convert_piece(saved: Mapping[str, Any], into: State, change: RankChange, where: str) -> None:
+    """Fill ``into`` (a piece's state allocated at the new rank by its layout) from the same
+    piece's state ``saved`` at the old rank (:func:`rank_change`); 8-bit moments re-coded."""
+    values = _read_values(saved)
+    apply_rank_change(values, change)
+    for key, t in into.items():
+        if key.endswith("_scale"):
+            continue
+        base = key[:-2] if key.endswith("_q") else key
+        v = values[base]
+        if v.numel() != t.numel():
+            raise AssertionError(
+                f"{where}: `{base}` re-projected to {tuple(v.shape)}, not {tuple(t.shape)}"
+            )
+        v = v.reshape(t.shape)
+        if key.endswith("_q"):
+            codes, scales = fquant.quantize(v.float(), MOMENTS[base])
+            t.copy_(codes)
+            into[f"{base}_scale"].copy_(scales)
+        else:
+            t.copy_(v.to(t.dtype))
+
+
 def convert_full(spec: ParamSpec, saved: Mapping[str, Any], where: str) -> State:
     """A parameter's full-form state converted to the format ``spec`` plans.
 
     * dtype and ``state_bits``: moments are read (dequantized) and stored in the planned
       format; projectors and factors are cast;
-    * rank of a COAP matrix, r_old -> r: a re-projection. Smaller: keep the r directions of
-      P with the largest second moment (column sums of V; Adafactor: its column statistic),
-      so P_new = P_old[keep], M_new = M[:, keep], V_new = V[:, keep] (the rotation
-      C = P_old P_new^T is that selection). Larger: append r - r_old directions orthonormal
-      to P_old (seeded, identical on every rank), with M = 0 and V set to each row's mean
-      of V (the step along a new direction starts at the size of the others);
+    * rank of a COAP matrix, r_old -> r: a re-projection (:func:`rank_change`);
     * anything else that differs (another projection side or shape, another optimizer's or
       algorithm's keys, Tucker ranks) raises ValueError naming the key and the reason.
 
@@ -221,12 +322,7 @@ def convert_full(spec: ParamSpec, saved: Mapping[str, Any], where: str) -> State
             "by another optimizer or for another algorithm (COAPAdamW vs COAPAdafactor, "
             "algorithm='adamw' vs COAP). Load it into the optimizer that saved it"
         )
-    values: dict[str, Tensor] = {}
-    for name in names:
-        v = have.get(name)
-        if v is None:  # only an 8-bit moment's name is not a key: it is `<name>_q`
-            v = fquant.dequantize(have[f"{name}_q"], have[f"{name}_scale"], MOMENTS[name])
-        values[name] = v.detach().cpu() if isinstance(v, Tensor) else torch.tensor(float(v))
+    values = _read_values(have)
     if spec.kind == "matrix":
         _reproject(spec, values, where)
     out: State = {}
@@ -261,31 +357,7 @@ def _reproject(spec: ParamSpec, values: dict[str, Tensor], where: str) -> None:
             "projection_side"
         )
     r_old, r = p.shape[0], spec.rank
-    if r_old == r:
-        return
-    factored = "exp_avg_sq_col" in values
-    energy = values["exp_avg_sq_col"] if factored else values["exp_avg_sq"].double().sum(0)
-    m = values["exp_avg"].double()
-    if r < r_old:
-        keep = torch.topk(energy.double(), r).indices.sort().values
-        values["projector"] = p[keep]
-        values["exp_avg"] = m[:, keep]
-        if factored:
-            values["exp_avg_sq_col"] = values["exp_avg_sq_col"][keep]
-        else:
-            values["exp_avg_sq"] = values["exp_avg_sq"][:, keep]
-        return
-    extra = r - r_old
-    gen = torch.Generator().manual_seed(RESEED)
-    q = torch.randn(extra, spec.cols, generator=gen, dtype=torch.float64)
-    for _ in range(2):  # twice: orthogonal to P to rounding
-        q = q - (q @ p.T) @ p
-    q = torch.linalg.qr(q.T).Q.T
-    values["projector"] = torch.cat([p, q])
-    values["exp_avg"] = torch.cat([m, m.new_zeros(m.shape[0], extra)], 1)
-    if factored:
-        col = values["exp_avg_sq_col"].double()
-        values["exp_avg_sq_col"] = torch.cat([col, col.mean().expand(extra)])
-    else:
-        v = values["exp_avg_sq"].double()
-        values["exp_avg_sq"] = torch.cat([v, v.mean(1, keepdim=True).expand(-1, extra)], 1)
+    if r_old != r:
+        factored = "exp_avg_sq_col" in values
+        energy = values["exp_avg_sq_col"] if factored else values["exp_avg_sq"].double().sum(0)
+        apply_rank_change(values, rank_change(r_old, r, energy, p))

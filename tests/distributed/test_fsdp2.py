@@ -11,7 +11,8 @@ most 1.15 x total / N plus one matrix's), the collectives counted from the dispa
 plain step at 2 and at 3 ranks: the flag all-reduce and one all-gather of the projector
 shards; two more at a refresh), and DCP checkpoints saved on 2 ranks, resumed on 2 (bitwise),
 3 and 1; ``refresh="adaptive"`` on row shards (the same decisions on every rank, DCP resume
-bitwise). An optimizer built before ``fully_shard`` without anyone swapping the new parameters
+bitwise); ``rank="auto"``: refused by the row-shard layout, one process's ranks under
+``sharding="owner"``. An optimizer built before ``fully_shard`` without anyone swapping the new parameters
 in fails at its first step with the advice (accelerate and the HF Trainer swap them: see
 tests/integrations/test_hf.py).
 """
@@ -284,6 +285,33 @@ def _phase_owner(rank: int, world: int, tmp: str) -> None:
     _train(model2, opt2, range(SAVE_AT, STEPS), rank, world)
     for n, p in model2.named_parameters():
         assert torch.equal(p.full_tensor(), final[n]), f"owner resume differs at {n}"
+    _auto_rank(rank, world)
+
+
+def _auto_rank(rank: int, world: int) -> None:
+    """rank="auto" under FSDP2: the default (row-shard) layout refuses it at the first step,
+    naming the layout and the alternative, before any weight changes; under
+    ``sharding="owner"`` every rank chooses the ranks one process chooses, within 2e-5 of it."""
+    kw = {**KW, "rank": "auto", "rank_ratio": 2}
+    model = _shard(_model(), init_device_mesh("cpu", (world,)))
+    opt = coap_dist.COAPAdamW(model.parameters(), **kw)
+    before = [p.full_tensor() for p in model.parameters()]
+    _loss(model, _local_batch(0, rank, world)).backward()
+    with pytest.raises(ValueError, match=r"`fsdp2_local` layout cannot.*sharding='owner'"):
+        opt.step()
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.full_tensor(), q), "a refused step changed a weight"
+    model = _shard(_model(), init_device_mesh("cpu", (world,)))
+    opt = coap_dist.COAPAdamW(model.parameters(), **kw, sharding="owner")
+    ref_model = _model()
+    ref = coap_dist.COAPAdamW(ref_model.parameters(), **kw)
+    _train(model, opt, range(STEPS), rank, world, (ref_model, ref))
+    ranks = [s.rank for s in opt.specs if s.kind == "matrix"]
+    assert ranks == [s.rank for s in ref.specs if s.kind == "matrix"]
+    assert ranks != [max(min(s.shape) // 2, 1) for s in ref.specs if s.kind == "matrix"]
+    every: list[object] = [None] * world
+    dist.all_gather_object(every, ranks)
+    assert all(r == ranks for r in every), every
 
 
 def _phase_hsdp(rank: int, world: int, tmp: str) -> None:

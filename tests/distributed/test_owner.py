@@ -18,7 +18,8 @@ fed the same gradients:
   and a NaN on rank 1 only (skipped on every rank); COAPAdafactor with split matrices (two
   rounds of team sums per step); ranks built with other hyperparameters fail at bind;
 * ``refresh="adaptive"``: the same decisions on every rank and as one process;
-  ``rank="auto"``: the same ranks on every DDP replica, refused by the owner layout.
+  ``rank="auto"``: the same ranks on every DDP replica, and under the owner layout the
+  ranks, weights and state bytes of one process, resumed from the consolidated state.
 """
 
 from __future__ import annotations
@@ -83,6 +84,26 @@ def _check_close(
             assert diff < TOL, f"{what}: split {name} differs by {diff}"
 
 
+def _lockstep(
+    ddp: nn.Module,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    ref_model: nn.Module,
+    ref: torch.optim.Optimizer,
+    rank: int,
+    step: int,
+) -> None:
+    """One DDP step of ``opt`` and one step of the one-process ``ref`` on the same (averaged)
+    gradients."""
+    ddp(_batch(rank, step)).square().mean().backward()
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        q.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    opt.zero_grad()
+    ref.zero_grad()
+
+
 def _worker(rank: int, world: int, tmp: str) -> None:
     model = _model()
     opt = coap_dist.COAPAdamW(coap_dist.param_groups(model, **KW), **KW, sharding="owner")
@@ -91,13 +112,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     ref = coap_dist.COAPAdamW(coap_dist.param_groups(ref_model, **KW), **KW)
     records = count_steps(opt)
     for step in range(STEPS):
-        ddp(_batch(rank, step)).square().mean().backward()
-        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
-            q.grad = p.grad.clone()
-        opt.step()
-        ref.step()
-        opt.zero_grad()
-        ref.zero_grad()
+        _lockstep(ddp, model, opt, ref_model, ref, rank, step)
         _check_close(opt, model, ref_model, f"step {step}")
         if step == SAVE_AT - 1:
             _checkpoint(rank, world, opt, ref, tmp)
@@ -272,13 +287,7 @@ def _adafactor(rank: int, world: int) -> None:
     ref = coap_dist.COAPAdafactor(coap_dist.param_groups(ref_model, **KW), **kw)
     records = count_steps(opt)
     for step in range(6):
-        ddp(_batch(rank, step)).square().mean().backward()
-        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
-            q.grad = p.grad.clone()
-        opt.step()
-        ref.step()
-        opt.zero_grad()
-        ref.zero_grad()
+        _lockstep(ddp, model, opt, ref_model, ref, rank, step)
         _check_close(opt, model, ref_model, f"Adafactor step {step}")
     assert records[1].calls.get("allreduce_") == 3  # flags + column statistics + RMS
 
@@ -342,13 +351,7 @@ def _adaptive(rank: int, world: int) -> None:
     ref_model = _model()
     ref = coap_dist.COAPAdamW(coap_dist.param_groups(ref_model, **kw), **kw)
     for step in range(16):
-        ddp(_batch(rank, step)).square().mean().backward()
-        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
-            q.grad = p.grad.clone()
-        opt.step()
-        ref.step()
-        opt.zero_grad()
-        ref.zero_grad()
+        _lockstep(ddp, model, opt, ref_model, ref, rank, step)
     mine = {i: st.as_list() for i, st in opt._adaptive.items()}
     every: list[Any] = [None] * world
     dist.all_gather_object(every, mine)
@@ -370,9 +373,12 @@ def _adaptive(rank: int, world: int) -> None:
 
 
 def _auto_rank(rank: int, world: int) -> None:
-    """rank="auto" with replicated state under DDP: every replica chooses the same ranks and
-    keeps the same weights; the sharded owner layout refuses it at the first step, naming
-    the setting (no rank hangs)."""
+    """rank="auto": DDP replicas (replicated state) choose the same ranks and keep the same
+    weights. Under the owner layout (state sharded; matrices split over a team at 2 and 3
+    ranks) every rank chooses at each SVD the ranks one process chooses from the same
+    gradients, the ranks partition that process's state bytes, weights match it within
+    TOL, and the consolidated state resumes in one process
+    with the chosen ranks."""
     kw = dict(KW, rank="auto", rank_ratio=2)
     model = _model()
     opt = coap_dist.COAPAdamW(coap_dist.param_groups(model, **kw), **kw)
@@ -388,12 +394,48 @@ def _auto_rank(rank: int, world: int) -> None:
     every: list[Any] = [None] * world
     dist.all_gather_object(every, mine)
     assert all(e == mine for e in every), f"replicas disagree: {every}"
-    owner_model = _model()
-    owner = coap_dist.COAPAdamW(coap_dist.param_groups(owner_model, **kw), **kw, sharding="owner")
-    for p in owner_model.parameters():
-        p.grad = torch.ones_like(p)
-    with pytest.raises(ValueError, match="rank='auto' re-sizes"):
-        owner.step()
+
+    model = _model()
+    opt = coap_dist.COAPAdamW(coap_dist.param_groups(model, **kw), **kw, sharding="owner")
+    ddp = nn.parallel.DistributedDataParallel(model)
+    ref_model = _model()
+    ref = coap_dist.COAPAdamW(coap_dist.param_groups(ref_model, **kw), **kw)
+    fixed = [min(s.shape) // 2 for s in ref.specs if s.kind == "matrix"]
+    chosen = set()
+    for step in range(10):  # SVDs at k = 0, 4, 8
+        _lockstep(ddp, model, opt, ref_model, ref, rank, step)
+        ranks = [s.rank for s in opt.specs if s.kind == "matrix"]
+        assert ranks == [s.rank for s in ref.specs if s.kind == "matrix"], f"step {step}"
+        chosen.add(tuple(ranks))
+        # (within TOL even for whole matrices: a rank raised past the point where the
+        # update rectangles are cheaper than D and P sends U, which rounds unlike addmm)
+        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+            assert float((p - q).abs().max()) < TOL, f"rank='auto' step {step}"
+    assert any(r != tuple(fixed) for r in chosen), f"ranks never left {fixed}: {chosen}"
+    lay = opt.layout
+    split = [
+        i for i, s in enumerate(opt.specs) if s.kind == "matrix" and not lay.placement.whole(i)
+    ]
+    assert split or world == 2, "3 ranks: no matrix is split (the test needs a team)"
+    total = torch.tensor([opt.state_bytes()])
+    dist.all_reduce(total)
+    assert int(total) == ref.state_bytes(), (int(total), ref.state_bytes())
+    opt.consolidate_state_dict(to=0)
+    if rank != 0:
+        return
+    sd = opt.state_dict()
+    assert sd["coap_ranks"] == ref.state_dict()["coap_ranks"]
+    again_model = copy.deepcopy(ref_model)
+    again = coap_dist.COAPAdamW(coap_dist.param_groups(again_model, **kw), **kw)
+    again.load_state_dict(sd)
+    ref_model(_batch(0, 10)).square().mean().backward()
+    for p, q in zip(ref_model.parameters(), again_model.parameters(), strict=True):
+        q.grad = p.grad.clone()
+    ref.step()
+    again.step()
+    assert [s.rank for s in again.specs] == [s.rank for s in ref.specs]
+    for p, q in zip(ref_model.parameters(), again_model.parameters(), strict=True):
+        assert float((p - q).abs().max()) < TOL
 
 
 @pytest.mark.distributed

@@ -8,6 +8,7 @@ JSON-style config that names the optimizer only by ``"type": "COAP"`` (no
     stage 1 bf16 + fp32 gradient accumulation (BF16_Optimizer) | stage 2 fp32
     stage 2 bf16 with gradient_accumulation_steps=2 | stage 3 fp32 | stage 3 bf16 under zero.Init
     stage 2 fp32 with "type": "COAPAdafactor" | stage 2 fp32 with "refresh": "adaptive"
+    stage 3 fp32 with "rank": "auto"
 
 For each: the loss falls (COAPAdamW); every COAP matrix has state on exactly one rank (stages 1-3) or on
 every rank (stage 0) with low-rank shapes, ``step`` equal to the number of optimizer steps (not
@@ -20,7 +21,10 @@ load it into a fresh engine and check that 4 more steps reproduce the uninterrup
 setups (optimizer offload, an unknown JSON key) must fail at ``deepspeed.initialize``, and
 every shipped ``configs/deepspeed/*.json`` must initialize and step. The adaptive case also
 checks that both ranks took the same refresh decisions (and, through the trajectory, the same
-as one process) and resumes from its ZeRO checkpoint (``coap_refresh`` in each rank's file).
+as one process) and resumes from its ZeRO checkpoint (``coap_refresh`` in each rank's file);
+the auto-rank case checks that both ranks chose the same ranks, some other than the fixed
+ones, the state of each matrix at its chosen rank, and resumes (``coap_ranks`` in each
+rank's file) into the same ranks.
 
 DeepSpeed JIT-compiles a shared-memory collective op on the first CPU ``initialize`` (minutes;
 cached in ``TORCH_EXTENSIONS_DIR``). These tests use the cached op when it is there and
@@ -50,6 +54,7 @@ from coap_dist.train.optim import innermost
 from tests.dist_harness import run_workers
 
 KW = dict(lr=1e-2, weight_decay=0.1, rank=8, update_interval=2, reproject_factor=2, scale=0.5)
+AUTO = dict(rank="auto", rank_ratio=4)
 STEPS = 8  # refreshes at k = 0, 2, 4 (recalibration), 6
 REFRESHES = 4
 SAVE_AT = 4
@@ -83,6 +88,14 @@ CASES: list[tuple[str, int, bool, dict[str, Any], bool, bool]] = [
         True,
     ),
     ("stage3-fp32", 3, False, {}, False, False),
+    (
+        "stage3-fp32-auto-rank",
+        3,
+        False,
+        {"optimizer": {"type": "COAP", "params": {**KW, **AUTO}}},
+        False,
+        True,
+    ),
     ("stage3-bf16-zero-init", 3, True, {}, True, True),
 ]
 
@@ -209,12 +222,13 @@ def _check_state(
     rank holds everything."""
     opt = _coap(engine)
     params = list(engine.module.parameters())
+    chosen = {id(q): s.rank for q, s in zip(opt.layout.params, opt.specs, strict=True)}
     for p in params:
         shape = tuple(getattr(p, "ds_shape", None) or p.shape)
         st = opt.state.get(p)
         if len(shape) == 2:
             rows, cols = (shape[0], shape[1]) if shape[0] >= shape[1] else (shape[1], shape[0])
-            r = KW["rank"]
+            r = chosen[id(p)]  # KW's rank, or the one rank="auto" chose
             counts = torch.tensor(
                 [
                     1 if st and "projector" in st else 0,
@@ -272,6 +286,7 @@ def _worker(rank: int, world: int, ckpt_root: str, port: int) -> None:
         (2, "adamw"): _reference(2, coap_dist.COAPAdamW),
         (1, "adafactor"): _reference(1, coap_dist.COAPAdafactor),
         (1, "adaptive"): _reference(1, coap_dist.COAPAdamW, refresh="adaptive"),
+        (1, "auto"): _reference(1, coap_dist.COAPAdamW, **AUTO),
     }
     report = []
     for label, stage, bf16, extra, zero_init, ckpt in CASES:
@@ -290,7 +305,10 @@ def _worker(rank: int, world: int, ckpt_root: str, port: int) -> None:
         kind = extra.get("optimizer", {}).get("type", "COAP")
         adafactor = kind == "COAPAdafactor"
         adaptive = extra.get("optimizer", {}).get("params", {}).get("refresh") == "adaptive"
-        variant = "adafactor" if adafactor else "adaptive" if adaptive else "adamw"
+        auto = extra.get("optimizer", {}).get("params", {}).get("rank") == "auto"
+        variant = (
+            "adafactor" if adafactor else "adaptive" if adaptive else "auto" if auto else "adamw"
+        )
         if variant == "adamw":  # (Adafactor and the adaptive schedule descend less in 8 steps
             # here, in 1 process too: 1.116 -> 1.028; the comparison below is the check)
             assert losses[-1] < 0.9 * losses[0], (label, losses)
@@ -303,6 +321,17 @@ def _worker(rank: int, world: int, ckpt_root: str, port: int) -> None:
             every: list[Any] = [None] * WORLD
             dist.all_gather_object(every, counts)
             assert every[0] == every[1], (label, every)
+        if auto:  # the same ranks on both ranks, not all the fixed ones
+            ranks = [s.rank for s in _coap(engine).specs if s.kind == "matrix"]
+            every = [None] * WORLD
+            dist.all_gather_object(every, ranks)
+            assert every[0] == every[1], (label, every)
+            fixed = [
+                min(s.shape) // AUTO["rank_ratio"]
+                for s in _coap(engine).specs
+                if s.kind == "matrix"
+            ]
+            assert ranks != fixed, (label, ranks, fixed)
         if bf16:
             torch.testing.assert_close(losses, ref_losses, rtol=5e-2, atol=0.0, msg=label)
         else:
