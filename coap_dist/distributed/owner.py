@@ -752,7 +752,7 @@ class OwnerLayout(Layout):
                 cursor[r.src] += k
             kind = self._entries[i].spec.kind
             if kind == "matrix":
-                self._apply_matrix(i, ups, mats, received)
+                self._apply_matrix(i, ups, mats, received, lifted.get(i))
             elif kind == "conv":
                 self._apply_conv(i, ups, received)
             else:
@@ -812,9 +812,13 @@ class OwnerLayout(Layout):
         ups: Mapping[int, Update],
         mats: Mapping[int, MatrixWork],
         received: Mapping[tuple[int, str], list[Tensor]],
+        sent: Tensor | None,
     ) -> None:
         """W_frag <- keep (W_frag - alpha U) on this rank's fragment, piece by piece: its own
-        piece from D and P, the others from the D rows or update rectangles received."""
+        piece from D and P, the others from the D rows or update rectangles received. Where
+        this rank also sent its piece's U (``sent``, update rectangles), it applies that same
+        U with the receivers' operations, so every copy of the weights stays bitwise equal
+        (one addmm of D and P rounds unlike the product followed by an add)."""
         me, e = self.rank, self._entries[i]
         local = self.view.local(i)
         frag = e.fragment(me)
@@ -833,7 +837,13 @@ class OwnerLayout(Layout):
             boxes = intersect(frag, e.region(pc), ncols)
             if not boxes:
                 continue
-            if pc.rank == me:
+            if pc.rank == me and sent is not None:
+                region = e.region(pc)
+                for b in boxes:
+                    view_in_fragment(local, start, ncols, b).mul_(keep).add_(
+                        view_in_region(sent, region, b), alpha=-alpha * keep
+                    )
+            elif pc.rank == me:
                 assert proj is not None
                 _apply_factor(
                     local,

@@ -19,7 +19,8 @@ fed the same gradients:
   rounds of team sums per step); ranks built with other hyperparameters fail at bind;
 * ``refresh="adaptive"``: the same decisions on every rank and as one process;
   ``rank="auto"``: the same ranks on every DDP replica, and under the owner layout the
-  ranks, weights and state bytes of one process, resumed from the consolidated state.
+  ranks, weights and state bytes of one process, resumed from the consolidated state;
+* DDP replicas bitwise equal when a matrix's update travels as rectangles of U = D P.
 """
 
 from __future__ import annotations
@@ -141,6 +142,30 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     _stagger(rank, world)
     _adaptive(rank, world)
     _auto_rank(rank, world)
+    _replicas_bitwise(rank, world)
+
+
+def _replicas_bitwise(rank: int, world: int) -> None:
+    """A whole matrix whose rank is close to its size sends its update rectangles U = D P
+    (cheaper than D and P): the owner applies that same U, so every DDP replica's weights
+    stay bitwise equal."""
+    torch.manual_seed(0)
+    model = nn.Linear(24, 20)
+    kw = dict(KW, rank=16)
+    whole = OwnerSharding(split=False)
+    opt = coap_dist.COAPAdamW(coap_dist.param_groups(model, **kw), **kw, sharding=whole)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    for step in range(4):
+        ddp(_batch(rank, step)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    sends_u = torch.tensor([any(r.kind == "update" for rs in opt.layout._s_out for r in rs)])
+    dist.all_reduce(sends_u)
+    assert int(sends_u) > 0, "no update rectangles: the check needs them"
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, [p.detach().clone() for p in model.parameters()])
+    for q in every:
+        assert all(torch.equal(a, b) for a, b in zip(q, every[0], strict=True)), "replicas differ"
 
 
 def _check_traffic(
