@@ -159,8 +159,7 @@ class Fsdp2Local(Layout):
     """The LOCAL layout (module docstring): COAP on FSDP2's row shards, P split by rows."""
 
     name = "fsdp2_local"
-    resizable = False
-    resizable_reason = (
+    resize_refusal = (
         "its state is checkpointed as row-shard DTensors, whose global shapes (the ranks) "
         "torch.distributed.checkpoint takes from the loading optimizer before any state is "
         "read, so a resumed run could not restore ranks chosen during training."

@@ -253,11 +253,11 @@ class _COAPBase(Checkpoints, Optimizer):
             self._auto_rank = {int(i): int(r) for i, r in load["coap_ranks"].items()}
         layout = self._new_layout()
         auto = [g for g in self.groups if g.get("rank") == "auto"]
-        if auto and layout.world != 1 and not layout.resizable:
+        if auto and layout.world != 1 and layout.resize_refusal:
             self._layout = None  # refused: a later step must not run on it
             raise ValueError(
                 f"{self.name}: rank='auto' re-sizes each matrix's state at its SVDs, which "
-                f"the `{layout.name}` layout cannot: {layout.resizable_reason} Set a fixed "
+                f"the `{layout.name}` layout cannot: {layout.resize_refusal} Set a fixed "
                 "rank (or rank_ratio), or use sharding='owner' (FSDP2 / HSDP and DDP)"
             )
         self.state.clear()
@@ -335,7 +335,7 @@ class _COAPBase(Checkpoints, Optimizer):
         self._refreshed = [i for i in due if self.specs[i].kind == "matrix"]
         work = lay.gather(active)
         t0 = time.perf_counter()
-        if self._auto_groups() and self._reallocate(work, due):
+        if self._reallocate(work, due):
             lay = self._bound()  # re-planned with the new ranks
             lay.begin(present)
             work = lay.gather(active)
@@ -351,10 +351,6 @@ class _COAPBase(Checkpoints, Optimizer):
         if measured is not None:
             self._record_residuals(lay, measure, measured)
         return loss
-
-    def _auto_groups(self) -> list[int]:
-        """Indices of the groups with rank="auto"."""
-        return [gi for gi, g in enumerate(self.groups) if g.get("rank") == "auto"]
 
     def _reallocate(self, work: Work, due: Mapping[int, str]) -> bool:
         """rank="auto": before this step's SVDs, choose the ranks of each auto group's

@@ -159,11 +159,10 @@ class Layout(abc.ABC):
     """
 
     name = "layout"
-    resizable = True
-    """Whether ``rank="auto"`` may re-plan this layout with other ranks at a step (state
-    pieces stay where they are; owner layouts place them by the fixed ranks' bytes)."""
-    resizable_reason = ""
-    """Why not, for the error message (when ``resizable`` is False)."""
+    resize_refusal = ""
+    """Why ``rank="auto"`` may not re-plan this layout with other ranks at a step (empty: it
+    may; state pieces stay where they are, owner layouts place them by the fixed ranks'
+    bytes)."""
     device: torch.device
     world: int
     params: list[Tensor]

@@ -291,13 +291,8 @@ def convert_piece(saved: Mapping[str, Any], into: State, change: RankChange, whe
             raise AssertionError(
                 f"{where}: `{base}` re-projected to {tuple(v.shape)}, not {tuple(t.shape)}"
             )
-        v = v.reshape(t.shape)
-        if key.endswith("_q"):
-            codes, scales = fquant.quantize(v.float(), MOMENTS[base])
-            t.copy_(codes)
-            into[f"{base}_scale"].copy_(scales)
-        else:
-            t.copy_(v.to(t.dtype))
+        for k, encoded in _encode(key, v.reshape(t.shape), t.dtype).items():
+            into[k].copy_(encoded)
 
 
 def convert_full(spec: ParamSpec, saved: Mapping[str, Any], where: str) -> State:
@@ -337,13 +332,18 @@ def convert_full(spec: ParamSpec, saved: Mapping[str, Any], where: str) -> State
                 f"{tuple(shape)} (the projection side, the parameter's shape or the Tucker "
                 "ranks differ; only a matrix's rank and the state format can be converted)"
             )
-        v = v.reshape(shape)
-        if key.endswith("_q"):
-            codes, scales = fquant.quantize(v.float(), MOMENTS[base])
-            out[key], out[f"{base}_scale"] = codes, scales
-        else:
-            out[key] = v.to(dtype).clone()
+        out.update(_encode(key, v.reshape(shape), dtype))
     return out
+
+
+def _encode(key: str, value: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+    """A compute value stored under ``key``: 8-bit codes and block scales for a ``_q`` key,
+    else a copy in ``dtype``."""
+    if key.endswith("_q"):
+        base = key[:-2]
+        codes, scales = fquant.quantize(value.float(), MOMENTS[base])
+        return {key: codes, f"{base}_scale": scales}
+    return {key: value.to(dtype).clone()}
 
 
 def _reproject(spec: ParamSpec, values: dict[str, Tensor], where: str) -> None:
