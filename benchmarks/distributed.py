@@ -73,14 +73,12 @@ def analytic(model: str, rank: int, worlds: list[int]) -> list[dict[str, Any]]:
                 dtype=torch.bfloat16,
                 state_bits=None,
                 projection_side="auto",
-                force_right=layout == "fsdp2",
                 adamw_patterns=None,
                 coap_patterns=None,
             )
             wdt = torch.float32 if layout == "zero" else torch.bfloat16
             if layout == "fsdp2":
-                t = local_plain_step_traffic(specs, world)
-                per_rank = [t] * world
+                per_rank = local_plain_step_traffic(specs, world, torch.bfloat16)
                 state = local_state_bytes(specs, world)
                 frags = _fragments(specs, world, "fsdp2_owner", [s.group for s in specs])
                 geos = geometries(specs, owner_placement(specs, world, frags), frags)

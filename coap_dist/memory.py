@@ -54,9 +54,9 @@ Per-rank bytes of COAP come from the layouts' own planners (the code the optimiz
 ``"fsdp2_owner"`` (FSDP2 row shards under ``sharding="owner"``), ``"zero"`` (DeepSpeed
 ZeRO 1-3: each group's flat concatenation cut into N partitions), all three the owner
 placement of :mod:`coap_dist.distributed.placement` (matrices whole where that keeps ranks
-within 1.10 of the mean, split over a team otherwise); ``"fsdp2"`` (FSDP2's default: every
-matrix right-projected, moments by rows and projectors by their own rows, like FSDP2 shards
-the weights). Other optimizers' state is split evenly (what ZeRO and FSDP do with element-wise
+within 1.10 of the mean, split over a team otherwise); ``"fsdp2"`` (FSDP2's default: the side rule
+of one process, moments split by their canonical rows and projectors by their own rows,
+like FSDP2 splits the weights by theirs). Other optimizers' state is split evenly (what ZeRO and FSDP do with element-wise
 state). The figure that decides whether a run fits is ``max_per_rank``.
 """
 
@@ -319,7 +319,6 @@ def coap_specs(
     dtype: torch.dtype,
     state_bits: int | None,
     projection_side: str,
-    force_right: bool,
     adamw_patterns: Iterable[str] | None,
     coap_patterns: Iterable[str] | None,
 ) -> tuple[list[ParamSpec], list[str]]:
@@ -343,7 +342,7 @@ def coap_specs(
         state_bits=state_bits,
     )
     group_of = [gi for gi, g in enumerate(opt.groups) for _ in g["params"]]
-    specs = opt.plan([tuple(p.shape) for p in params], [dtype] * len(params), group_of, force_right)
+    specs = opt.plan([tuple(p.shape) for p in params], [dtype] * len(params), group_of)
     return specs, [names[id(p)] for p in params]
 
 
@@ -564,7 +563,6 @@ def _coap_estimate(
         dtype=dtype,
         state_bits=_state_bits(optimizer, dtype, state_dtype),
         projection_side=projection_side,
-        force_right=layout == "fsdp2" and world_size > 1,
         adamw_patterns=adamw_patterns,
         coap_patterns=coap_patterns,
     )

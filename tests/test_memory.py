@@ -158,8 +158,7 @@ def test_per_rank_state_falls_as_one_over_n_under_every_layout() -> None:
                 n,
                 est.max_per_rank / est.mean_per_rank,
             )
-            if layout != "fsdp2":  # FSDP2's default right-projects every matrix
-                assert est.total == one.total
+            assert est.total == one.total, "every layout keeps one process's state"
     # Element-wise optimizers are split evenly (ZeRO / FSDP).
     adamw = estimate_state_bytes("7b", "adamw", world_size=64)
     assert max(adamw.per_rank) - min(adamw.per_rank) <= 1
@@ -181,7 +180,6 @@ def test_refresh_rounds_bound_the_partial_sums_held_at_once() -> None:
         dtype=torch.bfloat16,
         state_bits=None,
         projection_side="auto",
-        force_right=True,
         adamw_patterns=None,
         coap_patterns=None,
     )

@@ -807,7 +807,7 @@ def test_auto_rank_allocation_follows_the_spectra_within_the_budget() -> None:
     from coap_dist.optim import autorank
 
     opt = COAPAdamW([nn.Parameter(torch.zeros(64, 32)), nn.Parameter(torch.zeros(64, 32))], rank=8)
-    plan = opt.plan([(64, 32), (64, 32)], [torch.float32] * 2, [0, 0], False)
+    plan = opt.plan([(64, 32), (64, 32)], [torch.float32] * 2, [0, 0])
     specs = dict(enumerate(plan))
     peaked = [0.7, 0.2] + [0.1 / 14] * 14
     flat = [1 / 16] * 16

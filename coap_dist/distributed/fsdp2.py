@@ -5,16 +5,30 @@ FSDP2 hands the optimizer DTensor parameters and gradients sharded ``Shard(0)`` 
 and everything below runs over the shard sub-mesh (every replica does the same).
 
 :class:`Fsdp2Local` (automatic for DTensor parameters): COAP on the row shards FSDP2 already
-gives each rank. Every matrix is right-projected (the shard-aware variant: R = G P^T is
-row-decomposable), its moments are kept for the local rows, and its projector P (r x b) is
-split by ITS rows the same way, so every state tensor is a ``Shard(0)`` DTensor and per-rank
-state is 1/N. A plain step costs two collectives whatever the world size: the flag
-all-reduce and one all-gather of every active matrix's P shards (then R_local = G_local P^T,
-W_local <- keep (W_local - alpha D_local P) with no further traffic). A refresh step adds a
-reduce-scatter of every due matrix's row sums to the rank computing its small SVD (or
-correlation step; per step LPT on a b r) and an all-gather of the new projectors; a power
-iteration adds two all-reduces. ``torch.distributed.checkpoint`` saves the DTensor state once
-and reshards it to any world size on load.
+gives each rank, with one process's side rule (``projection_side`` honoured) and its result
+to rounding. Each matrix is split by its CANONICAL rows (compressed dimension last: the
+weight's rows for a right side, m >= n; its columns for a left side, m < n), chunked like
+``torch.chunk``; its moments are kept for this rank's canonical rows and its projector P
+(r x b) is split by ITS rows, so every state tensor is a ``Shard(0)`` DTensor and per-rank
+state is 1/N. A plain step costs three collectives whatever the world size and the number
+of matrices:
+
+1. the flag all-reduce (the step's one host sync);
+2. one all-to-all carrying every active matrix's P rows to every rank and, for the left
+   matrices, the transposed split of the gradient: rank q receives G_s[:, n_q] from each
+   rank s (n_q: the columns q keeps), i.e. its canonical rows G^T[n_q, :] (this is (N-1)/N
+   of each rank's gradient shard, within "gradient bytes / N");
+3. one all-gather of the left matrices' directions D (n x r, padded to ceil(n / N) rows),
+   after which each rank applies W_s <- keep (W_s - alpha (D P[:, s])^T) to its rows.
+
+Right matrices need nothing more: R_local = G_local P^T, W_local <- keep (W_local - alpha
+D_local P). A refresh step adds a reduce-scatter of every due matrix's canonical-row sums to
+the rank computing its small SVD (or correlation step; per step LPT on a b r) and an
+all-gather of the new projectors; a power iteration adds two all-reduces. The shard-aware
+variant that needs no all-to-all (``projection_side="right"``: every matrix right-projected)
+is an explicit option only: it measured +0.070 final validation loss (README, convergence).
+``torch.distributed.checkpoint`` saves the DTensor state once and reshards it to any world
+size on load.
 
 :class:`Fsdp2Owner` (``sharding="owner"``): the exact whole-matrix owner protocol of
 :mod:`coap_dist.distributed.owner` on the same row shards (reference side rule, Tucker and
@@ -32,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from coap_dist.distributed.comm import Comm
+from coap_dist.distributed.comm import Comm, Expect
 from coap_dist.distributed.owner import FragmentView, OwnerLayout, check_settings
 from coap_dist.distributed.placement import (
     Range,
@@ -156,7 +170,8 @@ class Fsdp2Owner(OwnerLayout):
 
 
 class Fsdp2Local(Layout):
-    """The LOCAL layout (module docstring): COAP on FSDP2's row shards, P split by rows."""
+    """The LOCAL layout (module docstring): COAP on FSDP2's row shards, state split by
+    canonical rows, P by its rows."""
 
     name = "fsdp2_local"
     resize_refusal = (
@@ -186,7 +201,7 @@ class Fsdp2Local(Layout):
         self.rank = self.comm.rank
         shapes = [tuple(p.shape) for p in self._dparams]
         self.group_of = [gi for gi, g in enumerate(current) for _ in g]
-        specs = core.plan(shapes, [p.dtype for p in self._dparams], self.group_of, True)
+        specs = core.plan(shapes, [p.dtype for p in self._dparams], self.group_of)
         for s in specs:
             if s.kind == "conv":
                 raise ValueError(
@@ -205,7 +220,26 @@ class Fsdp2Local(Layout):
         return specs
 
     def _rows(self, i: int) -> Range:
-        return _rows_range(self._dparams[i], self.world, self.rank)
+        """Rows [start, stop) of parameter i's state kept here: a COAP matrix's CANONICAL rows
+        (for a right side the weight rows FSDP2 gives this rank; for a left side a chunk of
+        the n columns, which the exchange of :meth:`gather` brings here), else the weight
+        rows of the shard."""
+        s = self.specs[i]
+        if s.kind != "matrix":
+            return self._weight_rows(i)
+        if not self._sharded(i):
+            return 0, s.rows
+        return chunk_range(s.rows, self.world, self.rank)
+
+    def _weight_rows(self, i: int, rank: int | None = None) -> Range:
+        """Weight rows of parameter i held by ``rank`` (FSDP2's ``Shard(0)`` chunk)."""
+        return _rows_range(self._dparams[i], self.world, self.rank if rank is None else rank)
+
+    def _left(self, i: int) -> bool:
+        """Whether matrix i is left-projected and row-sharded: its canonical rows (the weight's
+        columns) are not the rows FSDP2 shards, so :meth:`gather` transposes the split."""
+        s = self.specs[i]
+        return self._sharded(i) and s.kind == "matrix" and s.side == "left"
 
     def _sharded(self, i: int) -> bool:
         return self.world > 1 and _shard_dim(self._dparams[i]) is not None
@@ -261,61 +295,72 @@ class Fsdp2Local(Layout):
         assert self._core is not None
         self._active = list(active)
         mats = [i for i in self._active if self.specs[i].kind == "matrix"]
-        self._full_p = self._all_gather_projectors(mats)
+        grads: dict[int, Tensor] = {}
+        for i in self._active:
+            g = self._dparams[i].grad
+            assert g is not None
+            grads[i] = cast(DTensor, g)._local_tensor  # a DTensor parameter's grad is a DTensor
+        self._full_p, canon = self._exchange(mats, grads)
         work = Work([], [], [])
         for i in self._active:
             p, s = self._dparams[i], self.specs[i]
             group = self._core.groups[self.group_of[i]]
-            g = p.grad
-            assert g is not None
-            g_local = cast(DTensor, g)._local_tensor  # a DTensor parameter's grad is a DTensor
             st = self._state(i)
             if s.kind == "matrix":
+                if i not in canon:
+                    canon[i] = fproj.canonical(grads[i], s.side)
                 work.matrices.append(
                     MatrixWork(
-                        i,
-                        s,
-                        group,
-                        st,
-                        self._rows(i),
-                        g_local,
-                        self._full_p[i],
-                        self._sharded(i),
+                        i, s, group, st, self._rows(i), canon[i], self._full_p[i], self._sharded(i)
                     )
                 )
             else:
-                work.dense.append(DenseWork(i, s, group, st, p._local_tensor, g_local))
+                work.dense.append(DenseWork(i, s, group, st, p._local_tensor, grads[i]))
         return work
 
-    def _all_gather_projectors(self, mats: Sequence[int]) -> dict[int, Tensor]:
-        """Every active matrix's whole P: one all-gather per projector dtype of the row
-        shards, each padded to ceil(r / N) rows."""
-        out: dict[int, Tensor] = {}
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i in mats:
-            if not self._sharded(i):
-                out[i] = self._state(i)["projector"]
-            else:
-                by_dtype.setdefault(self.specs[i].fmt.projector_dtype, []).append(i)
-        for dtype, items in by_dtype.items():
-            chunk = [-(-self.specs[i].rank // self.world) * self.specs[i].cols for i in items]
-            buf = torch.zeros(sum(chunk), dtype=dtype, device=self.device)
-            off = 0
-            for i, c in zip(items, chunk, strict=True):
-                mine = self._state(i)["projector"].reshape(-1)
-                buf[off : off + mine.numel()] = mine
-                off += c
-            gathered = self.comm.all_gather(buf).view(self.world, -1)
-            off = 0
-            for i, c in zip(items, chunk, strict=True):
+    def _exchange(
+        self, mats: Sequence[int], grads: Mapping[int, Tensor]
+    ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        """One all-to-all for every active sharded matrix: its projector rows to every rank
+        (the whole P everywhere) and, for a left-projected matrix, the transposed split of
+        its gradient: rank q receives from each rank s the block G_s[:, n_q] (m_s x n_q) of
+        the weight rows s holds and the columns n_q that q keeps, i.e. q's canonical rows
+        G^T[n_q, :] (n_q x m). Bytes sent per rank: (N - 1) / N of its gradient shard of
+        every left matrix plus N - 1 copies of its projector rows. Returns (P per matrix,
+        canonical gradient rows per left matrix)."""
+        full_p = {i: self._state(i)["projector"] for i in mats if not self._sharded(i)}
+        split = [i for i in mats if self._sharded(i)]
+        if not split:
+            return full_p, {}
+        left = [i for i in split if self._left(i)]
+        me = self.rank
+        sends: dict[int, list[Tensor]] = {}
+        expects: dict[int, list[Expect]] = {}
+        for q in range(self.world):
+            if q == me:
+                continue
+            sends[q] = [self._state(i)["projector"] for i in split]
+            expects[q] = []
+            for i in split:
+                p0, p1 = self._p_rows(i, q)
                 s = self.specs[i]
-                parts = []
-                for r in range(self.world):
-                    p0, p1 = self._p_rows(i, r)
-                    parts.append(gathered[r, off : off + (p1 - p0) * s.cols].view(p1 - p0, s.cols))
-                out[i] = torch.cat(parts)
-                off += c
-        return out
+                expects[q].append(Expect((p1 - p0, s.cols), s.fmt.projector_dtype))
+            for i in left:
+                n0, n1 = chunk_range(self.specs[i].rows, self.world, q)
+                sends[q].append(grads[i][:, n0:n1])
+                w0, w1 = self._weight_rows(i, q)
+                a0, a1 = self._rows(i)
+                expects[q].append(Expect((w1 - w0, a1 - a0), grads[i].dtype))
+        got = self.comm.exchange(sends, expects, needed=True)
+        for k, i in enumerate(split):
+            own = self._state(i)["projector"]
+            full_p[i] = torch.cat([got[q][k] if q != me else own for q in range(self.world)])
+        canon: dict[int, Tensor] = {}
+        for k, i in enumerate(left, start=len(split)):
+            a0, a1 = self._rows(i)
+            blocks = [got[q][k] if q != me else grads[i][:, a0:a1] for q in range(self.world)]
+            canon[i] = torch.cat(blocks).t()  # (m x n_q)^T: the canonical rows kept here
+        return full_p, canon
 
     # --------------------------------------------------------------------------- refresh
     def refresh(self, work: Work, due: Mapping[int, str]) -> list[Tensor]:
@@ -384,7 +429,7 @@ class Fsdp2Local(Layout):
                         mw.grad,
                         mw.projector,
                         read_moment(mw.state, "exp_avg", True),
-                        cos_axis="row",
+                        cos_axis="row" if mw.spec.side == "right" else "col",
                         orthonormal=mw.group["projector_update"] != "reference",
                     )
                 ]
@@ -401,7 +446,7 @@ class Fsdp2Local(Layout):
                     total[0].float(),
                     mw.projector,
                     global_rows=mw.spec.rows,
-                    cos_axis="row",
+                    cos_axis="row" if mw.spec.side == "right" else "col",
                     scale_free=not reference,
                     orthonormal=not reference,
                     lr=mw.group["projector_lr"],
@@ -495,11 +540,50 @@ class Fsdp2Local(Layout):
         return out
 
     def scatter(self, updates: Sequence[Update], work: Work) -> None:
+        """W_local <- keep (W_local - alpha back(D)). Right side: back(D) = D P on the rows
+        held, no traffic. Left side: the directions D (n x r) of the canonical rows are
+        spread over the ranks, so one all-gather (every left matrix, padded to ceil(n / N)
+        rows) gives each rank the whole D, and its weight rows get (D P[:, rows])^T."""
         mats = {mw.index: mw for mw in work.matrices}
+        left = [mw.index for mw in work.matrices if self._left(mw.index)]
+        whole = self._gather_directions(left, {u.index: u.direction for u in updates})
         for u in updates:
             w = self._dparams[u.index]._local_tensor
             proj = mats[u.index].projector.to(w.dtype)
-            w.addmm_(u.direction.to(w.dtype), proj, beta=u.keep, alpha=-u.alpha * u.keep)
+            if self.specs[u.index].side == "right":
+                w.addmm_(u.direction.to(w.dtype), proj, beta=u.keep, alpha=-u.alpha * u.keep)
+                continue
+            d = whole.get(u.index, u.direction).to(w.dtype)
+            w0, w1 = self._weight_rows(u.index) if self._sharded(u.index) else (0, w.shape[0])
+            w.addmm_(proj[:, w0:w1].t(), d.t(), beta=u.keep, alpha=-u.alpha * u.keep)
+
+    def _gather_directions(
+        self, items: Sequence[int], local: Mapping[int, Tensor]
+    ) -> dict[int, Tensor]:
+        """Whole D (rows x r) of every matrix in ``items`` from each rank's canonical rows:
+        one all-gather per direction dtype, each matrix padded to ceil(rows / N) rows."""
+        out: dict[int, Tensor] = {}
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i in items:
+            by_dtype.setdefault(local[i].dtype, []).append(i)
+        for dtype, group in by_dtype.items():
+            width = [-(-self.specs[i].rows // self.world) * self.specs[i].rank for i in group]
+            buf = torch.zeros(sum(width), dtype=dtype, device=self.device)
+            off = 0
+            for i, c in zip(group, width, strict=True):
+                buf[off : off + local[i].numel()] = local[i].reshape(-1)
+                off += c
+            got = self.comm.all_gather(buf).view(self.world, -1)
+            off = 0
+            for i, c in zip(group, width, strict=True):
+                s = self.specs[i]
+                parts = []
+                for q in range(self.world):
+                    a0, a1 = chunk_range(s.rows, self.world, q)
+                    parts.append(got[q, off : off + (a1 - a0) * s.rank].view(a1 - a0, s.rank))
+                out[i] = torch.cat(parts)
+                off += c
+        return out
 
     def metrics(self) -> dict[str, float]:
         return {

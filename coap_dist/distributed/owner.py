@@ -272,7 +272,7 @@ class OwnerLayout(Layout):
         self.world, self.rank = self.comm.world, self.comm.rank
         shapes = [view.global_shape(i) for i in range(len(params))]
         self.group_of = view.group_of
-        specs = core.plan(shapes, [view.dtype(i) for i in range(len(params))], self.group_of, False)
+        specs = core.plan(shapes, [view.dtype(i) for i in range(len(params))], self.group_of)
         for spec in specs:
             feature = (
                 "8-bit state"
@@ -296,7 +296,6 @@ class OwnerLayout(Layout):
             shapes,
             [view.dtype(i) for i in range(len(params))],
             self.group_of,
-            False,
             fixed_rank=True,
         )
         self.placement = owner_placement(

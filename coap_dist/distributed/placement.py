@@ -336,8 +336,9 @@ def lpt(costs: Sequence[float], world: int) -> list[int]:
 
 def local_state_bytes(specs: Sequence[ParamSpec], world: int) -> list[int]:
     """Per-rank state bytes of the LOCAL layout: every tensor split by its dim 0 like FSDP2
-    (COAP matrices right-projected: their moment rows follow the weight's rows, and the
-    projector is split by its own rows; Adafactor's column statistics are replicated)."""
+    (COAP matrices: moments by their canonical rows, the weight's rows for a right side and
+    its columns for a left one; the projector by its own rows; Adafactor's column
+    statistics are replicated)."""
     loads = [0] * world
     for s in specs:
         for r in range(world):

@@ -25,7 +25,7 @@ import torch
 
 from coap_dist.distributed.boxes import Box, intersect, region_of
 from coap_dist.distributed.comm import collective_bytes, padded
-from coap_dist.distributed.placement import Piece, Placement, Range
+from coap_dist.distributed.placement import Piece, Placement, Range, chunk_range
 from coap_dist.optim.spec import ParamSpec
 
 
@@ -262,21 +262,42 @@ def plain_step_traffic(
     return [Traffic(calls, s, r) for s, r in zip(sent, received, strict=True)]
 
 
-def local_plain_step_traffic(specs: Sequence[ParamSpec], world: int) -> Traffic:
-    """Per rank, a plain step of FSDP2's default layout: the flag all-reduce and one
-    all-gather per projector dtype of every matrix's projector shards (each padded to
-    ceil(r / N) rows), the same on every rank."""
+def local_plain_step_traffic(
+    specs: Sequence[ParamSpec], world: int, grad_dtype: torch.dtype
+) -> list[Traffic]:
+    """Per rank, a plain step of FSDP2's default layout (:mod:`coap_dist.distributed.fsdp2`):
+    the flag all-reduce; one all-to-all of every matrix's projector rows to every rank and of
+    the left matrices' gradient blocks G_s[:, n_q] (m_s x n_q, in ``grad_dtype``); one
+    all-gather per moment dtype of the left matrices' directions (each padded to
+    ceil(n / N) rows of r)."""
     if world == 1:
-        return Traffic(0, 0, 0)
-    n = len(specs)
-    moved = collective_bytes("all_reduce", world, 4 * (5 * n + 1))
-    dtypes = set()
-    for s in specs:
-        if s.kind == "matrix":
-            dtypes.add(s.fmt.projector_dtype)
-            chunk = -(-s.rank // world) * s.cols * s.fmt.projector_dtype.itemsize
-            moved += collective_bytes("all_gather", world, chunk)
-    return Traffic(1 + len(dtypes), moved, moved)
+        return [Traffic(0, 0, 0)]
+    flag = collective_bytes("all_reduce", world, 4 * (5 * len(specs) + 1))
+    sent, received = [flag] * world, [flag] * world
+    mats = [s for s in specs if s.kind == "matrix"]
+    dir_dtypes = {s.fmt.moment_dtype for s in mats if s.side == "left"}
+
+    def sizes(total: int) -> list[int]:
+        return [b - a for a, b in (chunk_range(total, world, q) for q in range(world))]
+
+    for s in mats:
+        p_rows = sizes(s.rank)
+        proj = [padded(k * s.cols * s.fmt.projector_dtype.itemsize) for k in p_rows]
+        canon, weight = sizes(s.rows), sizes(s.cols)
+        for me in range(world):
+            others = [q for q in range(world) if q != me]
+            sent[me] += (world - 1) * proj[me]
+            received[me] += sum(proj[q] for q in others)
+            if s.side == "left":
+                gi = grad_dtype.itemsize
+                sent[me] += sum(padded(weight[me] * canon[q] * gi) for q in others)
+                received[me] += sum(padded(weight[q] * canon[me] * gi) for q in others)
+                width = -(-s.rows // world) * s.rank * s.fmt.moment_dtype.itemsize
+                moved = collective_bytes("all_gather", world, width)
+                sent[me] += moved
+                received[me] += moved
+    calls = 1 + bool(mats) + len(dir_dtypes)
+    return [Traffic(calls, a, b) for a, b in zip(sent, received, strict=True)]
 
 
 def bound_bytes(

@@ -66,10 +66,11 @@ class CollectiveCounter(TorchDispatchMode):
                 rec.sent += moved
                 rec.received += moved
             elif op == "alltoall_base_":
-                _, inp, _, out_splits, in_splits = args[:5]
+                _, inp, group, out_splits, in_splits = args[:5]
                 esz = inp.element_size()
-                rec.sent += (sum(in_splits) - in_splits[self.rank]) * esz
-                rec.received += (sum(out_splits) - out_splits[self.rank]) * esz
+                me = dist.ProcessGroup.unbox(group).rank()  # rank in the (sub-)group
+                rec.sent += (sum(in_splits) - in_splits[me]) * esz
+                rec.received += (sum(out_splits) - out_splits[me]) * esz
             elif op == "_allgather_base_":
                 moved = collective_bytes("all_gather", self.world, _nbytes(args[1]))
                 rec.sent += moved

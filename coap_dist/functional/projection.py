@@ -34,7 +34,8 @@ def choose_side(global_shape: tuple[int, ...] | torch.Size, rule: str = "auto") 
     """Side to compress for a weight of GLOBAL shape (m, n).
 
     ``auto`` is the reference rule (compress the smaller dimension: right if m >= n);
-    ``right``/``left`` force a side (``right`` is the shard-aware variant for row shards).
+    ``right``/``left`` force a side (``right`` on every matrix is the "shard-aware" variant
+    of row shards: measured +0.070 final validation loss, an explicit option only).
     """
     if rule in ("right", "left"):
         return rule  # type: ignore[return-value]

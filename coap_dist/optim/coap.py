@@ -133,7 +133,7 @@ class _COAPBase(Checkpoints, Optimizer):
         # (the real plan is made at the first step, from the tensors present then).
         if not any(getattr(p, "_fsdp_flattened", False) for p in built):
             group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
-            self.plan([_global_shape(p) for p in built], [p.dtype for p in built], group_of, False)
+            self.plan([_global_shape(p) for p in built], [p.dtype for p in built], group_of)
         run_construction_hooks()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -162,7 +162,6 @@ class _COAPBase(Checkpoints, Optimizer):
         shapes: Sequence[tuple[int, ...]],
         dtypes: Sequence[torch.dtype],
         group_of: Sequence[int],
-        force_right: bool,
         *,
         fixed_rank: bool = False,
     ) -> list[ParamSpec]:
@@ -176,7 +175,6 @@ class _COAPBase(Checkpoints, Optimizer):
                     group=self.groups[gi],
                     shape=shape,
                     fmt=self._format(dtype),
-                    forced_side="right" if force_right else None,
                     where=f"{self.name} param_groups[{gi}]",
                     rank=None if fixed_rank else self._auto_rank.get(i),
                 )

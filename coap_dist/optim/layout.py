@@ -127,13 +127,11 @@ class Core(Protocol):
         shapes: Sequence[tuple[int, ...]],
         dtypes: Sequence[torch.dtype],
         group_of: Sequence[int],
-        force_right: bool,
         *,
         fixed_rank: bool = False,
     ) -> list[ParamSpec]:
         """The plan of every parameter from its global shape, the dtype of the tensor the
-        layout updates and its group (``force_right``: every matrix right-projected, for
-        row shards; ``fixed_rank``: ``rank="auto"`` matrices at their fixed ranks, the
+        layout updates and its group (``fixed_rank``: ``rank="auto"`` matrices at their fixed ranks, the
         budget that owner layouts place state by)."""
         ...
 

@@ -107,7 +107,6 @@ def make_spec(
     group: Mapping[str, Any],
     shape: tuple[int, ...],
     fmt: StateFormat,
-    forced_side: Side | None,
     where: str,
     rank: int | None = None,
 ) -> ParamSpec:
@@ -117,7 +116,7 @@ def make_spec(
     if algo == "adamw":
         return ParamSpec(index, group_index, "dense", shape, fmt)
     if len(shape) == 2:
-        side = forced_side or fproj.choose_side(shape, group["projection_side"])
+        side = fproj.choose_side(shape, group["projection_side"])
         fixed = None if group["rank"] == "auto" else group["rank"]
         small = min(shape)
         if rank is None:

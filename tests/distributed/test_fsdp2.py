@@ -1,15 +1,17 @@
 """FSDP2 ``fully_shard`` (gloo): the LOCAL layout on 2 then 3 processes then 1, the owner
 layout on 3, HSDP on a 2 x 2 mesh.
 
-LOCAL is checked against one process with ``projection_side="right"`` (the same shard-aware
-variant) over two full refresh cycles: weights within 2e-5 (the team refresh's Gram form and
-summation order are the only differences), gradients averaged by FSDP2, every state tensor a
-``Shard(0)`` DTensor of its global shape (moments by rows, the projector by ITS rows), refresh
-counts, a NaN gradient on one rank's shard at a refresh, an empty shard (2-row matrix on 3
+LOCAL is checked against one process with the same (default) side rule over two full refresh
+cycles: weights within 2e-5 (the team refresh's Gram form and summation order are the only
+differences; the 10 x 16 and 2 x 40 weights are left-projected, so their canonical rows are
+the weight's COLUMNS, which the layout's all-to-all brings to the rank keeping them),
+gradients averaged by FSDP2, every state tensor a ``Shard(0)`` DTensor of its global shape
+(moments by canonical rows, the projector by ITS rows), refresh counts, a NaN gradient on one rank's shard at a refresh, an empty shard (2-row matrix on 3
 ranks), per-rank state bytes (the ranks partition the one-process state; the largest holds at
-most 1.15 x total / N plus one matrix's), the collectives counted from the dispatcher (two per
-plain step at 2 and at 3 ranks: the flag all-reduce and one all-gather of the projector
-shards; two more at a refresh), and DCP checkpoints saved on 2 ranks, resumed on 2 (bitwise),
+most 1.15 x total / N plus one matrix's), the collectives counted from the dispatcher (three per
+plain step at 2 and at 3 ranks: the flag all-reduce, one all-to-all of the projector shards
+and the left matrices' gradient blocks, one all-gather of their directions; two more at a
+refresh), the shard-aware variant only on request (``projection_side="right"``), and DCP checkpoints saved on 2 ranks, resumed on 2 (bitwise),
 3 and 1; ``refresh="adaptive"`` on row shards (the same decisions on every rank, DCP resume
 bitwise); ``rank="auto"``: refused by the row-shard layout, one process's ranks under
 ``sharding="owner"``. An optimizer built before ``fully_shard`` without anyone swapping the new parameters
@@ -138,23 +140,32 @@ def _check_state(model: nn.Module, opt: coap_dist.COAPAdamW, world: int) -> None
         st = sd["state"][index[w]]
         m, n = w.shape
         r = min(4, m, n)
-        assert isinstance(st["exp_avg"], DTensor) and st["exp_avg"].shape == (m, r)
+        a, b = (m, n) if m >= n else (n, m)  # canonical: the compressed dimension last
+        assert isinstance(st["exp_avg"], DTensor) and st["exp_avg"].shape == (a, r)
         assert st["exp_avg"].placements == (Shard(0),)
-        assert st["exp_avg"].to_local().shape[0] == w.to_local().shape[0]
-        assert isinstance(st["projector"], DTensor) and st["projector"].shape == (r, n)
+        a0, a1 = chunk_range(a, world, dist.get_rank())
+        assert st["exp_avg"].to_local().shape[0] == a1 - a0
+        if m >= n:
+            assert a1 - a0 == w.to_local().shape[0], "right side: the weight's own row shard"
+        assert isinstance(st["projector"], DTensor) and st["projector"].shape == (r, b)
         assert st["projector"].placements == (Shard(0),), "P is split by its rows, not replicated"
         p0, p1 = chunk_range(r, world, dist.get_rank())
-        assert st["projector"].to_local().shape == (p1 - p0, n)
+        assert st["projector"].to_local().shape == (p1 - p0, b)
         assert float(st["refreshes"]) == 5.0, "k = 0, 2, 4 (or 5 after the NaN), 6, 8"
 
 
 def _check_collectives(records: list, opt: coap_dist.COAPAdamW, world: int) -> None:
-    """Two collectives per plain step, two more at a refresh, whatever the world size; all on
-    the parameters' device; bytes under the bound."""
+    """Three collectives per plain step, two more at a refresh, whatever the world size; all
+    on the parameters' device; bytes under the bound."""
     plain, refresh = records[1], records[2]
-    assert plain.total_calls == 2, plain.calls
-    assert plain.calls == {"allreduce_": 1, "_allgather_base_": 1}, plain.calls
-    assert refresh.calls == {"allreduce_": 1, "_allgather_base_": 2, "_reduce_scatter_base_": 1}
+    assert plain.total_calls == 3, plain.calls
+    assert plain.calls == {"allreduce_": 1, "alltoall_base_": 1, "_allgather_base_": 1}
+    assert refresh.calls == {
+        "allreduce_": 1,
+        "alltoall_base_": 1,
+        "_allgather_base_": 2,
+        "_reduce_scatter_base_": 1,
+    }
     assert plain.devices | refresh.devices <= {"cpu"}
     lay = opt.layout
     frags = []
@@ -183,8 +194,9 @@ def _phase_save(rank: int, world: int, tmp: str) -> None:
     model, opt = _sharded(world)
     records = count_steps(opt)
     ref_model = _model()
-    ref_opt = coap_dist.COAPAdamW(ref_model.parameters(), **KW, projection_side="right")
+    ref_opt = coap_dist.COAPAdamW(ref_model.parameters(), **KW)
     _train(model, opt, range(SAVE_AT), rank, world, (ref_model, ref_opt))
+    assert [s.side for s in opt.specs if s.kind == "matrix"] == ["left", "right", "left"]
     _check_collectives(records, opt, world)
     dcp.save(
         {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
@@ -210,6 +222,23 @@ def _phase_save(rank: int, world: int, tmp: str) -> None:
     for n, p in model2.named_parameters():
         assert torch.equal(p.full_tensor(), final[n]), f"same-size resume differs at {n}"
     _adaptive_dcp(rank, world, tmp)
+    _variants(rank, world)
+
+
+def _variants(rank: int, world: int) -> None:
+    """The shard-aware variant only when asked for (``projection_side="right"``: every matrix
+    right-projected, equal to one process asked the same), and COAP-Adafactor (two rounds
+    of sums over the canonical rows) under the default side rule, both within TOL."""
+    for cls, extra, sides in (
+        (coap_dist.COAPAdamW, {"projection_side": "right"}, ["right"] * 3),
+        (coap_dist.COAPAdafactor, {}, ["left", "right", "left"]),
+    ):
+        model = _shard(_model(), init_device_mesh("cpu", (world,)))
+        opt = cls(model.parameters(), **KW, **extra)
+        ref_model = _model()
+        ref = cls(ref_model.parameters(), **KW, **extra)
+        _train(model, opt, range(SAVE_AT), rank, world, (ref_model, ref))
+        assert [s.side for s in opt.specs if s.kind == "matrix"] == sides
 
 
 def _adaptive_dcp(rank: int, world: int, tmp: str) -> None:
@@ -330,7 +359,7 @@ def _hsdp_run(mesh: object, bucket: int | None) -> None:
     opt = coap_dist.COAPAdamW(model.parameters(), **KW)
     records = count_steps(opt)
     ref_model = _model()
-    ref_opt = coap_dist.COAPAdamW(ref_model.parameters(), **KW, projection_side="right")
+    ref_opt = coap_dist.COAPAdamW(ref_model.parameters(), **KW)
     shard_rank = mesh.get_local_rank("shard")
     replica = mesh.get_local_rank("replicate")
     for step in range(STEPS):
@@ -372,7 +401,7 @@ def test_fsdp2_local_save_on_2_resume_on_3_and_1(tmp_path: os.PathLike[str]) -> 
     run_workers(_phase_owner, 3, tmp)
     # One process, no process group: plain tensors loaded from the sharded checkpoint.
     model = _model()
-    opt = coap_dist.COAPAdamW(model.parameters(), **KW, projection_side="right")
+    opt = coap_dist.COAPAdamW(model.parameters(), **KW)
     _load(model, opt, tmp)
     for step in range(SAVE_AT, STEPS):
         _loss(model, _global_batch(step)).backward()
@@ -380,7 +409,7 @@ def test_fsdp2_local_save_on_2_resume_on_3_and_1(tmp_path: os.PathLike[str]) -> 
             model[2].weight.grad[-1, 0] = float("nan")
         opt.step()
         opt.zero_grad()
-    assert opt.state[model[0].weight]["exp_avg"].shape == (10, 4)
+    assert opt.state[model[0].weight]["exp_avg"].shape == (16, 4), "left: canonical n x r"
     final = torch.load(os.path.join(tmp, "final.pt"), weights_only=True)
     for n, p in model.named_parameters():
         diff = (p.detach() - final[n]).abs().max().item()

@@ -78,11 +78,7 @@ def _layout_run(rank: int, world: int, layout: str) -> dict[str, Any]:
 
     dev = _device(rank)
     model, ref_model = _tiny(dev), _tiny(dev)
-    ref = coap_dist.COAPAdamW(
-        coap_dist.param_groups(ref_model),
-        **KW,
-        projection_side="right" if layout == "fsdp2" else "auto",
-    )
+    ref = coap_dist.COAPAdamW(coap_dist.param_groups(ref_model), **KW)
     if layout in ("fsdp2", "fsdp2_owner"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard

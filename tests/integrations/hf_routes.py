@@ -59,7 +59,7 @@ def accelerate_fsdp2() -> dict:
     )
     ref.load_state_dict(model.state_dict())
     opt = coap_dist.COAPAdamW(model.parameters(), **KW)  # before prepare
-    ref_opt = coap_dist.COAPAdamW(ref.parameters(), **KW, projection_side="right")
+    ref_opt = coap_dist.COAPAdamW(ref.parameters(), **KW)  # the same side rule: 32 x 16 left
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True)
     acc = Accelerator(fsdp_plugin=plugin, cpu=True)
     _force_fsdp(acc.state, plugin)
