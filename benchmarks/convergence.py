@@ -99,8 +99,19 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     ),
     "coap_f1": ("optimizer=coap", "optimizer.reproject_factor=1"),
     "coap_auto_rank": ("optimizer=coap", "optimizer.rank=auto", "optimizer.rank_ratio={ratio}"),
+    "coap_fsdp2_2ranks": (
+        "optimizer=coap",
+        "optimizer.projector_update=scale_free",
+        "optimizer.moments=rotate",
+        "strategy=fsdp2",
+    ),
 }
 """Label -> the Hydra overrides of the variant ({rank}, {tu}: the common rank and T_u)."""
+
+PROCESSES = {"coap_fsdp2_2ranks": 2}
+"""Variants that are a layout rather than an optimizer variant: the library's default COAP
+under FSDP2's default layout, launched with ``torchrun --standalone`` on this many CPU
+processes (gloo; the same global batches as one process, see ``coap_dist.train.data``)."""
 
 COAP_COMMON = (
     "optimizer.rank={rank}",
@@ -110,7 +121,7 @@ COAP_COMMON = (
 )
 """Overrides every COAP variant starts from (a variant's own ones come after and win)."""
 
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in ("coap_ref_rotate", "coap_f1"))
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in ("coap_ref_rotate", "coap_f1", *PROCESSES))
 """What the published table measures (the other two are kept for follow-up runs)."""
 
 MODE_VARIANTS = {
@@ -224,8 +235,20 @@ def run_one(
     if not summary_path.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
+        nproc = PROCESSES.get(label, 1)
+        launcher = (
+            [
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nnodes=1",
+                f"--nproc-per-node={nproc}",
+            ]
+            if nproc > 1
+            else []
+        )
         proc = subprocess.run(
-            [sys.executable, "-m", "coap_dist.train", *cmd, f"hydra.run.dir={run_dir}"],
+            [sys.executable, *launcher, "-m", "coap_dist.train", *cmd, f"hydra.run.dir={run_dir}"],
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -59,7 +59,7 @@ from coap_dist.functional import projection as fproj
 from coap_dist.optim import kernels
 from coap_dist.optim.layout import Core, DenseWork, Layout, MatrixWork, Update, Work
 from coap_dist.optim.spec import ParamSpec, state_shapes
-from coap_dist.optim.storage import allocate, nbytes_of, read_moment
+from coap_dist.optim.storage import allocate, nbytes_of
 
 
 def _shard_dim(p: DTensor) -> int | None:
@@ -390,72 +390,33 @@ class Fsdp2Local(Layout):
         self._state(i)["projector"].copy_(proj[p0:p1])
 
     def _split_refresh(self, work: Work, items: list[int], due: Mapping[int, str]) -> list[Tensor]:
+        """Refresh row-split matrices (the team math of :mod:`coap_dist.optim.kernels`): power
+        iterations by all-reduces, the partial sums by one reduce-scatter to the rank
+        finishing each refresh (LPT on a b r), the new projectors by one all-gather."""
         mine = {mw.index: mw for mw in work.matrices}
         cost = [float(self.specs[i].rows * self.specs[i].cols * self.specs[i].rank) for i in items]
         holder = dict(zip(items, lpt(cost, self.world), strict=True))
-        sketch: dict[int, Tensor] = {}
         rsvd_items = [i for i in items if due[i] != "update"]
-        for i in rsvd_items:
-            mw = mine[i]
-            omega = fproj.sketch_matrix(
-                mw.spec.cols,
-                mw.spec.rank,
-                None if due[i] == "init" else mw.projector,
-                oversample=mw.group["oversample"],
-                device=self.device,
-            )
-            sketch[i] = mw.grad.float() @ omega
+        sketch = {i: kernels.team_sketch(mine[i], due[i]) for i in rsvd_items}
         iters = max((mine[i].group["power_iters"] for i in rsvd_items), default=0)
         for it in range(iters):
             part = [i for i in rsvd_items if mine[i].group["power_iters"] > it]
-            grams = self._all_reduce_list(
-                [sketch[i].double().t() @ sketch[i].double() for i in part]
-            )
+            grams = self._all_reduce_list([kernels.power_gram_partial(sketch[i]) for i in part])
             zs = self._all_reduce_list(
                 [
-                    mine[i].grad.float().t() @ (sketch[i].double() @ fproj.inverse_sqrt(w)).float()
+                    kernels.power_z_partial(mine[i], sketch[i], fproj.inverse_sqrt(w))
                     for i, w in zip(part, grams, strict=True)
                 ]
             )
             for i, z in zip(part, zs, strict=True):
-                sketch[i] = mine[i].grad.float() @ z
-        # Row sums of every due matrix, to the rank computing its refresh.
-        partials: dict[int, list[Tensor]] = {}
-        for i in items:
-            mw = mine[i]
-            if due[i] == "update":
-                partials[i] = [
-                    fproj.correlation_partials(
-                        mw.grad,
-                        mw.projector,
-                        read_moment(mw.state, "exp_avg", True),
-                        cos_axis="row" if mw.spec.side == "right" else "col",
-                        orthonormal=mw.group["projector_update"] != "reference",
-                    )
-                ]
-            else:
-                partials[i] = list(fproj.gram_partials(sketch[i], mw.grad))
+                sketch[i] = kernels.power_sketch(mine[i], z)
+        partials = {i: kernels.team_partials(mine[i], due[i], sketch.get(i)) for i in items}
         sums = self._reduce_to_holders(items, holder, partials)
         results: dict[int, Tensor] = {}
         oks: list[Tensor] = []
         for i, total in sums.items():
             mw = mine[i]
-            reference = mw.group["projector_update"] == "reference"
-            if due[i] == "update":
-                p_new, _ = fproj.correlation_from_sums(
-                    total[0].float(),
-                    mw.projector,
-                    global_rows=mw.spec.rows,
-                    cos_axis="row" if mw.spec.side == "right" else "col",
-                    scale_free=not reference,
-                    orthonormal=not reference,
-                    lr=mw.group["projector_lr"],
-                )
-                ok = fproj.all_finite(p_new)
-            else:
-                p_new, ok = fproj.basis_from_gram(
-                    total[0], total[1].float(), mw.spec.rank, fix_signs=not reference
-                )
+            p_new, ok = kernels.team_finish(mw.spec, mw.group, due[i], total, mw.projector)
             results[i] = torch.cat([p_new.float().reshape(-1), ok.float().reshape(1)])
             oks.append(ok)
         news = self._gather_from_holders(items, holder, results)
@@ -530,12 +491,15 @@ class Fsdp2Local(Layout):
         return out
 
     def team_sum(
-        self, partials: Mapping[int, Tensor], sizes: Mapping[int, int]
+        self,
+        partials: Mapping[int, Tensor],
+        sizes: Mapping[int, int],
+        dtype: torch.dtype = torch.float32,
     ) -> dict[int, Tensor]:
         split = [i for i in sorted(sizes) if self._sharded(i)]
         out = {i: t for i, t in partials.items() if not self._sharded(i)}
         if split:
-            summed = self._all_reduce_list([partials[i].float() for i in split])
+            summed = self._all_reduce_list([partials[i].to(dtype) for i in split])
             out.update(zip(split, summed, strict=True))
         return out
 

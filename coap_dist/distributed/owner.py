@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -69,7 +69,7 @@ from coap_dist.optim.layout import (
     refuse_fsdp1,
 )
 from coap_dist.optim.spec import ParamSpec, state_shapes
-from coap_dist.optim.storage import allocate, assemble, nbytes_of, read_moment, slice_full
+from coap_dist.optim.storage import allocate, assemble, nbytes_of, slice_full
 
 __all__ = ["FragmentView", "OwnerLayout", "OwnerSharding", "ReplicatedView", "check_settings"]
 
@@ -560,104 +560,54 @@ class OwnerLayout(Layout):
         return out
 
     def _team_refresh(self, work: Work, items: list[int], due: Mapping[int, str]) -> list[Tensor]:
-        """Refresh split matrices: partial sums from the members to the holder, the small
-        SVD (or correlation step) there, the new P back (plus four rounds per power
-        iteration of a randomized SVD)."""
+        """Refresh split matrices (the team math of :mod:`coap_dist.optim.kernels`): partial
+        sums from the members to the holder, the small SVD (or correlation step) there, the
+        new P back (plus four rounds per power iteration of a randomized SVD)."""
         mine = {mw.index: mw for mw in work.matrices if mw.index in set(items)}
         rsvd_items = [i for i in items if due[i] != "update"]
-        sketch: dict[int, Tensor] = {}
-        for i in rsvd_items:
-            if i in mine:
-                mw = mine[i]
-                g = mw.group
-                omega = fproj.sketch_matrix(
-                    mw.spec.cols,
-                    mw.spec.rank,
-                    None if due[i] == "init" else mw.projector,
-                    oversample=g["oversample"],
-                    device=self.device,
-                )
-                sketch[i] = mw.grad.float() @ omega
+        sketch = {i: kernels.team_sketch(mine[i], due[i]) for i in rsvd_items if i in mine}
         iters = max((self._group(i)["power_iters"] for i in rsvd_items), default=0)
         for it in range(iters):
             self._power_round(
                 mine, sketch, [i for i in rsvd_items if self._group(i)["power_iters"] > it]
             )
 
-        def k_of(i: int) -> int:
-            return self._entries[i].spec.rank + self._group(i)["oversample"]
-
-        def partial(i: int) -> list[Tensor]:
-            mw = mine[i]
-            if due[i] == "update":
-                return [
-                    fproj.correlation_partials(
-                        mw.grad,
-                        mw.projector,
-                        read_moment(mw.state, "exp_avg", True),
-                        cos_axis="row" if mw.spec.side == "right" else "col",
-                        orthonormal=mw.group["projector_update"] != "reference",
-                    )
-                ]
-            w, z = fproj.gram_partials(sketch[i], mw.grad)
-            return [w, z]
-
         def partial_shapes(i: int) -> list[Expect]:
-            s = self._entries[i].spec
-            if due[i] == "update":
-                axis: Literal["row", "col"] = "row" if s.side == "right" else "col"
-                ortho = self._group(i)["projector_update"] != "reference"
-                n = fproj.correlation_partials_numel(s.rank, s.cols, axis, ortho)
-                return [Expect((n,), torch.float32)]
-            k = k_of(i)
-            return [Expect((k, k), torch.float64), Expect((k, s.cols), torch.float32)]
+            shapes = kernels.team_partial_shapes(self._entries[i].spec, self._group(i), due[i])
+            return [Expect(shape, dtype) for shape, dtype in shapes]
 
-        sums = self._round(items, True, partial, partial_shapes)
+        sums = self._round(
+            items,
+            True,
+            lambda i: kernels.team_partials(mine[i], due[i], sketch.get(i)),
+            partial_shapes,
+        )
         results: dict[int, list[Tensor]] = {}
         oks: list[Tensor] = []
         for i, lists in sums.items():
-            e, group = self._entries[i], self._group(i)
             total = [torch.stack([lst[j] for lst in lists]).sum(0) for j in range(len(lists[0]))]
             old = self._state(i)["projector"]
-            reference = group["projector_update"] == "reference"
-            if due[i] == "update":
-                p_new, _ = fproj.correlation_from_sums(
-                    total[0],
-                    old,
-                    global_rows=e.spec.rows,
-                    cos_axis="row" if e.spec.side == "right" else "col",
-                    scale_free=not reference,
-                    orthonormal=not reference,
-                    lr=group["projector_lr"],
-                )
-                ok = fproj.all_finite(p_new)
-            else:
-                p_new, ok = fproj.basis_from_gram(
-                    total[0], total[1], e.spec.rank, fix_signs=not reference
-                )
+            p_new, ok = kernels.team_finish(
+                self._entries[i].spec, self._group(i), due[i], total, old
+            )
             results[i] = [p_new.float().contiguous(), ok.reshape(1).to(torch.uint8)]
             oks.append(ok)
-
-        def back(i: int) -> list[Tensor]:
-            return results[i]
 
         def back_shapes(i: int) -> list[Expect]:
             s = self._entries[i].spec
             return [Expect((s.rank, s.cols), torch.float32), Expect((1,), torch.uint8)]
 
-        new = self._round(items, False, back, back_shapes)
+        new = self._round(items, False, lambda i: results[i], back_shapes)
         for i in items:
-            e = self._entries[i]
-            if i in new:
-                p_new, ok = new[i][0][0], new[i][0][1].bool().reshape(())
-            else:
+            if i not in new:
                 continue
+            p_new, ok = new[i][0][0], new[i][0][1].bool().reshape(())
             if i in mine:
                 mw = mine[i]
                 mw.projector = kernels.install_projector(
-                    mw, p_new, ok, due[i], holder=e.holder == self.rank
+                    mw, p_new, ok, due[i], holder=self._entries[i].holder == self.rank
                 )
-            elif e.holder == self.rank:
+            elif self._entries[i].holder == self.rank:
                 proj = self._state(i)["projector"]
                 proj.copy_(torch.where(ok, p_new.to(proj.dtype), proj))
         return oks
@@ -675,7 +625,7 @@ class OwnerLayout(Layout):
         grams = self._round(
             items,
             True,
-            lambda i: [sketch[i].double().t() @ sketch[i].double()],
+            lambda i: [kernels.power_gram_partial(sketch[i])],
             lambda i: [Expect((k_of(i), k_of(i)), torch.float64)],
         )
         inv = {
@@ -684,12 +634,9 @@ class OwnerLayout(Layout):
         got = self._round(
             items, False, lambda i: inv[i], lambda i: [Expect((k_of(i), k_of(i)), torch.float64)]
         )
-        proj_t: dict[int, Tensor] = {}
-        for i in items:
-            if i in mine:
-                w_inv = got[i][0][0]
-                q = (sketch[i].double() @ w_inv).float()
-                proj_t[i] = mine[i].grad.float().t() @ q
+        proj_t = {
+            i: kernels.power_z_partial(mine[i], sketch[i], got[i][0][0]) for i in items if i in mine
+        }
         cols = lambda i: self._entries[i].spec.cols  # noqa: E731
         sums = self._round(
             items,
@@ -703,11 +650,14 @@ class OwnerLayout(Layout):
         )
         for i in items:
             if i in mine:
-                sketch[i] = mine[i].grad.float() @ back[i][0][0]
+                sketch[i] = kernels.power_sketch(mine[i], back[i][0][0])
 
     # -------------------------------------------------------------------------- team sums
     def team_sum(
-        self, partials: Mapping[int, Tensor], sizes: Mapping[int, int]
+        self,
+        partials: Mapping[int, Tensor],
+        sizes: Mapping[int, int],
+        dtype: torch.dtype = torch.float32,
     ) -> dict[int, Tensor]:
         split = [i for i in sorted(sizes) if self._entries[i].split]
         out = {i: t for i, t in partials.items() if not self._entries[i].split}
@@ -717,10 +667,10 @@ class OwnerLayout(Layout):
         for i in split:
             offsets[i] = total
             total += sizes[i]
-        buf = torch.zeros(total, dtype=torch.float32, device=self.device)
+        buf = torch.zeros(total, dtype=dtype, device=self.device)
         for i in split:
             if i in partials:
-                buf[offsets[i] : offsets[i] + sizes[i]] = partials[i].float()
+                buf[offsets[i] : offsets[i] + sizes[i]] = partials[i]
         self.comm.all_reduce(buf)
         for i in split:
             if i in partials:

@@ -60,28 +60,33 @@ def sketch_width(spec: ParamSpec, fixed: int) -> int:
 
 
 def sketch_partials(grad: Tensor, warm: Tensor | None, width: int) -> Tensor:
-    """This piece's share (flat, fp32, h^2 + b h) of the sums a profile needs, for rows
+    """This piece's share (flat, fp64, h^2 + b h) of the sums a profile needs, for rows
     G_k (a_k x b) of the canonical gradient; summed over the pieces of a matrix they give
     C = sum_k B_k^T B_k = B^T B and M = sum_k G_k^T B_k = G^T B, where B = G Omega (a x h).
+
+    In fp64 (and summed in fp64: ``team_sum(..., torch.float64)``): the profile's tail comes
+    from C's small eigenvalues, down to 1e-6 of its largest, which an fp32 Gram matrix holds
+    to about eps_32 lambda_max / lambda ~ 10% -- enough for layouts that sum the rows in
+    different orders to choose different ranks from the same gradient.
 
     Args:
         grad: the canonical gradient rows G_k.
         warm: the current projector (r_old x b) that starts the sketch, or None.
         width: h (:func:`sketch_width`; the same on every piece).
     """
-    gf = torch.nan_to_num(grad.float())
+    gf = torch.nan_to_num(grad.double())
     b = gf.shape[1]
     if warm is None:
         omega = fproj.gaussian_test_matrix(b, width, device=gf.device)
     else:
         have = min(warm.shape[0], width)
-        omega = warm[:have].float().t()
+        omega = warm[:have].double().t()
         if have < width:
             extra = fproj.gaussian_test_matrix(
                 b, width - have, device=gf.device, seed=fproj.REFERENCE_SEED + 1
             )
             omega = torch.cat([omega, extra], dim=1)
-    sketch = gf @ omega
+    sketch = gf @ omega.double()
     return torch.cat([(sketch.t() @ sketch).reshape(-1), (gf.t() @ sketch).reshape(-1)])
 
 

@@ -384,7 +384,8 @@ class _COAPBase(Checkpoints, Optimizer):
             )
             for i, mw in mats.items()
         }
-        sums = lay.team_sum(partials, {i: width[i] * (width[i] + self.specs[i].cols) for i in auto})
+        sizes = {i: width[i] * (width[i] + self.specs[i].cols) for i in auto}
+        sums = lay.team_sum(partials, sizes, torch.float64)
         offset, total = {}, 0
         for i in auto:
             offset[i] = total

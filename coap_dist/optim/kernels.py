@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Generator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -270,7 +270,7 @@ def refresh_whole(work: MatrixWork, due: str) -> tuple[Tensor, Tensor]:
             work.projector,
             read_moment(work.state, "exp_avg", True),
             global_rows=spec.rows,
-            cos_axis="row" if spec.side == "right" else "col",
+            cos_axis=_cos_axis(spec),
             scale_free=not reference,
             orthonormal=not reference,
             lr=group["projector_lr"],
@@ -284,6 +284,95 @@ def refresh_whole(work: MatrixWork, due: str) -> tuple[Tensor, Tensor]:
         power_iters=group["power_iters"],
         fix_signs=not reference,
     )
+
+
+# ----------------------------------------------------------- row-split (team) refreshes
+# A matrix whose canonical rows are spread over several ranks (a team) refreshes from sums
+# over rows: every member computes partials on its rows, the layout moves and sums them
+# (its transport), and one rank finishes from the sums. The math of each phase is here once.
+def team_sketch(work: MatrixWork, due: str) -> Tensor:
+    """Y_t = G_t Omega (rows x k, fp32): this member's rows of a randomized SVD's sketch
+    (Omega: the seeded Gaussian for ``init``, the warm start P_old^T otherwise)."""
+    omega = fproj.sketch_matrix(
+        work.spec.cols,
+        work.spec.rank,
+        None if due == "init" else work.projector,
+        oversample=work.group["oversample"],
+        device=work.grad.device,
+    )
+    return work.grad.float() @ omega
+
+
+def power_gram_partial(sketch: Tensor) -> Tensor:
+    """Y_t^T Y_t (k x k, fp64): this member's share of a power iteration's Gram matrix."""
+    yd = sketch.double()
+    return yd.t() @ yd
+
+
+def power_z_partial(work: MatrixWork, sketch: Tensor, inv_sqrt: Tensor) -> Tensor:
+    """G_t^T Q_t (b x k, fp32) with Q_t = Y_t W^{-1/2} (``inv_sqrt``: W^{-1/2} of the summed
+    Gram matrix, :func:`coap_dist.functional.projection.inverse_sqrt`)."""
+    q = (sketch.double() @ inv_sqrt.double()).float()
+    return work.grad.float().t() @ q
+
+
+def power_sketch(work: MatrixWork, z: Tensor) -> Tensor:
+    """The next sketch rows Y_t = G_t Z from the summed Z = G^T Q (one power iteration)."""
+    return work.grad.float() @ z.float()
+
+
+def _cos_axis(spec: ParamSpec) -> Literal["row", "col"]:
+    return "row" if spec.side == "right" else "col"
+
+
+def team_partials(work: MatrixWork, due: str, sketch: Tensor | None) -> list[Tensor]:
+    """This member's partial sums for a refresh of kind ``due``: the correlation step's sums
+    (``update``, one fp32 vector) or the Gram pair (Y_t^T Y_t fp64, Y_t^T G_t fp32) of a
+    randomized SVD from ``sketch`` = Y_t."""
+    if due == "update":
+        return [
+            fproj.correlation_partials(
+                work.grad,
+                work.projector,
+                read_moment(work.state, "exp_avg", True),
+                cos_axis=_cos_axis(work.spec),
+                orthonormal=work.group["projector_update"] != "reference",
+            )
+        ]
+    assert sketch is not None
+    return list(fproj.gram_partials(sketch, work.grad))
+
+
+def team_partial_shapes(
+    spec: ParamSpec, group: Mapping[str, Any], due: str
+) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of each tensor :func:`team_partials` returns (known on every rank)."""
+    if due == "update":
+        ortho = group["projector_update"] != "reference"
+        n = fproj.correlation_partials_numel(spec.rank, spec.cols, _cos_axis(spec), ortho)
+        return [((n,), torch.float32)]
+    k = spec.rank + group["oversample"]
+    return [((k, k), torch.float64), ((k, spec.cols), torch.float32)]
+
+
+def team_finish(
+    spec: ParamSpec, group: Mapping[str, Any], due: str, sums: Sequence[Tensor], old: Tensor
+) -> tuple[Tensor, Tensor]:
+    """New projector (r x b, fp32) and ok (0-dim bool) from the team's summed partials
+    (``old``: the projector before the refresh): the same math as :func:`refresh_whole`."""
+    reference = group["projector_update"] == "reference"
+    if due == "update":
+        p_new, _ = fproj.correlation_from_sums(
+            sums[0].float(),
+            old,
+            global_rows=spec.rows,
+            cos_axis=_cos_axis(spec),
+            scale_free=not reference,
+            orthonormal=not reference,
+            lr=group["projector_lr"],
+        )
+        return p_new, fproj.all_finite(p_new)
+    return fproj.basis_from_gram(sums[0], sums[1].float(), spec.rank, fix_signs=not reference)
 
 
 def install_projector(

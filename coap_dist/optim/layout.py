@@ -206,11 +206,15 @@ class Layout(abc.ABC):
 
     @abc.abstractmethod
     def team_sum(
-        self, partials: Mapping[int, Tensor], sizes: Mapping[int, int]
+        self,
+        partials: Mapping[int, Tensor],
+        sizes: Mapping[int, int],
+        dtype: torch.dtype = torch.float32,
     ) -> dict[int, Tensor]:
-        """Sum per-matrix partials over the ranks holding rows of each matrix. ``sizes``
-        gives the length of every active matrix's partial (the same on all ranks);
-        ``partials`` this rank's. One collective when any active matrix is split."""
+        """Sum per-matrix partials over the ranks holding rows of each matrix, in ``dtype``
+        (the same on all ranks). ``sizes`` gives the length of every active matrix's partial
+        (the same on all ranks); ``partials`` this rank's. One collective when any active
+        matrix is split."""
 
     @abc.abstractmethod
     def scatter(self, updates: Sequence[Update], work: Work) -> None:

@@ -136,8 +136,8 @@ def test_owner_layouts_keep_buffers_on_the_parameters_device(fake_group: Any) ->
 
 
 def test_fsdp2_layouts_keep_buffers_on_the_parameters_device(fake_group: Any) -> None:
-    """FSDP2's default (row shards, projector shards all-gathered, refresh reduce-scatter /
-    all-gather) and owner layouts; the DTensor state dict is built without a collective."""
+    """FSDP2's default (canonical-row shards: projector shards and left gradient blocks in one
+    all-to-all, left directions all-gathered, refresh reduce-scatter / all-gather) and owner layouts; the DTensor state dict is built without a collective."""
     mesh = init_device_mesh("cpu", (WORLD,))
     for sharding in (None, "owner"):
         with torch.device("meta"):
@@ -150,7 +150,8 @@ def test_fsdp2_layouts_keep_buffers_on_the_parameters_device(fake_group: Any) ->
         watches = _steps(opt, params)
         _check(watches, f"FSDP2 sharding={sharding}")
         if sharding is None:
-            assert watches[1].collectives == ["allreduce_", "_allgather_base_"]
+            # flags; P rows and the left 32 x 96 matrix's gradient blocks; its directions
+            assert watches[1].collectives == ["allreduce_", "alltoall_base_", "_allgather_base_"]
             with HostWatch() as watch:
                 sd = opt.state_dict()
             assert not watch.collectives and watch.syncs == 0

@@ -59,7 +59,9 @@ def accelerate_fsdp2() -> dict:
     )
     ref.load_state_dict(model.state_dict())
     opt = coap_dist.COAPAdamW(model.parameters(), **KW)  # before prepare
-    ref_opt = coap_dist.COAPAdamW(ref.parameters(), **KW)  # the same side rule: 32 x 16 left
+    ref_opt = coap_dist.COAPAdamW(
+        ref.parameters(), **KW
+    )  # the same side rule (24 x 32, 4 x 24: left)
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True)
     acc = Accelerator(fsdp_plugin=plugin, cpu=True)
     _force_fsdp(acc.state, plugin)
