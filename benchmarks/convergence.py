@@ -418,8 +418,8 @@ def comparisons(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def to_markdown(result: dict[str, Any]) -> str:
-    """Human-readable report of :func:`run`'s result."""
+def to_markdown(result: dict[str, Any], name: str = "convergence") -> str:
+    """Human-readable report of :func:`run`'s result (``name``: the stem of its files)."""
     cfg, summary = result["config"], result["summary"]
     lrs = [f"{lr:g}" for lr in cfg["lrs"]]
     rows = []
@@ -481,7 +481,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         ),
         "Overrides per variant: "
         + "; ".join(f"`{k}`: {' '.join(v)}" for k, v in cfg["variants"].items()),
-        "![curves](convergence.png)",
+        f"![curves]({name}.png)",
         "## Machine (at start)",
         machine_markdown(result["machine"]),
         f"Load average at the end: {result['load_average_1m_at_end']:.2f}; "
@@ -588,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny budget: smoke check")
     p.add_argument("--runs-dir", type=Path, default=REPO / "outputs" / "convergence")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
+    p.add_argument(
+        "--name", default="convergence", help="stem of the result files ({name}.json/.md/.png)"
+    )
     return p
 
 
@@ -606,9 +609,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--lrs and --seeds must each name at least one value")
     result = run(args)
     result["comparisons"] = comparisons(result)
-    publish("convergence", result, to_markdown(result), args.out)
-    png = plot(result, args.out / "convergence.png")
-    print(f"wrote {png}" if png else "matplotlib is not installed: no convergence.png")
+    publish(args.name, result, to_markdown(result, args.name), args.out)
+    png = plot(result, args.out / f"{args.name}.png")
+    print(f"wrote {png}" if png else f"matplotlib is not installed: no {args.name}.png")
     return 0
 
 

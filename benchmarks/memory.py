@@ -234,8 +234,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     parts += [
         "## COAP per layout (bf16, max MiB per rank)",
         "From the layouts' own planners (`coap-dist memory --layout ...`): `owner` is DDP "
-        'with `sharding="owner"`, `fsdp2` FSDP2\'s default (every matrix right-projected, '
-        'moments and projectors by rows), `fsdp2_owner` FSDP2 with `sharding="owner"`, '
+        'with `sharding="owner"`, `fsdp2` FSDP2\'s default (one process\'s side rule, '
+        'moments by canonical rows, projectors by their rows), `fsdp2_owner` FSDP2 with `sharding="owner"`, '
         "`zero` DeepSpeed ZeRO 1-3.",
         markdown_table(
             ["model", "optimizer", "layout", *(f"max/rank @{ws}" for ws in WORLD_SIZES[1:])],
