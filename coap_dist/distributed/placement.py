@@ -185,7 +185,8 @@ def owner_placement(
         order = sorted(range(world), key=lambda r: (-held[r], loads[r], r))
         fits = [r for r in order if loads[r] + whole[s.index] <= cap]
         if fits or s.kind == "conv" or s.rows < 2 * s.row_alignment():
-            q = fits[0] if fits else min(range(world), key=lambda r: (loads[r], r))
+            # (one that fits nowhere exceeds the cap wherever it goes: where most of it is)
+            q = fits[0] if fits else order[0]
             holder[s.index] = q
             pieces[s.index] = (Piece(q, 0, s.rows if s.kind == "matrix" else 1),)
             loads[q] += whole[s.index]

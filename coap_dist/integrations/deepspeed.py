@@ -35,10 +35,14 @@ these views COAP's state dict holds this rank's pieces and refuses to load into 
 or placement (DeepSpeed itself refuses another world size). Universal checkpoints
 (``ds_to_universal``) do not carry COAP state.
 
+8-bit state (``state_bits: 8``) and Tucker-projected convolutions (``rank_ratio_cnn``) run at
+every stage: a convolution lives whole on one rank, an 8-bit matrix is whole or split on its
+quantization blocks; an 8-bit AdamW parameter's moments are quantized per partition piece
+(blocks start at the piece: one more block boundary where DeepSpeed's partition cuts it).
+
 Refused at the first step with an error saying what to use instead: optimizer offload (CPU /
-NVMe), mixture-of-experts groups, an explicit ``sharding`` argument, and (not yet covered by
-tests under these wrappers) 8-bit state and Tucker-projected convolutions at stages 1-3. fp16
-on CPU is refused by DeepSpeed itself.
+NVMe), mixture-of-experts groups and an explicit ``sharding`` argument. fp16 on CPU is
+refused by DeepSpeed itself.
 """
 
 from __future__ import annotations
@@ -146,7 +150,6 @@ class DeepSpeedZeroView(FragmentView):
 
     name = "deepspeed_zero"
     rank_local = True
-    untested = ("8-bit state", "Tucker convolutions")
 
     def __init__(self) -> None:
         self._params: list[Tensor] = []
@@ -210,7 +213,6 @@ class DeepSpeedZero3View(FragmentView):
 
     name = "deepspeed_zero"
     rank_local = True
-    untested = ("8-bit state", "Tucker convolutions")
 
     def __init__(self) -> None:
         self._params: list[Tensor] = []

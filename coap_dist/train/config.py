@@ -520,12 +520,6 @@ class TrainConfig:
                     f"{opt.where}.kind={opt.kind} supports strategy single or ddp only, "
                     f"got strategy.name={self.strategy.name}"
                 )
-            zero_stage = self.strategy.zero_stage or 0
-            if opt.kind.startswith("coap") and opt.kwargs()["state_bits"] == 8 and zero_stage >= 1:
-                raise ConfigError(
-                    f"{opt.where}.state_bits=8 is not supported under DeepSpeed ZeRO stages 1-3, "
-                    f"got strategy.zero_stage={zero_stage}; use deepspeed_zero0 or state_bits=16"
-                )
         if self.resume is not None and len(self.runs) > 1:
             raise ConfigError(
                 "resume continues one optimizer's run; set compare=false (the checkpoint "
