@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from coap_dist.distributed import support
 from coap_dist.distributed.comm import Comm, Expect
 from coap_dist.distributed.owner import FragmentView, OwnerLayout, check_settings
 from coap_dist.distributed.placement import (
@@ -174,11 +175,7 @@ class Fsdp2Local(Layout):
     canonical rows, P by its rows."""
 
     name = "fsdp2_local"
-    resize_refusal = (
-        "its state is checkpointed as row-shard DTensors, whose global shapes (the ranks) "
-        "torch.distributed.checkpoint takes from the loading optimizer before any state is "
-        "read, so a resumed run could not restore ranks chosen during training."
-    )
+    resize_refusal = support.reason("fsdp2", "auto")
 
     def __init__(self) -> None:
         self._core: Core | None = None
@@ -202,19 +199,7 @@ class Fsdp2Local(Layout):
         shapes = [tuple(p.shape) for p in self._dparams]
         self.group_of = [gi for gi, g in enumerate(current) for _ in g]
         specs = core.plan(shapes, [p.dtype for p in self._dparams], self.group_of)
-        for s in specs:
-            if s.kind == "conv":
-                raise ValueError(
-                    f"{core.name}: a 4-D weight of shape {s.shape} would be Tucker-projected, "
-                    "which the FSDP2 default layout (row shards) does not support; set "
-                    "rank_ratio_cnn=None (AdamW for convolutions) or sharding='owner'"
-                )
-            if s.fmt.quantized:
-                raise ValueError(
-                    f"{core.name}: invalid `state_bits`=8 under the FSDP2 default layout "
-                    "(row-shard DTensor state); use sharding='owner' for 8-bit state under "
-                    "FSDP2, or state_bits=16 / 32"
-                )
+        support.check_specs("fsdp2", specs, core.name)
         check_settings(self.comm, core.settings(), core.name)
         self.specs = specs
         return specs

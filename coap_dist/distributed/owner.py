@@ -112,8 +112,6 @@ class FragmentView(abc.ABC):
     solo = False
     reduced = True
     rank_local = False
-    untested: tuple[str, ...] = ()
-    """Features refused under this wrapper: "8-bit state", "Tucker convolutions"."""
 
     @abc.abstractmethod
     def attach(self, current: list[list[Tensor]], built: list[list[Tensor | None]]) -> list[Tensor]:
@@ -273,20 +271,6 @@ class OwnerLayout(Layout):
         shapes = [view.global_shape(i) for i in range(len(params))]
         self.group_of = view.group_of
         specs = core.plan(shapes, [view.dtype(i) for i in range(len(params))], self.group_of)
-        for spec in specs:
-            feature = (
-                "8-bit state"
-                if spec.fmt.quantized
-                else "Tucker convolutions"
-                if spec.kind == "conv"
-                else None
-            )
-            if feature in view.untested:
-                field = "state_bits=8" if spec.fmt.quantized else "rank_ratio_cnn"
-                raise ValueError(
-                    f"{core.name}: {feature} ({field}) is not supported under the `{view.name}` "
-                    f"layout yet; use state_bits=16 / 32 or rank_ratio_cnn=None there"
-                )
         check_settings(self.comm, core.settings(), core.name)
         frags = view.fragments(self.comm)
         # rank="auto": state is placed by the fixed ranks' bytes (the budget), so that a

@@ -255,8 +255,7 @@ class _COAPBase(Checkpoints, Optimizer):
             self._layout = None  # refused: a later step must not run on it
             raise ValueError(
                 f"{self.name}: rank='auto' re-sizes each matrix's state at its SVDs, which "
-                f"the `{layout.name}` layout cannot: {layout.resize_refusal} Set a fixed "
-                "rank (or rank_ratio), or use sharding='owner' (FSDP2 / HSDP and DDP)"
+                f"the `{layout.name}` layout cannot: {layout.resize_refusal}"
             )
         self.state.clear()
         self._steps = [0] * len(self.specs)

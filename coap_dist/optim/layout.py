@@ -158,8 +158,8 @@ class Layout(abc.ABC):
 
     name = "layout"
     resize_refusal = ""
-    """Why ``rank="auto"`` may not re-plan this layout with other ranks at a step (empty: it
-    may; state pieces stay where they are, owner layouts place them by the fixed ranks'
+    """Why ``rank="auto"`` may not re-plan this layout with other ranks at a step, and what to
+    use instead (empty: it may; state pieces stay where they are, owner layouts place them by the fixed ranks'
     bytes)."""
     device: torch.device
     world: int

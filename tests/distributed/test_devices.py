@@ -19,6 +19,7 @@ torch refuses Python indexing of fake CUDA tensors: its device guard needs CUDA.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -150,6 +151,7 @@ def test_fsdp2_layouts_keep_buffers_on_the_parameters_device(fake_group: Any) ->
         watches = _steps(opt, params)
         _check(watches, f"FSDP2 sharding={sharding}")
         if sharding is None:
+            _check_refusals(mesh)
             # flags; P rows and the left 32 x 96 matrix's gradient blocks; its directions
             assert watches[1].collectives == ["allreduce_", "alltoall_base_", "_allgather_base_"]
             with HostWatch() as watch:
@@ -161,3 +163,25 @@ def test_fsdp2_layouts_keep_buffers_on_the_parameters_device(fake_group: Any) ->
                 for v in st.values()
                 if isinstance(v, torch.Tensor) and v.ndim
             )
+
+
+def _check_refusals(mesh: Any) -> None:
+    """The FSDP2 default layout refuses 8-bit state and Tucker convolutions at the first step,
+    with the reason its support declaration gives, before any state exists."""
+    from coap_dist.distributed import support
+
+    for kw, conv, feature in (
+        (dict(KW, rank_ratio_cnn=None, state_bits=8), False, "8bit"),
+        (dict(KW), True, "tucker"),
+    ):
+        with torch.device("meta"):
+            layers = [nn.Linear(24, 256), nn.Tanh(), nn.Linear(256, 96)]
+            if conv:
+                layers += [nn.Unflatten(1, (24, 2, 2)), nn.Conv2d(24, 48, 3)]
+            model = nn.Sequential(*layers)
+        fully_shard(model, mesh=mesh)
+        opt = coap_dist.COAPAdamW(list(model.parameters()), **kw)
+        why = support.reason("fsdp2", feature)
+        with pytest.raises(ValueError, match=re.escape(why)):
+            opt.layout  # noqa: B018 (binding the layout is what refuses)
+        assert not opt.state

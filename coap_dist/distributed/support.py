@@ -1,0 +1,199 @@
+"""What every layout supports: the one declaration the layouts refuse from and the README's
+support table is generated from (:func:`markdown`; ``tests/test_support.py`` checks both).
+
+Each cell is one of
+
+* ``tested``: runs, and the named test checks it under that layout against one process
+  (real process groups or engines, 2 and/or 3 ranks);
+* ``refused``: the layout raises at the first ``step()``, before any state or weight
+  changes, with the cell's reason and what to use instead (:func:`check_specs`, and
+  ``Layout.resize_refusal`` for ``rank="auto"``);
+* ``untested``: runs (nothing refuses it) but no test covers it under that layout yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from coap_dist.optim.spec import ParamSpec
+
+FEATURES: dict[str, str] = {
+    "8bit": "`state_bits=8`",
+    "tucker": "Tucker convs (`rank_ratio_cnn`)",
+    "auto": '`rank="auto"`',
+    "adaptive": '`refresh="adaptive"`',
+    "adafactor": "`COAPAdafactor`",
+    "accum": "grad accumulation",
+    "resume": "resume, same world size",
+    "reshard": "resume at another world size / layout",
+}
+"""Feature key -> what the user sets (the table's column heading)."""
+
+LAYOUTS: dict[str, str] = {
+    "single": "one process",
+    "ddp": "DDP, replicated state",
+    "ddp_owner": 'DDP `sharding="owner"` (ZeRO-1/2)',
+    "fsdp2": "FSDP2 / HSDP default",
+    "fsdp2_owner": 'FSDP2 / HSDP `sharding="owner"`',
+    "fsdp1": "FSDP1 `Fsdp1Sharding`",
+    "zero0": "DeepSpeed ZeRO 0",
+    "zero123": "DeepSpeed ZeRO 1-3",
+}
+"""Layout key -> how a user gets it (the table's row heading)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One layout x feature cell: ``status`` (tested / refused / untested) and ``note``
+    (the test, or the reason and what to use instead)."""
+
+    status: str
+    note: str = ""
+
+
+def _t(note: str) -> Cell:
+    return Cell("tested", note)
+
+
+_U = Cell("untested")
+
+_FSDP2_ROW_STATE = (
+    "the row-shard layout keeps state as Shard(0) DTensors split by FSDP2's row chunks"
+)
+
+SUPPORT: dict[str, dict[str, Cell]] = {
+    "single": {
+        "8bit": _t("tests/test_optim.py"),
+        "tucker": _t("tests/test_optim.py"),
+        "auto": _t("tests/test_optim.py"),
+        "adaptive": _t("tests/test_optim.py"),
+        "adafactor": _t("tests/test_optim.py"),
+        "accum": _t("tests/train/test_resume_faults.py"),
+        "resume": _t("tests/test_optim.py"),
+        "reshard": _t("tests/distributed/test_owner.py (consolidated state)"),
+    },
+    "ddp": {
+        "8bit": _U,
+        "tucker": _U,
+        "auto": _t("tests/distributed/test_owner.py"),
+        "adaptive": _U,
+        "adafactor": _U,
+        "accum": _U,
+        "resume": _U,
+        "reshard": _U,
+    },
+    "ddp_owner": {
+        "8bit": _U,
+        "tucker": _U,
+        "auto": _t("tests/distributed/test_owner.py"),
+        "adaptive": _t("tests/distributed/test_owner.py"),
+        "adafactor": _t("tests/distributed/test_owner.py"),
+        "accum": _U,
+        "resume": _t("tests/train/test_launch.py (torchrun, 2 processes)"),
+        "reshard": _t("tests/distributed/test_owner.py (2 -> 3 ranks, consolidated)"),
+    },
+    "fsdp2": {
+        "8bit": Cell(
+            "refused",
+            f"{_FSDP2_ROW_STATE}, which need not fall on 8-bit blocks; use "
+            "sharding='owner' for 8-bit state under FSDP2, or state_bits=16 / 32",
+        ),
+        "tucker": Cell(
+            "refused",
+            "a Tucker factor refresh needs the whole convolution, which the row-shard layout "
+            "never gathers; set rank_ratio_cnn=None (AdamW for convolutions) or use "
+            "sharding='owner'",
+        ),
+        "auto": Cell(
+            "refused",
+            "its state is checkpointed as row-shard DTensors, whose global shapes (the "
+            "ranks) torch.distributed.checkpoint takes from the loading optimizer before any "
+            "state is read, so a resumed run could not restore ranks chosen during "
+            "training. Set a fixed rank (or rank_ratio), or use sharding='owner'",
+        ),
+        "adaptive": _t("tests/distributed/test_fsdp2.py"),
+        "adafactor": _t("tests/distributed/test_fsdp2.py"),
+        "accum": _U,
+        "resume": _t("tests/distributed/test_fsdp2.py (DCP)"),
+        "reshard": _t("tests/distributed/test_fsdp2.py (DCP, 2 -> 3 and 1 ranks)"),
+    },
+    "fsdp2_owner": {
+        "8bit": _U,
+        "tucker": _U,
+        "auto": _t("tests/distributed/test_fsdp2.py"),
+        "adaptive": _U,
+        "adafactor": _U,
+        "accum": _U,
+        "resume": _t("tests/distributed/test_fsdp2.py (consolidated, one file)"),
+        "reshard": _U,
+    },
+    "fsdp1": {
+        "8bit": _U,
+        "tucker": _U,
+        "auto": _U,
+        "adaptive": _U,
+        "adafactor": _U,
+        "accum": _U,
+        "resume": _U,
+        "reshard": _t("tests/distributed/test_fsdp1_zero.py (consolidated state)"),
+    },
+    "zero0": {
+        "8bit": _U,
+        "tucker": _U,
+        "auto": _U,
+        "adaptive": _U,
+        "adafactor": _U,
+        "accum": _U,
+        "resume": _t("tests/integrations/test_deepspeed.py"),
+        "reshard": _U,
+    },
+    "zero123": {
+        "8bit": _t("tests/integrations/test_deepspeed.py (stages 2, 3)"),
+        "tucker": _t("tests/integrations/test_deepspeed.py (stages 2, 3)"),
+        "auto": _t("tests/integrations/test_deepspeed.py (stage 3)"),
+        "adaptive": _t("tests/integrations/test_deepspeed.py (stage 2)"),
+        "adafactor": _t("tests/integrations/test_deepspeed.py (stage 2)"),
+        "accum": _t("tests/integrations/test_deepspeed.py (stage 2)"),
+        "resume": _t("tests/integrations/test_deepspeed.py"),
+        "reshard": Cell(
+            "refused",
+            "DeepSpeed's ZeRO checkpoints resume at the data-parallel world size they were "
+            "saved at (the app refuses another one naming it); consolidate to one process "
+            "instead",
+        ),
+    },
+}
+"""The declaration (module docstring)."""
+
+
+def reason(layout: str, feature: str) -> str:
+    """The refusal reason of a refused cell ("" when the cell is not refused)."""
+    cell = SUPPORT[layout][feature]
+    return cell.note if cell.status == "refused" else ""
+
+
+def check_specs(layout: str, specs: Sequence[ParamSpec], optimizer: str) -> None:
+    """Raise (at bind, before any state exists) if a planned parameter needs a feature
+    ``layout`` refuses: 8-bit state or a Tucker-projected convolution."""
+    for s in specs:
+        feature = "tucker" if s.kind == "conv" else "8bit" if s.fmt.quantized else None
+        why = reason(layout, feature) if feature else ""
+        if why:
+            field = "rank_ratio_cnn" if feature == "tucker" else "state_bits=8"
+            raise ValueError(
+                f"{optimizer}: {FEATURES[feature]} ({field}, parameter of shape {s.shape}) is "
+                f"not supported under the {LAYOUTS[layout]} layout: {why}"
+            )
+
+
+def markdown() -> str:
+    """The README's layout x feature table: yes (tested; see the test), refused (the
+    reason is the error message), untested (runs, no test yet)."""
+    marks = {"tested": "yes", "refused": "refused", "untested": "untested"}
+    head = ["layout", *FEATURES.values()]
+    rows = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for key, name in LAYOUTS.items():
+        cells = [marks[SUPPORT[key][f].status] for f in FEATURES]
+        rows.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(rows)
