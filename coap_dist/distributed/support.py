@@ -177,7 +177,7 @@ def check_specs(layout: str, specs: Sequence[ParamSpec], optimizer: str) -> None
     """Raise (at bind, before any state exists) if a planned parameter needs a feature
     ``layout`` refuses: 8-bit state or a Tucker-projected convolution."""
     for s in specs:
-        feature = "tucker" if s.kind == "conv" else "8bit" if s.fmt.quantized else None
+        feature = "tucker" if s.kind == "conv" else "8bit" if s.fmt.quantized else ""
         why = reason(layout, feature) if feature else ""
         if why:
             field = "rank_ratio_cnn" if feature == "tucker" else "state_bits=8"
