@@ -74,8 +74,8 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         "reshard": _t("tests/distributed/test_owner.py (consolidated state)"),
     },
     "ddp": {
-        "8bit": _U,
-        "tucker": _U,
+        "8bit": _t("tests/distributed/test_owner.py (with a Tucker conv)"),
+        "tucker": _t("tests/distributed/test_owner.py"),
         "auto": _t("tests/distributed/test_owner.py"),
         "adaptive": _U,
         "adafactor": _U,
@@ -84,8 +84,8 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         "reshard": _U,
     },
     "ddp_owner": {
-        "8bit": _U,
-        "tucker": _U,
+        "8bit": _t("tests/distributed/test_owner.py (2 and 3 ranks, with a Tucker conv)"),
+        "tucker": _t("tests/distributed/test_owner.py (2 and 3 ranks)"),
         "auto": _t("tests/distributed/test_owner.py"),
         "adaptive": _t("tests/distributed/test_owner.py"),
         "adafactor": _t("tests/distributed/test_owner.py"),
