@@ -31,8 +31,8 @@ is an explicit option only: it measured +0.070 final validation loss (README, co
 size on load.
 
 :class:`Fsdp2Owner` (``sharding="owner"``): the exact whole-matrix owner protocol of
-:mod:`coap_dist.distributed.owner` on the same row shards (reference side rule, Tucker and
-8-bit state included).
+:mod:`coap_dist.distributed.owner` on the same row shards (one process's side rule; Tucker
+and 8-bit state run there, not yet covered by a test: see ``support.SUPPORT``).
 """
 
 from __future__ import annotations
