@@ -63,115 +63,90 @@ _FSDP2_ROW_STATE = (
     "the row-shard layout keeps state as Shard(0) DTensors split by FSDP2's row chunks"
 )
 
+
+def _row(eight_bit: Cell = _U, **cells: Cell) -> dict[str, Cell]:
+    """A layout's cells in FEATURES order (``eight_bit``: the "8bit" cell); the features
+    not named are untested."""
+    cells["8bit"] = eight_bit
+    unknown = set(cells) - set(FEATURES)
+    assert not unknown, unknown
+    return {f: cells.get(f, _U) for f in FEATURES}
+
+
 SUPPORT: dict[str, dict[str, Cell]] = {
-    "single": {
-        "8bit": _t("tests/test_optim.py"),
-        "tucker": _t("tests/test_optim.py"),
-        "auto": _t("tests/test_optim.py"),
-        "adaptive": _t("tests/test_optim.py"),
-        "adafactor": _t("tests/test_optim.py"),
-        "accum": _t("tests/train/test_resume_faults.py"),
-        "bf16": _t("tests/test_optim.py"),
-        "resume": _t("tests/test_optim.py"),
-        "reshard": _t("tests/distributed/test_owner.py (consolidated state)"),
-    },
-    "ddp": {
-        "8bit": _t("tests/distributed/test_owner.py (with a Tucker conv)"),
-        "tucker": _t("tests/distributed/test_owner.py"),
-        "auto": _U,
-        "adaptive": _U,
-        "adafactor": _U,
-        "accum": _U,
-        "bf16": _U,
-        "resume": _U,
-        "reshard": _U,
-    },
-    "ddp_owner": {
-        "8bit": _t("tests/distributed/test_owner.py (2 and 3 ranks, with a Tucker conv)"),
-        "tucker": _t("tests/distributed/test_owner.py (2 and 3 ranks)"),
-        "auto": _t("tests/distributed/test_owner.py"),
-        "adaptive": _t("tests/distributed/test_owner.py"),
-        "adafactor": _t("tests/distributed/test_owner.py"),
-        "accum": _U,
-        "bf16": _U,
-        "resume": _t("tests/train/test_launch.py (torchrun, 2 processes)"),
-        "reshard": _t("tests/distributed/test_owner.py (2 -> 3 ranks, consolidated)"),
-    },
-    "fsdp2": {
-        "8bit": Cell(
+    "single": _row(
+        eight_bit=_t("tests/test_optim.py"),
+        tucker=_t("tests/test_optim.py"),
+        auto=_t("tests/test_optim.py"),
+        adaptive=_t("tests/test_optim.py"),
+        adafactor=_t("tests/test_optim.py"),
+        accum=_t("tests/train/test_resume_faults.py"),
+        bf16=_t("tests/test_optim.py"),
+        resume=_t("tests/test_optim.py"),
+        reshard=_t("tests/distributed/test_owner.py (consolidated state)"),
+    ),
+    "ddp": _row(
+        eight_bit=_t("tests/distributed/test_owner.py (with a Tucker conv)"),
+        tucker=_t("tests/distributed/test_owner.py"),
+    ),
+    "ddp_owner": _row(
+        eight_bit=_t("tests/distributed/test_owner.py (2 and 3 ranks, with a Tucker conv)"),
+        tucker=_t("tests/distributed/test_owner.py (2 and 3 ranks)"),
+        auto=_t("tests/distributed/test_owner.py"),
+        adaptive=_t("tests/distributed/test_owner.py"),
+        adafactor=_t("tests/distributed/test_owner.py"),
+        resume=_t("tests/train/test_launch.py (torchrun, 2 processes)"),
+        reshard=_t("tests/distributed/test_owner.py (2 -> 3 ranks, consolidated)"),
+    ),
+    "fsdp2": _row(
+        eight_bit=Cell(
             "refused",
             f"{_FSDP2_ROW_STATE}, which need not fall on 8-bit blocks; use "
             "sharding='owner' for 8-bit state under FSDP2, or state_bits=16 / 32",
         ),
-        "tucker": Cell(
+        tucker=Cell(
             "refused",
             "a Tucker factor refresh needs the whole convolution, which the row-shard layout "
             "never gathers; set rank_ratio_cnn=None (AdamW for convolutions) or use "
             "sharding='owner'",
         ),
-        "auto": Cell(
+        auto=Cell(
             "refused",
             "its state is checkpointed as row-shard DTensors, whose global shapes (the "
             "ranks) torch.distributed.checkpoint takes from the loading optimizer before any "
             "state is read, so a resumed run could not restore ranks chosen during "
             "training. Set a fixed rank (or rank_ratio), or use sharding='owner'",
         ),
-        "adaptive": _t("tests/distributed/test_fsdp2.py"),
-        "adafactor": _t("tests/distributed/test_fsdp2.py"),
-        "accum": _U,
-        "bf16": _U,
-        "resume": _t("tests/distributed/test_fsdp2.py (DCP)"),
-        "reshard": _t("tests/distributed/test_fsdp2.py (DCP, 2 -> 3 and 1 ranks)"),
-    },
-    "fsdp2_owner": {
-        "8bit": _U,
-        "tucker": _U,
-        "auto": _t("tests/distributed/test_fsdp2.py"),
-        "adaptive": _U,
-        "adafactor": _U,
-        "accum": _U,
-        "bf16": _U,
-        "resume": _U,
-        "reshard": _t("tests/distributed/test_fsdp2.py (consolidated, 2 -> 3 ranks)"),
-    },
-    "fsdp1": {
-        "8bit": _U,
-        "tucker": _U,
-        "auto": _U,
-        "adaptive": _U,
-        "adafactor": _U,
-        "accum": _U,
-        "bf16": _U,
-        "resume": _U,
-        "reshard": _U,
-    },
-    "zero0": {
-        "8bit": _U,
-        "tucker": _U,
-        "auto": _U,
-        "adaptive": _U,
-        "adafactor": _U,
-        "accum": _U,
-        "bf16": _t("tests/integrations/test_deepspeed.py (losses, rtol 5e-2)"),
-        "resume": _t("tests/integrations/test_deepspeed.py"),
-        "reshard": _U,
-    },
-    "zero123": {
-        "8bit": _t("tests/integrations/test_deepspeed.py (stages 2, 3)"),
-        "tucker": _t("tests/integrations/test_deepspeed.py (stages 2, 3)"),
-        "auto": _t("tests/integrations/test_deepspeed.py (stage 3)"),
-        "adaptive": _t("tests/integrations/test_deepspeed.py (stage 2)"),
-        "adafactor": _t("tests/integrations/test_deepspeed.py (stage 2)"),
-        "accum": _t("tests/integrations/test_deepspeed.py (stage 2, bf16 losses)"),
-        "bf16": _t("tests/integrations/test_deepspeed.py (losses, rtol 5e-2)"),
-        "resume": _t("tests/integrations/test_deepspeed.py"),
-        "reshard": Cell(
+        adaptive=_t("tests/distributed/test_fsdp2.py"),
+        adafactor=_t("tests/distributed/test_fsdp2.py"),
+        resume=_t("tests/distributed/test_fsdp2.py (DCP)"),
+        reshard=_t("tests/distributed/test_fsdp2.py (DCP, 2 -> 3 and 1 ranks)"),
+    ),
+    "fsdp2_owner": _row(
+        auto=_t("tests/distributed/test_fsdp2.py"),
+        reshard=_t("tests/distributed/test_fsdp2.py (consolidated, 2 -> 3 ranks)"),
+    ),
+    "fsdp1": _row(),
+    "zero0": _row(
+        bf16=_t("tests/integrations/test_deepspeed.py (losses, rtol 5e-2)"),
+        resume=_t("tests/integrations/test_deepspeed.py"),
+    ),
+    "zero123": _row(
+        eight_bit=_t("tests/integrations/test_deepspeed.py (stages 2, 3)"),
+        tucker=_t("tests/integrations/test_deepspeed.py (stages 2, 3)"),
+        auto=_t("tests/integrations/test_deepspeed.py (stage 3)"),
+        adaptive=_t("tests/integrations/test_deepspeed.py (stage 2)"),
+        adafactor=_t("tests/integrations/test_deepspeed.py (stage 2)"),
+        accum=_t("tests/integrations/test_deepspeed.py (stage 2, bf16 losses)"),
+        bf16=_t("tests/integrations/test_deepspeed.py (losses, rtol 5e-2)"),
+        resume=_t("tests/integrations/test_deepspeed.py"),
+        reshard=Cell(
             "refused",
             "DeepSpeed's ZeRO checkpoints resume at the data-parallel world size they were "
             "saved at (the app refuses another one naming it); consolidate to one process "
             "instead",
         ),
-    },
+    ),
 }
 """The declaration (module docstring)."""
 

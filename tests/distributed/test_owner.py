@@ -43,6 +43,7 @@ from coap_dist.distributed.routes import bound_bytes, plain_step_traffic
 from coap_dist.distributed.trace import NoCollectives, count_steps
 from coap_dist.optim.spec import nbytes, state_shapes
 from tests.dist_harness import run_workers
+from tests.nets import ConvNet
 
 KW = dict(lr=1e-2, weight_decay=0.1, rank=4, update_interval=2, reproject_factor=2, scale=0.5)
 STEPS, SAVE_AT = 10, 6  # refreshes at k = 0, 2, 4 (recalibration), 6, 8: two cycles
@@ -148,22 +149,6 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     _eight_bit_tucker(rank, world)
 
 
-class _ConvNet(nn.Module):
-    """A Tucker-projected convolution (40 x 32 x 3 x 3) between matrices whose moments have
-    512 x 8 and 640 x 8 elements at rank 8 (>= 4,096: 8-bit under state_bits=8).
-    Tucker ranks (10, 8) at rank_ratio_cnn=16 stay below the gradient's mode ranks."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(24, 512)
-        self.conv = nn.Conv2d(32, 40, 3, padding=1)
-        self.fc2 = nn.Linear(640, 20)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.fc1(x)).view(-1, 32, 4, 4)
-        return self.fc2(torch.tanh(self.conv(h)).flatten(1))
-
-
 def _eight_bit_tucker(rank: int, world: int) -> None:
     """state_bits=8 with a Tucker convolution, replicated (DDP) and owner-sharded: the
     weights of one process within TOL over two refresh cycles, 8-bit moments and the
@@ -171,7 +156,7 @@ def _eight_bit_tucker(rank: int, world: int) -> None:
     kw = dict(KW, rank=8, state_bits=8, rank_ratio_cnn=16.0)
     for sharding in (None, "owner"):
         torch.manual_seed(0)
-        model, ref_model = _ConvNet(), _ConvNet()
+        model, ref_model = ConvNet(20), ConvNet(20)
         ref_model.load_state_dict(model.state_dict())
         opt = coap_dist.COAPAdamW(model.parameters(), **kw, sharding=sharding)
         ref = coap_dist.COAPAdamW(ref_model.parameters(), **kw)

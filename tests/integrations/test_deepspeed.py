@@ -57,6 +57,7 @@ from coap_dist.distributed.routes import bound_bytes
 from coap_dist.distributed.trace import count_steps, merged
 from coap_dist.train.optim import innermost
 from tests.dist_harness import run_workers
+from tests.nets import ConvNet
 
 KW = dict(lr=1e-2, weight_decay=0.1, rank=8, update_interval=2, reproject_factor=2, scale=0.5)
 AUTO = dict(rank="auto", rank_ratio=4)
@@ -142,26 +143,9 @@ class _Net(nn.Module):
         return self.fc3(self.norm(torch.tanh(self.fc2(torch.tanh(self.fc1(x))))))
 
 
-class _ConvNet(nn.Module):
-    """A Tucker-projected convolution (40 x 32 x 3 x 3 > 9,216 elements) between two
-    matrices whose moments have 512 x 8 and 640 x 8 elements (>= 4,096: 8 bits under
-    ``state_bits=8``). With ``rank_ratio_cnn=16`` the Tucker ranks (10, 8) stay below the
-    gradient's mode ranks (8 samples x 16 positions), so its factors are well defined."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(24, 512)
-        self.conv = nn.Conv2d(32, 40, 3, padding=1)
-        self.fc2 = nn.Linear(640, 40)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.fc1(x)).view(-1, 32, 4, 4)
-        return self.fc2(torch.tanh(self.conv(h)).flatten(1))
-
-
 def _model(conv: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    return _ConvNet() if conv else _Net()
+    return ConvNet(40) if conv else _Net()
 
 
 def _uses_conv(extra: dict[str, Any]) -> bool:
