@@ -6,9 +6,12 @@ Examples::
     coap-dist memory --model 7b --optimizer coap8bit --rank 1024 --world-size 8
     coap-dist memory --model 7b --optimizer coap --rank 1024 --world-size 512 --layout fsdp2
     coap-dist memory --model 1b --rank 512 --all          # every optimizer, ratio to bf16 AdamW
+    coap-dist ds-to-universal ckpt/ ckpt_universal/      # DeepSpeed ZeRO 1-3, any world size
 
-Figures are optimizer-state bytes (moment + projector tensors, see ``coap_dist.memory``)
-computed from shapes alone: nothing is allocated.
+``memory`` figures are optimizer-state bytes (moment + projector tensors, see
+``coap_dist.memory``) computed from shapes alone: nothing is allocated. ``ds-to-universal``
+converts a COAP run's DeepSpeed ZeRO checkpoint into a universal checkpoint that resumes at
+another world size (:func:`coap_dist.integrations.deepspeed.to_universal`).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``coap-dist`` argument parser (sub-command ``memory``)."""
+    """The ``coap-dist`` argument parser (sub-commands ``memory`` and ``ds-to-universal``)."""
     parser = argparse.ArgumentParser(prog="coap-dist", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     mem = sub.add_parser(
@@ -127,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also print one line per parameter (single optimizer only)",
     )
     mem.set_defaults(subparser=mem)
+    uni = sub.add_parser(
+        "ds-to-universal",
+        help="convert a COAP DeepSpeed ZeRO 1-3 checkpoint to a universal checkpoint",
+        description="Write a DeepSpeed universal checkpoint (fp32 masters per parameter and "
+        "COAP's per-rank state) that resumes at any data-parallel world size with "
+        '"checkpoint": {"load_universal": true} and '
+        "coap_dist.integrations.deepspeed.load_checkpoint(engine, DST).",
+    )
+    uni.add_argument("src", help="the engine.save_checkpoint directory")
+    uni.add_argument("dst", help="output directory (the tag folder is replaced if present)")
+    uni.add_argument("--tag", default=None, help="checkpoint tag (default: SRC/latest)")
+    uni.set_defaults(subparser=uni)
     return parser
 
 
@@ -245,6 +260,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "memory":
         return _memory(args, args.subparser)
+    if args.command == "ds-to-universal":
+        from coap_dist.integrations.deepspeed import to_universal
+
+        try:
+            out = to_universal(args.src, args.dst, args.tag)
+        except (OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(
+            f"wrote {out}; load it at any world size with "
+            '"checkpoint": {"load_universal": true} and '
+            f"coap_dist.integrations.deepspeed.load_checkpoint(engine, {args.dst!r})"
+        )
+        return 0
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks choices
     return 2
 

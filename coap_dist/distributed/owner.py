@@ -69,7 +69,7 @@ from coap_dist.optim.layout import (
     refuse_fsdp1,
 )
 from coap_dist.optim.spec import ParamSpec, state_shapes
-from coap_dist.optim.storage import allocate, assemble, nbytes_of, slice_full
+from coap_dist.optim.storage import Item, allocate, assemble_all, nbytes_of, slice_full
 
 __all__ = ["FragmentView", "OwnerLayout", "OwnerSharding", "ReplicatedView", "check_settings"]
 
@@ -843,6 +843,7 @@ class OwnerLayout(Layout):
         if self.view.rank_local:
             sd = saved()
             sd["coap_layout"] = self._tag()
+            sd["coap_pieces"] = {i: (a, b) for i, a, b, _ in self._items()}
             return sd
         if self.world == 1:
             sd = saved()
@@ -912,16 +913,20 @@ class OwnerLayout(Layout):
                 device=self.device,
             )
 
-    def consolidate(self, to: int) -> dict[int, dict[str, Any]] | None:
+    def _items(self) -> list[Item]:
+        """This rank's pieces, in :func:`~coap_dist.optim.storage.assemble_all`'s form."""
         assert self._core is not None
-        me = self.rank
-        mine: list[tuple[int, int, int, dict[str, Any]]] = []
+        out: list[Item] = []
         for e, pc in zip(self._entries, self._mine, strict=True):
             st = self._core.state.get(self._params[e.spec.index])
-            if not st:
-                continue
-            start, stop = (pc.start, pc.stop) if pc is not None else (-1, -1)
-            mine.append((e.spec.index, start, stop, st))
+            if st:
+                start, stop = (pc.start, pc.stop) if pc is not None else (-1, -1)
+                out.append((e.spec.index, start, stop, st))
+        return out
+
+    def consolidate(self, to: int) -> dict[int, dict[str, Any]] | None:
+        me = self.rank
+        mine = self._items()
         if self.world == 1:
             return self._assemble({0: mine})
         manifest = [
@@ -934,7 +939,7 @@ class OwnerLayout(Layout):
             for i, a, b, st in mine
         ]
         manifests = self.comm.all_gather_objects(manifest)
-        collected: dict[int, list[tuple[int, int, int, dict[str, Any]]]] = {}
+        collected: dict[int, list[Item]] = {}
         for q in range(self.world):
             if q == to:
                 if me == to:
@@ -955,7 +960,7 @@ class OwnerLayout(Layout):
                 total = sum(
                     _nbytes(shape, dtype) for _, _, _, keys in entries for _, shape, dtype in keys
                 )
-                got: list[tuple[int, int, int, dict[str, Any]]] = []
+                got: list[Item] = []
                 if total:
                     buf = torch.empty(total, dtype=torch.uint8, device=self.device)
                     dist.recv(buf, self.comm.global_rank(q), group=self.view.group)
@@ -971,22 +976,9 @@ class OwnerLayout(Layout):
                 collected[q] = got
         return self._assemble(collected) if me == to else None
 
-    def _assemble(
-        self, collected: Mapping[int, list[tuple[int, int, int, dict[str, Any]]]]
-    ) -> dict[int, dict[str, Any]]:
-        by_param: dict[int, list[tuple[int, int, dict[str, Any]]]] = {}
-        holders: dict[int, dict[str, Any]] = {}
-        for items in collected.values():
-            for i, a, b, st in items:
-                if a < 0:
-                    holders[i] = st
-                else:
-                    by_param.setdefault(i, []).append((a, b, st))
-        out = {}
-        for i, pieces in by_param.items():
-            spec = self._entries[i].spec
-            out[i] = assemble(spec, sorted(pieces, key=lambda x: x[0]), holders.get(i))
-        return out
+    def _assemble(self, collected: Mapping[int, list[Item]]) -> dict[int, dict[str, Any]]:
+        items = [it for q in sorted(collected) for it in collected[q]]
+        return assemble_all([e.spec for e in self._entries], items, f"COAP `{self.name}`")
 
     def metrics(self) -> dict[str, float]:
         return {

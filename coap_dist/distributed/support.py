@@ -140,11 +140,9 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         accum=_t("tests/integrations/test_deepspeed.py (stage 2, bf16 losses)"),
         bf16=_t("tests/integrations/test_deepspeed.py (losses, rtol 5e-2)"),
         resume=_t("tests/integrations/test_deepspeed.py"),
-        reshard=Cell(
-            "refused",
-            "DeepSpeed's ZeRO checkpoints resume at the data-parallel world size they were "
-            "saved at (the app refuses another one naming it); consolidate to one process "
-            "instead",
+        reshard=_t(
+            "tests/integrations/test_deepspeed_resize.py (stages 2, 3: 2 -> 3 and 3 -> 2 "
+            "ranks, universal checkpoint); tests/train/test_launch.py (app, 2 -> 1)"
         ),
     ),
 }

@@ -31,9 +31,15 @@ of its fragments that another rank computes (about gradient bytes / N), AdamW pa
 step on their fragments in place, and updates come back as D and P or as rectangles.
 
 Checkpoints: DeepSpeed's ZeRO checkpoints store ``optimizer.state_dict()`` per rank; under
-these views COAP's state dict holds this rank's pieces and refuses to load into another rank
-or placement (DeepSpeed itself refuses another world size). Universal checkpoints
-(``ds_to_universal``) do not carry COAP state.
+these views COAP's state dict holds this rank's pieces (with their bounds, ``coap_pieces``)
+and loads directly only into the same rank of the same job shape, as DeepSpeed itself
+requires. For another data-parallel world size (or to leave DeepSpeed), convert the
+checkpoint with :func:`to_universal` (``coap-dist ds-to-universal SRC DST``): it writes a
+DeepSpeed *universal* checkpoint (DeepSpeed's ``ds_to_universal`` assumes Adam's
+``exp_avg`` / ``exp_avg_sq`` and fails on COAP's state) holding the fp32 master weights
+per parameter plus COAP's per-rank state; load it with ``"checkpoint": {"load_universal":
+true}`` and :func:`load_checkpoint`, which calls ``engine.load_checkpoint`` and gives COAP
+its state, assembled into the single-process form and re-cut for the new placement.
 
 8-bit state (``state_bits: 8``) and Tucker-projected convolutions (``rank_ratio_cnn``) run at
 every stage: a convolution lives whole on one rank, an 8-bit matrix is whole or split on its
@@ -47,7 +53,11 @@ refused by DeepSpeed itself.
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -281,6 +291,175 @@ class DeepSpeedZero3View(FragmentView):
         if n == 0 or flat.grad is None:
             return None
         return flat.grad.narrow(0, offset, n)
+
+
+COAP_SHARDS = "coap_shards.pt"
+"""File, next to the per-parameter folders of a universal checkpoint's ``zero/``, holding
+``{"world": N, "stage": s, "shards": [COAP state dict of rank q for q < N]}``."""
+
+
+def _inner_state(optim: dict[str, Any]) -> dict[str, Any] | None:
+    """COAP's state dict inside a ZeRO optimizer file's ``optimizer_state_dict``: the base
+    optimizer's (stages 1-2, ``BF16_Optimizer``) or the inner one (stage 3)."""
+    inner = optim.get("base_optimizer_state", optim.get("optimizer_state_dict"))
+    return inner if isinstance(inner, dict) else None
+
+
+def _rank_files(folder: Path) -> list[Path]:
+    """The per-rank ZeRO optimizer files of a checkpoint folder, in data-parallel order;
+    refuses tensor / pipeline parallel checkpoints (more than one ``mp_rank``)."""
+    files = sorted(folder.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt"))
+    mp = {re.search(r"mp_rank_(\d+)", f.name).group(1) for f in files}  # type: ignore[union-attr]
+    if len(mp) > 1:
+        raise ValueError(
+            f"coap-dist ds-to-universal: {folder} is a tensor/pipeline-parallel checkpoint "
+            f"(mp ranks {sorted(mp)}); only data-parallel ZeRO checkpoints are converted"
+        )
+    return sorted(files, key=lambda f: int(re.search(r"zero_pp_rank_(\d+)", f.name).group(1)))  # type: ignore[union-attr]
+
+
+def to_universal(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], tag: str | None = None
+) -> Path:
+    """Convert a ZeRO 1-3 checkpoint of a COAP run (``engine.save_checkpoint(src, tag)`` at
+    any data-parallel world size N) into a DeepSpeed universal checkpoint in ``dst`` that
+    resumes at any world size M (offline: no process group, CPU only).
+
+    Written under ``dst/<tag>/``: the model-state files (``global_steps``, lr scheduler,
+    module buffers), ``zero/optimizer_state.pt`` (rank 0's global ZeRO state and the param
+    groups, as ``ds_to_universal`` writes it), ``zero/<param name>/fp32.pt`` (``{"param":
+    full fp32 master}``, reconstructed by DeepSpeed's ``zero_to_fp32``) and
+    :data:`COAP_SHARDS`; at stage 3 also the ZeRO files themselves (hard links where the
+    filesystem allows), which DeepSpeed's universal loader reads when it is not to load
+    Adam's moments; then ``dst/latest_universal`` (and ``dst/latest`` at stage 3). The tag
+    folder is written as ``<tag>.tmp`` and renamed when complete. Returns ``dst/<tag>``.
+
+    Raises ``ValueError`` naming the file when ``src`` is not a ZeRO 1-3 checkpoint of COAP
+    (use DeepSpeed's own ``ds_to_universal`` for Adam) or a rank's file is missing.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    src, dst = Path(src), Path(dst)
+    if tag is None:
+        latest = src / "latest"
+        if not latest.is_file():
+            raise ValueError(f"coap-dist ds-to-universal: no tag given and no {latest}")
+        tag = latest.read_text().strip()
+    folder = src / tag
+    files = _rank_files(folder)
+    if not files:
+        raise ValueError(f"coap-dist ds-to-universal: no ZeRO optimizer files in {folder}")
+    shards, first = [], None
+    for f in files:
+        optim = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        inner = _inner_state(optim)
+        if inner is None or "coap_pieces" not in inner:
+            raise ValueError(
+                f"coap-dist ds-to-universal: {f} holds no COAP state of ZeRO stages 1-3 (no "
+                "`coap_pieces`); convert checkpoints of other optimizers with DeepSpeed's "
+                "ds_to_universal, and stage 0 checkpoints need no conversion"
+            )
+        shards.append(inner)
+        first = first or optim
+    assert first is not None
+    world = int(shards[0]["coap_layout"]["world"])
+    if len(shards) != world:
+        raise ValueError(
+            f"coap-dist ds-to-universal: {folder} has {len(shards)} rank files of a "
+            f"{world}-rank run; every rank's *_optim_states.pt is needed"
+        )
+    stage = int(first["zero_stage"])
+    out = dst / f"{tag}.tmp"
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "zero").mkdir(parents=True)
+    for f in folder.glob("*model_states.pt"):
+        shutil.copy2(f, out / f.name)
+    if stage == 3:
+        # DeepSpeed's stage-3 universal load without Adam's moment files (what COAP needs)
+        # rebuilds the module from the ZeRO files of `latest`: link them in (copy across
+        # filesystems).
+        for f in files:
+            try:
+                os.link(f, out / f.name)
+            except OSError:
+                shutil.copy2(f, out / f.name)
+    flat = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
+    sharded = {flat, "base_optimizer_state", "param_slice_mappings"}
+    glob_state = {k: v for k, v in first.items() if k not in sharded}
+    glob_state["param_groups"] = shards[0]["param_groups"]
+    torch.save(glob_state, out / "zero" / "optimizer_state.pt")
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(src), tag=tag)
+    for name, value in weights.items():
+        (out / "zero" / name).mkdir()
+        torch.save({"param": value.detach().float().clone()}, out / "zero" / name / "fp32.pt")
+    torch.save({"world": world, "stage": stage, "shards": shards}, out / "zero" / COAP_SHARDS)
+    final = dst / tag
+    shutil.rmtree(final, ignore_errors=True)
+    out.rename(final)
+    (dst / "latest_universal").write_text(tag)
+    if stage == 3:
+        (dst / "latest").write_text(tag)
+    return final
+
+
+def _coap_of(engine: Any) -> COAPAdamW | COAPAdafactor:
+    """The COAP optimizer inside a DeepSpeed engine's ZeRO / mixed-precision wrappers."""
+    opt, seen = engine.optimizer, set()
+    while opt is not None and id(opt) not in seen:
+        if isinstance(opt, COAPAdamW | COAPAdafactor):
+            return opt
+        seen.add(id(opt))
+        opt = getattr(opt, "optimizer", None)
+    raise ValueError(
+        'coap_dist load_checkpoint: the engine\'s optimizer is not COAP ("type": "COAP"); '
+        "call engine.load_checkpoint directly"
+    )
+
+
+def load_checkpoint(
+    engine: Any, load_dir: str | os.PathLike[str], tag: str | None = None, **kwargs: Any
+) -> tuple[Any, Any]:
+    """``engine.load_checkpoint(load_dir, tag, **kwargs)`` that also restores COAP's state
+    from a universal checkpoint written by :func:`to_universal` (the engine built with
+    ``"checkpoint": {"load_universal": true}``, at any data-parallel world size).
+
+    DeepSpeed loads the fp32 masters, counters and lr scheduler; COAP gets every rank's saved
+    pieces, assembles the single-process state at its first step and keeps the part its new
+    placement assigns this rank (projectors, moments, step counts, refresh schedules, ranks
+    chosen by ``rank="auto"``). At stage 3 the engine is told ``load_optimizer_states=False``
+    (its universal loader otherwise expects Adam's moment files); global ZeRO state such as
+    an fp16 loss scale then restarts. Without ``load_universal`` this is
+    ``engine.load_checkpoint`` (same world size only, DeepSpeed's rule). Returns what
+    ``engine.load_checkpoint`` returns."""
+    coap = _coap_of(engine)
+    if not engine.load_universal_checkpoint():
+        return engine.load_checkpoint(str(load_dir), tag, **kwargs)
+    load_dir = Path(load_dir)
+    if tag is None:
+        latest = load_dir / "latest_universal"
+        if not latest.is_file():
+            raise ValueError(f"coap_dist load_checkpoint: no tag given and no {latest}")
+        tag = latest.read_text().strip()
+    path = load_dir / str(tag) / "zero" / COAP_SHARDS
+    if not path.is_file():
+        raise ValueError(
+            f"coap_dist load_checkpoint: {path} is missing: {load_dir / str(tag)} is not a "
+            "universal checkpoint written by `coap-dist ds-to-universal` (DeepSpeed's "
+            "ds_to_universal drops COAP's state); convert the ZeRO checkpoint with it"
+        )
+    if engine.zero_optimization_stage() == 3:
+        if kwargs.get("load_optimizer_states", False):
+            raise ValueError(
+                "coap_dist load_checkpoint: load_optimizer_states=True is not possible at "
+                "stage 3 (DeepSpeed's universal loader reads Adam's exp_avg files); COAP's "
+                "state is loaded by this function. Leave load_optimizer_states unset"
+            )
+        kwargs["load_optimizer_states"] = False
+    out = engine.load_checkpoint(str(load_dir), tag, **kwargs)
+    if out[0] is not None:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        coap.load_state_dict({"coap_shards": saved["shards"]})
+    return out
 
 
 def unknown_config_keys(config: dict[str, Any]) -> dict[str, list[str]]:

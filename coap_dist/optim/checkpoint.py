@@ -26,7 +26,7 @@ from coap_dist.optim.config import RENAMED, COAPAdamWConfig
 from coap_dist.optim.layout import Layout
 from coap_dist.optim.schedule import AdaptiveState
 from coap_dist.optim.spec import ParamSpec
-from coap_dist.optim.storage import convert_full
+from coap_dist.optim.storage import assemble_all, convert_full
 
 REFRESH_KEYS = ("refresh_credit", "refresh_base", "refresh_rho", "refresh_last")
 """Per-parameter state-dict entries (0-d fp64 tensors) of an adaptive matrix's schedule
@@ -154,6 +154,8 @@ class Checkpoints:
         projection side or shape, another optimizer's state) raises naming the parameter.
         Sharded state (DCP DTensors, DeepSpeed pieces) must match this optimizer's format.
         """
+        if "coap_shards" in state_dict:
+            state_dict = _from_shards(state_dict["coap_shards"], self.name)
         saved = state_dict.get("param_groups")
         if not isinstance(saved, list) or "state" not in state_dict:
             raise ValueError(
@@ -214,11 +216,25 @@ class Checkpoints:
             # Applied at the first step: a snapshot now (on the CPU), as torch would have
             # copied the values by the time the saving optimizer steps on.
             self._pending_load = {**state_dict, "state": _snapshot(state_dict["state"])}
+            if "coap_shards" in state_dict:
+                self._pending_load["coap_shards"] = [
+                    {**sd, "state": _snapshot(sd["state"])} for sd in state_dict["coap_shards"]
+                ]
             return
         self._load(state_dict)
 
     def _load(self, sd: Mapping[str, Any]) -> None:
         lay = self._bound()
+        if "coap_shards" in sd:
+            items = [
+                (int(i), a, b, {k: v for k, v in st.items() if k not in REFRESH_KEYS})
+                for shard in sd["coap_shards"]
+                for i, st in shard["state"].items()
+                for a, b in (shard["coap_pieces"][i],)
+            ]
+            where = f"{self.name}.load_state_dict(coap_shards)"
+            sd = {k: v for k, v in sd.items() if k != "coap_shards"}
+            sd["state"] = assemble_all(self.specs, items, where)
         state = dict(sd["state"])
         partial = "coap_layout" in sd
         records: dict[int, AdaptiveState] = {}
@@ -246,6 +262,28 @@ class Checkpoints:
             # A matrix without a saved record (a fixed-schedule checkpoint) counts from now.
             fresh = AdaptiveState(last_svd=self._steps[i])
             self._adaptive[i] = saved.get(i) or records.get(i) or fresh
+
+
+def _from_shards(shards: Any, name: str) -> dict[str, Any]:
+    """The state dict that ``{"coap_shards": [sd_0, ..., sd_{N-1}]}`` stands for: the
+    per-rank state dicts of a rank-local sharded layout (DeepSpeed ZeRO 1-3) saved at N
+    ranks, to be assembled into the single-process form once the plan is bound (so they load
+    at any world size and under any layout). Host records and groups are every rank's."""
+    if not isinstance(shards, list | tuple) or not shards:
+        raise ValueError(
+            f"{name}.load_state_dict: `coap_shards` must be a non-empty list of "
+            f"per-rank state dicts, got {type(shards).__name__}"
+        )
+    for q, sd in enumerate(shards):
+        if not isinstance(sd, Mapping) or "coap_pieces" not in sd or "state" not in sd:
+            raise ValueError(
+                f"{name}.load_state_dict: coap_shards[{q}] is not a per-rank COAP state dict "
+                "of a sharded layout (no `coap_pieces`); pass every rank's "
+                "optimizer.state_dict() of a DeepSpeed ZeRO 1-3 run, in rank order"
+            )
+    first = shards[0]
+    keep = {k: v for k, v in first.items() if k not in ("state", "coap_layout", "coap_pieces")}
+    return {**keep, "state": {}, "coap_shards": list(shards)}
 
 
 def _snapshot(state: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, Any]]:

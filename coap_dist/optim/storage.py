@@ -163,6 +163,41 @@ def assemble(
     return out
 
 
+Item = tuple[int, int, int, State]
+"""One rank's piece of one parameter: ``(index, start, stop, state)``; ``start < 0`` marks a
+split matrix's holder that keeps no rows (its state is the projector and counters)."""
+
+
+def assemble_all(specs: Sequence[ParamSpec], items: Sequence[Item], where: str) -> dict[int, State]:
+    """The full-form state of every parameter with state from the pieces of every rank
+    (:data:`Item`, any order), checking that each parameter's pieces tile it: canonical rows
+    [0, a) of a matrix, elements [0, numel) of an AdamW parameter, one whole convolution.
+    ``where`` prefixes the error naming a parameter whose pieces are missing or overlap
+    (e.g. the per-rank files of a checkpoint are not all there)."""
+    by_param: dict[int, list[tuple[int, int, State]]] = {}
+    holders: dict[int, State] = {}
+    for i, a, b, st in items:
+        if a < 0:
+            holders[i] = st
+        else:
+            by_param.setdefault(i, []).append((a, b, st))
+    out = {}
+    for i, pieces in sorted(by_param.items()):
+        spec = specs[i]
+        pieces.sort(key=lambda x: x[0])
+        extent = spec.rows if spec.kind == "matrix" else spec.numel if spec.kind == "dense" else 0
+        bounds = [(a, b) for a, b, _ in pieces]
+        ends = [0, *(b for _, b in bounds)]
+        tiled = all(a == e for (a, _), e in zip(bounds, ends, strict=False)) and ends[-1] == extent
+        if not (tiled or (spec.kind == "conv" and len(pieces) == 1)):
+            raise ValueError(
+                f"{where}: the pieces of parameter {i} (shape {spec.shape}) cover {bounds} of "
+                f"[0, {extent}): some ranks' state is missing or from another job"
+            )
+        out[i] = assemble(spec, pieces, holders.get(i))
+    return out
+
+
 def _reshape(st: State, key: str, shape: tuple[int, ...], spec: ParamSpec) -> Tensor:
     v = st[key]
     return v.reshape(shape) if spec.kind == "dense" and v.ndim else v

@@ -13,8 +13,11 @@ strategy's ``checkpoint_format``:
 * ``dcp`` (fsdp2, hsdp): ``torch.distributed.checkpoint`` of ``get_model_state_dict`` /
   ``get_optimizer_state_dict``, written by every rank in parallel, loaded with the ``set_*``
   counterparts (resharding to the new mesh if it changed).
-* ``deepspeed``: the engine's own ``save_checkpoint`` / ``load_checkpoint`` (tag ``engine``);
-  DeepSpeed resumes it at the same world size only.
+* ``deepspeed``: the engine's own ``save_checkpoint`` / ``load_checkpoint`` (tag ``engine``).
+  At the same world size the engine loads it as saved; a COAP run at ZeRO stage 1-3 resumed
+  at another world size converts it first (rank 0, once, into ``step_<N>.universal`` next
+  to it, with :func:`coap_dist.integrations.deepspeed.to_universal`) and builds the engine
+  to load that universal checkpoint.
 
 Safety: before writing, the free space is checked against the checkpoint's size (estimated
 from the tensors held); files are written into ``step_<N>.tmp``, fsynced, and the directory
@@ -277,7 +280,8 @@ def check(
 ) -> list[tuple[str, Any, Any]]:
     """Refuse a checkpoint this run cannot continue exactly, before anything is loaded:
     another optimizer, another checkpoint format, a DeepSpeed checkpoint at another world
-    size, or a changed setting the saved state cannot carry (``config.RESUME_REFUSED``).
+    size that is not COAP's at stage 1-3 (COAP's: the strategy is set to load its universal
+    form), or a changed setting the saved state cannot carry (``config.RESUME_REFUSED``).
     Returns the settings that changed and take effect, as ``(field, saved, new)``."""
     where = str(path)
     if meta["run"] != run_name:
@@ -292,14 +296,40 @@ def check(
             f"{meta['format']}); strategy.name={strategy.cfg.strategy.name} needs format {fmt}"
         )
     if fmt == "deepspeed" and meta["world_size"] != strategy.env.world_size:
-        raise ConfigError(
-            f"resume={where!r}: DeepSpeed checkpoints resume at the world size they were saved "
-            f"at ({meta['world_size']} processes), this run has {strategy.env.world_size}; "
-            f"start {meta['world_size']} processes"
-        )
+        saved_kind = meta.get("settings", {}).get("optimizer.kind")
+        stage = strategy.cfg.strategy.zero_stage
+        if not str(saved_kind).startswith("coap") or not stage:
+            raise ConfigError(
+                f"resume={where!r}: a DeepSpeed checkpoint of {saved_kind} at ZeRO stage "
+                f"{stage} resumes at the world size it was saved at ({meta['world_size']} "
+                f"processes), this run has {strategy.env.world_size}. COAP checkpoints at "
+                "stages 1-3 are converted automatically; for others start "
+                f"{meta['world_size']} processes (or convert with DeepSpeed's ds_to_universal "
+                "and set strategy.extra.checkpoint.load_universal=true)"
+            )
+        strategy.load_universal = True  # type: ignore[attr-defined]  # a DeepSpeedStrategy
     return resume_changes(
         meta.get("settings", {}), settings, deepspeed=fmt == "deepspeed", where=where
     )
+
+
+def _load_universal(path: Path, engine: Any, env: DistEnv) -> None:
+    """Resume DeepSpeed checkpoint ``path`` at another world size: rank 0 converts it to a
+    universal checkpoint ``step_<N>.universal`` beside it (unless an earlier resume did),
+    then every rank loads that (collective)."""
+    from coap_dist.integrations.deepspeed import load_checkpoint, to_universal
+
+    target = path.with_name(path.name + ".universal")
+    failure: str | None = None
+    if env.is_main and not (target / "latest_universal").is_file():
+        try:
+            to_universal(path, target, tag="engine")
+        except (OSError, ValueError) as err:
+            failure = f"converting it to {target} failed: {str(err).splitlines()[0]}"
+    failure = broadcast_object(failure, env)
+    if failure is not None:
+        raise ValueError(failure)
+    load_checkpoint(engine, target, tag="engine")
 
 
 def _hyperparameters(optimizer: Any) -> list[list[dict[str, Any]]]:
@@ -357,7 +387,10 @@ def load(path: Path, meta: dict[str, Any], strategy: Strategy) -> None:
         elif fmt == "deepspeed":
             engine: Any = strategy.model  # a DeepSpeedEngine (deepspeed is untyped)
             assert engine is not None
-            engine.load_checkpoint(str(path), tag="engine")
+            if getattr(strategy, "load_universal", False):
+                _load_universal(path, engine, env)
+            else:
+                engine.load_checkpoint(str(path), tag="engine")
     except (RuntimeError, ValueError, KeyError) as err:
         raise ConfigError(
             f"resume={str(path)!r} does not fit this run's model or optimizer: "

@@ -464,6 +464,9 @@ class DeepSpeedStrategy(Strategy):
     def __init__(self, cfg: TrainConfig, env: DistEnv) -> None:
         super().__init__(cfg, env)
         self._partitioned = False  # built under zero.Init, weights not written yet
+        self.load_universal = False
+        """Build the engine to load a universal checkpoint (set by a resume at another
+        world size: ``"checkpoint": {"load_universal": true}``)."""
 
     def ds_config(self, opt_cfg: OptimizerConfig | None) -> dict[str, Any]:
         """The engine's JSON config: batch, accumulation, clipping, ZeRO stage, precision,
@@ -482,6 +485,8 @@ class DeepSpeedStrategy(Strategy):
             config["optimizer"] = deepspeed_optimizer_config(
                 opt_cfg, cpu=self.env.device.type == "cpu"
             )
+        if self.load_universal:
+            config["checkpoint"] = {"load_universal": True}
         return _merge(config, dict(self.cfg.strategy.extra))
 
     def check_extra(self) -> None:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from coap_dist.train.app import run
+from coap_dist.train.config import ConfigError
 from coap_dist.train.report import RunResult
 
 from .conftest import REPO, compose_dict
@@ -306,16 +307,28 @@ def test_torchrun_fsdp2_two_processes_resume_on_one(tmp_path, single_small) -> N
 @pytest.mark.deepspeed
 def test_torchrun_deepspeed_two_processes(tmp_path, single_small) -> None:
     """DeepSpeed ZeRO-2 engines on two ranks through the DeepSpeed launcher script: COAP
-    (named in the JSON config) and AdamW; AdamW matches one process."""
+    (named in the JSON config) and AdamW; AdamW matches one process. The COAP checkpoint
+    of step 3 resumes on ONE process (converted to a universal checkpoint on the way) and
+    continues the two-rank curve; AdamW's is refused at another world size, by name."""
     pytest.importorskip("deepspeed")
     run_dir = tmp_path / "run"
     torchrun(
         run_dir,
         *SMALL,
         "strategy=deepspeed_zero2",
+        "checkpoint.every=3",
         script="deepspeed_local.sh",
         DEEPSPEED=f"{sys.executable} -m deepspeed.launcher.runner",
     )
+    overrides = [*SMALL, "strategy=deepspeed_zero2", "compare=false", "logger=none"]
+    ckpt = run_dir / "checkpoints" / "coap" / "step_0000003"
+    (resumed,) = run(compose_dict([*overrides, f"resume={ckpt}"]), tmp_path / "resumed")
+    assert (ckpt.parent / "step_0000003.universal" / "latest_universal").is_file()
+    expected = records(run_dir, "coap")[6]["train/loss"]
+    np.testing.assert_allclose(train_losses(resumed)[6], expected, rtol=1e-5)
+    adamw_ckpt = run_dir / "checkpoints" / "adamw" / "step_0000003"
+    with pytest.raises(ConfigError, match=r"resumes at the world size it was saved at \(2"):
+        run(compose_dict([*overrides, "optimizer=adamw", f"resume={adamw_ckpt}"]), tmp_path / "a")
     adamw = records(run_dir, "adamw")
     np.testing.assert_allclose(
         [adamw[s]["train/loss"] for s in (3, 6)],
