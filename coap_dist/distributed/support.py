@@ -59,6 +59,9 @@ def _t(note: str) -> Cell:
 
 _U = Cell("untested")
 
+_M = "tests/distributed/test_matrix.py"
+"""The layout x feature matrix test (2 and 3 ranks against one process)."""
+
 _FSDP2_ROW_STATE = (
     "the row-shard layout keeps state as Shard(0) DTensors split by FSDP2's row chunks"
 )
@@ -86,8 +89,15 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         reshard=_t("tests/distributed/test_owner.py (consolidated state)"),
     ),
     "ddp": _row(
-        eight_bit=_t("tests/distributed/test_owner.py (with a Tucker conv)"),
-        tucker=_t("tests/distributed/test_owner.py"),
+        eight_bit=_t(f"{_M} (with a Tucker conv)"),
+        tucker=_t(_M),
+        auto=_t(_M),
+        adaptive=_t(_M),
+        adafactor=_t(_M),
+        accum=_t(_M),
+        bf16=_t(f"{_M} (rel. 2e-2)"),
+        resume=_t(f"{_M} (consolidated)"),
+        reshard=_t(f"{_M} (consolidated, -> another layout)"),
     ),
     "ddp_owner": _row(
         eight_bit=_t("tests/distributed/test_owner.py (2 and 3 ranks, with a Tucker conv)"),
@@ -95,6 +105,8 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         auto=_t("tests/distributed/test_owner.py"),
         adaptive=_t("tests/distributed/test_owner.py"),
         adafactor=_t("tests/distributed/test_owner.py"),
+        accum=_t(_M),
+        bf16=_t(f"{_M} (rel. 2e-2)"),
         resume=_t("tests/train/test_launch.py (torchrun, 2 processes)"),
         reshard=_t("tests/distributed/test_owner.py (2 -> 3 ranks, consolidated)"),
     ),
@@ -119,17 +131,43 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         ),
         adaptive=_t("tests/distributed/test_fsdp2.py"),
         adafactor=_t("tests/distributed/test_fsdp2.py"),
+        accum=_t(_M),
+        bf16=_t(f"{_M} (rel. 2e-2)"),
         resume=_t("tests/distributed/test_fsdp2.py (DCP)"),
         reshard=_t("tests/distributed/test_fsdp2.py (DCP, 2 -> 3 and 1 ranks)"),
     ),
     "fsdp2_owner": _row(
+        eight_bit=_t(f"{_M} (with a Tucker conv)"),
+        tucker=_t(_M),
         auto=_t("tests/distributed/test_fsdp2.py"),
+        adaptive=_t(_M),
+        adafactor=_t(_M),
+        accum=_t(_M),
+        bf16=_t(f"{_M} (rel. 2e-2)"),
+        resume=_t(f"{_M} (consolidated)"),
         reshard=_t("tests/distributed/test_fsdp2.py (consolidated, 2 -> 3 ranks)"),
     ),
-    "fsdp1": _row(),
+    "fsdp1": _row(
+        eight_bit=_t(f"{_M} (with a Tucker conv)"),
+        tucker=_t(_M),
+        auto=_t(_M),
+        adaptive=_t(_M),
+        adafactor=_t(_M),
+        accum=_t(_M),
+        bf16=_t(f"{_M} (rel. 2e-2)"),
+        resume=_t(f"{_M} (consolidated)"),
+        reshard=_t(f"{_M} (consolidated, -> another layout)"),
+    ),
     "zero0": _row(
+        eight_bit=_t("tests/integrations/test_deepspeed.py (with a Tucker conv)"),
+        tucker=_t("tests/integrations/test_deepspeed.py"),
+        auto=_t("tests/integrations/test_deepspeed.py"),
+        adaptive=_t("tests/integrations/test_deepspeed.py"),
+        adafactor=_t("tests/integrations/test_deepspeed.py"),
+        accum=_t("tests/integrations/test_deepspeed.py"),
         bf16=_t("tests/integrations/test_deepspeed.py (losses, rtol 5e-2)"),
         resume=_t("tests/integrations/test_deepspeed.py"),
+        reshard=_t("tests/integrations/test_deepspeed_resize.py (2 -> 3 and 3 -> 2 ranks)"),
     ),
     "zero123": _row(
         eight_bit=_t("tests/integrations/test_deepspeed.py (stages 2, 3)"),

@@ -14,8 +14,8 @@ strategy's ``checkpoint_format``:
   ``get_optimizer_state_dict``, written by every rank in parallel, loaded with the ``set_*``
   counterparts (resharding to the new mesh if it changed).
 * ``deepspeed``: the engine's own ``save_checkpoint`` / ``load_checkpoint`` (tag ``engine``).
-  At the same world size the engine loads it as saved; a COAP run at ZeRO stage 1-3 resumed
-  at another world size converts it first (rank 0, once, into ``step_<N>.universal`` next
+  At the same world size (and for COAP at stage 0, at any) the engine loads it as saved; a
+  COAP run at ZeRO stage 1-3 resumed at another world size converts it first (rank 0, once, into ``step_<N>.universal`` next
   to it, with :func:`coap_dist.integrations.deepspeed.to_universal`) and builds the engine
   to load that universal checkpoint.
 
@@ -280,7 +280,7 @@ def check(
 ) -> list[tuple[str, Any, Any]]:
     """Refuse a checkpoint this run cannot continue exactly, before anything is loaded:
     another optimizer, another checkpoint format, a DeepSpeed checkpoint at another world
-    size that is not COAP's at stage 1-3 (COAP's: the strategy is set to load its universal
+    size that is not COAP's (COAP's at stages 1-3: the strategy is set to load its universal
     form), or a changed setting the saved state cannot carry (``config.RESUME_REFUSED``).
     Returns the settings that changed and take effect, as ``(field, saved, new)``."""
     where = str(path)
@@ -297,17 +297,18 @@ def check(
         )
     if fmt == "deepspeed" and meta["world_size"] != strategy.env.world_size:
         saved_kind = meta.get("settings", {}).get("optimizer.kind")
-        stage = strategy.cfg.strategy.zero_stage
-        if not str(saved_kind).startswith("coap") or not stage:
+        if not str(saved_kind).startswith("coap"):
             raise ConfigError(
-                f"resume={where!r}: a DeepSpeed checkpoint of {saved_kind} at ZeRO stage "
-                f"{stage} resumes at the world size it was saved at ({meta['world_size']} "
-                f"processes), this run has {strategy.env.world_size}. COAP checkpoints at "
-                "stages 1-3 are converted automatically; for others start "
-                f"{meta['world_size']} processes (or convert with DeepSpeed's ds_to_universal "
-                "and set strategy.extra.checkpoint.load_universal=true)"
+                f"resume={where!r}: a DeepSpeed checkpoint of {saved_kind} resumes at the "
+                f"world size it was saved at ({meta['world_size']} processes), this run has "
+                f"{strategy.env.world_size}. COAP checkpoints are converted automatically; "
+                f"for others start {meta['world_size']} processes (or convert with "
+                "DeepSpeed's ds_to_universal and set "
+                "strategy.extra.checkpoint.load_universal=true)"
             )
-        strategy.load_universal = True  # type: ignore[attr-defined]  # a DeepSpeedStrategy
+        # Stage 0 keeps the whole (replicated) state in the model-state file: it loads as
+        # saved. Stages 1-3 go through the universal form.
+        strategy.load_universal = bool(strategy.cfg.strategy.zero_stage)  # type: ignore[attr-defined]
     return resume_changes(
         meta.get("settings", {}), settings, deepspeed=fmt == "deepspeed", where=where
     )

@@ -4,7 +4,9 @@ ONE spawn of 2 processes builds every engine below in turn, in the same process 
 JSON-style config that names the optimizer only by ``"type": "COAP"`` (no
 ``zero_allow_untested_optimizer``), with ``model_parameters=model.parameters()``:
 
-    stage 0 fp32 | stage 0 bf16 (FP16_UnfusedOptimizer) | stage 1 fp32 | stage 1 bf16
+    stage 0 fp32 | stage 0 bf16 (FP16_UnfusedOptimizer) | stage 0 fp32 with 8-bit state and a
+    Tucker conv, "rank": "auto", "refresh": "adaptive", COAPAdafactor, accumulation 2
+    | stage 1 fp32 | stage 1 bf16
     stage 1 bf16 + fp32 gradient accumulation (BF16_Optimizer) | stage 2 fp32
     stage 2 bf16 with gradient_accumulation_steps=2 | stage 3 fp32 | stage 3 bf16 under zero.Init
     stage 2 fp32 with "type": "COAPAdafactor" | stage 2 fp32 with "refresh": "adaptive"
@@ -73,6 +75,39 @@ MICRO = 4  # rows per micro-batch per rank
 CASES: list[tuple[str, int, bool, dict[str, Any], bool, bool]] = [
     ("stage0-fp32", 0, False, {}, False, False),
     ("stage0-bf16", 0, True, {}, False, True),
+    (
+        "stage0-fp32-8bit-tucker",
+        0,
+        False,
+        {"optimizer": {"type": "COAP", "params": {**KW, **EIGHT_TUCKER}}},
+        False,
+        True,
+    ),
+    (
+        "stage0-fp32-auto-rank",
+        0,
+        False,
+        {"optimizer": {"type": "COAP", "params": {**KW, **AUTO}}},
+        False,
+        False,
+    ),
+    (
+        "stage0-fp32-adaptive",
+        0,
+        False,
+        {"optimizer": {"type": "COAP", "params": {**KW, "refresh": "adaptive"}}},
+        False,
+        False,
+    ),
+    (
+        "stage0-fp32-adafactor",
+        0,
+        False,
+        {"optimizer": {"type": "COAPAdafactor", "params": KW}},
+        False,
+        False,
+    ),
+    ("stage0-fp32-ga2", 0, False, {"gradient_accumulation_steps": 2}, False, False),
     ("stage1-fp32", 1, False, {}, False, False),
     ("stage1-bf16", 1, True, {}, False, False),
     ("stage1-bf16-fp32acc", 1, True, {"data_types": {"grad_accum_dtype": "fp32"}}, False, True),

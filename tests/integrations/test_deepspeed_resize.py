@@ -21,7 +21,8 @@ The uninterrupted 2- and 3-rank runs also agree with each other (the layout chan
 state lives, not the math). Cases: stage 2 fp32 COAP with ``refresh="adaptive"`` (the
 resumed run refreshes and skips on the same steps); stage 3 fp32 COAP with 8-bit state, a
 Tucker convolution and ``rank="auto"`` (the saved ranks carry over); stage 2 bf16 (losses
-to rtol 5e-2 as in the other DeepSpeed tests). The converter and the loader refuse what they cannot do, by name.
+to rtol 5e-2 as in the other DeepSpeed tests); stage 0 fp32, whose engine checkpoint (the
+whole replicated state) loads at another world size as it is. The converter and the loader refuse what they cannot do, by name.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ ALL_CASES: list[tuple[str, int, bool, dict[str, Any], bool]] = [
     ("stage2-fp32-adaptive", 2, False, {**KW, "refresh": "adaptive"}, False),
     ("stage3-fp32-8bit-tucker-auto", 3, False, {**KW, **RICH}, True),
     ("stage2-bf16", 2, True, KW, False),
+    ("stage0-fp32", 0, False, KW, False),
 ]
 _ONLY = [c for c in os.environ.get("COAP_TEST_DS_CASES", "").split(",") if c]
 CASES = [c for c in ALL_CASES if not _ONLY or c[0] in _ONLY]
@@ -116,9 +118,9 @@ def _refresh_counts(opt: Any) -> list[float]:
     return [m["optim/refreshes"], m["optim/refresh_skips"]]
 
 
-def _check_state(label: str, engine: Any) -> None:
-    """Every COAP matrix's projector on exactly one rank, its moment rows tiling it, step and
-    refresh counts those of 8 steps (refreshes as the saving run decided them)."""
+def _check_state(label: str, engine: Any, copies: int) -> None:
+    """Every COAP matrix's projector on ``copies`` ranks (1 at stages 1-3), its moment rows
+    tiling it that many times, step counts those of 8 steps."""
     opt = T._coap(engine)
     for p, spec in zip(opt.layout.params, opt.specs, strict=True):
         st = opt.state.get(p)
@@ -132,7 +134,8 @@ def _check_state(label: str, engine: Any) -> None:
             ]
         )
         dist.all_reduce(counts)
-        assert counts.tolist() == [1, spec.rows], (label, spec.shape, counts.tolist())
+        want = [copies, copies * spec.rows]
+        assert counts.tolist() == want, (label, spec.shape, counts.tolist())
         if st:
             assert float(st["step"]) == STEPS, (label, spec.shape, st["step"])
 
@@ -165,8 +168,12 @@ def _resume(rank: int, world: int, root: Path, case: tuple, saved_at: int) -> li
 
     label, _, bf16, _, _ = case
     ref = torch.load(root / label / f"w{saved_at}.pt", weights_only=True)
-    engine = _build(world, case, universal=True)
-    path, _ = load_checkpoint(engine, root / label / f"w{saved_at}u")
+    stage = case[1]
+    engine = _build(world, case, universal=stage > 0)
+    if stage:
+        path, _ = load_checkpoint(engine, root / label / f"w{saved_at}u")
+    else:  # stage 0: the whole state in the model-state file, loaded as DeepSpeed saved it
+        path, _ = engine.load_checkpoint(str(root / label / f"w{saved_at}"), tag="t")
     assert path is not None, label
     assert engine.global_steps == SAVE_AT, (label, engine.global_steps)
     losses = _train(engine, rank, world, range(SAVE_AT, STEPS))
@@ -177,7 +184,7 @@ def _resume(rank: int, world: int, root: Path, case: tuple, saved_at: int) -> li
     assert ranks == ref["ranks"], (label, ranks, ref["ranks"])
     metrics = _refresh_counts(opt)
     assert metrics == ref["metrics"], (label, metrics, ref["metrics"])
-    _check_state(f"{label} {saved_at}->{world}", engine)
+    _check_state(f"{label} {saved_at}->{world}", engine, 1 if stage else world)
     if bf16:
         torch.testing.assert_close(losses, ref["losses"][SAVE_AT:], rtol=5e-2, atol=0.0)
     else:
@@ -217,7 +224,9 @@ def _convert(root: Path, world: int, capsys: pytest.CaptureFixture[str]) -> None
     from coap_dist.cli import main
     from coap_dist.integrations.deepspeed import to_universal
 
-    for label, *_ in CASES:
+    for label, stage, *_ in CASES:
+        if stage == 0:
+            continue
         src, dst = root / label / f"w{world}", root / label / f"w{world}u"
         if world == 2:
             assert to_universal(src, dst) == dst / "t"
@@ -234,8 +243,8 @@ def _one_process(root: Path) -> list[str]:
     import coap_dist
 
     lines = []
-    for label, _, bf16, params, conv in CASES:
-        if bf16:
+    for label, stage, bf16, params, conv in CASES:
+        if bf16 or stage == 0:
             continue
         ref = torch.load(root / label / "w2.pt", weights_only=True)
         model = T._model(conv)
