@@ -50,7 +50,7 @@ from coap_dist.models.llama import LLAMA_PRESETS, Llama
 
 MIB = 2**20
 LAYOUTS = {
-    "owner": "DDP, sharding='owner'",
+    "ddp_owner": "DDP, sharding='owner'",
     "fsdp2": "FSDP2 default",
     "fsdp2_owner": "FSDP2, sharding='owner'",
     "zero": "DeepSpeed ZeRO 1-3",

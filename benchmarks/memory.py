@@ -233,7 +233,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     ]
     parts += [
         "## COAP per layout (bf16, max MiB per rank)",
-        "From the layouts' own planners (`coap-dist memory --layout ...`): `owner` is DDP "
+        "From the layouts' own planners (`coap-dist memory --layout ...`): `ddp_owner` is DDP "
         "with `sharding=\"owner\"`, `fsdp2` FSDP2's default (one process's side rule, "
         'moments by canonical rows, projectors by their rows), `fsdp2_owner` FSDP2 with `sharding="owner"`, '
         "`zero` DeepSpeed ZeRO 1-3.",

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument(
         "--layout",
         choices=LAYOUTS,
-        default="owner",
+        default="ddp_owner",
         help="how COAP spreads its state: owner (DDP, sharding='owner'), fsdp2 (FSDP2's "
         "default), fsdp2_owner (FSDP2, sharding='owner'), zero (DeepSpeed ZeRO 1-3); other "
         "optimizers' state is split evenly",

@@ -50,7 +50,7 @@ Bytes per optimizer name (``b`` = size of ``state_dtype``, default the parameter
 Sharding (``world_size > 1``)
 -----------------------------
 Per-rank bytes of COAP come from the layouts' own planners (the code the optimizer binds):
-``layout="owner"`` (DDP with ``sharding="owner"``: whole parameters on every rank),
+``layout="ddp_owner"`` (DDP with ``sharding="owner"``: whole parameters on every rank),
 ``"fsdp2_owner"`` (FSDP2 row shards under ``sharding="owner"``), ``"zero"`` (DeepSpeed
 ZeRO 1-3: each group's flat concatenation cut into N partitions), all three the owner
 placement of :mod:`coap_dist.distributed.placement` (matrices whole where that keeps ranks
@@ -96,8 +96,9 @@ MIB = 1024 * 1024
 #: Optimizer names understood by :func:`estimate_state_bytes`.
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw8bit", "galore", "coap", "coap8bit")
 _LOWRANK = frozenset({"galore", "coap", "coap8bit"})
-#: Layouts the per-rank figures of :func:`estimate_state_bytes` can follow.
-LAYOUTS: tuple[str, ...] = ("owner", "fsdp2", "fsdp2_owner", "zero")
+#: Layouts the per-rank figures of :func:`estimate_state_bytes` can follow (names of
+#: :data:`coap_dist.optim.layout.LAYOUT_NAMES`).
+LAYOUTS: tuple[str, ...] = ("ddp_owner", "fsdp2", "fsdp2_owner", "zero")
 
 #: bitsandbytes 8-bit optimizers (>= 0.45; 2048 in older releases): block size.
 BNB_QUANT_BLOCK = 256
@@ -381,7 +382,7 @@ def _fragments(
     specs: list[ParamSpec], world: int, layout: str, groups: list[int]
 ) -> list[list[tuple[int, int]] | None]:
     """The fragment map a layout hands the optimizer (see ``FragmentView.fragments``)."""
-    if layout == "owner":
+    if layout == "ddp_owner":
         return [None] * len(specs)
     if layout == "fsdp2_owner":
         out: list[list[tuple[int, int]] | None] = []
@@ -424,7 +425,7 @@ def estimate_state_bytes(
     state_dtype: torch.dtype | None = None,
     projection_side: str = "auto",
     world_size: int = 1,
-    layout: str = "owner",
+    layout: str = "ddp_owner",
     adamw_patterns: Iterable[str] | None = None,
     coap_patterns: Iterable[str] | None = None,
     per_param: bool = False,

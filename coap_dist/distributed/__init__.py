@@ -1,21 +1,31 @@
 """Distribution layouts for COAP: one class per mode behind :class:`coap_dist.optim.layout.Layout`.
 
-The layout is bound at the first ``step()`` from the tensors in the optimizer's groups:
+The layout is bound at the first ``step()`` from the tensors in the optimizer's groups. One
+vocabulary names each layout everywhere (``Layout.name``, ``coap-dist memory --layout``, the
+README's support table, the app's ``strategy=``; :data:`~coap_dist.optim.layout.LAYOUT_NAMES`):
 
-* one process, or DDP with replicated state (default): :class:`OwnerLayout` over whole
-  tensors with one rank (``"single"``);
-* :class:`OwnerSharding` (``sharding="owner"`` under DDP): state sharded over the
-  data-parallel group (ZeRO-1; ZeRO-2 with ``reduce_gradients=True``);
-* :class:`Fsdp2Local` (automatic for FSDP2 / HSDP DTensor parameters, or
-  ``sharding="local"``): row shards, projectors split by rows;
-* :class:`Fsdp2Owner` (FSDP2 / HSDP with ``sharding="owner"``): the owner protocol;
-* :class:`Fsdp1Sharding` (``sharding=Fsdp1Sharding(fsdp_model)``): FSDP1 with
-  ``use_orig_params=True``;
-* DeepSpeed ZeRO 0-3: ``coap_dist.integrations.deepspeed``, from the partitions the engine
-  hands the optimizer.
+===============  ==============================================  ===========================
+name             how you get it                                  class (view)
+===============  ==============================================  ===========================
+``replicated``   one process, DDP, DeepSpeed ZeRO 0 (default);   :class:`OwnerLayout`
+                 app ``single`` / ``ddp`` / ``deepspeed_zero0``  (:class:`ReplicatedView`)
+``ddp_owner``    DDP with ``sharding="owner"``; app              :class:`OwnerSharding`
+                 ``ddp_owner`` (ZeRO-1; ZeRO-2 with
+                 ``reduce_gradients=True``)
+``fsdp2``        FSDP2 / HSDP DTensor parameters (default);      :class:`Fsdp2Local`
+                 app ``fsdp2`` / ``hsdp``
+``fsdp2_owner``  FSDP2 / HSDP with ``sharding="owner"``          :class:`Fsdp2Owner`
+``fsdp1``        ``sharding=Fsdp1Sharding(fsdp_model)``          :class:`Fsdp1Sharding`
+                 (``use_orig_params=True``)
+``zero``         DeepSpeed ZeRO 1-3 (``coap_dist.integrations    ``OwnerLayout`` over the
+                 .deepspeed``); app ``deepspeed_zero1..3``       DeepSpeed views
+===============  ==============================================  ===========================
 
-:mod:`coap_dist.distributed.placement` plans where state lives (pure, shared with the
-memory estimator); :mod:`coap_dist.distributed.comm` counts every collective.
+Every layout but ``fsdp2`` runs the owner protocol (:mod:`coap_dist.distributed.owner`) over a
+fragment view (:mod:`coap_dist.distributed.views`), with checkpoint serving in
+:mod:`coap_dist.distributed.serving`. :mod:`coap_dist.distributed.placement` plans where
+state lives (pure, shared with the memory estimator); :mod:`coap_dist.distributed.comm`
+counts every collective; :mod:`coap_dist.distributed.support` declares what each supports.
 """
 
 from __future__ import annotations
@@ -27,7 +37,8 @@ from torch.distributed.tensor import DTensor
 
 from coap_dist.distributed.fsdp1 import Fsdp1Sharding
 from coap_dist.distributed.fsdp2 import Fsdp2Local, Fsdp2Owner
-from coap_dist.distributed.owner import OwnerLayout, OwnerSharding, ReplicatedView
+from coap_dist.distributed.owner import OwnerLayout, OwnerSharding
+from coap_dist.distributed.views import FragmentView, ReplicatedView
 from coap_dist.optim.layout import Layout, set_layout_resolver
 
 
@@ -55,6 +66,7 @@ def resolve(
 set_layout_resolver(resolve)
 
 __all__ = [
+    "FragmentView",
     "Fsdp1Sharding",
     "Fsdp2Local",
     "Fsdp2Owner",

@@ -20,14 +20,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from coap_dist.distributed.comm import Comm
-from coap_dist.distributed.owner import FragmentView, OwnerLayout
+from coap_dist.distributed.owner import OwnerLayout
 from coap_dist.distributed.placement import Range
+from coap_dist.distributed.views import FragmentView
 
 
 class Fsdp1View(FragmentView):
     """FSDP1 ``use_orig_params=True`` fragments of the wrapped model's parameters."""
 
-    name = "fsdp1_owner"
+    name = "fsdp1"
 
     def __init__(self, fsdp_model: nn.Module, process_group: dist.ProcessGroup | None) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP

@@ -48,7 +48,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from coap_dist.distributed import support
 from coap_dist.distributed.comm import Comm, Expect
-from coap_dist.distributed.owner import FragmentView, OwnerLayout, check_settings
+from coap_dist.distributed.owner import OwnerLayout, check_settings
 from coap_dist.distributed.placement import (
     Range,
     chunk_range,
@@ -56,6 +56,7 @@ from coap_dist.distributed.placement import (
     refresh_buckets,
     refresh_partial_bytes,
 )
+from coap_dist.distributed.views import FragmentView
 from coap_dist.functional import projection as fproj
 from coap_dist.optim import kernels
 from coap_dist.optim.layout import Core, DenseWork, Layout, MatrixWork, Update, Work
@@ -174,7 +175,7 @@ class Fsdp2Local(Layout):
     """The LOCAL layout (module docstring): COAP on FSDP2's row shards, state split by
     canonical rows, P by its rows."""
 
-    name = "fsdp2_local"
+    name = "fsdp2"
     resize_refusal = support.reason("fsdp2", "auto")
 
     def __init__(self) -> None:
@@ -602,7 +603,7 @@ class Fsdp2Local(Layout):
             v = v.reshape(-1, *mine.shape[1:])[a:b] if s.kind == "matrix" else v[a:b]
         if tuple(v.shape) != tuple(mine.shape):
             raise ValueError(
-                f"COAP (fsdp2_local): saved `{key}` of parameter {i} has local shape "
+                f"COAP (fsdp2): saved `{key}` of parameter {i} has local shape "
                 f"{tuple(v.shape)}, expected {tuple(mine.shape)}"
             )
         return v.to(mine.device if mine.ndim else torch.device("cpu"), copy=True)

@@ -28,16 +28,12 @@ all-gather, for those only). Refreshes of whole matrices are local; a team's ref
 two rounds (members send their partial sums, r x r and r x b, to the holder; the holder
 sends the new P back), plus four per power iteration.
 
-Checkpoints: one process (or replicated state) serves the single-process state dict. A
-sharded rank cannot: ``state_dict()`` raises at once unless ``consolidate_state_dict(to)``
-ran on every rank before (ZeroRedundancyOptimizer's convention), which gathers the
-single-process state on rank ``to``; ``load_state_dict`` of that full form keeps each rank's
-pieces, at any world size. DeepSpeed saves each rank's pieces (``rank_local``).
+Fragment views live in :mod:`coap_dist.distributed.views`, the checkpoint serving (per-rank,
+consolidated and re-cut state dicts) in :mod:`coap_dist.distributed.serving`.
 """
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -50,12 +46,13 @@ from coap_dist.distributed.comm import Comm, Expect
 from coap_dist.distributed.placement import (
     Piece,
     Placement,
-    Range,
     owner_placement,
     refresh_buckets,
     refresh_partial_bytes,
 )
 from coap_dist.distributed.routes import Geometry, Route, geometries, plan_routes
+from coap_dist.distributed.serving import OwnerCheckpoints
+from coap_dist.distributed.views import FragmentView, ReplicatedView
 from coap_dist.functional import projection as fproj
 from coap_dist.optim import kernels
 from coap_dist.optim.layout import (
@@ -66,12 +63,11 @@ from coap_dist.optim.layout import (
     MatrixWork,
     Update,
     Work,
-    refuse_fsdp1,
 )
 from coap_dist.optim.spec import ParamSpec, state_shapes
-from coap_dist.optim.storage import Item, allocate, assemble_all, nbytes_of, slice_full
+from coap_dist.optim.storage import allocate, nbytes_of
 
-__all__ = ["FragmentView", "OwnerLayout", "OwnerSharding", "ReplicatedView", "check_settings"]
+__all__ = ["OwnerLayout", "OwnerSharding", "check_settings"]
 
 
 def check_settings(comm: Comm, settings: Mapping[str, Any], what: str) -> None:
@@ -94,141 +90,7 @@ def check_settings(comm: Comm, settings: Mapping[str, Any], what: str) -> None:
                 )
 
 
-class FragmentView(abc.ABC):
-    """How a wrapper hands this rank its share of every parameter.
-
-    Attributes:
-        name: the layout name reported by the optimizer.
-        group: process group the state is sharded over (ignored when ``solo``).
-        group_of: the optimizer group of each parameter :meth:`attach` returned.
-        solo: one rank keeps all state (one process, or DDP with replicated state).
-        reduced: gradients arrive averaged over the group (False: this rank's own, to be
-            summed by the optimizer, ZeRO-2 without DDP).
-        rank_local: checkpoints hold each rank's pieces (DeepSpeed's per-rank files).
-    """
-
-    name = "fragments"
-    group: dist.ProcessGroup | None = None
-    solo = False
-    reduced = True
-    rank_local = False
-
-    @abc.abstractmethod
-    def attach(self, current: list[list[Tensor]], built: list[list[Tensor | None]]) -> list[Tensor]:
-        """The tensors state is keyed by, in optimizer order, from the tensors in the
-        optimizer's groups now (``current``) and those it was built with (``built``; None
-        where one was freed). Raises ValueError naming what to do if they cannot be mapped."""
-
-    @abc.abstractmethod
-    def device(self) -> torch.device:
-        """Device of every tensor this rank updates."""
-
-    @abc.abstractmethod
-    def global_shape(self, index: int) -> tuple[int, ...]:
-        """Shape of the whole parameter."""
-
-    @abc.abstractmethod
-    def dtype(self, index: int) -> torch.dtype:
-        """dtype of the tensor updated (a wrapper's fp32 master copy, if any)."""
-
-    @abc.abstractmethod
-    def fragments(self, comm: Comm) -> list[list[Range] | None]:
-        """Per parameter, the flat range [start, stop) of its row-major flattening that each
-        rank holds (empty ranges allowed), or None when every rank holds it whole."""
-
-    @abc.abstractmethod
-    def local(self, index: int) -> Tensor | None:
-        """Contiguous storage of this rank's fragment (1-D), or the whole tensor; None if it
-        holds no element."""
-
-    @abc.abstractmethod
-    def grad(self, index: int) -> Tensor | None:
-        """Gradient matching :meth:`local` (None if absent this step)."""
-
-    def begin(self, current: list[list[Tensor]]) -> list[int] | None:
-        """Indices taking part in this ``step()`` call; None if the tensors in the groups
-        changed since :meth:`attach` (the optimizer then binds again)."""
-        if [len(g) for g in current] != self._sizes or any(
-            a is not b for a, b in zip((t for g in current for t in g), self._current, strict=True)
-        ):
-            return None
-        return list(range(len(self.group_of)))
-
-    def remember(self, current: list[list[Tensor]], params: list[list[Tensor | None]]) -> None:
-        """Keep the identity of the group tensors seen at attach (for :meth:`begin`) and the
-        group of each parameter (``params``: the per-group lists the state is keyed by)."""
-        self._sizes = [len(g) for g in current]
-        self._current = [t for g in current for t in g]
-        self.group_of = [gi for gi, g in enumerate(params) for _ in g]
-
-    def describe(self) -> dict[str, Any]:
-        """What a rank-local checkpoint records to refuse loading elsewhere."""
-        return {"view": self.name}
-
-
-class ReplicatedView(FragmentView):
-    """Every rank holds whole parameters: one process, DDP, DeepSpeed stage 0. ``solo``:
-    state replicated, no communication; otherwise state sharded over ``group``
-    (``reduced=False``: each rank's own gradients, summed by the optimizer).
-
-    When a wrapper put same-shape copies in the groups (DeepSpeed stage 0's fp32 masters),
-    the copies are what is updated and the parameters the optimizer was built with stay the
-    keys of its state."""
-
-    name = "single"
-
-    def __init__(
-        self, group: dist.ProcessGroup | None = None, *, solo: bool, reduced: bool = True
-    ) -> None:
-        self.group = group
-        self.solo = solo
-        self.reduced = reduced
-        self.name = "single" if solo else "owner"
-        self._tensors: list[Tensor] = []
-
-    def attach(self, current: list[list[Tensor]], built: list[list[Tensor | None]]) -> list[Tensor]:
-        flat = [t for g in current for t in g]
-        refuse_fsdp1(flat)
-        for t in flat:
-            if not t.is_contiguous():
-                raise ValueError(
-                    f"COAP: a parameter of shape {tuple(t.shape)} is not contiguous (e.g. "
-                    "channels_last); make it contiguous before building the optimizer"
-                )
-        devices = {t.device for t in flat}
-        if len(devices) > 1:
-            raise ValueError(
-                f"COAP: parameters are on several devices {sorted(map(str, devices))}; build "
-                "one optimizer per device"
-            )
-        keys = [t for g in built for t in g]
-        copies = [len(g) for g in current] == [len(g) for g in built] and all(
-            k is not None and k.shape == t.shape for k, t in zip(keys, flat, strict=True)
-        )
-        self._tensors = flat
-        self.remember(current, current)  # type: ignore[arg-type]
-        return keys if copies else flat  # type: ignore[return-value]
-
-    def device(self) -> torch.device:
-        return self._tensors[0].device if self._tensors else torch.device("cpu")
-
-    def global_shape(self, index: int) -> tuple[int, ...]:
-        return tuple(self._tensors[index].shape)
-
-    def dtype(self, index: int) -> torch.dtype:
-        return self._tensors[index].dtype
-
-    def fragments(self, comm: Comm) -> list[list[Range] | None]:
-        return [None] * len(self._tensors)
-
-    def local(self, index: int) -> Tensor | None:
-        return self._tensors[index]
-
-    def grad(self, index: int) -> Tensor | None:
-        return self._tensors[index].grad
-
-
-class OwnerLayout(Layout):
+class OwnerLayout(OwnerCheckpoints, Layout):
     """The owner protocol over a :class:`FragmentView` (module docstring).
 
     Args:
@@ -834,151 +696,10 @@ class OwnerLayout(Layout):
                 t.reshape(b.shape), alpha=-alpha * keep
             )
 
-    # ------------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------------ memory
     def state_bytes(self) -> int:
         assert self._core is not None
         return sum(nbytes_of(self._core.state[p]) for p in self._params if self._core.state.get(p))
-
-    def state_dict(self, saved: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        if self.view.rank_local:
-            sd = saved()
-            sd["coap_layout"] = self._tag()
-            sd["coap_pieces"] = {i: (a, b) for i, a, b, _ in self._items()}
-            return sd
-        if self.world == 1:
-            sd = saved()
-            if any(e.frags is not None for e in self._entries):
-                sd["state"] = self.consolidate(0)  # fragment-shaped pieces -> whole tensors
-            return sd
-        raise RuntimeError(
-            f"COAP under the `{self.name}` layout keeps 1/{self.world} of the optimizer state "
-            "on each rank, so state_dict() on one rank cannot return all of it. Call "
-            "opt.consolidate_state_dict(to=0) on EVERY rank first, then opt.state_dict() on "
-            "rank 0 (ZeroRedundancyOptimizer's convention); load_state_dict() of that state "
-            "works on any number of ranks"
-        )
-
-    def _tag(self) -> dict[str, Any]:
-        assert self.placement is not None
-        return {
-            **self.view.describe(),
-            "world": self.world,
-            "rank": self.rank,
-            "placement": repr((self.placement.holder, self.placement.pieces)),
-        }
-
-    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        assert self._core is not None
-        state = sd["state"]
-        tag = sd.get("coap_layout")
-        if tag is not None and tag != self._tag():
-            raise ValueError(
-                f"COAP: this state dict holds the pieces of rank {tag.get('rank')} of "
-                f"{tag.get('world')} under another placement; it loads only into the same rank "
-                "of the same job shape. Use consolidate_state_dict() for a portable checkpoint"
-            )
-        for e, mine in zip(self._entries, self._mine, strict=True):
-            i = e.spec.index
-            p = self._params[i]
-            saved = state.get(i)
-            if not saved:
-                self._core.state.pop(p, None)
-                continue
-            holder = e.holder == self.rank
-            if tag is not None:
-                if mine is not None or holder:
-                    self._core.state[p] = {
-                        k: (v.to(self.device) if v.ndim else v.clone().cpu())
-                        if isinstance(v, Tensor)
-                        else v
-                        for k, v in saved.items()
-                    }
-                continue
-            if mine is None and not holder:
-                self._core.state.pop(p, None)
-                continue
-            if mine is None:
-                self._core.state[p] = {
-                    k: (saved[k].to(self.device) if k == "projector" else saved[k].clone().cpu())
-                    for k in ("step", "refreshes", "projector")
-                }
-                continue
-            self._core.state[p] = slice_full(
-                e.spec,
-                saved,
-                start=mine.start,
-                stop=mine.stop,
-                holder=holder,
-                local_shape=self._dense_shape(i) if e.spec.kind == "dense" else None,
-                device=self.device,
-            )
-
-    def _items(self) -> list[Item]:
-        """This rank's pieces, in :func:`~coap_dist.optim.storage.assemble_all`'s form."""
-        assert self._core is not None
-        out: list[Item] = []
-        for e, pc in zip(self._entries, self._mine, strict=True):
-            st = self._core.state.get(self._params[e.spec.index])
-            if st:
-                start, stop = (pc.start, pc.stop) if pc is not None else (-1, -1)
-                out.append((e.spec.index, start, stop, st))
-        return out
-
-    def consolidate(self, to: int) -> dict[int, dict[str, Any]] | None:
-        me = self.rank
-        mine = self._items()
-        if self.world == 1:
-            return self._assemble({0: mine})
-        manifest = [
-            (
-                i,
-                a,
-                b,
-                [(k, tuple(v.shape), v.dtype) for k, v in st.items() if isinstance(v, Tensor)],
-            )
-            for i, a, b, st in mine
-        ]
-        manifests = self.comm.all_gather_objects(manifest)
-        collected: dict[int, list[Item]] = {}
-        for q in range(self.world):
-            if q == to:
-                if me == to:
-                    collected[q] = [
-                        (i, a, b, {k: _cpu(v) for k, v in st.items()}) for i, a, b, st in mine
-                    ]
-                continue
-            if me == q:
-                flat = [v for _, _, _, st in mine for v in st.values() if isinstance(v, Tensor)]
-                if flat:
-                    buf = torch.cat(
-                        [v.detach().reshape(-1).view(torch.uint8).to(self.device) for v in flat]
-                    )
-                    dist.send(buf, self.comm.global_rank(to), group=self.view.group)
-            elif me == to:
-                entries = manifests[q]
-                assert isinstance(entries, list)
-                total = sum(
-                    _nbytes(shape, dtype) for _, _, _, keys in entries for _, shape, dtype in keys
-                )
-                got: list[Item] = []
-                if total:
-                    buf = torch.empty(total, dtype=torch.uint8, device=self.device)
-                    dist.recv(buf, self.comm.global_rank(q), group=self.view.group)
-                    host = buf.cpu()
-                    off = 0
-                    for i, a, b, keys in entries:
-                        recv: dict[str, Any] = {}
-                        for k, shape, dtype in keys:
-                            n = _nbytes(shape, dtype)
-                            recv[k] = host[off : off + n].view(dtype).view(shape).clone()
-                            off += n
-                        got.append((i, a, b, recv))
-                collected[q] = got
-        return self._assemble(collected) if me == to else None
-
-    def _assemble(self, collected: Mapping[int, list[Item]]) -> dict[int, dict[str, Any]]:
-        items = [it for q in sorted(collected) for it in collected[q]]
-        return assemble_all([e.spec for e in self._entries], items, f"COAP `{self.name}`")
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -1011,17 +732,6 @@ def _apply_factor(
             a = proj[:, b.r0 : b.r1].t()
             bmat = d_rows[b.c0 - pc.start - lo : b.c1 - pc.start - lo].t()
         view.addmm_(a, bmat, beta=keep, alpha=-alpha * keep)
-
-
-def _cpu(v: Any) -> Any:
-    return v.detach().cpu().clone() if isinstance(v, Tensor) else v
-
-
-def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * dtype.itemsize
 
 
 class OwnerSharding(OwnerLayout):

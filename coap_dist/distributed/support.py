@@ -39,9 +39,14 @@ LAYOUTS: dict[str, str] = {
     "fsdp2_owner": 'FSDP2 / HSDP `sharding="owner"`',
     "fsdp1": "FSDP1 `Fsdp1Sharding`",
     "zero0": "DeepSpeed ZeRO 0",
-    "zero123": "DeepSpeed ZeRO 1-3",
+    "zero": "DeepSpeed ZeRO 1-3",
 }
-"""Layout key -> how a user gets it (the table's row heading)."""
+"""Row key -> how a user gets it (the table's row heading). The keys are the layout names of
+:data:`~coap_dist.optim.layout.LAYOUT_NAMES`, except the three routes to the ``replicated``
+layout (:data:`REPLICATED_ROUTES`), which get a row each."""
+
+REPLICATED_ROUTES = ("single", "ddp", "zero0")
+"""Rows whose layout is ``replicated``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +174,7 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         resume=_t("tests/integrations/test_deepspeed.py"),
         reshard=_t("tests/integrations/test_deepspeed_resize.py (2 -> 3 and 3 -> 2 ranks)"),
     ),
-    "zero123": _row(
+    "zero": _row(
         eight_bit=_t("tests/integrations/test_deepspeed.py (stages 2, 3)"),
         tucker=_t("tests/integrations/test_deepspeed.py (stages 2, 3)"),
         auto=_t("tests/integrations/test_deepspeed.py (stage 3)"),

@@ -66,8 +66,9 @@ from torch import Tensor
 
 from coap_dist import distributed as _distributed
 from coap_dist.distributed.comm import Comm
-from coap_dist.distributed.owner import FragmentView, OwnerLayout
+from coap_dist.distributed.owner import OwnerLayout
 from coap_dist.distributed.placement import Range
+from coap_dist.distributed.views import FragmentView
 from coap_dist.optim import COAPAdafactor, COAPAdamW
 from coap_dist.optim.layout import Layout, add_construction_hook, set_layout_resolver
 
@@ -158,7 +159,7 @@ class DeepSpeedZeroView(FragmentView):
     """ZeRO stages 1-2 (and ``BF16_Optimizer``): fragments from each model parameter's
     ``_hp_mapping`` into the flat fp32 partitions, over its ``_dp_group``."""
 
-    name = "deepspeed_zero"
+    name = "zero"
     rank_local = True
 
     def __init__(self) -> None:
@@ -221,7 +222,7 @@ class DeepSpeedZero3View(FragmentView):
     """ZeRO stage 3: rank k holds [k s, (k + 1) s) of each flattened parameter, in the flat
     fp32 partition of its sub-group; step() is called once per sub-group."""
 
-    name = "deepspeed_zero"
+    name = "zero"
     rank_local = True
 
     def __init__(self) -> None:

@@ -144,12 +144,24 @@ class Core(Protocol):
         ...
 
 
+LAYOUT_NAMES: dict[str, str] = {
+    "replicated": "every rank keeps all state (one process, DDP, DeepSpeed ZeRO 0)",
+    "ddp_owner": 'DDP with sharding="owner" (OwnerSharding; app strategy ddp_owner)',
+    "fsdp2": "FSDP2 / HSDP row shards, the default under fully_shard (Fsdp2Local)",
+    "fsdp2_owner": 'FSDP2 / HSDP with sharding="owner" (Fsdp2Owner)',
+    "fsdp1": "FSDP1 with sharding=Fsdp1Sharding(model)",
+    "zero": "DeepSpeed ZeRO 1-3 partitions (coap_dist.integrations.deepspeed)",
+}
+"""The one vocabulary of layouts: ``Layout.name``, the memory estimator's ``layout=``, the
+support table's rows and the app's strategy names use these words (the app's ``ddp`` and
+``deepspeed_zero0`` strategies give ``replicated``, ``hsdp`` gives ``fsdp2``)."""
+
+
 class Layout(abc.ABC):
     """A distribution mode. Subclasses implement every phase; the names say what each does.
 
     Attributes (set by :meth:`bind`):
-        name: the mode, e.g. ``"single"``, ``"owner"``, ``"fsdp2_local"``,
-            ``"deepspeed_zero"``.
+        name: the mode, one of :data:`LAYOUT_NAMES`.
         device: the parameters' device, where every buffer of every collective lives.
         world: ranks the optimizer state is spread over (1: one process or replicated).
         params: the tensors ``state`` is keyed by, in optimizer order.

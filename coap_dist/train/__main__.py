@@ -14,7 +14,7 @@ Canonical commands::
     python -m coap_dist.train compare=false resume=outputs/<day>/<time>/checkpoints/coap/step_0000100
 
 Config groups (``coap_dist/configs``): model (tiny, 60m, 130m, 350m, 1b, 7b), optimizer (coap,
-coap_8bit, coap_adafactor, adamw, galore, apollo), strategy (single, ddp, ddp_sharded, fsdp2,
+coap_8bit, coap_adafactor, adamw, galore, apollo), strategy (single, ddp, ddp_owner, fsdp2,
 hsdp, deepspeed_zero0..3), data (shakespeare, memmap), logger (none, jsonl, wandb).
 """
 

@@ -6,7 +6,7 @@ A checkpoint is a directory ``<run dir>/<checkpoint.dir>/<optimizer name>/step_<
 run's settings, the open loss window and the optimizer's cumulative counters) and, by the
 strategy's ``checkpoint_format``:
 
-* ``torch`` (single, ddp, ddp_sharded): ``state.pt`` with the full model ``state_dict`` and
+* ``torch`` (single, ddp, ddp_owner): ``state.pt`` with the full model ``state_dict`` and
   the optimizer's whole state (COAP's owner layout consolidated on rank 0,
   ``ZeroRedundancyOptimizer`` likewise), written by rank 0. Any of these three strategies, at
   any world size, can resume it.

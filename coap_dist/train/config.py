@@ -248,11 +248,11 @@ class OptimizerConfig:
         return {"name": self.name, "kind": self.kind, **self.kwargs()}
 
 
-STRATEGIES = ("single", "ddp", "ddp_sharded", "fsdp2", "hsdp", "deepspeed")
+STRATEGIES = ("single", "ddp", "ddp_owner", "fsdp2", "hsdp", "deepspeed")
 _STRATEGY_KEYS: dict[str, set[str]] = {
     "single": set(),
     "ddp": set(),
-    "ddp_sharded": set(),
+    "ddp_owner": set(),
     "fsdp2": {"reshard_after_forward"},
     "hsdp": {"reshard_after_forward", "replicate_degree"},
     "deepspeed": {"zero_stage", "extra"},
@@ -263,7 +263,7 @@ _STRATEGY_KEYS: dict[str, set[str]] = {
 class StrategyConfig:
     """How the model and optimizer are spread over processes (``configs/strategy``).
 
-    ``single``: one process. ``ddp``: replicated model and optimizer. ``ddp_sharded``: DDP with
+    ``single``: one process. ``ddp``: replicated model and optimizer. ``ddp_owner``: DDP with
     optimizer state sharded by owner rank (COAP ``sharding="owner"``, ZeRO-1 for AdamW).
     ``fsdp2``/``hsdp``: ``fully_shard`` per block (``hsdp`` on a 2-D mesh of
     ``replicate_degree`` replicas). ``deepspeed``: a DeepSpeed engine at ``zero_stage``, with

@@ -52,7 +52,7 @@ def build_optimizer(
             DTensors); parameter names drive the COAP/AdamW grouping.
         cfg: the optimizer section.
         sharding: ``"owner"`` shards the optimizer state across the ranks of the default
-            process group (strategy ``ddp_sharded``); ``None`` keeps it whole or as laid out
+            process group (strategy ``ddp_owner``); ``None`` keeps it whole or as laid out
             by FSDP2.
     """
     kw = cfg.kwargs()

@@ -10,7 +10,7 @@ optimizer step over ``grad_accum`` micro-batches, ``checkpoint_format`` says how
 =================  ============================================================================
 ``single``         one process, the model as is
 ``ddp``            ``DistributedDataParallel``; optimizer state replicated
-``ddp_sharded``    DDP; optimizer state sharded by owner rank (COAP ``sharding="owner"``,
+``ddp_owner``      DDP; optimizer state sharded by owner rank (COAP ``sharding="owner"``,
                    ``ZeroRedundancyOptimizer`` for AdamW)
 ``fsdp2``          ``fully_shard`` on every block, then on the root (1-D mesh)
 ``hsdp``           ``fully_shard`` on a 2-D ``(replicate, shard)`` mesh
@@ -102,7 +102,7 @@ def init_distributed(cfg: TrainConfig) -> DistEnv:
         if world_size > 1:
             raise ConfigError(
                 f"strategy.name=single runs one process, but WORLD_SIZE={world_size}; "
-                f"use strategy=ddp, ddp_sharded, fsdp2, hsdp or deepspeed_zero*"
+                f"use strategy=ddp, ddp_owner, fsdp2, hsdp or deepspeed_zero*"
             )
         return DistEnv(rank=0, local_rank=0, world_size=1, device=device)
     if not dist.is_initialized():
@@ -364,7 +364,7 @@ class DDPStrategy(Strategy):
         return contextlib.nullcontext() if last else self.model.no_sync()  # type: ignore[operator]
 
 
-class ShardedDDPStrategy(DDPStrategy):
+class OwnerDDPStrategy(DDPStrategy):
     """DDP with the optimizer state sharded by owner rank (ZeRO-1 style)."""
 
     shards_optimizer = True
@@ -592,7 +592,7 @@ class DeepSpeedStrategy(Strategy):
 _STRATEGIES: dict[str, type[Strategy]] = {
     "single": Strategy,
     "ddp": DDPStrategy,
-    "ddp_sharded": ShardedDDPStrategy,
+    "ddp_owner": OwnerDDPStrategy,
     "fsdp2": FSDP2Strategy,
     "hsdp": FSDP2Strategy,
     "deepspeed": DeepSpeedStrategy,

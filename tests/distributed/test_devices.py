@@ -147,7 +147,7 @@ def test_fsdp2_layouts_keep_buffers_on_the_parameters_device(fake_group: Any) ->
         params = list(model.parameters())
         opt = coap_dist.COAPAdamW(params, **dict(KW, rank_ratio_cnn=None), sharding=sharding)
         with HostWatch():
-            assert opt.layout.name == ("fsdp2_local" if sharding is None else "fsdp2_owner")
+            assert opt.layout.name == ("fsdp2" if sharding is None else "fsdp2_owner")
         watches = _steps(opt, params)
         _check(watches, f"FSDP2 sharding={sharding}")
         if sharding is None:

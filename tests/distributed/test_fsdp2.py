@@ -130,7 +130,7 @@ def _train(
 
 
 def _check_state(model: nn.Module, opt: coap_dist.COAPAdamW, world: int) -> None:
-    assert opt.layout.name == "fsdp2_local"
+    assert opt.layout.name == "fsdp2"
     sd = opt.state_dict()  # DTensor state for DCP, built without communication
     index = {p: i for i, p in enumerate(opt.layout.params)}
     for layer in model:
@@ -326,7 +326,7 @@ def _auto_rank(rank: int, world: int) -> None:
     opt = coap_dist.COAPAdamW(model.parameters(), **kw)
     before = [p.full_tensor() for p in model.parameters()]
     _loss(model, _local_batch(0, rank, world)).backward()
-    with pytest.raises(ValueError, match=r"`fsdp2_local` layout cannot.*sharding='owner'"):
+    with pytest.raises(ValueError, match=r"`fsdp2` layout cannot.*sharding='owner'"):
         opt.step()
     for p, q in zip(model.parameters(), before, strict=True):
         assert torch.equal(p.full_tensor(), q), "a refused step changed a weight"
@@ -394,7 +394,7 @@ def test_fsdp2_hsdp_2x2_mesh(tmp_path: os.PathLike[str]) -> None:
 
 
 @pytest.mark.distributed
-def test_fsdp2_local_save_on_2_resume_on_3_and_1(tmp_path: os.PathLike[str]) -> None:
+def test_fsdp2_default_save_on_2_resume_on_3_and_1(tmp_path: os.PathLike[str]) -> None:
     tmp = str(tmp_path)
     run_workers(_phase_save, 2, tmp)
     run_workers(_phase_resume, 3, tmp)

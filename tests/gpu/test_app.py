@@ -1,4 +1,4 @@
-"""The training app's cluster strategies on all GPUs present (fsdp2, ddp_sharded,
+"""The training app's cluster strategies on all GPUs present (fsdp2, ddp_owner,
 deepspeed_zero2), a few steps each through launch/torchrun_local.sh, bf16 where the strategy
 takes it: every run exits 0 with a finite, falling loss and COAP state on every rank."""
 
@@ -18,7 +18,7 @@ from tests.gpu.conftest import ON_CPU, devices
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2", "ddp_sharded", "deepspeed_zero2"])
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp_owner", "deepspeed_zero2"])
 def test_app_strategy(strategy: str, tmp_path: Path) -> None:
     nproc = max(devices(), 1)
     if strategy != "fsdp2" and nproc < 2:

@@ -32,13 +32,13 @@ def test_accelerate_and_hf_trainer_routes(tmp_path: Path) -> None:
     r = json.loads((tmp_path / "results.json").read_text())
     # 1. built before accelerator.prepare: bound to FSDP2's layout at the first step
     acc = r["accelerate_fsdp2"]
-    assert acc["layout"] == "fsdp2_local" and acc["refreshes"] == 3 * 3  # 3 matrices, k = 0, 2, 4
+    assert acc["layout"] == "fsdp2" and acc["refreshes"] == 3 * 3  # 3 matrices, k = 0, 2, 4
     assert acc["max_diff"] < 2e-5, acc
     # 2. HF Trainer + FSDP2 (fsdp_config): DCP checkpoint, resume ends where the run did
     fsdp = r["trainer_fsdp2"]
-    assert fsdp["layout"] == "fsdp2_local" and fsdp["resumed_equal"], fsdp
+    assert fsdp["layout"] == "fsdp2" and fsdp["resumed_equal"], fsdp
     assert fsdp["losses"] == fsdp["resumed_losses"]
     # 3. HF Trainer + DDP + sharding="owner" with COAPCheckpointCallback: whole state saved
     ddp = r["trainer_ddp_owner"]
-    assert ddp["layout"] == "owner" and ddp["saved_params"] == ddp["params"], ddp
+    assert ddp["layout"] == "ddp_owner" and ddp["saved_params"] == ddp["params"], ddp
     assert ddp["resumed_equal"], ddp

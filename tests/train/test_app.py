@@ -94,13 +94,13 @@ def test_resume_continues_the_same_loss_curve(single, tmp_path) -> None:
     assert resumed.val_loss == coap.val_loss
 
 
-def test_ddp_sharded_one_process_matches_single_and_resumes_across_strategies(
+def test_ddp_owner_one_process_matches_single_and_resumes_across_strategies(
     single, tmp_path
 ) -> None:
     """Owner-sharded state on one rank is the single-process optimizer; its checkpoint is
     layout-independent, so strategy=single can continue it."""
     _, (coap, adamw), _ = single
-    sharded = run(compose_dict([*FAST, "strategy=ddp_sharded", "checkpoint.every=2"]), tmp_path)
+    sharded = run(compose_dict([*FAST, "strategy=ddp_owner", "checkpoint.every=2"]), tmp_path)
     for ref, got in zip((coap, adamw), sharded, strict=True):
         assert got.name == ref.name
         np.testing.assert_allclose(

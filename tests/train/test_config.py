@@ -49,7 +49,7 @@ def test_groups_hold_the_documented_options() -> None:
     ]
     assert options("strategy") == [
         "ddp",
-        "ddp_sharded",
+        "ddp_owner",
         "deepspeed_zero0",
         "deepspeed_zero1",
         "deepspeed_zero2",

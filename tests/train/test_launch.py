@@ -260,10 +260,10 @@ def single_small(tmp_path_factory: pytest.TempPathFactory) -> list[RunResult]:
 
 
 @pytest.mark.distributed
-def test_torchrun_ddp_sharded_two_processes(tmp_path, single_small) -> None:
+def test_torchrun_ddp_owner_two_processes(tmp_path, single_small) -> None:
     """Two ranks with owner-sharded state: same losses as one process on the same global
     batches, each rank holding part of the state; a checkpoint resumes on the same curve."""
-    out = torchrun(tmp_path / "run", "strategy=ddp_sharded", *SMALL, "checkpoint.every=3")
+    out = torchrun(tmp_path / "run", "strategy=ddp_owner", *SMALL, "checkpoint.every=3")
     assert (
         "| optimizer | train loss | val loss | opt state MiB/rank | peak mem MiB/rank | tokens/s |"
         in out
@@ -278,7 +278,7 @@ def test_torchrun_ddp_sharded_two_processes(tmp_path, single_small) -> None:
         assert 0 < max(per_rank) < 0.7 * ref.state_bytes[0], (ref.name, per_rank)
     resumed_dir = tmp_path / "resumed"
     ckpt = tmp_path / "run" / "checkpoints" / "coap" / "step_0000003"
-    torchrun(resumed_dir, "strategy=ddp_sharded", *SMALL, "compare=false", f"resume={ckpt}")
+    torchrun(resumed_dir, "strategy=ddp_owner", *SMALL, "compare=false", f"resume={ckpt}")
     first, second = records(tmp_path / "run", "coap"), records(resumed_dir, "coap")
     np.testing.assert_allclose(second[6]["train/loss"], first[6]["train/loss"], rtol=1e-5)
 
