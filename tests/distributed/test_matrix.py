@@ -1,7 +1,7 @@
 """The layout x feature matrix: every torch layout, every feature, against one process.
 
-One spawn per world size (2 and 3 gloo ranks) runs, for each layout of :data:`LAYOUTS` and
-each feature of :data:`FEATURES`, 8 optimizer steps (refreshes at k = 0, 2, 4 with a
+One spawn per world size (2 and 3 gloo ranks; 4 for HSDP, :data:`HSDP`) runs, for each layout
+of :data:`LAYOUTS` and each feature of :data:`FEATURES`, 8 optimizer steps (refreshes at k = 0, 2, 4 with a
 recalibration, 6) of :class:`tests.nets.ConvNet` through the layout's real wrapper (DDP,
 ``fully_shard``, FSDP1 with ``Fsdp1Sharding``), and after every step compares the layout's
 full weights with single-process COAP fed the same (full, averaged) gradients: the max
@@ -11,7 +11,8 @@ Cells the FSDP2 default refuses (8-bit state, Tucker convolutions, ``rank="auto"
 checked in ``test_devices.py`` to refuse instead.
 
 Features: ``8bit`` (``state_bits=8``, with the Tucker convolution: the matrices' 512 x 8 and
-640 x 8 moments are 8-bit), ``tucker`` (``rank_ratio_cnn=16``), ``auto`` (``rank="auto"``),
+640 x 8 moments are 8-bit), ``8bit_dense`` (``state_bits=8`` without Tucker: the convolution
+is an 8-bit AdamW parameter, see :data:`STRADDLED`), ``tucker`` (``rank_ratio_cnn=16``), ``auto`` (``rank="auto"``),
 ``adaptive`` (``refresh="adaptive"``), ``adafactor`` (``COAPAdafactor``), ``accum`` (two
 micro-batches per step, gradients accumulated by the wrapper), ``bf16`` (bf16 parameters and
 state), ``resume`` (with adaptive refresh: after 4 steps ``consolidate_state_dict`` and a
@@ -38,8 +39,11 @@ KW = dict(lr=1e-2, weight_decay=0.1, rank=8, update_interval=2, reproject_factor
 STEPS = 8
 SAVE_AT = 4
 LAYOUTS = ("ddp", "ddp_owner", "fsdp2", "fsdp2_owner", "fsdp1")
+HSDP = ("hsdp", "hsdp_owner")
+"""At 4 ranks: FSDP2's default and owner layouts on a 2 x 2 (replicate, shard) mesh."""
 FEATURES: dict[str, dict[str, Any]] = {
     "8bit": dict(state_bits=8, rank_ratio_cnn=16.0),
+    "8bit_dense": dict(state_bits=8),
     "tucker": dict(rank_ratio_cnn=16.0),
     "auto": dict(rank="auto", rank_ratio=4),
     "adaptive": dict(refresh="adaptive"),
@@ -49,9 +53,17 @@ FEATURES: dict[str, dict[str, Any]] = {
     "resume": dict(refresh="adaptive"),
     "reshard": dict(refresh="adaptive"),
 }
-REFUSED = {("fsdp2", "8bit"), ("fsdp2", "tucker"), ("fsdp2", "auto")}
+REFUSED = {
+    (layout, f) for layout in ("fsdp2", "hsdp") for f in ("8bit", "8bit_dense", "tucker", "auto")
+}
 TOL = {"bf16": 2e-2}
 TOL_FP32 = 2e-4
+STRADDLED = {(layout, "8bit_dense") for layout in ("fsdp1", "fsdp2_owner", "hsdp_owner")}
+"""Cells whose 8-bit AdamW parameter (the 11,520-element convolution) is cut by the
+wrapper's partition inside a quantization block: each piece quantizes from its own start
+(one block boundary more than one process), a known deviation (README), bounded here by
+STRADDLED_TOL so that it stays measured; DDP's owner placement cuts on blocks (exact)."""
+STRADDLED_TOL = 2e-2
 
 
 def _batch(rank: int, step: int, micro: int, dtype: torch.dtype) -> torch.Tensor:
@@ -66,14 +78,17 @@ def _wrap(
     if layout in ("ddp", "ddp_owner"):
         opt = cls(model.parameters(), **kw, sharding="owner" if layout == "ddp_owner" else None)
         return nn.parallel.DistributedDataParallel(model), opt
-    if layout in ("fsdp2", "fsdp2_owner"):
+    if layout in ("fsdp2", "fsdp2_owner", "hsdp", "hsdp_owner"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (world,))
+        if layout.startswith("hsdp"):  # 2 replicas x world / 2 shards
+            mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("rep", "shard"))
+        else:
+            mesh = init_device_mesh("cpu", (world,))
         fully_shard(model.conv, mesh=mesh)
         net = fully_shard(model, mesh=mesh)
-        owner = "owner" if layout == "fsdp2_owner" else None
+        owner = "owner" if layout.endswith("_owner") else None
         return net, cls(model.parameters(), **kw, sharding=owner)
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -123,7 +138,8 @@ def _cell(rank: int, world: int, layout: str, feature: str) -> float:
                 for q, w in zip(model.parameters(), weights, strict=True):
                     q.copy_(w.detach().view_as(q))
             if feature == "reshard":
-                layout = LAYOUTS[(LAYOUTS.index(layout) + 1) % len(LAYOUTS)]
+                cycle = LAYOUTS if layout in LAYOUTS else HSDP
+                layout = cycle[(cycle.index(layout) + 1) % len(cycle)]
             net, opt = _wrap(layout, model, cls, kw, world)
             opt.load_state_dict(box[0])
         for m in range(micro):
@@ -145,7 +161,7 @@ def _cell(rank: int, world: int, layout: str, feature: str) -> float:
 
 def _worker(rank: int, world: int, out: str) -> None:
     rows = []
-    for layout in LAYOUTS:
+    for layout in LAYOUTS if world < 4 else HSDP:
         for feature in FEATURES:
             if (layout, feature) not in REFUSED:
                 rows.append((layout, feature, _cell(rank, world, layout, feature)))
@@ -155,7 +171,7 @@ def _worker(rank: int, world: int, out: str) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_every_layout_and_feature_against_one_process(world: int, tmp_path: Any) -> None:
     out = str(tmp_path / "rows.pt")
     run_workers(_worker, world, out)
@@ -163,10 +179,14 @@ def test_every_layout_and_feature_against_one_process(world: int, tmp_path: Any)
     table = {(layout, feature): d for layout, feature, d in rows}
     print(f"\n[coap-matrix] {world} ranks, max relative weight distance from one process")
     print("| layout | " + " | ".join(FEATURES) + " |")
-    for layout in LAYOUTS:
+    for layout in LAYOUTS if world < 4 else HSDP:
         cells = [
             "refused" if (layout, f) in REFUSED else f"{table[(layout, f)]:.1e}" for f in FEATURES
         ]
         print(f"| {layout} | " + " | ".join(cells) + " |")
-    bad = {k: d for k, d in table.items() if not d <= TOL.get(k[1], TOL_FP32)}
+    bad = {
+        k: d
+        for k, d in table.items()
+        if not d <= (STRADDLED_TOL if k in STRADDLED else TOL.get(k[1], TOL_FP32))
+    }
     assert not bad, bad
