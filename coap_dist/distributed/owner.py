@@ -54,6 +54,7 @@ from coap_dist.distributed.routes import Geometry, Route, geometries, plan_route
 from coap_dist.distributed.serving import OwnerCheckpoints
 from coap_dist.distributed.views import FragmentView, ReplicatedView
 from coap_dist.functional import projection as fproj
+from coap_dist.functional import quant as fquant
 from coap_dist.optim import kernels
 from coap_dist.optim.layout import (
     ConvWork,
@@ -119,6 +120,7 @@ class OwnerLayout(OwnerCheckpoints, Layout):
         self._s_out: list[list[Route]] = []
         self._s_in: list[list[Route]] = []
         self._active: list[int] = []
+        self._shared_blocks: list[tuple[int, int]] = []  # (AdamW parameter, block) pieces share
 
     # ------------------------------------------------------------------------------ bind
     def bind(self, core: Core) -> list[ParamSpec]:
@@ -149,6 +151,15 @@ class OwnerLayout(OwnerCheckpoints, Layout):
         )
         self._entries = geometries(specs, self.placement, frags)
         self._mine = [self.placement.piece(i, self.rank) for i in range(len(specs))]
+        self._shared_blocks = sorted(
+            {
+                (s.index, pc.stop // fquant.BLOCK)
+                for s in specs
+                if s.kind == "dense" and s.quantized_moment(s.numel)
+                for pc in self.placement.pieces[s.index][:-1]
+                if pc.stop % fquant.BLOCK
+            }
+        )
         gather, scatter = plan_routes(
             self._entries, self.world, reduced=view.reduced, solo=view.solo
         )
@@ -179,6 +190,31 @@ class OwnerLayout(OwnerCheckpoints, Layout):
             self.comm.all_reduce(values)
         return values.cpu().tolist()
 
+    def share_block_max(self, maxima: dict[int, list[Tensor]]) -> dict[int, list[Tensor]]:
+        """One MAX all-reduce over the blocks that pieces of 8-bit AdamW parameters share
+        (the placement's cuts inside a quantization block; none under DDP, whose cuts fall
+        on blocks), when this call's parameters have any."""
+        active = set(self._active)
+        shared = [(i, k) for i, k in self._shared_blocks if i in active]
+        if not shared:
+            return maxima
+        vec = torch.zeros(2 * len(shared), dtype=torch.float32, device=self.device)
+        slots: list[tuple[int, int, int]] = []  # (index, local block, slot)
+        for n, (i, k) in enumerate(shared):
+            pc = self._mine[i]
+            if pc is None or i not in maxima:
+                continue
+            local = k - pc.start // fquant.BLOCK
+            if 0 <= local < maxima[i][0].numel():
+                slots.append((i, local, n))
+                vec[2 * n] = maxima[i][0][local]
+                vec[2 * n + 1] = maxima[i][1][local]
+        self.comm.all_reduce(vec, "max")
+        for i, local, n in slots:
+            maxima[i][0][local] = vec[2 * n]
+            maxima[i][1][local] = vec[2 * n + 1]
+        return maxima
+
     def ensure_state(self, index: int) -> None:
         assert self._core is not None
         p = self._params[index]
@@ -199,7 +235,9 @@ class OwnerLayout(OwnerCheckpoints, Layout):
                 shapes = state_shapes(e.spec, rows=mine.size, holder=holder)
         elif e.spec.kind == "dense":
             assert mine is not None
-            shapes = state_shapes(e.spec, numel=mine.size, local_shape=self._dense_shape(index))
+            shapes = state_shapes(
+                e.spec, numel=mine.size, local_shape=self._dense_shape(index), start=mine.start
+            )
         else:
             shapes = state_shapes(e.spec)
         self._core.state[p] = allocate(shapes, self.device)
@@ -276,7 +314,7 @@ class OwnerLayout(OwnerCheckpoints, Layout):
         if e.spec.kind == "dense" and e.frags is not None:
             local, g = self.view.local(i), self.view.grad(i)
             assert local is not None and g is not None
-            work.dense.append(DenseWork(i, e.spec, group, st, local, g))
+            work.dense.append(DenseWork(i, e.spec, group, st, local, g, mine.start))
             return
         region = e.region(mine)
         block = self._region_grad(i, e, region, received)
@@ -284,7 +322,9 @@ class OwnerLayout(OwnerCheckpoints, Layout):
             local = self.view.local(i)
             assert local is not None
             weight = local.view(-1)[mine.start : mine.stop].view(self._dense_shape(i))
-            work.dense.append(DenseWork(i, e.spec, group, st, weight, block.view(weight.shape)))
+            work.dense.append(
+                DenseWork(i, e.spec, group, st, weight, block.view(weight.shape), mine.start)
+            )
         elif e.spec.kind == "conv":
             work.convs.append(ConvWork(i, e.spec, group, st, block.reshape(e.spec.shape)))
         else:

@@ -91,7 +91,7 @@ class Placement:
         out = [0] * self.world
         h = self.holder[spec.index]
         for pc in self.pieces[spec.index]:
-            out[pc.rank] += piece_bytes(spec, pc.size, holder=pc.rank == h)
+            out[pc.rank] += piece_bytes(spec, pc.size, holder=pc.rank == h, start=pc.start)
         if spec.kind == "matrix" and h >= 0 and h not in self.team(spec.index):
             out[h] += projector_bytes(spec)
         return out
@@ -101,12 +101,13 @@ def _add(a: list[int], b: list[int]) -> list[int]:
     return [x + y for x, y in zip(a, b, strict=True)]
 
 
-def piece_bytes(spec: ParamSpec, size: int, *, holder: bool) -> int:
-    """State bytes of a piece of ``size`` rows (matrix) or elements (AdamW); whole for convs."""
+def piece_bytes(spec: ParamSpec, size: int, *, holder: bool, start: int) -> int:
+    """State bytes of a piece of ``size`` rows (matrix) or elements (AdamW, from flat
+    element ``start``); whole for convs."""
     if spec.kind == "matrix":
         return nbytes(state_shapes(spec, rows=size, holder=holder))
     if spec.kind == "dense":
-        return nbytes(state_shapes(spec, numel=size))
+        return nbytes(state_shapes(spec, numel=size, start=start))
     return nbytes(state_shapes(spec))
 
 
@@ -174,7 +175,7 @@ def owner_placement(
     for index, pcs in dense_pieces(specs, world, fragments).items():
         pieces[index] = pcs
         for pc in pcs:
-            loads[pc.rank] += piece_bytes(specs[index], pc.size, holder=False)
+            loads[pc.rank] += piece_bytes(specs[index], pc.size, holder=False, start=pc.start)
     units = [s for s in specs if s.lowrank]
     whole = {s.index: nbytes(state_shapes(s)) for s in units}
     cap = imbalance * (sum(loads) + sum(whole.values())) / world if split else math.inf
@@ -248,8 +249,8 @@ def _place_split(
 
 def _row_bytes(s: ParamSpec) -> float:
     """State bytes per canonical row of a matrix (its moments' share)."""
-    fixed = piece_bytes(s, 0, holder=False)
-    return (piece_bytes(s, s.rows, holder=False) - fixed) / s.rows
+    fixed = piece_bytes(s, 0, holder=False, start=0)
+    return (piece_bytes(s, s.rows, holder=False, start=0) - fixed) / s.rows
 
 
 def _natural_rows(s: ParamSpec, frag: Sequence[Range] | None, world: int) -> list[Range]:
@@ -273,7 +274,7 @@ def _fill_gaps(
     need no projector copy), then the least-loaded ranks with room; rows left once every
     rank is full extend a neighbouring block. Returns all blocks as pieces."""
     align = s.row_alignment()
-    fixed = piece_bytes(s, 0, holder=False)
+    fixed = piece_bytes(s, 0, holder=False, start=0)
     world = len(loads)
     gaps, cursor = [], 0
     for a, b in sorted(blocks.values()):
@@ -346,12 +347,12 @@ def local_state_bytes(specs: Sequence[ParamSpec], world: int) -> list[int]:
             if s.kind == "matrix":
                 a0, a1 = chunk_range(s.rows, world, r)
                 p0, p1 = chunk_range(s.rank, world, r)
-                loads[r] += piece_bytes(s, a1 - a0, holder=False)
+                loads[r] += piece_bytes(s, a1 - a0, holder=False, start=0)
                 loads[r] += (p1 - p0) * s.cols * s.fmt.projector_dtype.itemsize
             elif s.kind == "dense":
                 d0, d1 = chunk_range(s.shape[0] if s.shape else 1, world, r)
                 row = math.prod(s.shape[1:]) if s.shape else 1
-                loads[r] += piece_bytes(s, (d1 - d0) * row, holder=False)
+                loads[r] += piece_bytes(s, (d1 - d0) * row, holder=False, start=d0 * row)
             else:
                 raise ValueError(
                     "the LOCAL layout does not Tucker-project convolutions (set "

@@ -67,11 +67,6 @@ _U = Cell("untested")
 _M = "tests/distributed/test_matrix.py"
 """The layout x feature matrix test (2 and 3 ranks against one process; HSDP 2 x 2)."""
 
-_STRADDLE = (
-    "; an 8-bit AdamW parameter >= 4,096 elements that the wrapper's partition cuts inside "
-    "a quantization block is quantized per piece (measured 1.2e-2 max relative weight "
-    "distance after 8 steps, README)"
-)
 
 _FSDP2_ROW_STATE = (
     "the row-shard layout keeps state as Shard(0) DTensors split by FSDP2's row chunks"
@@ -148,7 +143,7 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         reshard=_t("tests/distributed/test_fsdp2.py (DCP, 2 -> 3 and 1 ranks)"),
     ),
     "fsdp2_owner": _row(
-        eight_bit=_t(f"{_M} (with a Tucker conv; HSDP too){_STRADDLE}"),
+        eight_bit=_t(f"{_M} (with a Tucker conv, and dense; HSDP too)"),
         tucker=_t(_M),
         auto=_t("tests/distributed/test_fsdp2.py"),
         adaptive=_t(_M),
@@ -159,7 +154,7 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         reshard=_t("tests/distributed/test_fsdp2.py (consolidated, 2 -> 3 ranks)"),
     ),
     "fsdp1": _row(
-        eight_bit=_t(f"{_M} (with a Tucker conv){_STRADDLE}"),
+        eight_bit=_t(f"{_M} (with a Tucker conv, and dense)"),
         tucker=_t(_M),
         auto=_t(_M),
         adaptive=_t(_M),
@@ -181,7 +176,7 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         reshard=_t("tests/integrations/test_deepspeed_resize.py (2 -> 3 and 3 -> 2 ranks)"),
     ),
     "zero": _row(
-        eight_bit=_t(f"tests/integrations/test_deepspeed.py (stages 2, 3){_STRADDLE}"),
+        eight_bit=_t("tests/integrations/test_deepspeed.py (stages 2, 3; dense at 3)"),
         tucker=_t("tests/integrations/test_deepspeed.py (stages 2, 3)"),
         auto=_t("tests/integrations/test_deepspeed.py (stage 3)"),
         adaptive=_t("tests/integrations/test_deepspeed.py (stage 2)"),

@@ -61,30 +61,58 @@ def codebook(signed: bool, device: torch.device | str = "cpu") -> tuple[Tensor, 
     return code.to(device), mids.to(device)
 
 
-def num_blocks(numel: int, block: int = BLOCK) -> int:
-    """ceil(N / block): number of fp32 scales stored for N elements."""
-    return -(-numel // block)
+def num_blocks(numel: int, block: int = BLOCK, offset: int = 0) -> int:
+    """Blocks touched by N elements starting ``offset`` elements into a block: the number
+    of fp32 scales stored for them (ceil(N / block) when ``offset`` is 0)."""
+    return -(-(numel + offset) // block)
 
 
-def quantize(x: Tensor, signed: bool, block: int = BLOCK) -> tuple[Tensor, Tensor]:
-    """x (any shape) -> (q uint8 of x's shape, scales fp32 (ceil(N/block),))."""
+def _blocked(flat: Tensor, offset: int, block: int) -> Tensor:
+    """``flat`` zero-padded onto whole blocks, ``offset`` zeros in front: (blocks, block)."""
+    n = flat.numel()
+    nb = num_blocks(n, block, offset)
+    return torch.nn.functional.pad(flat, (offset, nb * block - n - offset)).view(nb, block)
+
+
+def block_absmax(x: Tensor, offset: int = 0, block: int = BLOCK) -> Tensor:
+    """max |x| of every block x touches (fp32, :func:`num_blocks` entries); ``offset``: the
+    position of x's first element in its block. A piece of a larger tensor with
+    ``offset = start % block`` gets the blocks of the whole tensor, partial at its ends."""
+    return _blocked(x.detach().float().reshape(-1), offset, block).abs().amax(dim=1)
+
+
+def quantize(
+    x: Tensor,
+    signed: bool,
+    block: int = BLOCK,
+    *,
+    offset: int = 0,
+    scales: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """x (any shape) -> (q uint8 of x's shape, scales fp32 (:func:`num_blocks`,)).
+
+    ``offset`` places x's first element that far into its block (a piece of a larger
+    tensor on that tensor's block grid); ``scales`` replaces the blocks' own maxima (a
+    piece's edge blocks take the maximum over every piece sharing them, so that each code
+    is the one the whole tensor would get)."""
     flat = x.detach().float().reshape(-1)
     n = flat.numel()
-    nb = num_blocks(n, block)
-    padded = torch.nn.functional.pad(flat, (0, nb * block - n)).view(nb, block)
-    scales = padded.abs().amax(dim=1)
+    padded = _blocked(flat, offset, block)
+    if scales is None:
+        scales = padded.abs().amax(dim=1)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     normed = (padded / safe[:, None]).clamp_(-1.0, 1.0)
     _, mids = codebook(signed, x.device)
     q = torch.bucketize(normed, mids).to(torch.uint8)
-    return q.view(-1)[:n].view(x.shape), scales
+    return q.view(-1)[offset : offset + n].view(x.shape), scales
 
 
-def dequantize(q: Tensor, scales: Tensor, signed: bool, block: int = BLOCK) -> Tensor:
+def dequantize(
+    q: Tensor, scales: Tensor, signed: bool, block: int = BLOCK, *, offset: int = 0
+) -> Tensor:
     """Inverse of :func:`quantize` up to the code spacing: fp32 tensor of q's shape."""
     code, _ = codebook(signed, q.device)
     flat = code[q.reshape(-1).long()]
     n = flat.numel()
-    nb = scales.numel()
-    padded = torch.nn.functional.pad(flat, (0, nb * block - n)).view(nb, block)
-    return (padded * scales[:, None]).view(-1)[:n].view(q.shape)
+    padded = _blocked(flat, offset, block)
+    return (padded * scales[:, None]).view(-1)[offset : offset + n].view(q.shape)

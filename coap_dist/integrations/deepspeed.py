@@ -43,8 +43,9 @@ its state, assembled into the single-process form and re-cut for the new placeme
 
 8-bit state (``state_bits: 8``) and Tucker-projected convolutions (``rank_ratio_cnn``) run at
 every stage: a convolution lives whole on one rank, an 8-bit matrix is whole or split on its
-quantization blocks; an 8-bit AdamW parameter's moments are quantized per partition piece
-(blocks start at the piece: one more block boundary where DeepSpeed's partition cuts it).
+quantization blocks; an 8-bit AdamW parameter cut by DeepSpeed's partition inside a block
+keeps the parameter's block grid, the ranks sharing that block agreeing on its maximum (one
+small MAX all-reduce per step), so that its codes are those of one process.
 
 Refused at the first step with an error saying what to use instead: optimizer offload (CPU /
 NVMe), mixture-of-experts groups and an explicit ``sharding`` argument. fp16 on CPU is

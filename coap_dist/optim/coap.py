@@ -343,7 +343,9 @@ class _COAPBase(Checkpoints, Optimizer):
             self._pending[-1] += ok.logical_not().float()
         measured = torch.zeros(2 * len(self.specs), device=lay.device) if measure else None
         updates = self._updates(lay, work, active, due, set(measure), measured)
-        kernels.dense_steps(work.dense, [self._steps[w.index] for w in work.dense])
+        kernels.dense_steps(
+            work.dense, [self._steps[w.index] for w in work.dense], lay.share_block_max
+        )
         lay.scatter(updates, work)
         if measured is not None:
             self._record_residuals(lay, measure, measured)

@@ -14,7 +14,7 @@ math only sees compute tensors.
 from __future__ import annotations
 
 import functools
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -22,6 +22,7 @@ from torch import Tensor
 
 from coap_dist.functional import adam as fadam
 from coap_dist.functional import projection as fproj
+from coap_dist.functional import quant as fquant
 from coap_dist.functional import tucker as ftucker
 from coap_dist.optim.layout import ConvWork, DenseWork, MatrixWork
 from coap_dist.optim.spec import ParamSpec
@@ -178,7 +179,11 @@ def _fused_devices() -> tuple[str, ...]:
     return tuple(_get_fused_kernels_supported_devices())
 
 
-def dense_steps(works: Sequence[DenseWork], steps: Sequence[int]) -> None:
+def dense_steps(
+    works: Sequence[DenseWork],
+    steps: Sequence[int],
+    share: Callable[[dict[int, list[Tensor]]], dict[int, list[Tensor]]] | None = None,
+) -> None:
     """AdamW (reference form) in place on each piece's weight:
 
         M <- b1 M + (1 - b1) G;  V <- b2 V + (1 - b2) G^2;
@@ -191,11 +196,14 @@ def dense_steps(works: Sequence[DenseWork], steps: Sequence[int]) -> None:
     dtype, t): it computes W <- W (1 - lr' wd') - (lr' / bc1) M / (sqrt(V) / sqrt(bc2) + eps'),
     which is the update above for lr' = lr k, wd' = lr wd / lr', eps' = eps / sqrt(bc2)
     (k = 1 - lr wd, bc_i = 1 - b_i^t). The rest (8-bit moments, state in another dtype than
-    the weight) runs the same math with torch._foreach.
+    the weight) runs the same math with torch._foreach. 8-bit moments are quantized on the
+    whole parameter's block grid (``start % BLOCK``), with the block maxima of the pieces
+    reconciled by ``share`` (``Layout.share_block_max``; called once, even with nothing).
     """
     fused: dict[tuple[int, torch.dtype, int, torch.device], list[int]] = {}
     rest: dict[tuple[int, torch.dtype, torch.dtype], list[int]] = {}
-    ms = [read_moment(w.state, "exp_avg", True) for w in works]
+    offsets = [w.start % fquant.BLOCK for w in works]
+    ms = [read_moment(w.state, "exp_avg", True, o) for w, o in zip(works, offsets, strict=True)]
     devices = _fused_devices() if works else ()
     for j, (w, m) in enumerate(zip(works, ms, strict=True)):
         plain = "exp_avg" in w.state and "exp_avg_sq" in w.state
@@ -231,11 +239,12 @@ def dense_steps(works: Sequence[DenseWork], steps: Sequence[int]) -> None:
             amsgrad=False,
             maximize=False,
         )
+    moments: dict[int, tuple[Tensor, Tensor]] = {}
     for idx in rest.values():
         group = works[idx[0]].group
         b1, b2 = group["betas"]
         m_b = [ms[j] for j in idx]
-        v_b = [read_moment(works[j].state, "exp_avg_sq", False) for j in idx]
+        v_b = [read_moment(works[j].state, "exp_avg_sq", False, offsets[j]) for j in idx]
         g_b = [works[j].grad.to(m_b[0].dtype) for j in idx]
         w_b = [works[j].weight for j in idx]
         torch._foreach_mul_(m_b, b1)
@@ -253,8 +262,18 @@ def dense_steps(works: Sequence[DenseWork], steps: Sequence[int]) -> None:
         if group["weight_decay"] > 0:
             torch._foreach_mul_(w_b, decay_keep(group))
         for j, m, v in zip(idx, m_b, v_b, strict=True):
-            write_moment(works[j].state, "exp_avg", m, True)
-            write_moment(works[j].state, "exp_avg_sq", v, False)
+            moments[j] = (m, v)
+    maxima = {
+        works[j].index: [fquant.block_absmax(x, offsets[j]) for x in mv]
+        for j, mv in moments.items()
+        if "exp_avg_q" in works[j].state
+    }
+    if share is not None:
+        maxima = share(maxima)
+    for j, (m, v) in moments.items():
+        scales = maxima.get(works[j].index, [None, None])
+        write_moment(works[j].state, "exp_avg", m, True, offsets[j], scales[0])
+        write_moment(works[j].state, "exp_avg_sq", v, False, offsets[j], scales[1])
 
 
 # ------------------------------------------------------------------------------ refreshes

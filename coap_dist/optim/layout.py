@@ -61,7 +61,8 @@ class MatrixWork:
 
 @dataclasses.dataclass
 class DenseWork:
-    """An AdamW piece: ``weight`` is updated in place with ``grad`` (same shape)."""
+    """An AdamW piece: ``weight`` is updated in place with ``grad`` (same shape); ``start``:
+    its first element in the flat parameter (8-bit moments keep the parameter's block grid)."""
 
     index: int
     spec: ParamSpec
@@ -69,6 +70,7 @@ class DenseWork:
     state: State
     weight: Tensor
     grad: Tensor
+    start: int = 0
 
 
 @dataclasses.dataclass
@@ -199,6 +201,15 @@ class Layout(abc.ABC):
     def agree(self, values: Tensor) -> list[float]:
         """Sum of a flat float vector over the ranks, read on the host: the step's one
         collective before any work and its one host synchronisation."""
+
+    def share_block_max(self, maxima: dict[int, list[Tensor]]) -> dict[int, list[Tensor]]:
+        """8-bit AdamW pieces: ``maxima[i]`` holds, per moment, this rank's max |x| of every
+        quantization block its piece of parameter ``i`` touches. Returns them with each block
+        that several ranks' pieces share replaced by its maximum over those ranks, so that
+        every piece quantizes as the whole parameter would. Called on every rank at every
+        step (possibly with nothing); a layout whose pieces never share a block returns
+        ``maxima`` (the default)."""
+        return maxima
 
     @abc.abstractmethod
     def ensure_state(self, index: int) -> None:

@@ -158,13 +158,13 @@ TensorShape = tuple[tuple[int, ...], torch.dtype]
 
 
 def _moment(
-    spec: ParamSpec, name: str, shape: tuple[int, ...], whole_numel: int
+    spec: ParamSpec, name: str, shape: tuple[int, ...], whole_numel: int, offset: int = 0
 ) -> dict[str, TensorShape]:
     numel = math.prod(shape)
     if spec.quantized_moment(whole_numel):
         return {
             f"{name}_q": (shape, torch.uint8),
-            f"{name}_scale": ((fquant.num_blocks(numel),), torch.float32),
+            f"{name}_scale": ((fquant.num_blocks(numel, offset=offset),), torch.float32),
         }
     dtype = torch.float32 if spec.fmt.quantized else spec.fmt.moment_dtype
     return {name: (shape, dtype)}
@@ -177,6 +177,7 @@ def state_shapes(
     numel: int | None = None,
     holder: bool = True,
     local_shape: tuple[int, ...] | None = None,
+    start: int = 0,
 ) -> dict[str, TensorShape]:
     """(shape, dtype) of every state tensor of one piece (0-d counters included).
 
@@ -187,13 +188,18 @@ def state_shapes(
         holder: COAP matrix: whether this piece's rank holds the projector.
         local_shape: AdamW parameter: shape of the piece's moments (default: flat, or the
             parameter's shape when the piece is whole).
+        start: AdamW parameter: the piece's first element in the flat parameter. 8-bit
+            moments keep the whole parameter's block grid, so a piece holds one scale per
+            block it touches (:func:`~coap_dist.functional.quant.num_blocks` with offset
+            ``start % BLOCK``), partial blocks at its ends included.
     """
     out: dict[str, TensorShape] = {"step": ((), torch.float32)}
     if spec.kind == "dense":
         n = spec.numel if numel is None else numel
         shape = local_shape or (spec.shape if n == spec.numel else (n,))
-        out.update(_moment(spec, "exp_avg", shape, spec.numel))
-        out.update(_moment(spec, "exp_avg_sq", shape, spec.numel))
+        offset = start % fquant.BLOCK
+        out.update(_moment(spec, "exp_avg", shape, spec.numel, offset))
+        out.update(_moment(spec, "exp_avg_sq", shape, spec.numel, offset))
         return out
     out["refreshes"] = ((), torch.float32)
     if spec.kind == "conv":

@@ -6,8 +6,9 @@ sharded layout keeps a *piece* of it: some canonical rows of a matrix's moments 
 is the holder), a flat range of an AdamW parameter's moments, or a whole convolution.
 :func:`slice_full` cuts a piece out of the full form (loading a checkpoint) and
 :func:`assemble` puts pieces back together (consolidating one); both are exact, 8-bit codes
-included when the piece's boundaries fall on quantization blocks (the placement aligns
-matrix rows so; otherwise the piece is re-quantized, one rounding of the 8-bit codes).
+included: a split matrix's rows fall on quantization blocks (the placement aligns them), and
+an AdamW piece keeps the whole parameter's block grid, partial blocks at its ends, whose
+scales the layout makes the maxima over the pieces sharing them (``Layout.share_block_max``).
 
 8-bit moments are stored as ``<name>_q`` (uint8 codes of the moment's shape) and
 ``<name>_scale`` (fp32 maxima of consecutive ``quant.BLOCK``-element blocks of its flat
@@ -42,20 +43,29 @@ def allocate(shapes: Mapping[str, TensorShape], device: torch.device) -> State:
     }
 
 
-def read_moment(st: State, name: str, signed: bool) -> Tensor:
-    """The moment as a compute tensor (dequantized fp32 for 8-bit state)."""
+def read_moment(st: State, name: str, signed: bool, offset: int = 0) -> Tensor:
+    """The moment as a compute tensor (dequantized fp32 for 8-bit state; ``offset``: the
+    piece's position in its first block, ``start % BLOCK`` of an AdamW piece)."""
     if name in st:
         return st[name]
-    return fquant.dequantize(st[f"{name}_q"], st[f"{name}_scale"], signed)
+    return fquant.dequantize(st[f"{name}_q"], st[f"{name}_scale"], signed, offset=offset)
 
 
-def write_moment(st: State, name: str, value: Tensor, signed: bool) -> None:
-    """Store ``value`` into the moment (quantizing 8-bit state; no-op if it is the tensor)."""
+def write_moment(
+    st: State,
+    name: str,
+    value: Tensor,
+    signed: bool,
+    offset: int = 0,
+    scales: Tensor | None = None,
+) -> None:
+    """Store ``value`` into the moment (quantizing 8-bit state on the block grid given by
+    ``offset``, with the block maxima ``scales`` when given; no-op if it is the tensor)."""
     if name in st:
         if value.data_ptr() != st[name].data_ptr():
             st[name].copy_(value)
         return
-    q, scales = fquant.quantize(value, signed)
+    q, scales = fquant.quantize(value, signed, offset=offset, scales=scales)
     st[f"{name}_q"].copy_(q)
     st[f"{name}_scale"].copy_(scales)
 
@@ -80,15 +90,11 @@ def _slice_moment(
     if name in full:
         return {name: full[name].reshape(-1)[lo:hi].reshape(shape).clone()}
     q, scales = full[f"{name}_q"], full[f"{name}_scale"]
-    block = fquant.BLOCK
-    if lo % block == 0 and (hi % block == 0 or hi == q.numel()):
-        return {
-            f"{name}_q": q.reshape(-1)[lo:hi].reshape(shape).clone(),
-            f"{name}_scale": scales[lo // block : -(-hi // block)].clone(),
-        }
-    value = fquant.dequantize(q, scales, MOMENTS[name]).reshape(-1)[lo:hi].reshape(shape)
-    codes, new_scales = fquant.quantize(value, MOMENTS[name])
-    return {f"{name}_q": codes, f"{name}_scale": new_scales}
+    block = fquant.BLOCK  # pieces keep the whole tensor's block grid: an exact cut
+    return {
+        f"{name}_q": q.reshape(-1)[lo:hi].reshape(shape).clone(),
+        f"{name}_scale": scales[lo // block : -(-hi // block)].clone(),
+    }
 
 
 def slice_full(
@@ -131,7 +137,7 @@ def _piece_shapes(
     if spec.kind == "matrix":
         return state_shapes(spec, rows=stop - start, holder=holder)
     if spec.kind == "dense":
-        return state_shapes(spec, numel=stop - start, local_shape=local_shape)
+        return state_shapes(spec, numel=stop - start, local_shape=local_shape, start=start)
     return state_shapes(spec)
 
 
@@ -149,7 +155,9 @@ def assemble(
             continue
         base = key[:-2] if key.endswith("_q") else key
         if base in MOMENTS and spec.kind != "conv" and len(pieces) > 1:
-            out.update(_join_moment(base, shape, [p[2] for p in pieces], MOMENTS[base]))
+            unit = _flat_rows(spec)
+            starts = [p[0] * unit for p in pieces]
+            out.update(_join_moment(base, shape, [p[2] for p in pieces], starts))
         elif key == "exp_avg_sq_row" and len(pieces) > 1:
             out[key] = torch.cat([p[2][key].cpu() for p in pieces])
         elif key == "projector":
@@ -204,25 +212,19 @@ def _reshape(st: State, key: str, shape: tuple[int, ...], spec: ParamSpec) -> Te
 
 
 def _join_moment(
-    name: str, shape: tuple[int, ...], states: Sequence[State], signed: bool
+    name: str, shape: tuple[int, ...], states: Sequence[State], starts: Sequence[int]
 ) -> dict[str, Tensor]:
+    """A moment from its pieces (flat ``starts`` in the whole tensor, in order). 8-bit
+    pieces share the whole tensor's block grid: the codes concatenate and each block's scale
+    is any piece's that touches it (equal in all of them)."""
     if name in states[0]:
         return {name: torch.cat([s[name].cpu().reshape(-1) for s in states]).reshape(shape)}
-    codes = [s[f"{name}_q"].cpu().reshape(-1) for s in states]
-    aligned = all(c.numel() % fquant.BLOCK == 0 for c in codes[:-1])
-    if aligned:
-        return {
-            f"{name}_q": torch.cat(codes).reshape(shape),
-            f"{name}_scale": torch.cat([s[f"{name}_scale"].cpu() for s in states]),
-        }
-    value = torch.cat(
-        [
-            fquant.dequantize(c, s[f"{name}_scale"].cpu(), signed)
-            for c, s in zip(codes, states, strict=True)
-        ]
-    ).reshape(shape)
-    q, scales = fquant.quantize(value, signed)
-    return {f"{name}_q": q, f"{name}_scale": scales}
+    codes = torch.cat([s[f"{name}_q"].cpu().reshape(-1) for s in states])
+    scales = torch.zeros(fquant.num_blocks(codes.numel()), dtype=torch.float32)
+    for s, a in zip(states, starts, strict=True):
+        piece = s[f"{name}_scale"].cpu()
+        scales[a // fquant.BLOCK : a // fquant.BLOCK + piece.numel()] = piece
+    return {f"{name}_q": codes.reshape(shape), f"{name}_scale": scales}
 
 
 # ------------------------------------------------------------------------ conversion

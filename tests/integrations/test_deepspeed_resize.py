@@ -21,7 +21,9 @@ The uninterrupted 2- and 3-rank runs also agree with each other (the layout chan
 state lives, not the math). Cases: stage 2 fp32 COAP with ``refresh="adaptive"`` (the
 resumed run refreshes and skips on the same steps); stage 3 fp32 COAP with 8-bit state, a
 Tucker convolution and ``rank="auto"`` (the saved ranks carry over); stage 2 bf16 (losses
-to rtol 5e-2 as in the other DeepSpeed tests); stage 0 fp32, whose engine checkpoint (the
+to rtol 5e-2 as in the other DeepSpeed tests); stage 3 fp32 with 8-bit state and the
+convolution an 8-bit AdamW parameter cut inside a quantization block at both world sizes
+(its pieces assemble and re-cut on the parameter's block grid); stage 0 fp32, whose engine checkpoint (the
 whole replicated state) loads at another world size as it is. The converter and the loader refuse what they cannot do, by name.
 """
 
@@ -52,6 +54,7 @@ ALL_CASES: list[tuple[str, int, bool, dict[str, Any], bool]] = [
     ("stage3-fp32-8bit-tucker-auto", 3, False, {**KW, **RICH}, True),
     ("stage2-bf16", 2, True, KW, False),
     ("stage0-fp32", 0, False, KW, False),
+    ("stage3-fp32-8bit-dense", 3, False, {**KW, "state_bits": 8}, True),
 ]
 _ONLY = [c for c in os.environ.get("COAP_TEST_DS_CASES", "").split(",") if c]
 CASES = [c for c in ALL_CASES if not _ONLY or c[0] in _ONLY]
@@ -313,7 +316,10 @@ def test_deepspeed_resume_at_another_world_size(
         assert two["ranks"] == three["ranks"], label
         if not bf16:
             torch.testing.assert_close(two["losses"], three["losses"], rtol=1e-4, atol=1e-6)
-            assert _distance(two["weights"], three["weights"]) <= 2e-4, label
+            # 8-bit AdamW moments turn the two runs' ~1e-8 differences (reduction order) into
+            # whole code steps of some elements: compared at that resolution.
+            bar = 2e-3 if label.endswith("8bit-dense") else 2e-4
+            assert _distance(two["weights"], three["weights"]) <= bar, label
     with capsys.disabled():
         for world in (3, 2):
             print((tmp_path / f"report_{world}.txt").read_text(), end="")
