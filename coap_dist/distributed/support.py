@@ -82,6 +82,22 @@ def _row(eight_bit: Cell = _U, **cells: Cell) -> dict[str, Cell]:
     return {f: cells.get(f, _U) for f in FEATURES}
 
 
+def _matrix_cells(**override: Cell) -> dict[str, Cell]:
+    """Every cell proved by the matrix test (``override``: cells proved otherwise)."""
+    cells = {
+        "eight_bit": _t(f"{_M} (with a Tucker conv)"),
+        "tucker": _t(_M),
+        "auto": _t(_M),
+        "adaptive": _t(_M),
+        "adafactor": _t(_M),
+        "accum": _t(_M),
+        "bf16": _t(f"{_M} (rel. 2e-2)"),
+        "resume": _t(f"{_M} (consolidated)"),
+        "reshard": _t(f"{_M} (consolidated, -> another layout)"),
+    }
+    return {**cells, **override}
+
+
 SUPPORT: dict[str, dict[str, Cell]] = {
     "single": _row(
         eight_bit=_t("tests/test_optim.py"),
@@ -94,17 +110,7 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         resume=_t("tests/test_optim.py"),
         reshard=_t("tests/distributed/test_owner.py (consolidated state)"),
     ),
-    "ddp": _row(
-        eight_bit=_t(f"{_M} (with a Tucker conv)"),
-        tucker=_t(_M),
-        auto=_t(_M),
-        adaptive=_t(_M),
-        adafactor=_t(_M),
-        accum=_t(_M),
-        bf16=_t(f"{_M} (rel. 2e-2)"),
-        resume=_t(f"{_M} (consolidated)"),
-        reshard=_t(f"{_M} (consolidated, -> another layout)"),
-    ),
+    "ddp": _row(**_matrix_cells()),
     "ddp_owner": _row(
         eight_bit=_t("tests/distributed/test_owner.py (2 and 3 ranks, with a Tucker conv)"),
         tucker=_t("tests/distributed/test_owner.py (2 and 3 ranks)"),
@@ -153,17 +159,7 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         resume=_t(f"{_M} (consolidated)"),
         reshard=_t("tests/distributed/test_fsdp2.py (consolidated, 2 -> 3 ranks)"),
     ),
-    "fsdp1": _row(
-        eight_bit=_t(f"{_M} (with a Tucker conv, and dense)"),
-        tucker=_t(_M),
-        auto=_t(_M),
-        adaptive=_t(_M),
-        adafactor=_t(_M),
-        accum=_t(_M),
-        bf16=_t(f"{_M} (rel. 2e-2)"),
-        resume=_t(f"{_M} (consolidated)"),
-        reshard=_t(f"{_M} (consolidated, -> another layout)"),
-    ),
+    "fsdp1": _row(**_matrix_cells(eight_bit=_t(f"{_M} (with a Tucker conv, and dense)"))),
     "zero0": _row(
         eight_bit=_t("tests/integrations/test_deepspeed.py (with a Tucker conv)"),
         tucker=_t("tests/integrations/test_deepspeed.py"),

@@ -220,7 +220,7 @@ def _join_moment(
     if name in states[0]:
         return {name: torch.cat([s[name].cpu().reshape(-1) for s in states]).reshape(shape)}
     codes = torch.cat([s[f"{name}_q"].cpu().reshape(-1) for s in states])
-    scales = torch.zeros(fquant.num_blocks(codes.numel()), dtype=torch.float32)
+    scales = torch.zeros(fquant.num_blocks(codes.numel()), dtype=torch.float32, device=codes.device)
     for s, a in zip(states, starts, strict=True):
         piece = s[f"{name}_scale"].cpu()
         scales[a // fquant.BLOCK : a // fquant.BLOCK + piece.numel()] = piece
