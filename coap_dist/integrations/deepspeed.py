@@ -71,6 +71,7 @@ from coap_dist.distributed.owner import OwnerLayout
 from coap_dist.distributed.placement import Range
 from coap_dist.distributed.views import FragmentView
 from coap_dist.optim import COAPAdafactor, COAPAdamW
+from coap_dist.optim.checkpoint import PENDING_STATE
 from coap_dist.optim.layout import Layout, add_construction_hook, set_layout_resolver
 
 OPTIMIZER_TYPES: dict[str, type] = {"COAP": COAPAdamW, "COAPAdafactor": COAPAdafactor}
@@ -331,7 +332,9 @@ def to_universal(
     module buffers), ``zero/optimizer_state.pt`` (rank 0's global ZeRO state and the param
     groups, as ``ds_to_universal`` writes it), ``zero/<param name>/fp32.pt`` (``{"param":
     full fp32 master}``, reconstructed by DeepSpeed's ``zero_to_fp32``) and
-    :data:`COAP_SHARDS`; at stage 3 also the ZeRO files themselves (hard links where the
+    :data:`COAP_SHARDS` (the groups carry :data:`~coap_dist.optim.checkpoint.PENDING_STATE`:
+    a stage 1-2 engine that loads them without :func:`load_checkpoint` refuses to step);
+    at stage 3 also the ZeRO files themselves (hard links where the
     filesystem allows), which DeepSpeed's universal loader reads when it is not to load
     Adam's moments; then ``dst/latest_universal`` (and ``dst/latest`` at stage 3). The tag
     folder is written as ``<tag>.tmp`` and renamed when complete. Returns ``dst/<tag>``.
@@ -388,7 +391,11 @@ def to_universal(
     flat = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
     sharded = {flat, "base_optimizer_state", "param_slice_mappings"}
     glob_state = {k: v for k, v in first.items() if k not in sharded}
-    glob_state["param_groups"] = shards[0]["param_groups"]
+    # DeepSpeed's stage 1-2 universal loader copies these groups' keys into COAP's: the
+    # marker makes a step() without load_checkpoint (COAP's state never loaded) refuse.
+    glob_state["param_groups"] = [
+        {**g, PENDING_STATE: COAP_SHARDS} for g in shards[0]["param_groups"]
+    ]
     torch.save(glob_state, out / "zero" / "optimizer_state.pt")
     weights = get_fp32_state_dict_from_zero_checkpoint(str(src), tag=tag)
     for name, value in weights.items():
@@ -461,6 +468,8 @@ def load_checkpoint(
     if out[0] is not None:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         coap.load_state_dict({"coap_shards": saved["shards"]})
+        for g in coap.param_groups:
+            g.pop(PENDING_STATE, None)
     return out
 
 

@@ -28,6 +28,13 @@ from coap_dist.optim.schedule import AdaptiveState
 from coap_dist.optim.spec import ParamSpec
 from coap_dist.optim.storage import assemble_all, convert_full
 
+PENDING_STATE = "coap_state_pending"
+"""A param-group key a checkpoint converter writes into the groups a wrapper restores by
+itself (``coap-dist ds-to-universal``: DeepSpeed's universal loader copies the saved groups'
+keys into the optimizer's), naming the file that holds COAP's state. The loader that gives
+COAP that state removes it; a ``step()`` that still finds it raises instead of stepping on
+fresh state."""
+
 REFRESH_KEYS = ("refresh_credit", "refresh_base", "refresh_rho", "refresh_last")
 """Per-parameter state-dict entries (0-d fp64 tensors) of an adaptive matrix's schedule
 record, :meth:`AdaptiveState.as_list` order; added to the saved copies only."""

@@ -41,7 +41,7 @@ from torch.optim import Optimizer
 
 from coap_dist.functional import projection as fproj
 from coap_dist.optim import autorank, kernels, schedule
-from coap_dist.optim.checkpoint import Checkpoints
+from coap_dist.optim.checkpoint import PENDING_STATE, Checkpoints
 from coap_dist.optim.config import COAPAdafactorConfig, COAPAdamWConfig
 from coap_dist.optim.layout import (
     Layout,
@@ -288,6 +288,14 @@ class _COAPBase(Checkpoints, Optimizer):
                 loss = closure()
         present = self._present_groups()
         for g in self.param_groups:
+            if PENDING_STATE in g:
+                raise RuntimeError(
+                    f"{self.name}: a checkpoint was loaded into this optimizer's groups but "
+                    f"not its state (in {g[PENDING_STATE]!r} of the checkpoint): a universal "
+                    "checkpoint of `coap-dist ds-to-universal` loads with "
+                    "coap_dist.integrations.deepspeed.load_checkpoint(engine, dir), not "
+                    "engine.load_checkpoint alone"
+                )
             for p in g["params"]:
                 if p.grad is not None and p.grad.layout != torch.strided:
                     raise RuntimeError(

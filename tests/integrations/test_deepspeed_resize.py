@@ -172,6 +172,8 @@ def _resume(rank: int, world: int, root: Path, case: tuple, saved_at: int) -> li
     label, _, bf16, _, _ = case
     ref = torch.load(root / label / f"w{saved_at}.pt", weights_only=True)
     stage = case[1]
+    if stage in (1, 2) and not bf16:
+        _check_plain_load_refuses(rank, world, root, case, saved_at)
     engine = _build(world, case, universal=stage > 0)
     if stage:
         path, _ = load_checkpoint(engine, root / label / f"w{saved_at}u")
@@ -200,6 +202,22 @@ def _resume(rank: int, world: int, root: Path, case: tuple, saved_at: int) -> li
         f"{[round(v, 6) for v in ref['losses'][SAVE_AT:]]}; max rel weight distance "
         f"{dist_w:.2e}; (refreshes, skips) in steps 4-7 {metrics}, uninterrupted {ref['metrics']}"
     ]
+
+
+def _check_plain_load_refuses(
+    rank: int, world: int, root: Path, case: tuple, saved_at: int
+) -> None:
+    """engine.load_checkpoint of the universal form alone (COAP's state never loaded): the
+    first step refuses, naming the loader, and changes no weight."""
+    engine = _build(world, case, universal=True)
+    engine.load_checkpoint(str(root / case[0] / f"w{saved_at}u"))
+    before = T._full_params(engine)
+    engine.backward(T._loss(engine, *_batch(rank, world, SAVE_AT)))
+    with pytest.raises(RuntimeError, match=r"coap_dist.integrations.deepspeed.load_checkpoint"):
+        engine.step()
+    for p, q in zip(T._full_params(engine), before, strict=True):
+        assert torch.equal(p, q), case[0]
+    engine.destroy()
 
 
 def _worker(rank: int, world: int, root: str, phase: str) -> None:
