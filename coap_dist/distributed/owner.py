@@ -19,7 +19,11 @@ the gradient round (one ``all_to_all``: the gradient rectangles each rank holds 
 ranks that compute them, P to the other members of a team) and the update round (one
 ``all_to_all``: for every rank holding weights a matrix piece touches, the cheaper of its
 update rectangles or its factors D (rows x r) and P (r x b)). Splitting is rare at small N:
-then the gradient round is empty under DDP and the update round carries D and P.
+then the gradient round is empty under DDP and the update round carries D and P. A fourth,
+tiny one runs only where a wrapper's partition cuts an 8-bit AdamW parameter inside a
+quantization block (FSDP1, FSDP2, DeepSpeed; never under DDP, whose cuts fall on blocks): a
+MAX all-reduce of those blocks' maxima (:meth:`OwnerLayout.share_block_max`), so that every
+piece quantizes as one process does.
 
 Bytes per rank per plain step are at most the gradient bytes it holds (sent) and the
 gradient bytes of the rows it computes (received), plus, for every matrix it holds weights
