@@ -209,7 +209,11 @@ def _check_plain_load_refuses(
 ) -> None:
     """engine.load_checkpoint of the universal form alone (COAP's state never loaded): the
     first step refuses, naming the loader, and changes no weight."""
+    from coap_dist.integrations.deepspeed import load_checkpoint
+
     engine = _build(world, case, universal=True)
+    with pytest.raises(ValueError, match=r"coap_shards.pt is missing.*coap-dist ds-to-universal"):
+        load_checkpoint(engine, root / "no_coap_u")  # refused before the engine loads
     engine.load_checkpoint(str(root / case[0] / f"w{saved_at}u"))
     before = T._full_params(engine)
     engine.backward(T._loss(engine, *_batch(rank, world, SAVE_AT)))
@@ -295,9 +299,9 @@ def _one_process(root: Path) -> list[str]:
     return lines
 
 
-def _check_refusals(root: Path) -> None:
+def _check_refusals(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The converter refuses a checkpoint with a rank file missing and one without COAP
-    state; the loader refuses a universal checkpoint without COAP's state."""
+    state (the command: exit status 1 and the message, nothing written)."""
     from coap_dist.integrations.deepspeed import to_universal
 
     label = CASES[0][0]
@@ -312,6 +316,12 @@ def _check_refusals(root: Path) -> None:
     torch.save(sd, files[0])
     with pytest.raises(ValueError, match=r"holds no COAP state"):
         to_universal(broken, root / "broken_u")
+    from coap_dist.cli import main
+
+    capsys.readouterr()
+    assert main(["ds-to-universal", str(broken), str(root / "broken_u")]) == 1
+    assert "error: coap-dist ds-to-universal:" in capsys.readouterr().err
+    assert not (root / "broken_u" / "t").exists()  # nothing half-written
 
 
 @pytest.mark.deepspeed
@@ -323,7 +333,11 @@ def test_deepspeed_resume_at_another_world_size(
     pytest.importorskip("deepspeed")
     run_workers(_worker, 2, str(tmp_path), "save")
     _convert(tmp_path, 2, capsys)
-    _check_refusals(tmp_path)
+    _check_refusals(tmp_path, capsys)
+    converted = next((c[0] for c in CASES if c[1] > 0), None)
+    if converted is not None:  # a universal folder without COAP's state
+        shutil.copytree(tmp_path / converted / "w2u", tmp_path / "no_coap_u")
+        (tmp_path / "no_coap_u" / "t" / "zero" / "coap_shards.pt").unlink()
     single = _one_process(tmp_path)
     run_workers(_worker, 3, str(tmp_path), "resume+save")
     _convert(tmp_path, 3, capsys)
