@@ -198,6 +198,8 @@ class OwnerLayout(OwnerCheckpoints, Layout):
         """One MAX all-reduce over the blocks that pieces of 8-bit AdamW parameters share
         (the placement's cuts inside a quantization block; none under DDP, whose cuts fall
         on blocks), when this call's parameters have any."""
+        if not self._shared_blocks:  # (every step: nothing to do on most layouts)
+            return maxima
         active = set(self._active)
         shared = [(i, k) for i, k in self._shared_blocks if i in active]
         if not shared:

@@ -72,6 +72,7 @@ from coap_dist.distributed.placement import Range
 from coap_dist.distributed.views import FragmentView
 from coap_dist.optim import COAPAdafactor, COAPAdamW
 from coap_dist.optim.checkpoint import PENDING_STATE
+from coap_dist.optim.coap import innermost
 from coap_dist.optim.layout import Layout, add_construction_hook, set_layout_resolver
 
 OPTIMIZER_TYPES: dict[str, type] = {"COAP": COAPAdamW, "COAPAdafactor": COAPAdafactor}
@@ -413,16 +414,13 @@ def to_universal(
 
 def _coap_of(engine: Any) -> COAPAdamW | COAPAdafactor:
     """The COAP optimizer inside a DeepSpeed engine's ZeRO / mixed-precision wrappers."""
-    opt, seen = engine.optimizer, set()
-    while opt is not None and id(opt) not in seen:
-        if isinstance(opt, COAPAdamW | COAPAdafactor):
-            return opt
-        seen.add(id(opt))
-        opt = getattr(opt, "optimizer", None)
-    raise ValueError(
-        'coap_dist load_checkpoint: the engine\'s optimizer is not COAP ("type": "COAP"); '
-        "call engine.load_checkpoint directly"
-    )
+    opt = innermost(engine.optimizer)
+    if not isinstance(opt, COAPAdamW | COAPAdafactor):
+        raise ValueError(
+            'coap_dist load_checkpoint: the engine\'s optimizer is not COAP ("type": "COAP"); '
+            "call engine.load_checkpoint directly"
+        )
+    return opt
 
 
 def load_checkpoint(

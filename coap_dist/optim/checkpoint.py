@@ -233,12 +233,12 @@ class Checkpoints:
     def _load(self, sd: Mapping[str, Any]) -> None:
         lay = self._bound()
         if "coap_shards" in sd:
-            items = [
-                (int(i), a, b, {k: v for k, v in st.items() if k not in REFRESH_KEYS})
-                for shard in sd["coap_shards"]
-                for i, st in shard["state"].items()
-                for a, b in (shard["coap_pieces"][i],)
-            ]
+            items = []
+            for shard in sd["coap_shards"]:
+                for i, st in shard["state"].items():
+                    a, b = shard["coap_pieces"][i]
+                    kept = {k: v for k, v in st.items() if k not in REFRESH_KEYS}
+                    items.append((int(i), a, b, kept))
             where = f"{self.name}.load_state_dict(coap_shards)"
             sd = {k: v for k, v in sd.items() if k != "coap_shards"}
             sd["state"] = assemble_all(self.specs, items, where)

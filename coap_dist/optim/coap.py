@@ -773,3 +773,18 @@ class COAPAdafactor(_COAPBase):
 
 for _cls in (COAPAdamW, COAPAdafactor):
     _cls.__doc__ = f"{_cls.__doc__}\n{textwrap.indent(_cls.config_class.docs(), '    ')}\n"
+
+
+def innermost(optimizer: Any) -> Any:
+    """Unwrap ZeroRedundancyOptimizer (``.optim``) and DeepSpeed wrappers (``.optimizer``)
+    down to the object that owns the per-parameter state."""
+    seen = set()
+    while id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        if hasattr(optimizer, "state_bytes") or hasattr(optimizer, "metrics"):
+            return optimizer
+        inner = getattr(optimizer, "optim", None) or getattr(optimizer, "optimizer", None)
+        if inner is None:
+            return optimizer
+        optimizer = inner
+    return optimizer

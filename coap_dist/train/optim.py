@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from coap_dist.optim.coap import innermost
 from coap_dist.train.config import OptimizerConfig
 
 
@@ -101,21 +102,6 @@ def deepspeed_optimizer_config(cfg: OptimizerConfig, *, cpu: bool) -> dict[str, 
     if cfg.kind == "coap_adafactor":
         return {"type": "COAPAdafactor", "params": params}
     raise ValueError(f"{cfg.where}.kind={cfg.kind} cannot run under DeepSpeed")
-
-
-def innermost(optimizer: Any) -> Any:
-    """Unwrap ZeroRedundancyOptimizer (``.optim``) and DeepSpeed wrappers (``.optimizer``)
-    down to the object that owns the per-parameter state."""
-    seen = set()
-    while id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        if hasattr(optimizer, "state_bytes") or hasattr(optimizer, "metrics"):
-            return optimizer
-        inner = getattr(optimizer, "optim", None) or getattr(optimizer, "optimizer", None)
-        if inner is None:
-            return optimizer
-        optimizer = inner
-    return optimizer
 
 
 def state_bytes(optimizer: Any) -> int:
