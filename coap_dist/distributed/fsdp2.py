@@ -121,6 +121,7 @@ class Fsdp2View(FragmentView):
     """FSDP2 row shards as fragments of the flattened parameters (for the owner protocol)."""
 
     name = "fsdp2_owner"
+    dcp = True
 
     def __init__(self) -> None:
         self._params: list[DTensor] = []

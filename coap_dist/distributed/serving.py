@@ -4,8 +4,13 @@
 that turns its pieces into state dicts and back:
 
 * ``state_dict``: one process (or replicated state) serves the single-process form. A sharded
-  rank cannot, and raises at once naming ``consolidate_state_dict(to)``
-  (ZeroRedundancyOptimizer's convention); a rank-local view (DeepSpeed's per-rank files)
+  rank of a view with a DCP form (FSDP2 / HSDP ``sharding="owner"``) serves its pieces as
+  :class:`~coap_dist.distributed.pieces.Pieces` of the single-process tensors, plus every
+  parameter's counters, for ``torch.distributed.checkpoint``, which reshards them to any world
+  size and layout (no communication; ``rank="auto"`` is refused: DCP takes the shapes from the
+  loading optimizer, before the saved ranks could be read). Other sharded ranks raise at once
+  naming ``consolidate_state_dict(to)`` (ZeroRedundancyOptimizer's convention); a rank-local
+  view (DeepSpeed's per-rank files)
   serves this rank's pieces, tagged with the placement (``coap_layout``) and each piece's
   bounds (``coap_pieces``), so that every rank's files together assemble anywhere
   (``load_state_dict({"coap_shards": [...]})``);
@@ -13,11 +18,12 @@ that turns its pieces into state dicts and back:
   rank) and assembles the single-process form (:func:`~coap_dist.optim.storage.assemble_all`);
 * ``load_state_dict``: keeps this rank's pieces of a single-process state dict
   (:func:`~coap_dist.optim.storage.slice_full`), at any world size and placement, or a
-  tagged rank's own pieces unchanged.
+  tagged rank's own pieces unchanged, or the DCP form's pieces (loaded in place by DCP).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -26,10 +32,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from coap_dist.distributed.comm import Comm, tensor_bytes
+from coap_dist.distributed.pieces import Pieces, piece_tensor
 from coap_dist.distributed.placement import Piece, Placement
 from coap_dist.distributed.routes import Geometry
 from coap_dist.distributed.views import FragmentView
+from coap_dist.optim.checkpoint import REFRESH_KEYS
 from coap_dist.optim.layout import Core
+from coap_dist.optim.spec import state_shapes
 from coap_dist.optim.storage import Item, assemble_all, slice_full
 
 __all__ = ["OwnerCheckpoints"]
@@ -57,6 +66,10 @@ class OwnerCheckpoints:
             """The local shape of an AdamW parameter's piece (the layout's)."""
             ...
 
+        def ensure_state(self, index: int) -> None:
+            """Allocate this rank's state of parameter ``index`` (the layout's)."""
+            ...
+
     def state_dict(self, saved: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         if self.view.rank_local:
             sd = saved()
@@ -68,6 +81,8 @@ class OwnerCheckpoints:
             if any(e.frags is not None for e in self._entries):
                 sd["state"] = self.consolidate(0)  # fragment-shaped pieces -> whole tensors
             return sd
+        if self.view.dcp:
+            return self._dcp_form(saved())
         raise RuntimeError(
             f"COAP under the `{self.name}` layout keeps 1/{self.world} of the optimizer state "
             "on each rank, so state_dict() on one rank cannot return all of it. Call "
@@ -75,6 +90,84 @@ class OwnerCheckpoints:
             "rank 0 (ZeroRedundancyOptimizer's convention); load_state_dict() of that state "
             "works on any number of ranks"
         )
+
+    def _dcp_form(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """The DCP form (module docstring) of this rank's state dict ``sd``: per trainable
+        parameter (on every rank) ``step`` and the adaptive record as 0-d tensors, then
+        this rank's state: counters, a projector or a whole convolution as plain tensors (one
+        rank holds them, or every rank of the team the same ``exp_avg_sq_col``), pieces as
+        :class:`Pieces` of the single-process tensors."""
+        assert self._core is not None
+        auto = [gi for gi, g in enumerate(self._core.groups) if g.get("rank") == "auto"]
+        if auto:
+            raise RuntimeError(
+                f"COAP under the `{self.name}` layout: param_groups {auto} have rank='auto', "
+                "which has no torch.distributed.checkpoint form (DCP takes every tensor's shape "
+                "from the loading optimizer, before the ranks chosen during training could be "
+                "read). Call opt.consolidate_state_dict(to=0) on every rank, then "
+                "opt.state_dict() on rank 0 (loads at any world size), or set a fixed rank"
+            )
+        steps, records = sd["coap_steps"], sd.get("coap_refresh", {})
+        state: dict[int, dict[str, Any]] = {}
+        for e, pc in zip(self._entries, self._mine, strict=True):
+            i = e.spec.index
+            st = sd["state"].get(i, {})
+            if not (st or self._params[i].requires_grad):
+                continue  # (DCP's strict load asks every trainable parameter for state)
+            out: dict[str, Any] = {"step": torch.tensor(float(steps[i]))}
+            if i in records:
+                out.update(
+                    (k, torch.tensor(v, dtype=torch.float64))
+                    for k, v in zip(REFRESH_KEYS, records[i], strict=True)
+                )
+            for k, v in st.items():
+                if k not in out:
+                    out[k] = self._dcp_value(e, pc, k, v)
+            state[i] = out
+        sd["state"] = state
+        return sd
+
+    @staticmethod
+    def _dcp_value(e: Geometry, pc: Piece | None, key: str, v: Tensor) -> Tensor:
+        """State tensor ``key`` of piece ``pc`` as DCP saves it (plain when whole)."""
+        spec = e.spec
+        whole = key in ("projector", "exp_avg_sq_col") or spec.kind == "conv"
+        if v.ndim == 0 or pc is None or whole:
+            return v
+        shape = state_shapes(spec)[key][0]
+        if spec.kind == "matrix":  # pieces are canonical rows
+            unit = spec.rank if key.endswith("_scale") else math.prod(shape[1:])
+            return piece_tensor(key, shape, v, pc.start * unit, pc.stop * unit)
+        return piece_tensor(key, shape, v, pc.start, pc.stop)
+
+    def _load_pieces(self, e: Geometry, pc: Piece | None, saved: Mapping[str, Any]) -> None:
+        """This rank's state of parameter ``e`` from a DCP-form entry holding Pieces (those
+        built by this layout's ``state_dict()``, filled in place by DCP)."""
+        assert self._core is not None
+        i = e.spec.index
+        self.ensure_state(i)
+        st = self._core.state[self._params[i]]
+        for k, v in saved.items():
+            if k not in st:
+                raise ValueError(
+                    f"COAP ({self.name}): saved state `{k}` of parameter {i} is not kept "
+                    "by this rank"
+                )
+            if isinstance(v, Pieces):
+                want = self._dcp_value(e, pc, k, st[k])
+                if not isinstance(want, Pieces) or (
+                    want.offsets(),
+                    tuple(want.shape),
+                    tuple(want.unwrap().shape),
+                ) != (v.offsets(), tuple(v.shape), tuple(v.unwrap().shape)):
+                    raise ValueError(
+                        f"COAP ({self.name}): the DCP pieces of `{k}` of parameter {i} ({v!r}) "
+                        "are not this rank's; build the state dict to load into with "
+                        "get_optimizer_state_dict(model, opt) of this optimizer"
+                    )
+                v = v.unwrap()
+            if v.data_ptr() != st[k].data_ptr():
+                st[k].copy_(v)
 
     def _tag(self) -> dict[str, Any]:
         assert self.placement is not None
@@ -102,7 +195,19 @@ class OwnerCheckpoints:
             if not saved:
                 self._core.state.pop(p, None)
                 continue
+            if any(isinstance(v, Pieces) for v in saved.values()):
+                self._load_pieces(e, mine, saved)
+                continue
             holder = e.holder == self.rank
+            if mine is not None and not any(
+                isinstance(v, Tensor) and v.ndim for v in saved.values()
+            ):
+                raise ValueError(
+                    f"COAP ({self.name}): the saved state of parameter {i} holds only its "
+                    "counters, no moments for this rank's piece: it is another rank's part of "
+                    "a sharded checkpoint. Load DCP checkpoints with dcp.load into "
+                    "get_optimizer_state_dict(model, opt), then set_optimizer_state_dict"
+                )
             if tag is not None:
                 if mine is not None or holder:
                     self._core.state[p] = {

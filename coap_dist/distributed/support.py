@@ -151,13 +151,19 @@ SUPPORT: dict[str, dict[str, Cell]] = {
     "fsdp2_owner": _row(
         eight_bit=_t(f"{_M} (with a Tucker conv, and dense; HSDP too)"),
         tucker=_t(_M),
-        auto=_t("tests/distributed/test_fsdp2.py"),
+        auto=_t(
+            "tests/distributed/test_fsdp2.py (checkpoints consolidated: DCP refuses it, "
+            "tests/distributed/test_dcp_owner.py)"
+        ),
         adaptive=_t(_M),
         adafactor=_t(_M),
         accum=_t(_M),
         bf16=_t(f"{_M} (rel. 2e-2)"),
-        resume=_t(f"{_M} (consolidated)"),
-        reshard=_t("tests/distributed/test_fsdp2.py (consolidated, 2 -> 3 ranks)"),
+        resume=_t(f"{_M} (consolidated); tests/distributed/test_dcp_owner.py (DCP, bitwise)"),
+        reshard=_t(
+            "tests/distributed/test_dcp_owner.py (DCP: HSDP 2 x 2 -> 3 ranks, to and from "
+            "the default layout, one process); tests/distributed/test_fsdp2.py (consolidated)"
+        ),
     ),
     "fsdp1": _row(**_matrix_cells(eight_bit=_t(f"{_M} (with a Tucker conv, and dense)"))),
     "zero0": _row(

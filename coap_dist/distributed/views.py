@@ -36,6 +36,9 @@ class FragmentView(abc.ABC):
         reduced: gradients arrive averaged over the group (False: this rank's own, to be
             summed by the optimizer, ZeRO-2 without DDP).
         rank_local: checkpoints hold each rank's pieces (DeepSpeed's per-rank files).
+        dcp: ``state_dict()`` on a sharded rank serves the form of
+            :mod:`~coap_dist.distributed.pieces` for ``torch.distributed.checkpoint``
+            (False: it raises, naming ``consolidate_state_dict``).
     """
 
     name = "fragments"
@@ -43,6 +46,7 @@ class FragmentView(abc.ABC):
     solo = False
     reduced = True
     rank_local = False
+    dcp = False
 
     @abc.abstractmethod
     def attach(self, current: list[list[Tensor]], built: list[list[Tensor | None]]) -> list[Tensor]:

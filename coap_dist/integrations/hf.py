@@ -6,8 +6,8 @@ saves depends on the setup:
 
 * FSDP (``fsdp_config={"fsdp_version": 2}``): accelerate's ``save_fsdp_optimizer``, i.e.
   ``torch.distributed.checkpoint`` of ``get_optimizer_state_dict`` on every rank: works with
-  COAP's FSDP2 default layout (DTensor state). FSDP2 with ``sharding="owner"`` has no DCP
-  form: use the default layout with the Trainer.
+  COAP's FSDP2 default layout (DTensor state) and with ``sharding="owner"`` (its pieces as
+  :class:`~coap_dist.distributed.pieces.Pieces`; ``rank="auto"`` excepted).
 * DeepSpeed: ``engine.save_checkpoint`` (per-rank files): works.
 * Otherwise (one process, DDP): ``torch.save(optimizer.state_dict())`` on the main process
   only. Replicated COAP state (``sharding=None``) saves as is; with ``sharding="owner"`` the

@@ -254,8 +254,9 @@ class Checkpoints:
                 raise ValueError(
                     f"{self.name}.load_state_dict: state for parameter {i} of {len(self.specs)}"
                 )
-            if not (partial or _is_dtensor_state(st)):
-                # a rank's pieces are checked by the layout (they must be its own)
+            if not (partial or _is_chunked_state(st) or (lay.world > 1 and _counters_only(st))):
+                # a rank's pieces, and the counters a DCP form gives the ranks without a
+                # piece, are checked by the layout (they must be its own)
                 state[i] = convert_full(
                     self.specs[int(i)], st, f"{self.name}.load_state_dict: parameter {i}"
                 )
@@ -294,13 +295,11 @@ def _from_shards(shards: Any, name: str) -> dict[str, Any]:
 
 
 def _snapshot(state: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
-    """CPU copies of plain state tensors (DTensor state and pieces are the layout's)."""
-    from torch.distributed.tensor import DTensor
-
+    """CPU copies of plain state tensors (DTensor state and DCP pieces are the layout's)."""
     return {
         i: {
             k: v.detach().to("cpu", copy=True)
-            if isinstance(v, Tensor) and not isinstance(v, DTensor)
+            if isinstance(v, Tensor) and not _is_chunked(v)
             else v
             for k, v in st.items()
         }
@@ -308,7 +307,16 @@ def _snapshot(state: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, Any
     }
 
 
-def _is_dtensor_state(st: Mapping[str, Any]) -> bool:
-    from torch.distributed.tensor import DTensor
+def _is_chunked(v: Any) -> bool:
+    """Whether ``v`` is a global tensor of which this rank holds chunks (a DTensor, or an
+    owner layout's DCP ``Pieces``: both implement DCP's ``__create_chunk_list__``)."""
+    return isinstance(v, Tensor) and hasattr(v, "__create_chunk_list__")
 
-    return any(isinstance(v, DTensor) for v in st.values())
+
+def _is_chunked_state(st: Mapping[str, Any]) -> bool:
+    return any(_is_chunked(v) for v in st.values())
+
+
+def _counters_only(st: Mapping[str, Any]) -> bool:
+    """A state entry without moments (a DCP form's entry on a rank holding no piece)."""
+    return not any(isinstance(v, Tensor) and v.ndim for v in st.values())

@@ -43,7 +43,7 @@ import coap_dist
 from coap_dist.distributed import placement
 from coap_dist.distributed.placement import Placement, chunk_range
 from coap_dist.distributed.routes import bound_bytes, geometries
-from coap_dist.distributed.trace import NoCollectives, count_steps
+from coap_dist.distributed.trace import count_steps
 from coap_dist.optim.spec import nbytes, state_shapes
 from tests.dist_harness import run_workers
 
@@ -288,15 +288,13 @@ def _phase_resume(rank: int, world: int, tmp: str) -> None:
 def _phase_owner(rank: int, world: int, tmp: str) -> None:
     """``sharding="owner"`` (3 ranks, uneven and empty shards, matrices whole and split,
     reference side rule: left projections too) within 2e-5 of one process; its state is
-    consolidated on rank 0 for a one-file checkpoint that resumes bitwise, and DCP, which
-    would need each rank's pieces as DTensors, is refused at once with that advice."""
+    consolidated on rank 0 for a one-file checkpoint that resumes bitwise (its DCP form:
+    tests/distributed/test_dcp_owner.py)."""
     model, opt = _sharded(world, sharding="owner")
     ref_model = _model()
     ref = coap_dist.COAPAdamW(ref_model.parameters(), **KW)
     _train(model, opt, range(SAVE_AT), rank, world, (ref_model, ref))
     assert opt.layout.name == "fsdp2_owner"
-    with NoCollectives(), pytest.raises(RuntimeError, match="consolidate_state_dict"):
-        get_optimizer_state_dict(model, opt)
     opt.consolidate_state_dict(to=0)
     path = os.path.join(tmp, "owner.pt")
     weights = {n: p.full_tensor() for n, p in model.named_parameters()}

@@ -1,0 +1,185 @@
+"""The owner layouts' form for ``torch.distributed.checkpoint`` (DCP): state as global tensors.
+
+DCP saves and reshards tensors described as *chunks* (boxes) of a global tensor. The owner
+protocol keeps each parameter's state in pieces that DTensor placements cannot describe
+(a matrix's rows split at any row, a whole matrix on its owner, an AdamW parameter cut at any
+element), so :class:`Pieces` describes them directly: a tensor subclass holding this rank's
+boxes of one state tensor in the single-process (full) form of
+:func:`coap_dist.optim.spec.state_shapes`. It implements DCP's checkpointable protocol
+(``__create_write_items__``, ``__create_chunk_list__``, ``__get_tensor_shard__``, as DTensor
+does) and nothing else: every other operation raises. Because the global tensors are the
+single-process ones, a DCP checkpoint of an owner layout loads at any world size, under the
+FSDP2 default layout (whose DTensors have the same global shapes) and in one process, and the
+other way round.
+
+* A piece of rows [a, b) of a matrix moment (or code) tensor is one box; a flat range
+  [a, b) of an AdamW moment of shape ``(d0, d1, ...)`` is at most ``2 * ndim - 1`` boxes
+  (:func:`flat_boxes`), each a contiguous slice of the piece's storage: the boxes are views,
+  nothing is copied when saving, and DCP loads into the live state.
+* 8-bit scales (one per ``quant.BLOCK`` elements of the flat moment): pieces cut inside a
+  block share that block's scale (the same value on both, ``Layout.share_block_max``), so a
+  piece WRITES the blocks that start inside it and READS every block it touches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+)
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+from coap_dist.functional import quant as fquant
+
+__all__ = ["Pieces", "flat_boxes", "piece_tensor"]
+
+Chunk = tuple[torch.Size, Tensor]
+"""A box of a global tensor: its offsets and the local tensor holding it."""
+
+_NOT_A_TENSOR = (
+    "COAP: this is one rank's part of the optimizer's sharded checkpoint form, which only "
+    "torch.distributed.checkpoint can save and load (dcp.save / dcp.load of "
+    "get_optimizer_state_dict). For a one-file checkpoint call opt.consolidate_state_dict(to=0) "
+    "on every rank, then opt.state_dict() on that rank"
+)
+
+
+class Pieces(Tensor):
+    """This rank's boxes of a global state tensor (module docstring).
+
+    Args:
+        shape: the global (single-process) shape.
+        local: the piece's tensor (the live state; ``unwrap`` returns it).
+        reads: the boxes this rank loads, views of ``local``.
+        writes: the boxes this rank saves (a subset of ``reads``; default all of them).
+    """
+
+    _local: Tensor
+    _reads: list[Chunk]
+    _writes: list[Chunk]
+
+    @staticmethod
+    def __new__(
+        cls,
+        shape: Sequence[int],
+        local: Tensor,
+        reads: Sequence[Chunk],
+        writes: Sequence[Chunk] | None = None,
+    ) -> Pieces:
+        out = Tensor._make_wrapper_subclass(
+            cls, torch.Size(shape), dtype=local.dtype, device=local.device
+        )
+        out._local = local
+        out._reads = list(reads)
+        out._writes = list(reads if writes is None else writes)
+        return out
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
+    @classmethod
+    def __torch_dispatch__(  # type: ignore[override]
+        cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
+        raise RuntimeError(f"{_NOT_A_TENSOR} (attempted {func})")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise RuntimeError(_NOT_A_TENSOR)
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        boxes = [(tuple(o), tuple(t.shape)) for o, t in self._reads]
+        return f"Pieces(shape={tuple(self.shape)}, boxes={boxes})"
+
+    def unwrap(self) -> Tensor:
+        """The piece's local tensor."""
+        return self._local
+
+    def offsets(self) -> list[tuple[int, ...]]:
+        """The offsets of the boxes this rank reads (which piece of the tensor it is)."""
+        return [tuple(o) for o, _ in self._reads]
+
+    # ------------------------------------------------- DCP's checkpointable protocol
+    def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
+        return [
+            WriteItem(
+                index=MetadataIndex(fqn, off),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=off, sizes=t.size()),
+                    properties=TensorProperties.create_from_tensor(t),
+                    size=self.size(),
+                ),
+            )
+            for off, t in self._writes
+        ]
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return [ChunkStorageMetadata(offsets=off, sizes=t.size()) for off, t in self._reads]
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> Tensor:
+        for off, t in (*self._reads, *self._writes):
+            if off == index.offset:
+                return t
+        raise ValueError(f"COAP: no box at offset {index.offset} of {index.fqn} on this rank")
+
+
+def flat_boxes(shape: Sequence[int], start: int, stop: int) -> list[tuple[list[int], list[int]]]:
+    """The flat (row-major) range [start, stop) of a tensor of ``shape`` as (offsets, sizes)
+    boxes, in flat order; each covers a contiguous flat range. At most ``2 * ndim - 1``:
+    a partial leading slab, full slabs of the first dimension, a partial trailing one, the
+    partial slabs recursing into the remaining dimensions."""
+    if stop <= start:
+        return []
+    if len(shape) <= 1:
+        return [([start], [stop - start])]
+    inner = math.prod(shape[1:])
+    first, last = start // inner, (stop - 1) // inner
+    rest = list(shape[1:])
+
+    def within(row: int, lo: int, hi: int) -> list[tuple[list[int], list[int]]]:
+        return [([row, *o], [1, *s]) for o, s in flat_boxes(rest, lo, hi)]
+
+    if first == last:
+        return within(first, start - first * inner, stop - first * inner)
+    out: list[tuple[list[int], list[int]]] = []
+    mid0, mid1 = first, last + 1
+    if start % inner:
+        out += within(first, start % inner, inner)
+        mid0 = first + 1
+    if stop % inner:
+        mid1 = last
+    if mid1 > mid0:
+        out.append(([mid0, *([0] * len(rest))], [mid1 - mid0, *rest]))
+    if stop % inner:
+        out += within(last, 0, stop % inner)
+    return out
+
+
+def piece_tensor(key: str, shape: Sequence[int], local: Tensor, lo: int, hi: int) -> Pieces:
+    """The :class:`Pieces` of state tensor ``key`` (global ``shape``) held in ``local`` (a
+    contiguous piece): its flat elements [lo, hi), or for an 8-bit scale vector (``key``
+    ending in ``_scale``; [lo, hi) are then elements of the moment it scales) the blocks those
+    elements touch, writing those that start inside them."""
+    if not local.is_contiguous():
+        raise ValueError(f"COAP: state `{key}` is not contiguous; its boxes would be copies")
+    if key.endswith("_scale"):
+        block = fquant.BLOCK
+        first, end = lo // block, -(-hi // block)
+        own = -(-lo // block)  # the first block that starts inside the piece
+        reads = [(torch.Size([first]), local)]
+        writes = [(torch.Size([own]), local[own - first :])] if end > own else []
+        return Pieces(shape, local, reads, writes)
+    flat = local.view(-1)
+    chunks: list[Chunk] = []
+    off = 0
+    for offsets, sizes in flat_boxes(shape, lo, hi):
+        n = math.prod(sizes)
+        chunks.append((torch.Size(offsets), flat[off : off + n].view(sizes)))
+        off += n
+    return Pieces(shape, local, chunks)

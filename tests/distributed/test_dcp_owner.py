@@ -1,0 +1,277 @@
+"""FSDP2 / HSDP ``sharding="owner"`` through ``torch.distributed.checkpoint`` (DCP), resharded.
+
+One spawn at 4 ranks saves, one at 3 loads:
+
+* 4 ranks, HSDP owner on a (2 replicate x 2 shard) mesh, :class:`tests.nets.ConvNet`: each
+  configuration of :data:`CONFIGS` (8-bit state with a Tucker convolution and adaptive
+  refresh; 8-bit AdamW for the convolution, which FSDP2's row shards cut inside a
+  quantization block; COAP-Adafactor; plain fp32) trains :data:`SAVE_AT` steps and saves with
+  ``dcp.save(get_optimizer_state_dict(...))``, next to the consolidated single-process state
+  (``consolidate_state_dict``), then trains on. ``state_dict()`` enters no collective, its
+  tensors are views of the live state (no copy), and the checkpoint's tensors have the
+  single-process shapes. Resumed on the same mesh, the 8-bit + Tucker run continues bitwise.
+* 3 ranks, FSDP2 owner: every checkpoint loads (another world size, mesh and placement) and
+  continues next to one process that loaded the SAME DCP checkpoint and is fed the same
+  gradients: weights within 2e-5 at every step. That one process's loaded state equals the
+  consolidated state bitwise, so the DCP form is the single-process state exactly, and the
+  resumed losses are printed next to the uninterrupted run's. The plain checkpoint also
+  loads under the FSDP2 DEFAULT layout (row-shard DTensors), and a default-layout checkpoint
+  loads under the owner layout, both within 2e-5 of one process.
+* Refusals: ``rank="auto"`` has no DCP form (its shapes are chosen during training) and
+  ``state_dict()`` says so naming ``consolidate_state_dict``; ``torch.save`` of a DCP-form
+  state dict raises saying how to save it; a state dict of another rank is refused by name.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+import coap_dist
+from coap_dist.distributed.pieces import Pieces
+from coap_dist.distributed.trace import NoCollectives
+from coap_dist.optim.spec import state_shapes
+from tests.dist_harness import run_workers
+from tests.nets import ConvNet
+
+KW = dict(lr=1e-2, weight_decay=0.1, rank=8, update_interval=2, reproject_factor=2, scale=0.5)
+CONFIGS: dict[str, dict[str, Any]] = {
+    "8bit_tucker": dict(state_bits=8, rank_ratio_cnn=16.0, refresh="adaptive"),
+    "8bit_dense": dict(state_bits=8),
+    "adafactor": {},
+    "plain": dict(refresh="adaptive"),
+}
+STEPS, SAVE_AT, GLOBAL = 8, 4, 12
+TOL = 2e-5
+WORST: list[float] = []
+
+
+def _cls(name: str) -> type:
+    return coap_dist.COAPAdafactor if name == "adafactor" else coap_dist.COAPAdamW
+
+
+def _batch(step: int) -> torch.Tensor:
+    return torch.randn(GLOBAL, 24, generator=torch.Generator().manual_seed(step))
+
+
+def _loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x).pow(2).mean()
+
+
+def _build(name: str, mesh: Any, owner: bool = True) -> tuple[nn.Module, Any]:
+    torch.manual_seed(0)
+    model = ConvNet(20)
+    fully_shard(model.conv, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    kw = {**KW, **CONFIGS[name]}
+    return model, _cls(name)(model.parameters(), **kw, sharding="owner" if owner else None)
+
+
+def _one_process(name: str) -> tuple[nn.Module, Any]:
+    torch.manual_seed(0)
+    model = ConvNet(20)
+    return model, _cls(name)(model.parameters(), **KW, **CONFIGS[name])
+
+
+def _part(x: torch.Tensor, mesh: Any) -> torch.Tensor:
+    """This rank's rows of the global batch (every rank of the mesh a different part)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    per = GLOBAL // world
+    return x[rank * per : (rank + 1) * per]
+
+
+def _train(model: nn.Module, opt: Any, steps: range, mesh: Any, ref: Any = None) -> list[float]:
+    """Train; with ``ref`` (a one-process model and optimizer) feed it the full averaged
+    gradients and check the weights after every step (the largest relative distance is
+    appended to ``WORST``). Returns the global losses."""
+    losses, worst = [], 0.0
+    for step in steps:
+        x = _batch(step)
+        loss = _loss(model, _part(x, mesh))
+        loss.backward()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(float(total) / dist.get_world_size())
+        if ref is not None:
+            for p, q in zip(model.parameters(), ref[0].parameters(), strict=True):
+                q.grad = p.grad.full_tensor()
+        opt.step()
+        opt.zero_grad()
+        if ref is not None:
+            ref[1].step()
+            ref[1].zero_grad()
+            for (n, p), q in zip(model.named_parameters(), ref[0].parameters(), strict=True):
+                full = p.full_tensor()
+                dist_ = ((full - q).norm() / q.norm()).item()
+                assert dist_ <= TOL, f"step {step}: {n} is {dist_:.2e} from one process"
+                worst = max(worst, dist_)
+    if ref is not None:
+        WORST.append(worst)
+    return losses
+
+
+def _full(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.full_tensor() for n, p in model.named_parameters()}
+
+
+def _save(model: nn.Module, opt: Any, path: str) -> None:
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+        checkpoint_id=path,
+    )
+
+
+def _load(model: nn.Module, opt: Any, path: str) -> None:
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+
+
+def _load_one_process(name: str, path: str) -> tuple[nn.Module, Any]:
+    """A one-process model and optimizer loaded from the DCP checkpoint (on every rank)."""
+    model, opt = _one_process(name)
+    sd = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=path)
+    model.load_state_dict(sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+    return model, opt
+
+
+def _check_form(opt: Any, ref: Any) -> None:
+    """The DCP form: no collective, views of the live state, single-process shapes."""
+    with NoCollectives():
+        sd = opt.state_dict()
+    pieces = 0
+    for i, st in sd["state"].items():
+        want = state_shapes(ref.specs[i])
+        for k, v in st.items():
+            if k.startswith("refresh_"):
+                continue
+            assert tuple(v.shape) == tuple(want[k][0]), (i, k, v.shape, want[k])
+            if isinstance(v, Pieces):
+                pieces += 1
+                live = opt.state[opt.layout.params[i]][k]
+                assert v.unwrap().data_ptr() == live.data_ptr(), "a piece must be a view"
+    assert pieces, "a sharded rank holds pieces"
+    with pytest.raises(RuntimeError, match=r"torch\.distributed\.checkpoint"):
+        torch.save(sd, io.BytesIO())
+
+
+def _phase_save(rank: int, world: int, tmp: str) -> None:
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    for name in CONFIGS:
+        model, opt = _build(name, mesh)
+        losses = _train(model, opt, range(SAVE_AT), mesh)
+        assert opt.layout.name == "fsdp2_owner" and opt.layout.world == 2
+        _save(model, opt, os.path.join(tmp, name))
+        if name == "8bit_tucker":
+            _check_form(opt, _bind(_one_process(name)))
+        opt.consolidate_state_dict(to=0)
+        if rank == 0:
+            torch.save(opt.state_dict(), os.path.join(tmp, f"{name}.consolidated.pt"))
+        losses += _train(model, opt, range(SAVE_AT, STEPS), mesh)
+        final = _full(model)
+        if rank == 0:
+            torch.save({"weights": final, "losses": losses}, os.path.join(tmp, f"{name}.final.pt"))
+        if name == "8bit_tucker":  # same mesh: bitwise
+            model2, opt2 = _build(name, mesh)
+            _load(model2, opt2, os.path.join(tmp, name))
+            _train(model2, opt2, range(SAVE_AT, STEPS), mesh)
+            for n, p in _full(model2).items():
+                assert torch.equal(p, final[n]), f"same-mesh DCP resume differs at {n}"
+    # rank="auto": no DCP form, refused by name before anything is written.
+    model, _ = _build("plain", mesh)
+    kw = {**KW, "rank": "auto", "rank_ratio": 4}
+    opt = coap_dist.COAPAdamW(model.parameters(), **kw, sharding="owner")
+    _train(model, opt, range(1), mesh)
+    with NoCollectives(), pytest.raises(RuntimeError, match=r"rank='auto'.*consolidate_state_dict"):
+        opt.state_dict()
+
+
+def _bind(ref: tuple[nn.Module, Any]) -> Any:
+    """The one-process optimizer after one zero-gradient step at lr 0 (its plan bound)."""
+    get_optimizer_state_dict(ref[0], ref[1])
+    return ref[1]
+
+
+def _phase_load(rank: int, world: int, tmp: str) -> None:
+    mesh = init_device_mesh("cpu", (world,))
+    for name in CONFIGS:
+        path = os.path.join(tmp, name)
+        saved = torch.load(os.path.join(tmp, f"{name}.final.pt"), weights_only=True)
+        model, opt = _build(name, mesh)
+        _load(model, opt, path)
+        ref = _load_one_process(name, path)
+        consolidated = torch.load(os.path.join(tmp, f"{name}.consolidated.pt"), weights_only=True)
+        _check_equal(ref[1].state_dict(), consolidated, name)
+        losses = _train(model, opt, range(SAVE_AT, STEPS), mesh, ref)
+        uninterrupted = saved["losses"][SAVE_AT:]
+        if rank == 0:
+            print(
+                f"\n{name}: HSDP owner 4 -> FSDP2 owner 3 ranks: distance from one process "
+                f"{WORST[-1]:.1e}; losses {losses} vs uninterrupted {uninterrupted}"
+            )
+        gap = max(abs(a / b - 1) for a, b in zip(losses, uninterrupted, strict=True))
+        assert gap < 1e-5, (name, losses, uninterrupted)
+    # Across layouts: owner checkpoint -> FSDP2 default, and default -> owner.
+    model, opt = _build("plain", mesh, owner=False)
+    _load(model, opt, os.path.join(tmp, "plain"))
+    assert opt.layout.name == "fsdp2"
+    ref = _load_one_process("plain", os.path.join(tmp, "plain"))
+    _train(model, opt, range(SAVE_AT, STEPS), mesh, ref)
+    path = os.path.join(tmp, "default")
+    _save(model, opt, path)
+    model, opt = _build("plain", mesh)
+    _load(model, opt, path)
+    _train(model, opt, range(STEPS, STEPS + 4), mesh, _load_one_process("plain", path))
+    if rank == 0:
+        print(f"owner -> default: {WORST[-2]:.1e}; default -> owner: {WORST[-1]:.1e}")
+    _check_foreign(opt)
+
+
+def _check_foreign(opt: Any) -> None:
+    """Pieces at other offsets than this rank's (another rank's): refused naming them,
+    before any state changes."""
+    sd = opt.state_dict()
+    for st in sd["state"].values():
+        for k, v in st.items():
+            if isinstance(v, Pieces):
+                moved = (torch.Size([1] * v.ndim), v.unwrap())
+                st[k] = Pieces(v.shape, v.unwrap(), [moved])
+                with pytest.raises(ValueError, match="are not this rank's"):
+                    opt.load_state_dict(sd)
+                return
+    raise AssertionError("no piece on this rank")
+
+
+def _check_equal(a: dict[str, Any], b: dict[str, Any], name: str) -> None:
+    assert a["state"].keys() == b["state"].keys(), name
+    for i, st in a["state"].items():
+        for k, v in st.items():
+            if k.startswith("refresh_") and k not in b["state"][i]:
+                continue
+            w = b["state"][i][k]
+            assert torch.equal(v, w), f"{name}: DCP-loaded `{k}` of parameter {i} differs"
+
+
+@pytest.mark.distributed
+def test_fsdp2_owner_dcp_save_on_hsdp_4_resume_on_3(tmp_path: os.PathLike[str]) -> None:
+    tmp = str(tmp_path)
+    run_workers(_phase_save, 4, tmp)
+    run_workers(_phase_load, 3, tmp)
