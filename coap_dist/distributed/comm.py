@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from coap_dist.functional import quant as fquant
 
 ALIGN = 8
 """Byte alignment of every tensor packed into an exchange buffer (so that views of any dtype
@@ -196,3 +198,34 @@ class Comm:
         dist.all_gather_object(gathered, obj, group=self.group)
         self.calls += 1
         return gathered
+
+
+def share_block_max(
+    comm: Comm,
+    maxima: dict[int, list[Tensor]],
+    shared: Sequence[tuple[int, int]],
+    starts: Mapping[int, int],
+    active: Collection[int],
+) -> dict[int, list[Tensor]]:
+    """``Layout.share_block_max`` for pieces cut inside quantization blocks: one MAX
+    all-reduce of both moments' maxima of the ``shared`` (parameter, global block) pairs of
+    the ``active`` parameters (every rank lists the same pairs); ``starts[i]``: the first
+    flat element of this rank's piece of parameter i (absent: it holds none)."""
+    pairs = [(i, k) for i, k in shared if i in active]
+    if not pairs:
+        return maxima
+    vec = torch.zeros(2 * len(pairs), dtype=torch.float32, device=comm.device)
+    slots: list[tuple[int, int, int]] = []  # (index, local block, slot)
+    for n, (i, k) in enumerate(pairs):
+        if i not in starts or i not in maxima:
+            continue
+        local = k - starts[i] // fquant.BLOCK
+        if 0 <= local < maxima[i][0].numel():
+            slots.append((i, local, n))
+            vec[2 * n] = maxima[i][0][local]
+            vec[2 * n + 1] = maxima[i][1][local]
+    comm.all_reduce(vec, "max")
+    for i, local, n in slots:
+        maxima[i][0][local] = vec[2 * n]
+        maxima[i][1][local] = vec[2 * n + 1]
+    return maxima

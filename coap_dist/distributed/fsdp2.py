@@ -9,7 +9,7 @@ gives each rank, with one process's side rule (``projection_side`` honoured) and
 to rounding. Each matrix is split by its CANONICAL rows (compressed dimension last: the
 weight's rows for a right side, m >= n; its columns for a left side, m < n), chunked like
 ``torch.chunk``; its moments are kept for this rank's canonical rows and its projector P
-(r x b) is split by ITS rows, so every state tensor is a ``Shard(0)`` DTensor and per-rank
+(r x b) is split by ITS rows, so every state tensor is a ``Shard(0)`` DTensor (8-bit: below) and per-rank
 state is 1/N. A plain step costs three collectives whatever the world size and the number
 of matrices:
 
@@ -27,12 +27,26 @@ the rank computing its small SVD (or correlation step; per step LPT on a b r) an
 all-gather of the new projectors; a power iteration adds two all-reduces. The shard-aware
 variant that needs no all-to-all (``projection_side="right"``: every matrix right-projected)
 is an explicit option only: it measured +0.070 final validation loss (README, convergence).
-``torch.distributed.checkpoint`` saves the DTensor state once and reshards it to any world
-size on load.
+
+8-bit state (``state_bits=8``) keeps the single-process block grid exactly. A matrix's
+moment rows are cut in blocks of ``spec.row_alignment()`` rows
+(:func:`~coap_dist.distributed.placement.local_rows`), so no quantization block straddles two
+ranks; a right-projected matrix whose cuts then differ from FSDP2's rows is "moved": the
+all-to-all above brings each rank the gradient rows of its state rows held by a neighbour
+(at most one block's rows per neighbour) and the all-gather of directions gives each rank
+D for its weight rows, exactly as for a left side. An AdamW parameter keeps FSDP2's row
+shards, which may cut a block: each piece keeps the parameter's grid, and one MAX all-reduce
+per step (only when such cuts exist) makes the shared blocks' scales those of one process.
+
+Checkpoints: ``torch.distributed.checkpoint`` saves the state once and reshards it to any
+world size (and to the owner layout or one process) on load: ``Shard(0)`` DTensors where
+the rows are ``torch.chunk``'s, :class:`~coap_dist.distributed.pieces.Pieces` where they are
+not (8-bit matrix rows, shared 8-bit scales).
 
 :class:`Fsdp2Owner` (``sharding="owner"``): the exact whole-matrix owner protocol of
 :mod:`coap_dist.distributed.owner` on the same row shards (one process's side rule; Tucker
-and 8-bit state run there, not yet covered by a test: see ``support.SUPPORT``).
+convolutions, 8-bit state and ``rank="auto"``), checkpointed through DCP with the pieces of
+:mod:`coap_dist.distributed.serving`.
 """
 
 from __future__ import annotations
@@ -47,17 +61,20 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from coap_dist.distributed import support
-from coap_dist.distributed.comm import Comm, Expect
+from coap_dist.distributed.comm import Comm, Expect, share_block_max
 from coap_dist.distributed.owner import OwnerLayout, check_settings
+from coap_dist.distributed.pieces import Pieces, own_piece, piece_tensor
 from coap_dist.distributed.placement import (
     Range,
     chunk_range,
+    local_rows,
     lpt,
     refresh_buckets,
     refresh_partial_bytes,
 )
 from coap_dist.distributed.views import FragmentView
 from coap_dist.functional import projection as fproj
+from coap_dist.functional import quant as fquant
 from coap_dist.optim import kernels
 from coap_dist.optim.layout import Core, DenseWork, Layout, MatrixWork, Update, Work
 from coap_dist.optim.spec import ParamSpec, state_shapes
@@ -108,6 +125,12 @@ def _attach_dtensors(
     group = groups.pop() if groups else None
     world = dist.get_world_size(group) if group is not None else 1
     return flat, group, world  # type: ignore[return-value]
+
+
+def _overlap(a: Range, b: Range) -> Range:
+    """The intersection of two ranges (empty ranges start at ``a``'s start when disjoint)."""
+    lo, hi = max(a[0], b[0]), min(a[1], b[1])
+    return (lo, hi) if hi > lo else (a[0], a[0])
 
 
 def _rows_range(p: DTensor, world: int, rank: int) -> Range:
@@ -186,6 +209,9 @@ class Fsdp2Local(Layout):
         self._sizes: list[int] = []
         self._current: list[Tensor] = []
         self._full_p: dict[int, Tensor] = {}
+        self._moved: set[int] = set()
+        self._shared: list[tuple[int, int]] = []
+        self._active: list[int] = []
 
     # ------------------------------------------------------------------------------ bind
     def bind(self, core: Core) -> list[ParamSpec]:
@@ -204,29 +230,48 @@ class Fsdp2Local(Layout):
         support.check_specs("fsdp2", specs, core.name)
         check_settings(self.comm, core.settings(), core.name)
         self.specs = specs
+        self._moved = {
+            i
+            for i, s in enumerate(specs)
+            if s.kind == "matrix"
+            and self._sharded(i)
+            and (
+                s.side == "left"
+                or any(self._rows(i, q) != self._weight_rows(i, q) for q in range(self.world))
+            )
+        }
+        self._shared = sorted(
+            {
+                (i, start // fquant.BLOCK)
+                for i, s in enumerate(specs)
+                if s.kind == "dense" and self._sharded(i) and s.quantized_moment(s.numel)
+                for start in (self._dense_start(i, q) for q in range(1, self.world))
+                if 0 < start < s.numel and start % fquant.BLOCK
+            }
+        )
         return specs
 
-    def _rows(self, i: int) -> Range:
-        """Rows [start, stop) of parameter i's state kept here: a COAP matrix's CANONICAL rows
-        (for a right side the weight rows FSDP2 gives this rank; for a left side a chunk of
-        the n columns, which the exchange of :meth:`gather` brings here), else the weight
-        rows of the shard."""
+    def _rows(self, i: int, rank: int | None = None) -> Range:
+        """Rows [start, stop) of parameter i's state kept by ``rank`` (default: here): a COAP
+        matrix's CANONICAL rows (:func:`~coap_dist.distributed.placement.local_rows`: for a
+        right side the weight rows FSDP2 gives the rank unless 8-bit blocks need other cuts;
+        for a left side a chunk of the n columns; the exchange of :meth:`gather` brings rows
+        held elsewhere), else the weight rows of the shard."""
         s = self.specs[i]
         if s.kind != "matrix":
-            return self._weight_rows(i)
+            return self._weight_rows(i, rank)
         if not self._sharded(i):
             return 0, s.rows
-        return chunk_range(s.rows, self.world, self.rank)
+        return local_rows(s, self.world, self.rank if rank is None else rank)
+
+    def _dense_start(self, i: int, rank: int | None = None) -> int:
+        """First flat element of AdamW parameter i's shard on ``rank`` (default: here)."""
+        shape = self.specs[i].shape
+        return self._weight_rows(i, rank)[0] * math.prod(shape[1:])
 
     def _weight_rows(self, i: int, rank: int | None = None) -> Range:
         """Weight rows of parameter i held by ``rank`` (FSDP2's ``Shard(0)`` chunk)."""
         return _rows_range(self._dparams[i], self.world, self.rank if rank is None else rank)
-
-    def _left(self, i: int) -> bool:
-        """Whether matrix i is left-projected and row-sharded: its canonical rows (the weight's
-        columns) are not the rows FSDP2 shards, so :meth:`gather` transposes the split."""
-        s = self.specs[i]
-        return self._sharded(i) and s.kind == "matrix" and s.side == "left"
 
     def _sharded(self, i: int) -> bool:
         return self.world > 1 and _shard_dim(self._dparams[i]) is not None
@@ -275,7 +320,12 @@ class Fsdp2Local(Layout):
             shapes = state_shapes(s, rows=a1 - a0, holder=False)
             shapes["projector"] = ((p1 - p0, s.cols), s.fmt.projector_dtype)
         else:
-            shapes = state_shapes(s, numel=local.numel(), local_shape=tuple(local.shape))
+            shapes = state_shapes(
+                s,
+                numel=local.numel(),
+                local_shape=tuple(local.shape),
+                start=self._dense_start(index),
+            )
         self._core.state[p] = allocate(shapes, self.device)
 
     def gather(self, active: Sequence[int]) -> Work:
@@ -302,24 +352,36 @@ class Fsdp2Local(Layout):
                     )
                 )
             else:
-                work.dense.append(DenseWork(i, s, group, st, p._local_tensor, grads[i]))
+                work.dense.append(
+                    DenseWork(i, s, group, st, p._local_tensor, grads[i], self._dense_start(i))
+                )
         return work
+
+    def share_block_max(self, maxima: dict[int, list[Tensor]]) -> dict[int, list[Tensor]]:
+        """One MAX all-reduce over the quantization blocks that FSDP2's row shards of 8-bit
+        AdamW parameters cut (when this call's parameters have any)."""
+        if not self._shared:
+            return maxima
+        starts = {i: self._dense_start(i) for i, s in enumerate(self.specs) if s.kind == "dense"}
+        return share_block_max(self.comm, maxima, self._shared, starts, set(self._active))
 
     def _exchange(
         self, mats: Sequence[int], grads: Mapping[int, Tensor]
     ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
         """One all-to-all for every active sharded matrix: its projector rows to every rank
-        (the whole P everywhere) and, for a left-projected matrix, the transposed split of
-        its gradient: rank q receives from each rank s the block G_s[:, n_q] (m_s x n_q) of
-        the weight rows s holds and the columns n_q that q keeps, i.e. q's canonical rows
-        G^T[n_q, :] (n_q x m). Bytes sent per rank: (N - 1) / N of its gradient shard of
-        every left matrix plus N - 1 copies of its projector rows. Returns (P per matrix,
-        canonical gradient rows per left matrix)."""
+        (the whole P everywhere) and, for a matrix whose canonical rows are not the weight
+        rows this rank holds (``_moved``), those rows of its gradient. Left side: rank q
+        receives from each rank s the block G_s[:, n_q] (m_s x n_q) of the weight rows s
+        holds and the columns n_q that q keeps, i.e. q's canonical rows G^T[n_q, :] (n_q x
+        m): (N - 1) / N of each rank's gradient shard. Right side with 8-bit rows cut on
+        quantization blocks: the rows of q's state rows that s holds (at most one block's
+        rows per neighbour). Returns (P per matrix, canonical gradient rows per moved
+        matrix)."""
         full_p = {i: self._state(i)["projector"] for i in mats if not self._sharded(i)}
         split = [i for i in mats if self._sharded(i)]
         if not split:
             return full_p, {}
-        left = [i for i in split if self._left(i)]
+        left = [i for i in split if i in self._moved]
         me = self.rank
         sends: dict[int, list[Tensor]] = {}
         expects: dict[int, list[Expect]] = {}
@@ -333,21 +395,38 @@ class Fsdp2Local(Layout):
                 s = self.specs[i]
                 expects[q].append(Expect((p1 - p0, s.cols), s.fmt.projector_dtype))
             for i in left:
-                n0, n1 = chunk_range(self.specs[i].rows, self.world, q)
-                sends[q].append(grads[i][:, n0:n1])
-                w0, w1 = self._weight_rows(i, q)
-                a0, a1 = self._rows(i)
-                expects[q].append(Expect((w1 - w0, a1 - a0), grads[i].dtype))
+                sends[q].append(self._rows_for(i, q, grads[i]))
+                if self.specs[i].side == "left":
+                    w0, w1 = self._weight_rows(i, q)
+                    a0, a1 = self._rows(i)
+                    expects[q].append(Expect((w1 - w0, a1 - a0), grads[i].dtype))
+                else:
+                    a0, a1 = _overlap(self._rows(i), self._weight_rows(i, q))
+                    expects[q].append(Expect((a1 - a0, self.specs[i].cols), grads[i].dtype))
         got = self.comm.exchange(sends, expects, needed=True)
         for k, i in enumerate(split):
             own = self._state(i)["projector"]
             full_p[i] = torch.cat([got[q][k] if q != me else own for q in range(self.world)])
         canon: dict[int, Tensor] = {}
         for k, i in enumerate(left, start=len(split)):
-            a0, a1 = self._rows(i)
-            blocks = [got[q][k] if q != me else grads[i][:, a0:a1] for q in range(self.world)]
-            canon[i] = torch.cat(blocks).t()  # (m x n_q)^T: the canonical rows kept here
+            blocks = [
+                got[q][k] if q != me else self._rows_for(i, me, grads[i]) for q in range(self.world)
+            ]
+            if self.specs[i].side == "left":
+                canon[i] = torch.cat(blocks).t()  # (m x n_q)^T: the canonical rows kept here
+            else:
+                canon[i] = torch.cat(blocks)  # in weight-row order: the rows kept here
         return full_p, canon
+
+    def _rows_for(self, i: int, q: int, grad: Tensor) -> Tensor:
+        """The part of this rank's gradient shard of moved matrix i that rank q keeps as
+        canonical rows: G_s[:, n_q] for a left side, G_s[rows of q] for a right one."""
+        if self.specs[i].side == "left":
+            n0, n1 = self._rows(i, q)
+            return grad[:, n0:n1]
+        w0 = self._weight_rows(i)[0]
+        a0, a1 = _overlap(self._rows(i, q), self._weight_rows(i))
+        return grad[a0 - w0 : a1 - w0]
 
     # --------------------------------------------------------------------------- refresh
     def refresh(self, work: Work, due: Mapping[int, str]) -> list[Tensor]:
@@ -492,17 +571,22 @@ class Fsdp2Local(Layout):
 
     def scatter(self, updates: Sequence[Update], work: Work) -> None:
         """W_local <- keep (W_local - alpha back(D)). Right side: back(D) = D P on the rows
-        held, no traffic. Left side: the directions D (n x r) of the canonical rows are
-        spread over the ranks, so one all-gather (every left matrix, padded to ceil(n / N)
-        rows) gives each rank the whole D, and its weight rows get (D P[:, rows])^T."""
+        held, no traffic. Moved matrices (left side, or 8-bit rows cut on blocks): the
+        directions D (rows x r) of the canonical rows are spread over the ranks, so one
+        all-gather (every moved matrix, padded to the largest rank's rows) gives each rank
+        the whole D, and its weight rows get (D P[:, rows])^T (left) or D[rows] P (right)."""
         mats = {mw.index: mw for mw in work.matrices}
-        left = [mw.index for mw in work.matrices if self._left(mw.index)]
+        left = [mw.index for mw in work.matrices if mw.index in self._moved]
         whole = self._gather_directions(left, {u.index: u.direction for u in updates})
         for u in updates:
             w = self._dparams[u.index]._local_tensor
             proj = mats[u.index].projector.to(w.dtype)
             if self.specs[u.index].side == "right":
-                w.addmm_(u.direction.to(w.dtype), proj, beta=u.keep, alpha=-u.alpha * u.keep)
+                d = u.direction
+                if u.index in whole:
+                    w0, w1 = self._weight_rows(u.index)
+                    d = whole[u.index][w0:w1]
+                w.addmm_(d.to(w.dtype), proj, beta=u.keep, alpha=-u.alpha * u.keep)
                 continue
             d = whole.get(u.index, u.direction).to(w.dtype)
             w0, w1 = self._weight_rows(u.index) if self._sharded(u.index) else (0, w.shape[0])
@@ -512,13 +596,17 @@ class Fsdp2Local(Layout):
         self, items: Sequence[int], local: Mapping[int, Tensor]
     ) -> dict[int, Tensor]:
         """Whole D (rows x r) of every matrix in ``items`` from each rank's canonical rows:
-        one all-gather per direction dtype, each matrix padded to ceil(rows / N) rows."""
+        one all-gather per direction dtype, each matrix padded to the largest rank's rows."""
         out: dict[int, Tensor] = {}
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i in items:
             by_dtype.setdefault(local[i].dtype, []).append(i)
         for dtype, group in by_dtype.items():
-            width = [-(-self.specs[i].rows // self.world) * self.specs[i].rank for i in group]
+            width = [
+                max(b - a for a, b in (self._rows(i, q) for q in range(self.world)))
+                * self.specs[i].rank
+                for i in group
+            ]
             buf = torch.zeros(sum(width), dtype=dtype, device=self.device)
             off = 0
             for i, c in zip(group, width, strict=True):
@@ -530,7 +618,7 @@ class Fsdp2Local(Layout):
                 s = self.specs[i]
                 parts = []
                 for q in range(self.world):
-                    a0, a1 = chunk_range(s.rows, self.world, q)
+                    a0, a1 = self._rows(i, q)
                     parts.append(got[q, off : off + (a1 - a0) * s.rank].view(a1 - a0, s.rank))
                 out[i] = torch.cat(parts)
                 off += c
@@ -548,10 +636,16 @@ class Fsdp2Local(Layout):
         return sum(nbytes_of(self._core.state[p]) for p in self._dparams if self._core.state.get(p))
 
     def _wrap(self, i: int, key: str, t: Tensor) -> Tensor:
-        """A local state tensor as the DTensor a checkpoint stores (no communication)."""
+        """A local state tensor as the DTensor a checkpoint stores (no communication), or as
+        :class:`~coap_dist.distributed.pieces.Pieces` where its rows are not ``torch.chunk``'s
+        (8-bit matrix rows cut on blocks) or its blocks are shared (an 8-bit AdamW scale)."""
         p, s = self._dparams[i], self.specs[i]
         if t.ndim == 0:
             return t
+        moved_rows = s.kind == "matrix" and s.row_alignment() > 1
+        whole = key in ("projector", "exp_avg_sq_col")
+        if self._sharded(i) and not whole and (moved_rows or key.endswith("_scale")):
+            return self._piece(i, key, t)
         mesh = p.device_mesh
         if key in ("exp_avg_sq_col",) or _shard_dim(p) is None:
             placements: tuple[Any, ...] = tuple(Replicate() for _ in range(mesh.ndim))
@@ -567,6 +661,23 @@ class Fsdp2Local(Layout):
         return DTensor.from_local(
             t, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride
         )
+
+    def _flat(self, i: int, key: str) -> Range:
+        """Flat elements [lo, hi) of the single-process tensor ``key`` (for an 8-bit scale,
+        of the moment it scales) that this rank's state rows cover."""
+        s = self.specs[i]
+        a0, a1 = self._rows(i)
+        if s.kind != "matrix":
+            unit = math.prod(s.shape[1:])
+        elif key.endswith("_scale"):
+            unit = s.rank
+        else:
+            unit = math.prod(state_shapes(s)[key][0][1:])
+        return a0 * unit, a1 * unit
+
+    def _piece(self, i: int, key: str, t: Tensor) -> Pieces:
+        lo, hi = self._flat(i, key)
+        return piece_tensor(key, state_shapes(self.specs[i])[key][0], t, lo, hi)
 
     def state_dict(self, saved: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         sd = saved()
@@ -591,11 +702,16 @@ class Fsdp2Local(Layout):
     def _local_piece(self, i: int, key: str, v: Any, mine: Tensor) -> Tensor:
         """This rank's part of a saved tensor: the local shard of a DTensor, or the rows of a
         whole (single-process) tensor that this rank keeps."""
-        if isinstance(v, DTensor):
+        if isinstance(v, Pieces):
+            v = own_piece(v, self._wrap(i, key, mine), f"`{key}` of parameter {i} (fsdp2)")
+        elif isinstance(v, DTensor):
             v = v._local_tensor
         elif v.ndim and tuple(v.shape) != tuple(mine.shape):
             s = self.specs[i]
-            if key == "projector":
+            if key.endswith("_scale"):
+                lo, hi = self._flat(i, key)
+                v = v[lo // fquant.BLOCK : -(-hi // fquant.BLOCK)]
+            elif key == "projector":
                 a, b = self._p_rows(i)
             elif key == "exp_avg_sq_col":
                 a, b = 0, v.shape[0]
@@ -623,6 +739,9 @@ class Fsdp2Local(Layout):
                     out[k] = v.clone()
                 elif k == "exp_avg_sq_col" or not self._sharded(i):
                     out[k] = v.detach().cpu().clone()
+                elif k.endswith("_scale"):  # blocks shared with the rank before: once
+                    lo = self._flat(i, k)[0]
+                    out[k] = self._gather_rows(v[-(-lo // fquant.BLOCK) - lo // fquant.BLOCK :], to)
                 else:
                     out[k] = self._gather_rows(v, to)
             if self.rank == to:

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from coap_dist.distributed.boxes import Box, intersect, view_in_fragment, view_in_region
-from coap_dist.distributed.comm import Comm, Expect
+from coap_dist.distributed.comm import Comm, Expect, share_block_max
 from coap_dist.distributed.placement import (
     Piece,
     Placement,
@@ -200,26 +200,8 @@ class OwnerLayout(OwnerCheckpoints, Layout):
         on blocks), when this call's parameters have any."""
         if not self._shared_blocks:  # (every step: nothing to do on most layouts)
             return maxima
-        active = set(self._active)
-        shared = [(i, k) for i, k in self._shared_blocks if i in active]
-        if not shared:
-            return maxima
-        vec = torch.zeros(2 * len(shared), dtype=torch.float32, device=self.device)
-        slots: list[tuple[int, int, int]] = []  # (index, local block, slot)
-        for n, (i, k) in enumerate(shared):
-            pc = self._mine[i]
-            if pc is None or i not in maxima:
-                continue
-            local = k - pc.start // fquant.BLOCK
-            if 0 <= local < maxima[i][0].numel():
-                slots.append((i, local, n))
-                vec[2 * n] = maxima[i][0][local]
-                vec[2 * n + 1] = maxima[i][1][local]
-        self.comm.all_reduce(vec, "max")
-        for i, local, n in slots:
-            maxima[i][0][local] = vec[2 * n]
-            maxima[i][1][local] = vec[2 * n + 1]
-        return maxima
+        starts = {i: pc.start for i, pc in enumerate(self._mine) if pc is not None}
+        return share_block_max(self.comm, maxima, self._shared_blocks, starts, set(self._active))
 
     def ensure_state(self, index: int) -> None:
         assert self._core is not None

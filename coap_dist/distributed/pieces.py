@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, Wri
 
 from coap_dist.functional import quant as fquant
 
-__all__ = ["Pieces", "flat_boxes", "piece_tensor"]
+__all__ = ["Pieces", "flat_boxes", "own_piece", "piece_tensor"]
 
 Chunk = tuple[torch.Size, Tensor]
 """A box of a global tensor: its offsets and the local tensor holding it."""
@@ -183,3 +183,19 @@ def piece_tensor(key: str, shape: Sequence[int], local: Tensor, lo: int, hi: int
         chunks.append((torch.Size(offsets), flat[off : off + n].view(sizes)))
         off += n
     return Pieces(shape, local, chunks)
+
+
+def own_piece(saved: Pieces, want: Tensor, where: str) -> Tensor:
+    """The local tensor of ``saved`` after checking that it is the piece this rank keeps
+    (``want``: what this rank's ``state_dict()`` serves for that tensor now)."""
+    if not isinstance(want, Pieces) or (
+        want.offsets(),
+        tuple(want.shape),
+        tuple(want.unwrap().shape),
+    ) != (saved.offsets(), tuple(saved.shape), tuple(saved.unwrap().shape)):
+        raise ValueError(
+            f"COAP: the DCP pieces of {where} ({saved!r}) are not this rank's ({want!r}); "
+            "build the state dict to load into with get_optimizer_state_dict(model, opt) of "
+            "this optimizer"
+        )
+    return saved.unwrap()

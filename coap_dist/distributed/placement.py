@@ -315,13 +315,21 @@ def _fill_gaps(
     return tuple(out)
 
 
-def chunk_range(length: int, world: int, rank: int) -> Range:
+def chunk_range(length: int, world: int, rank: int, align: int = 1) -> Range:
     """Rank ``rank``'s part [start, stop) of ``length`` under ``torch.chunk`` (FSDP2's and
     DTensor ``Shard(0)``'s split): blocks of ceil(length / world), the last ones short or
-    empty."""
+    empty; with ``align``, blocks of that size rounded up to a multiple of ``align``."""
     size = -(-length // world) if length else 0
+    size = -(-size // align) * align
     start = min(rank * size, length)
     return start, min(start + size, length)
+
+
+def local_rows(spec: ParamSpec, world: int, rank: int) -> Range:
+    """The canonical rows of a COAP matrix's moments that rank ``rank`` keeps under FSDP2's
+    default layout: ``torch.chunk``'s split, in blocks of ``spec.row_alignment()`` rows so
+    that 8-bit moments' quantization blocks never straddle two ranks."""
+    return chunk_range(spec.rows, world, rank, spec.row_alignment())
 
 
 def lpt(costs: Sequence[float], world: int) -> list[int]:
@@ -338,14 +346,14 @@ def lpt(costs: Sequence[float], world: int) -> list[int]:
 
 def local_state_bytes(specs: Sequence[ParamSpec], world: int) -> list[int]:
     """Per-rank state bytes of the LOCAL layout: every tensor split by its dim 0 like FSDP2
-    (COAP matrices: moments by their canonical rows, the weight's rows for a right side and
-    its columns for a left one; the projector by its own rows; Adafactor's column
-    statistics are replicated)."""
+    (COAP matrices: moments by their canonical rows, :func:`local_rows`, the weight's rows
+    for a right side and its columns for a left one; the projector by its own rows;
+    Adafactor's column statistics are replicated)."""
     loads = [0] * world
     for s in specs:
         for r in range(world):
             if s.kind == "matrix":
-                a0, a1 = chunk_range(s.rows, world, r)
+                a0, a1 = local_rows(s, world, r)
                 p0, p1 = chunk_range(s.rank, world, r)
                 loads[r] += piece_bytes(s, a1 - a0, holder=False, start=0)
                 loads[r] += (p1 - p0) * s.cols * s.fmt.projector_dtype.itemsize

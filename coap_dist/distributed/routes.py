@@ -19,13 +19,15 @@ plan, and the tests check them against the collectives counted on real process g
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
 
 from coap_dist.distributed.boxes import Box, intersect, region_of
 from coap_dist.distributed.comm import collective_bytes, padded
-from coap_dist.distributed.placement import Piece, Placement, Range, chunk_range
+from coap_dist.distributed.placement import Piece, Placement, Range, chunk_range, local_rows
+from coap_dist.functional import quant as fquant
 from coap_dist.optim.spec import ParamSpec
 
 
@@ -267,37 +269,69 @@ def local_plain_step_traffic(
 ) -> list[Traffic]:
     """Per rank, a plain step of FSDP2's default layout (:mod:`coap_dist.distributed.fsdp2`):
     the flag all-reduce; one all-to-all of every matrix's projector rows to every rank and of
-    the left matrices' gradient blocks G_s[:, n_q] (m_s x n_q, in ``grad_dtype``); one
-    all-gather per moment dtype of the left matrices' directions (each padded to
-    ceil(n / N) rows of r)."""
+    the moved matrices' gradient rows (a left side's blocks G_s[:, n_q], m_s x n_q; an 8-bit
+    right side's rows of a neighbour's block-aligned state rows; in ``grad_dtype``); one
+    all-gather per moment dtype of the moved matrices' directions (each padded to the largest
+    rank's rows of r); and, when FSDP2's shards cut an 8-bit AdamW parameter inside a
+    quantization block, one MAX all-reduce of those blocks' maxima."""
     if world == 1:
         return [Traffic(0, 0, 0)]
     flag = collective_bytes("all_reduce", world, 4 * (5 * len(specs) + 1))
     sent, received = [flag] * world, [flag] * world
     mats = [s for s in specs if s.kind == "matrix"]
-    dir_dtypes = {s.fmt.moment_dtype for s in mats if s.side == "left"}
+    gi = grad_dtype.itemsize
 
     def sizes(total: int) -> list[int]:
         return [b - a for a, b in (chunk_range(total, world, q) for q in range(world))]
 
+    dir_dtypes = set()
     for s in mats:
         p_rows = sizes(s.rank)
         proj = [padded(k * s.cols * s.fmt.projector_dtype.itemsize) for k in p_rows]
-        canon, weight = sizes(s.rows), sizes(s.cols)
+        state = [local_rows(s, world, q) for q in range(world)]
+        weight = [chunk_range(s.shape[0], world, q) for q in range(world)]
+        moved = s.side == "left" or state != weight
         for me in range(world):
             others = [q for q in range(world) if q != me]
             sent[me] += (world - 1) * proj[me]
             received[me] += sum(proj[q] for q in others)
+            if not moved:
+                continue
             if s.side == "left":
-                gi = grad_dtype.itemsize
-                sent[me] += sum(padded(weight[me] * canon[q] * gi) for q in others)
-                received[me] += sum(padded(weight[q] * canon[me] * gi) for q in others)
-                width = -(-s.rows // world) * s.rank * s.fmt.moment_dtype.itemsize
-                moved = collective_bytes("all_gather", world, width)
-                sent[me] += moved
-                received[me] += moved
-    calls = 1 + bool(mats) + len(dir_dtypes)
+                rows = [b - a for a, b in state]
+                m = [b - a for a, b in weight]
+                sent[me] += sum(padded(m[me] * rows[q] * gi) for q in others)
+                received[me] += sum(padded(m[q] * rows[me] * gi) for q in others)
+            else:
+                sent[me] += sum(padded(_span(state[q], weight[me]) * s.cols * gi) for q in others)
+                received[me] += sum(
+                    padded(_span(state[me], weight[q]) * s.cols * gi) for q in others
+                )
+            width = max(b - a for a, b in state) * s.rank * s.fmt.moment_dtype.itemsize
+            gathered = collective_bytes("all_gather", world, width)
+            sent[me] += gathered
+            received[me] += gathered
+        if moved:
+            dir_dtypes.add(s.fmt.moment_dtype)
+    shared = 0
+    for s in specs:
+        if s.kind == "dense" and s.shape and s.quantized_moment(s.numel):
+            row = math.prod(s.shape[1:])
+            starts = (chunk_range(s.shape[0], world, q)[0] * row for q in range(1, world))
+            shared += len(
+                {a // fquant.BLOCK for a in starts if 0 < a < s.numel and a % fquant.BLOCK}
+            )
+    if shared:
+        maxima = collective_bytes("all_reduce", world, 8 * shared)
+        sent = [x + maxima for x in sent]
+        received = [x + maxima for x in received]
+    calls = 1 + bool(mats) + len(dir_dtypes) + bool(shared)
     return [Traffic(calls, a, b) for a, b in zip(sent, received, strict=True)]
+
+
+def _span(a: Range, b: Range) -> int:
+    """Length of the intersection of two ranges."""
+    return max(0, min(a[1], b[1]) - max(a[0], b[0]))
 
 
 def bound_bytes(

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from coap_dist.distributed.comm import Comm, tensor_bytes
-from coap_dist.distributed.pieces import Pieces, piece_tensor
+from coap_dist.distributed.pieces import Pieces, own_piece, piece_tensor
 from coap_dist.distributed.placement import Piece, Placement
 from coap_dist.distributed.routes import Geometry
 from coap_dist.distributed.views import FragmentView
@@ -155,17 +155,7 @@ class OwnerCheckpoints:
                 )
             if isinstance(v, Pieces):
                 want = self._dcp_value(e, pc, k, st[k])
-                if not isinstance(want, Pieces) or (
-                    want.offsets(),
-                    tuple(want.shape),
-                    tuple(want.unwrap().shape),
-                ) != (v.offsets(), tuple(v.shape), tuple(v.unwrap().shape)):
-                    raise ValueError(
-                        f"COAP ({self.name}): the DCP pieces of `{k}` of parameter {i} ({v!r}) "
-                        "are not this rank's; build the state dict to load into with "
-                        "get_optimizer_state_dict(model, opt) of this optimizer"
-                    )
-                v = v.unwrap()
+                v = own_piece(v, want, f"`{k}` of parameter {i} ({self.name})")
             if v.data_ptr() != st[k].data_ptr():
                 st[k].copy_(v)
 

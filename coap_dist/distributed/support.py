@@ -68,11 +68,6 @@ _M = "tests/distributed/test_matrix.py"
 """The layout x feature matrix test (2 and 3 ranks against one process; HSDP 2 x 2)."""
 
 
-_FSDP2_ROW_STATE = (
-    "the row-shard layout keeps state as Shard(0) DTensors split by FSDP2's row chunks"
-)
-
-
 def _row(eight_bit: Cell = _U, **cells: Cell) -> dict[str, Cell]:
     """A layout's cells in FEATURES order (``eight_bit``: the "8bit" cell); the features
     not named are untested."""
@@ -123,11 +118,7 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         reshard=_t("tests/distributed/test_owner.py (2 -> 3 ranks, consolidated)"),
     ),
     "fsdp2": _row(
-        eight_bit=Cell(
-            "refused",
-            f"{_FSDP2_ROW_STATE}, which need not fall on 8-bit blocks; use "
-            "sharding='owner' for 8-bit state under FSDP2, or state_bits=16 / 32",
-        ),
+        eight_bit=_t(f"{_M} (with a Tucker conv: 8-bit matrices; dense; HSDP too)"),
         tucker=Cell(
             "refused",
             "a Tucker factor refresh needs the whole convolution, which the row-shard layout "
@@ -153,15 +144,15 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         tucker=_t(_M),
         auto=_t(
             "tests/distributed/test_fsdp2.py (checkpoints consolidated: DCP refuses it, "
-            "tests/distributed/test_dcp_owner.py)"
+            "tests/distributed/test_fsdp2_dcp.py)"
         ),
         adaptive=_t(_M),
         adafactor=_t(_M),
         accum=_t(_M),
         bf16=_t(f"{_M} (rel. 2e-2)"),
-        resume=_t(f"{_M} (consolidated); tests/distributed/test_dcp_owner.py (DCP, bitwise)"),
+        resume=_t(f"{_M} (consolidated); tests/distributed/test_fsdp2_dcp.py (DCP, bitwise)"),
         reshard=_t(
-            "tests/distributed/test_dcp_owner.py (DCP: HSDP 2 x 2 -> 3 ranks, to and from "
+            "tests/distributed/test_fsdp2_dcp.py (DCP: HSDP 2 x 2 -> 3 ranks, to and from "
             "the default layout, one process); tests/distributed/test_fsdp2.py (consolidated)"
         ),
     ),

@@ -289,7 +289,7 @@ def _phase_owner(rank: int, world: int, tmp: str) -> None:
     """``sharding="owner"`` (3 ranks, uneven and empty shards, matrices whole and split,
     reference side rule: left projections too) within 2e-5 of one process; its state is
     consolidated on rank 0 for a one-file checkpoint that resumes bitwise (its DCP form:
-    tests/distributed/test_dcp_owner.py)."""
+    tests/distributed/test_fsdp2_dcp.py)."""
     model, opt = _sharded(world, sharding="owner")
     ref_model = _model()
     ref = coap_dist.COAPAdamW(ref_model.parameters(), **KW)

@@ -6,9 +6,10 @@ recalibration, 6) of :class:`tests.nets.ConvNet` through the layout's real wrapp
 ``fully_shard``, FSDP1 with ``Fsdp1Sharding``), and after every step compares the layout's
 full weights with single-process COAP fed the same (full, averaged) gradients: the max
 relative weight distance must stay <= 2e-4 in fp32 (the bar of the FSDP2 default; the
-measured figures are printed, ~1e-7) and <= 2e-2 for bf16 parameters (one bf16 ulp is 8e-3).
-Cells the FSDP2 default refuses (8-bit state, Tucker convolutions, ``rank="auto"``) are
-checked in ``test_devices.py`` to refuse instead.
+measured figures are printed, ~1e-7), <= 1e-3 with 8-bit state (:data:`TOL`) and <= 2e-2 for
+bf16 parameters (one bf16 ulp is 8e-3). Cells the FSDP2 default refuses (Tucker
+convolutions, so the ``8bit`` column, and ``rank="auto"``) are checked in
+``test_devices.py`` and ``test_fsdp2.py`` to refuse instead.
 
 Features: ``8bit`` (``state_bits=8``, with the Tucker convolution: the matrices' 512 x 8 and
 640 x 8 moments are 8-bit), ``8bit_dense`` (``state_bits=8`` without Tucker: the 11,520-element
@@ -55,10 +56,14 @@ FEATURES: dict[str, dict[str, Any]] = {
     "resume": dict(refresh="adaptive"),
     "reshard": dict(refresh="adaptive"),
 }
-REFUSED = {
-    (layout, f) for layout in ("fsdp2", "hsdp") for f in ("8bit", "8bit_dense", "tucker", "auto")
-}
-TOL = {"bf16": 2e-2}
+REFUSED = {(layout, f) for layout in ("fsdp2", "hsdp") for f in ("8bit", "tucker", "auto")}
+"""The FSDP2 default refuses Tucker convolutions (so the `8bit` column, which has one: its
+8-bit state runs in `8bit_dense`) and `rank="auto"`."""
+TOL = {"bf16": 2e-2, "8bit": 1e-3, "8bit_dense": 1e-3}
+"""8-bit state: a moment element whose value two computations put ~1e-7 apart (the FSDP2
+default's team refresh sums Gram matrices where one process takes a whole SVD) can land on
+the neighbouring 8-bit code, which moves that weight by ~3e-5 at once: measured 1.4e-4 under
+HSDP's default layout after 8 steps (the exact layouts measure <= 6e-8)."""
 TOL_FP32 = 2e-4
 
 

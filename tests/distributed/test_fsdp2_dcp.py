@@ -1,25 +1,28 @@
-"""FSDP2 / HSDP ``sharding="owner"`` through ``torch.distributed.checkpoint`` (DCP), resharded.
+"""FSDP2 / HSDP through ``torch.distributed.checkpoint`` (DCP), resharded: the owner layout's
+form (:mod:`coap_dist.distributed.pieces`) and the default layout's 8-bit state.
 
 One spawn at 4 ranks saves, one at 3 loads:
 
-* 4 ranks, HSDP owner on a (2 replicate x 2 shard) mesh, :class:`tests.nets.ConvNet`: each
-  configuration of :data:`CONFIGS` (8-bit state with a Tucker convolution and adaptive
-  refresh; 8-bit AdamW for the convolution, which FSDP2's row shards cut inside a
-  quantization block; COAP-Adafactor; plain fp32) trains :data:`SAVE_AT` steps and saves with
+* 4 ranks, HSDP on a (2 replicate x 2 shard) mesh, :class:`tests.nets.ConvNet`: each
+  configuration of :data:`CONFIGS` (owner layout: 8-bit state with a Tucker convolution and
+  adaptive refresh; 8-bit AdamW for the convolution, which FSDP2's row shards cut inside a
+  quantization block; COAP-Adafactor; plain fp32. Default layout: 8-bit matrices, rows cut on
+  blocks, and the 8-bit convolution) trains :data:`SAVE_AT` steps and saves with
   ``dcp.save(get_optimizer_state_dict(...))``, next to the consolidated single-process state
   (``consolidate_state_dict``), then trains on. ``state_dict()`` enters no collective, its
   tensors are views of the live state (no copy), and the checkpoint's tensors have the
   single-process shapes. Resumed on the same mesh, the 8-bit + Tucker run continues bitwise.
-* 3 ranks, FSDP2 owner: every checkpoint loads (another world size, mesh and placement) and
-  continues next to one process that loaded the SAME DCP checkpoint and is fed the same
-  gradients: weights within 2e-5 at every step. That one process's loaded state equals the
+* 3 ranks, FSDP2: every checkpoint loads under its layout (another world size, mesh and
+  placement) and continues next to one process that loaded the SAME DCP checkpoint and is
+  fed the same gradients: weights within 2e-5 at every step (1e-3 for the default layout's
+  8-bit state: :data:`TOL_8BIT_DEFAULT`). That one process's loaded state equals the
   consolidated state bitwise, so the DCP form is the single-process state exactly, and the
-  resumed losses are printed next to the uninterrupted run's. The plain checkpoint also
-  loads under the FSDP2 DEFAULT layout (row-shard DTensors), and a default-layout checkpoint
-  loads under the owner layout, both within 2e-5 of one process.
+  resumed losses are printed next to the uninterrupted run's. Across layouts: the 8-bit
+  default checkpoint under the owner layout, the plain owner checkpoint under the default
+  layout and a default-layout checkpoint under the owner layout, each within 2e-5.
 * Refusals: ``rank="auto"`` has no DCP form (its shapes are chosen during training) and
   ``state_dict()`` says so naming ``consolidate_state_dict``; ``torch.save`` of a DCP-form
-  state dict raises saying how to save it; a state dict of another rank is refused by name.
+  state dict raises saying how to save it; pieces of another rank are refused by name.
 """
 
 from __future__ import annotations
@@ -55,9 +58,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "8bit_dense": dict(state_bits=8),
     "adafactor": {},
     "plain": dict(refresh="adaptive"),
+    "8bit_default": dict(state_bits=8),
 }
+"""Saved under the owner layout, except ``*_default``: under the FSDP2 default layout."""
 STEPS, SAVE_AT, GLOBAL = 8, 4, 12
 TOL = 2e-5
+TOL_8BIT_DEFAULT = 1e-3
+"""The FSDP2 default's team refresh (Gram sums) puts an 8-bit moment element on the
+neighbouring code now and then (see tests/distributed/test_matrix.py)."""
 WORST: list[float] = []
 
 
@@ -95,7 +103,9 @@ def _part(x: torch.Tensor, mesh: Any) -> torch.Tensor:
     return x[rank * per : (rank + 1) * per]
 
 
-def _train(model: nn.Module, opt: Any, steps: range, mesh: Any, ref: Any = None) -> list[float]:
+def _train(
+    model: nn.Module, opt: Any, steps: range, mesh: Any, ref: Any = None, tol: float = TOL
+) -> list[float]:
     """Train; with ``ref`` (a one-process model and optimizer) feed it the full averaged
     gradients and check the weights after every step (the largest relative distance is
     appended to ``WORST``). Returns the global losses."""
@@ -118,7 +128,7 @@ def _train(model: nn.Module, opt: Any, steps: range, mesh: Any, ref: Any = None)
             for (n, p), q in zip(model.named_parameters(), ref[0].parameters(), strict=True):
                 full = p.full_tensor()
                 dist_ = ((full - q).norm() / q.norm()).item()
-                assert dist_ <= TOL, f"step {step}: {n} is {dist_:.2e} from one process"
+                assert dist_ <= tol, f"step {step}: {n} is {dist_:.2e} from one process"
                 worst = max(worst, dist_)
     if ref is not None:
         WORST.append(worst)
@@ -176,9 +186,10 @@ def _check_form(opt: Any, ref: Any) -> None:
 def _phase_save(rank: int, world: int, tmp: str) -> None:
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     for name in CONFIGS:
-        model, opt = _build(name, mesh)
+        owner = not name.endswith("_default")
+        model, opt = _build(name, mesh, owner)
         losses = _train(model, opt, range(SAVE_AT), mesh)
-        assert opt.layout.name == "fsdp2_owner" and opt.layout.world == 2
+        assert opt.layout.name == ("fsdp2_owner" if owner else "fsdp2") and opt.layout.world == 2
         _save(model, opt, os.path.join(tmp, name))
         if name == "8bit_tucker":
             _check_form(opt, _bind(_one_process(name)))
@@ -215,21 +226,29 @@ def _phase_load(rank: int, world: int, tmp: str) -> None:
     for name in CONFIGS:
         path = os.path.join(tmp, name)
         saved = torch.load(os.path.join(tmp, f"{name}.final.pt"), weights_only=True)
-        model, opt = _build(name, mesh)
+        default = name.endswith("_default")
+        model, opt = _build(name, mesh, owner=not default)
         _load(model, opt, path)
         ref = _load_one_process(name, path)
         consolidated = torch.load(os.path.join(tmp, f"{name}.consolidated.pt"), weights_only=True)
         _check_equal(ref[1].state_dict(), consolidated, name)
-        losses = _train(model, opt, range(SAVE_AT, STEPS), mesh, ref)
+        tol = TOL_8BIT_DEFAULT if default else TOL
+        losses = _train(model, opt, range(SAVE_AT, STEPS), mesh, ref, tol)
         uninterrupted = saved["losses"][SAVE_AT:]
         if rank == 0:
             print(
-                f"\n{name}: HSDP owner 4 -> FSDP2 owner 3 ranks: distance from one process "
+                f"\n{name}: HSDP 4 -> FSDP2 3 ranks: distance from one process "
                 f"{WORST[-1]:.1e}; losses {losses} vs uninterrupted {uninterrupted}"
             )
         gap = max(abs(a / b - 1) for a, b in zip(losses, uninterrupted, strict=True))
-        assert gap < 1e-5, (name, losses, uninterrupted)
-    # Across layouts: owner checkpoint -> FSDP2 default, and default -> owner.
+        assert gap < (1e-3 if default else 1e-5), (name, losses, uninterrupted)
+    # Across layouts: 8-bit default -> owner; owner -> default; default -> owner.
+    path = os.path.join(tmp, "8bit_default")
+    model, opt = _build("8bit_default", mesh)
+    _load(model, opt, path)
+    _train(model, opt, range(SAVE_AT, STEPS), mesh, _load_one_process("8bit_default", path))
+    if rank == 0:
+        print(f"8-bit default (HSDP 4) -> owner (3): {WORST[-1]:.1e}")
     model, opt = _build("plain", mesh, owner=False)
     _load(model, opt, os.path.join(tmp, "plain"))
     assert opt.layout.name == "fsdp2"
