@@ -63,10 +63,11 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from coap_dist.distributed import support
 from coap_dist.distributed.comm import Comm, Expect, share_block_max
 from coap_dist.distributed.owner import OwnerLayout, check_settings
-from coap_dist.distributed.pieces import Pieces, own_piece, piece_tensor
+from coap_dist.distributed.pieces import Pieces, counters, own_piece, piece_tensor
 from coap_dist.distributed.placement import (
     Range,
     chunk_range,
+    conv_holders,
     local_rows,
     lpt,
     refresh_buckets,
@@ -76,7 +77,15 @@ from coap_dist.distributed.views import FragmentView
 from coap_dist.functional import projection as fproj
 from coap_dist.functional import quant as fquant
 from coap_dist.optim import kernels
-from coap_dist.optim.layout import Core, DenseWork, Layout, MatrixWork, Update, Work
+from coap_dist.optim.layout import (
+    ConvWork,
+    Core,
+    DenseWork,
+    Layout,
+    MatrixWork,
+    Update,
+    Work,
+)
 from coap_dist.optim.spec import ParamSpec, state_shapes
 from coap_dist.optim.storage import allocate, nbytes_of
 
@@ -212,6 +221,7 @@ class Fsdp2Local(Layout):
         self._moved: set[int] = set()
         self._shared: list[tuple[int, int]] = []
         self._active: list[int] = []
+        self._conv_holder: dict[int, int] = {}
 
     # ------------------------------------------------------------------------------ bind
     def bind(self, core: Core) -> list[ParamSpec]:
@@ -240,6 +250,9 @@ class Fsdp2Local(Layout):
                 or any(self._rows(i, q) != self._weight_rows(i, q) for q in range(self.world))
             )
         }
+        self._conv_holder = {
+            i: h for i, h in conv_holders(specs, self.world).items() if self._sharded(i)
+        }
         self._shared = sorted(
             {
                 (i, start // fquant.BLOCK)
@@ -263,6 +276,11 @@ class Fsdp2Local(Layout):
         if not self._sharded(i):
             return 0, s.rows
         return local_rows(s, self.world, self.rank if rank is None else rank)
+
+    def _keeps(self, i: int) -> bool:
+        """Whether this rank keeps state of parameter i (a sharded Tucker convolution's is
+        whole on its holder; everything else is split over every rank)."""
+        return self._conv_holder.get(i, self.rank) == self.rank
 
     def _dense_start(self, i: int, rank: int | None = None) -> int:
         """First flat element of AdamW parameter i's shard on ``rank`` (default: here)."""
@@ -310,11 +328,13 @@ class Fsdp2Local(Layout):
     def ensure_state(self, index: int) -> None:
         assert self._core is not None
         p = self._dparams[index]
-        if self._core.state.get(p):
+        if self._core.state.get(p) or not self._keeps(index):
             return
         s = self.specs[index]
         local = p._local_tensor
-        if s.kind == "matrix":
+        if s.kind == "conv":
+            shapes = state_shapes(s)
+        elif s.kind == "matrix":
             a0, a1 = self._rows(index)
             p0, p1 = self._p_rows(index)
             shapes = state_shapes(s, rows=a1 - a0, holder=False)
@@ -337,11 +357,16 @@ class Fsdp2Local(Layout):
             g = self._dparams[i].grad
             assert g is not None
             grads[i] = cast(DTensor, g)._local_tensor  # a DTensor parameter's grad is a DTensor
-        self._full_p, canon = self._exchange(mats, grads)
+        convs = [i for i in self._active if self.specs[i].kind == "conv"]
+        self._full_p, canon = self._exchange(mats, grads, convs)
         work = Work([], [], [])
         for i in self._active:
             p, s = self._dparams[i], self.specs[i]
             group = self._core.groups[self.group_of[i]]
+            if s.kind == "conv":
+                if self._keeps(i):
+                    work.convs.append(ConvWork(i, s, group, self._state(i), canon[i]))
+                continue
             st = self._state(i)
             if s.kind == "matrix":
                 if i not in canon:
@@ -366,7 +391,7 @@ class Fsdp2Local(Layout):
         return share_block_max(self.comm, maxima, self._shared, starts, set(self._active))
 
     def _exchange(
-        self, mats: Sequence[int], grads: Mapping[int, Tensor]
+        self, mats: Sequence[int], grads: Mapping[int, Tensor], convs: Sequence[int] = ()
     ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
         """One all-to-all for every active sharded matrix: its projector rows to every rank
         (the whole P everywhere) and, for a matrix whose canonical rows are not the weight
@@ -375,12 +400,15 @@ class Fsdp2Local(Layout):
         holds and the columns n_q that q keeps, i.e. q's canonical rows G^T[n_q, :] (n_q x
         m): (N - 1) / N of each rank's gradient shard. Right side with 8-bit rows cut on
         quantization blocks: the rows of q's state rows that s holds (at most one block's
-        rows per neighbour). Returns (P per matrix, canonical gradient rows per moved
-        matrix)."""
+        rows per neighbour). A Tucker convolution's shards go to its holder. Returns (P per
+        matrix, canonical gradient rows per moved matrix, the whole gradient per convolution
+        held here)."""
         full_p = {i: self._state(i)["projector"] for i in mats if not self._sharded(i)}
         split = [i for i in mats if self._sharded(i)]
-        if not split:
-            return full_p, {}
+        whole = {i: grads[i] for i in convs if i not in self._conv_holder}
+        convs = [i for i in convs if i in self._conv_holder]
+        if not split and not convs:
+            return full_p, whole
         left = [i for i in split if i in self._moved]
         me = self.rank
         sends: dict[int, list[Tensor]] = {}
@@ -403,6 +431,13 @@ class Fsdp2Local(Layout):
                 else:
                     a0, a1 = _overlap(self._rows(i), self._weight_rows(i, q))
                     expects[q].append(Expect((a1 - a0, self.specs[i].cols), grads[i].dtype))
+            for i in convs:
+                h, shape = self._conv_holder[i], self.specs[i].shape
+                if q == h:
+                    sends[q].append(grads[i])
+                if me == h:
+                    w0, w1 = self._weight_rows(i, q)
+                    expects[q].append(Expect((w1 - w0, *shape[1:]), grads[i].dtype))
         got = self.comm.exchange(sends, expects, needed=True)
         for k, i in enumerate(split):
             own = self._state(i)["projector"]
@@ -416,6 +451,19 @@ class Fsdp2Local(Layout):
                 canon[i] = torch.cat(blocks).t()  # (m x n_q)^T: the canonical rows kept here
             else:
                 canon[i] = torch.cat(blocks)  # in weight-row order: the rows kept here
+        cursor = {q: len(split) + len(left) for q in got if q != me}
+        for i in convs:
+            if self._conv_holder[i] != me:
+                continue
+            parts = []
+            for q in range(self.world):
+                if q == me:
+                    parts.append(grads[i])
+                else:
+                    parts.append(got[q][cursor[q]])
+                    cursor[q] += 1
+            whole[i] = torch.cat(parts)
+        canon.update(whole)
         return full_p, canon
 
     def _rows_for(self, i: int, q: int, grad: Tensor) -> Tensor:
@@ -431,7 +479,11 @@ class Fsdp2Local(Layout):
     # --------------------------------------------------------------------------- refresh
     def refresh(self, work: Work, due: Mapping[int, str]) -> list[Tensor]:
         oks: list[Tensor] = []
-        split = [i for i in sorted(due) if self._sharded(i)]
+        split = [i for i in sorted(due) if self._sharded(i) and self.specs[i].kind == "matrix"]
+        for cw in work.convs:
+            kind = due.get(cw.index)
+            if kind is not None:
+                oks.append(kernels.conv_refresh(cw, kind))
         for mw in work.matrices:
             kind = due.get(mw.index)
             if kind is not None and not mw.split:
@@ -447,7 +499,8 @@ class Fsdp2Local(Layout):
             for bucket in refresh_buckets(split, sizes):
                 oks.extend(self._split_refresh(work, bucket, due))
         for i in due:
-            self._state(i)["refreshes"] += 1
+            if self._keeps(i):
+                self._state(i)["refreshes"] += 1
         return oks
 
     def _store(self, i: int, proj: Tensor) -> None:
@@ -578,7 +631,10 @@ class Fsdp2Local(Layout):
         mats = {mw.index: mw for mw in work.matrices}
         left = [mw.index for mw in work.matrices if mw.index in self._moved]
         whole = self._gather_directions(left, {u.index: u.direction for u in updates})
+        self._scatter_convs({u.index: u for u in updates})
         for u in updates:
+            if self.specs[u.index].kind == "conv":
+                continue
             w = self._dparams[u.index]._local_tensor
             proj = mats[u.index].projector.to(w.dtype)
             if self.specs[u.index].side == "right":
@@ -591,6 +647,44 @@ class Fsdp2Local(Layout):
             d = whole.get(u.index, u.direction).to(w.dtype)
             w0, w1 = self._weight_rows(u.index) if self._sharded(u.index) else (0, w.shape[0])
             w.addmm_(proj[:, w0:w1].t(), d.t(), beta=u.keep, alpha=-u.alpha * u.keep)
+
+    def _scatter_convs(self, updates: Mapping[int, Update]) -> None:
+        """Tucker convolutions: W_s <- keep (W_s - alpha U[rows of s]) on every rank, the
+        holder sending each rank its rows of the update U (one all-to-all, only in steps
+        with sharded convolutions)."""
+        assert self._core is not None
+        convs = [i for i in self._active if self.specs[i].kind == "conv"]
+        sharded = [i for i in convs if i in self._conv_holder]
+        me, got = self.rank, {}
+        if sharded:
+            sends: dict[int, list[Tensor]] = {}
+            expects: dict[int, list[Expect]] = {}
+            for i in sharded:
+                h, w = self._conv_holder[i], self._dparams[i]._local_tensor
+                for q in range(self.world):
+                    if q == me:
+                        continue
+                    if me == h:
+                        w0, w1 = self._weight_rows(i, q)
+                        sends.setdefault(q, []).append(updates[i].direction[w0:w1].to(w.dtype))
+                    elif q == h:
+                        expects.setdefault(q, []).append(Expect(tuple(w.shape), w.dtype))
+            got = self.comm.exchange(sends, expects, needed=True)
+        cursor = dict.fromkeys(got, 0)
+        for i in convs:
+            w = self._dparams[i]._local_tensor
+            h = self._conv_holder.get(i, me)
+            if h == me:
+                w0, w1 = self._weight_rows(i) if i in self._conv_holder else (0, w.shape[0])
+                u = updates[i].direction[w0:w1].to(w.dtype)
+            else:
+                u = got[h][cursor[h]]
+                cursor[h] += 1
+            alpha, keep = (
+                self._core.step_size(i),
+                kernels.decay_keep(self._core.groups[self.group_of[i]]),
+            )
+            w.mul_(keep).add_(u.reshape(w.shape), alpha=-alpha * keep)
 
     def _gather_directions(
         self, items: Sequence[int], local: Mapping[int, Tensor]
@@ -640,8 +734,8 @@ class Fsdp2Local(Layout):
         :class:`~coap_dist.distributed.pieces.Pieces` where its rows are not ``torch.chunk``'s
         (8-bit matrix rows cut on blocks) or its blocks are shared (an 8-bit AdamW scale)."""
         p, s = self._dparams[i], self.specs[i]
-        if t.ndim == 0:
-            return t
+        if t.ndim == 0 or s.kind == "conv":
+            return t  # (a convolution's state is whole on one rank)
         moved_rows = s.kind == "matrix" and s.row_alignment() > 1
         whole = key in ("projector", "exp_avg_sq_col")
         if self._sharded(i) and not whole and (moved_rows or key.endswith("_scale")):
@@ -681,17 +775,21 @@ class Fsdp2Local(Layout):
 
     def state_dict(self, saved: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         sd = saved()
-        sd["state"] = {
+        state = {
             i: {k: self._wrap(i, k, v) if isinstance(v, Tensor) else v for k, v in st.items()}
             for i, st in sd["state"].items()
         }
+        for i in self._conv_holder:
+            if i not in state and self._dparams[i].requires_grad:
+                state[i] = counters(sd, i)  # held elsewhere: DCP still asks for an entry
+        sd["state"] = dict(sorted(state.items()))
         return sd
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         assert self._core is not None
         for i, p in enumerate(self._dparams):
             saved = sd["state"].get(i)
-            if not saved:
+            if not saved or not self._keeps(i):
                 self._core.state.pop(p, None)
                 continue
             self.ensure_state(i)
@@ -730,6 +828,11 @@ class Fsdp2Local(Layout):
         assert self._core is not None
         full: dict[int, dict[str, Any]] = {}
         for i, p in enumerate(self._dparams):
+            if i in self._conv_holder:
+                conv = self._gather_conv(i, to)
+                if conv:
+                    full[i] = conv
+                continue
             st = self._core.state.get(p)
             if not st:
                 continue
@@ -747,6 +850,25 @@ class Fsdp2Local(Layout):
             if self.rank == to:
                 full[i] = out
         return full if self.rank == to else None
+
+    def _gather_conv(self, i: int, to: int) -> dict[str, Any] | None:
+        """A sharded convolution's whole state from its holder on rank ``to`` (every rank
+        takes part in the gathers; only the holder contributes rows)."""
+        assert self._core is not None
+        st = self._core.state.get(self._dparams[i]) if self._keeps(i) else None
+        out: dict[str, Any] = {}
+        for k, (shape, dtype) in state_shapes(self.specs[i]).items():
+            rows = shape or (1,)
+            if st:
+                v = st[k].reshape(rows).to(self.device)
+            else:
+                v = torch.empty((0, *rows[1:]), dtype=dtype, device=self.device)
+            got = self._gather_rows(v, to)
+            if got is not None:
+                out[k] = got.reshape(shape) if got.numel() else None
+        if self.rank != to or any(v is None for v in out.values()):
+            return None
+        return out
 
     def _gather_rows(self, v: Tensor, to: int) -> Tensor | None:
         """Row shards of every rank concatenated on rank ``to`` (padded all-gather)."""

@@ -24,7 +24,7 @@ other way round.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,8 +37,9 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 from coap_dist.functional import quant as fquant
+from coap_dist.optim.checkpoint import REFRESH_KEYS
 
-__all__ = ["Pieces", "flat_boxes", "own_piece", "piece_tensor"]
+__all__ = ["Pieces", "counters", "flat_boxes", "own_piece", "piece_tensor"]
 
 Chunk = tuple[torch.Size, Tensor]
 """A box of a global tensor: its offsets and the local tensor holding it."""
@@ -199,3 +200,18 @@ def own_piece(saved: Pieces, want: Tensor, where: str) -> Tensor:
             "this optimizer"
         )
     return saved.unwrap()
+
+
+def counters(sd: Mapping[str, Any], index: int) -> dict[str, Tensor]:
+    """What every rank's DCP state dict holds for parameter ``index`` whether or not it keeps
+    state of it (DCP's strict load asks every trainable parameter for an entry, and every
+    rank keeps these): its update count ``step`` and its adaptive refresh record, as 0-d
+    tensors, from the host records of ``sd`` (a COAP ``state_dict()``)."""
+    out = {"step": torch.tensor(float(sd["coap_steps"][index]))}
+    record = sd.get("coap_refresh", {}).get(index)
+    if record is not None:
+        out.update(
+            (k, torch.tensor(v, dtype=torch.float64))
+            for k, v in zip(REFRESH_KEYS, record, strict=True)
+        )
+    return out

@@ -344,12 +344,23 @@ def lpt(costs: Sequence[float], world: int) -> list[int]:
     return owner
 
 
+def conv_holders(specs: Sequence[ParamSpec], world: int) -> dict[int, int]:
+    """The rank keeping each Tucker-projected convolution's whole state under FSDP2's default
+    layout (LPT on its state bytes, so that convolutions spread over the ranks)."""
+    convs = [s for s in specs if s.kind == "conv"]
+    ranks = lpt([float(piece_bytes(s, 0, holder=True, start=0)) for s in convs], world)
+    return {s.index: r for s, r in zip(convs, ranks, strict=True)}
+
+
 def local_state_bytes(specs: Sequence[ParamSpec], world: int) -> list[int]:
     """Per-rank state bytes of the LOCAL layout: every tensor split by its dim 0 like FSDP2
     (COAP matrices: moments by their canonical rows, :func:`local_rows`, the weight's rows
     for a right side and its columns for a left one; the projector by its own rows;
-    Adafactor's column statistics are replicated)."""
+    Adafactor's column statistics are replicated), Tucker convolutions whole on their
+    :func:`conv_holders` rank."""
     loads = [0] * world
+    for i, r in conv_holders(specs, world).items():
+        loads[r] += piece_bytes(specs[i], 0, holder=True, start=0)
     for s in specs:
         for r in range(world):
             if s.kind == "matrix":
@@ -361,11 +372,6 @@ def local_state_bytes(specs: Sequence[ParamSpec], world: int) -> list[int]:
                 d0, d1 = chunk_range(s.shape[0] if s.shape else 1, world, r)
                 row = math.prod(s.shape[1:]) if s.shape else 1
                 loads[r] += piece_bytes(s, (d1 - d0) * row, holder=False, start=d0 * row)
-            else:
-                raise ValueError(
-                    "the LOCAL layout does not Tucker-project convolutions (set "
-                    "rank_ratio_cnn=None or sharding='owner')"
-                )
     return loads
 
 

@@ -26,7 +26,14 @@ import torch
 
 from coap_dist.distributed.boxes import Box, intersect, region_of
 from coap_dist.distributed.comm import collective_bytes, padded
-from coap_dist.distributed.placement import Piece, Placement, Range, chunk_range, local_rows
+from coap_dist.distributed.placement import (
+    Piece,
+    Placement,
+    Range,
+    chunk_range,
+    conv_holders,
+    local_rows,
+)
 from coap_dist.functional import quant as fquant
 from coap_dist.optim.spec import ParamSpec
 
@@ -272,8 +279,10 @@ def local_plain_step_traffic(
     the moved matrices' gradient rows (a left side's blocks G_s[:, n_q], m_s x n_q; an 8-bit
     right side's rows of a neighbour's block-aligned state rows; in ``grad_dtype``); one
     all-gather per moment dtype of the moved matrices' directions (each padded to the largest
-    rank's rows of r); and, when FSDP2's shards cut an 8-bit AdamW parameter inside a
-    quantization block, one MAX all-reduce of those blocks' maxima."""
+    rank's rows of r); when FSDP2's shards cut an 8-bit AdamW parameter inside a quantization
+    block, one MAX all-reduce of those blocks' maxima; with Tucker convolutions, their shards
+    to the holder in the first all-to-all and one more all-to-all of the update rows back
+    (fp32, the weights' dtype assumed)."""
     if world == 1:
         return [Traffic(0, 0, 0)]
     flag = collective_bytes("all_reduce", world, 4 * (5 * len(specs) + 1))
@@ -313,6 +322,19 @@ def local_plain_step_traffic(
             received[me] += gathered
         if moved:
             dir_dtypes.add(s.fmt.moment_dtype)
+    holders = conv_holders(specs, world)
+    for i, h in holders.items():  # shards to the holder, its update rows back
+        s = specs[i]
+        row = math.prod(s.shape[1:])
+        for q in range(world):
+            if q == h:
+                continue
+            w0, w1 = chunk_range(s.shape[0], world, q)
+            grad, update = padded((w1 - w0) * row * gi), padded((w1 - w0) * row * 4)
+            sent[q] += grad
+            received[h] += grad
+            sent[h] += update
+            received[q] += update
     shared = 0
     for s in specs:
         if s.kind == "dense" and s.shape and s.quantized_moment(s.numel):
@@ -325,7 +347,7 @@ def local_plain_step_traffic(
         maxima = collective_bytes("all_reduce", world, 8 * shared)
         sent = [x + maxima for x in sent]
         received = [x + maxima for x in received]
-    calls = 1 + bool(mats) + len(dir_dtypes) + bool(shared)
+    calls = 1 + bool(mats or holders) + len(dir_dtypes) + bool(shared) + bool(holders)
     return [Traffic(calls, a, b) for a, b in zip(sent, received, strict=True)]
 
 

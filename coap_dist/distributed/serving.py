@@ -32,11 +32,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from coap_dist.distributed.comm import Comm, tensor_bytes
-from coap_dist.distributed.pieces import Pieces, own_piece, piece_tensor
+from coap_dist.distributed.pieces import Pieces, counters, own_piece, piece_tensor
 from coap_dist.distributed.placement import Piece, Placement
 from coap_dist.distributed.routes import Geometry
 from coap_dist.distributed.views import FragmentView
-from coap_dist.optim.checkpoint import REFRESH_KEYS
 from coap_dist.optim.layout import Core
 from coap_dist.optim.spec import state_shapes
 from coap_dist.optim.storage import Item, assemble_all, slice_full
@@ -107,19 +106,13 @@ class OwnerCheckpoints:
                 "read). Call opt.consolidate_state_dict(to=0) on every rank, then "
                 "opt.state_dict() on rank 0 (loads at any world size), or set a fixed rank"
             )
-        steps, records = sd["coap_steps"], sd.get("coap_refresh", {})
         state: dict[int, dict[str, Any]] = {}
         for e, pc in zip(self._entries, self._mine, strict=True):
             i = e.spec.index
             st = sd["state"].get(i, {})
             if not (st or self._params[i].requires_grad):
-                continue  # (DCP's strict load asks every trainable parameter for state)
-            out: dict[str, Any] = {"step": torch.tensor(float(steps[i]))}
-            if i in records:
-                out.update(
-                    (k, torch.tensor(v, dtype=torch.float64))
-                    for k, v in zip(REFRESH_KEYS, records[i], strict=True)
-                )
+                continue
+            out: dict[str, Any] = counters(sd, i)
             for k, v in st.items():
                 if k not in out:
                     out[k] = self._dcp_value(e, pc, k, v)

@@ -119,18 +119,14 @@ SUPPORT: dict[str, dict[str, Cell]] = {
     ),
     "fsdp2": _row(
         eight_bit=_t(f"{_M} (with a Tucker conv: 8-bit matrices; dense; HSDP too)"),
-        tucker=Cell(
-            "refused",
-            "a Tucker factor refresh needs the whole convolution, which the row-shard layout "
-            "never gathers; set rank_ratio_cnn=None (AdamW for convolutions) or use "
-            "sharding='owner'",
-        ),
+        tucker=_t(f"{_M} (whole on one rank, LPT)"),
         auto=Cell(
             "refused",
-            "its state is checkpointed as row-shard DTensors, whose global shapes (the "
-            "ranks) torch.distributed.checkpoint takes from the loading optimizer before any "
-            "state is read, so a resumed run could not restore ranks chosen during "
-            "training. Set a fixed rank (or rank_ratio), or use sharding='owner'",
+            "its checkpoints go through torch.distributed.checkpoint, which takes every "
+            "state tensor's shape (the ranks) from the loading optimizer before any state is "
+            "read, so a resumed run could not restore ranks chosen during training. Set a "
+            "fixed rank (or rank_ratio), or use sharding='owner' (rank='auto' there saves "
+            "with consolidate_state_dict)",
         ),
         adaptive=_t("tests/distributed/test_fsdp2.py"),
         adafactor=_t("tests/distributed/test_fsdp2.py"),

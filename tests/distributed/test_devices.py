@@ -19,7 +19,6 @@ torch refuses Python indexing of fake CUDA tensors: its device guard needs CUDA.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pytest
@@ -151,8 +150,7 @@ def test_fsdp2_layouts_keep_buffers_on_the_parameters_device(fake_group: Any) ->
         watches = _steps(opt, params)
         _check(watches, f"FSDP2 sharding={sharding}")
         if sharding is None:
-            _check_refusals(mesh)
-            _check_fsdp2_8bit(mesh)
+            _check_fsdp2_features(mesh)
             # flags; P rows and the left 32 x 96 matrix's gradient blocks; its directions
             assert watches[1].collectives == ["allreduce_", "alltoall_base_", "_allgather_base_"]
             with HostWatch() as watch:
@@ -166,54 +164,40 @@ def test_fsdp2_layouts_keep_buffers_on_the_parameters_device(fake_group: Any) ->
             )
 
 
-def _check_fsdp2_8bit(mesh: Any) -> None:
-    """8-bit state under the FSDP2 default: matrices whose 8-bit moment rows are cut on
-    quantization blocks (two right-projected, so their rows move between neighbours, one
-    left) and 5,000-element 8-bit AdamW vectors whose shards cut a block: a plain step is
-    the flag all-reduce, one all-to-all, one all-gather of the moved directions and one MAX
-    all-reduce of the shared block, as ``routes.local_plain_step_traffic`` predicts; the
-    state dict (DTensors and Pieces) is built without a collective."""
+def _check_fsdp2_features(mesh: Any) -> None:
+    """8-bit state and a Tucker convolution under the FSDP2 default: matrices whose 8-bit
+    moment rows are cut on quantization blocks (two right-projected, so their rows move
+    between neighbours, one left), 5,000-element 8-bit AdamW vectors whose shards cut a block
+    and a Tucker-projected convolution whole on one rank: a plain step is the flag
+    all-reduce, one all-to-all (projector rows, moved gradient rows, the convolution's
+    shards to its holder), one all-gather of the moved directions, one MAX all-reduce of the
+    shared blocks and one all-to-all of the convolution's update rows, as
+    ``routes.local_plain_step_traffic`` predicts; the state dict (DTensors, Pieces and the
+    holder's plain tensors) is built without a collective."""
     from coap_dist.distributed.pieces import Pieces
     from coap_dist.distributed.routes import local_plain_step_traffic
 
     with torch.device("meta"):
         model = nn.Sequential(
             nn.Linear(64, 2048), nn.Tanh(), nn.Linear(2048, 5000), nn.LayerNorm(5000),
-            nn.Linear(5000, 96),
+            nn.Linear(5000, 96), nn.Unflatten(1, (24, 2, 2)), nn.Conv2d(24, 48, 3, padding=1),
         )  # fmt: skip
     fully_shard(model, mesh=mesh)
     params = list(model.parameters())
-    opt = coap_dist.COAPAdamW(params, **dict(KW, rank_ratio_cnn=None, state_bits=8))
+    opt = coap_dist.COAPAdamW(params, **dict(KW, state_bits=8))
     with HostWatch():
         lay = opt.layout  # binding compares settings across ranks (one all-gather)
     watches = _steps(opt, params)
-    _check(watches, "FSDP2 default, 8-bit")
+    _check(watches, "FSDP2 default, 8-bit + Tucker")
     assert lay.name == "fsdp2", lay.name
     shared = [(3, 0), (4, 0), (5, 0)]  # the 5,000-element bias, LayerNorm weight and bias
     assert (sorted(lay._moved), lay._shared) == ([0, 2, 6], shared), (lay._moved, lay._shared)
+    assert [s.kind for s in opt.specs].count("conv") == 1 and len(lay._conv_holder) == 1
     plain = sorted(watches[1].collectives)
-    assert plain == sorted(["allreduce_", "alltoall_base_", "_allgather_base_", "allreduce_"])
+    kinds = ["allreduce_", "alltoall_base_", "_allgather_base_", "allreduce_", "alltoall_base_"]
+    assert plain == sorted(kinds), plain
     assert len(plain) == local_plain_step_traffic(opt.specs, WORLD, torch.float32)[0].calls
     with HostWatch() as watch:
         sd = opt.state_dict()
     assert not watch.collectives and watch.syncs == 0
     assert any(isinstance(v, Pieces) for st in sd["state"].values() for v in st.values())
-
-
-def _check_refusals(mesh: Any) -> None:
-    """The FSDP2 default layout refuses Tucker convolutions at the first step, with the
-    reason its support declaration gives, before any state exists."""
-    from coap_dist.distributed import support
-
-    for kw, conv, feature in ((dict(KW), True, "tucker"),):
-        with torch.device("meta"):
-            layers = [nn.Linear(24, 256), nn.Tanh(), nn.Linear(256, 96)]
-            if conv:
-                layers += [nn.Unflatten(1, (24, 2, 2)), nn.Conv2d(24, 48, 3)]
-            model = nn.Sequential(*layers)
-        fully_shard(model, mesh=mesh)
-        opt = coap_dist.COAPAdamW(list(model.parameters()), **kw)
-        why = support.reason("fsdp2", feature)
-        with pytest.raises(ValueError, match=re.escape(why)):
-            opt.layout  # noqa: B018 (binding the layout is what refuses)
-        assert not opt.state

@@ -7,7 +7,8 @@ One spawn at 4 ranks saves, one at 3 loads:
   configuration of :data:`CONFIGS` (owner layout: 8-bit state with a Tucker convolution and
   adaptive refresh; 8-bit AdamW for the convolution, which FSDP2's row shards cut inside a
   quantization block; COAP-Adafactor; plain fp32. Default layout: 8-bit matrices, rows cut on
-  blocks, and the 8-bit convolution) trains :data:`SAVE_AT` steps and saves with
+  blocks, and the 8-bit convolution; 8-bit matrices and a Tucker convolution, whole on one
+  rank, with adaptive refresh) trains :data:`SAVE_AT` steps and saves with
   ``dcp.save(get_optimizer_state_dict(...))``, next to the consolidated single-process state
   (``consolidate_state_dict``), then trains on. ``state_dict()`` enters no collective, its
   tensors are views of the live state (no copy), and the checkpoint's tensors have the
@@ -59,6 +60,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "adafactor": {},
     "plain": dict(refresh="adaptive"),
     "8bit_default": dict(state_bits=8),
+    "tucker_default": dict(state_bits=8, rank_ratio_cnn=16.0, refresh="adaptive"),
 }
 """Saved under the owner layout, except ``*_default``: under the FSDP2 default layout."""
 STEPS, SAVE_AT, GLOBAL = 8, 4, 12

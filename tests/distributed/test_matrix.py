@@ -7,9 +7,8 @@ recalibration, 6) of :class:`tests.nets.ConvNet` through the layout's real wrapp
 full weights with single-process COAP fed the same (full, averaged) gradients: the max
 relative weight distance must stay <= 2e-4 in fp32 (the bar of the FSDP2 default; the
 measured figures are printed, ~1e-7), <= 1e-3 with 8-bit state (:data:`TOL`) and <= 2e-2 for
-bf16 parameters (one bf16 ulp is 8e-3). Cells the FSDP2 default refuses (Tucker
-convolutions, so the ``8bit`` column, and ``rank="auto"``) are checked in
-``test_devices.py`` and ``test_fsdp2.py`` to refuse instead.
+bf16 parameters (one bf16 ulp is 8e-3). The cells the FSDP2 default refuses
+(``rank="auto"``) are checked in ``test_fsdp2.py`` to refuse instead.
 
 Features: ``8bit`` (``state_bits=8``, with the Tucker convolution: the matrices' 512 x 8 and
 640 x 8 moments are 8-bit), ``8bit_dense`` (``state_bits=8`` without Tucker: the 11,520-element
@@ -56,9 +55,8 @@ FEATURES: dict[str, dict[str, Any]] = {
     "resume": dict(refresh="adaptive"),
     "reshard": dict(refresh="adaptive"),
 }
-REFUSED = {(layout, f) for layout in ("fsdp2", "hsdp") for f in ("8bit", "tucker", "auto")}
-"""The FSDP2 default refuses Tucker convolutions (so the `8bit` column, which has one: its
-8-bit state runs in `8bit_dense`) and `rank="auto"`."""
+REFUSED = {(layout, "auto") for layout in ("fsdp2", "hsdp")}
+"""The FSDP2 default refuses ``rank="auto"`` (tests/distributed/test_fsdp2.py)."""
 TOL = {"bf16": 2e-2, "8bit": 1e-3, "8bit_dense": 1e-3}
 """8-bit state: a moment element whose value two computations put ~1e-7 apart (the FSDP2
 default's team refresh sums Gram matrices where one process takes a whole SVD) can land on
