@@ -74,27 +74,58 @@ class Expect:
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
+def transport_device(group: dist.ProcessGroup | None, device: torch.device) -> torch.device:
+    """Where the collectives of state on ``device`` run: ``device`` itself, except host
+    state (DeepSpeed ``offload_optimizer``) on an NCCL group, which accepts device tensors
+    only: then the current CUDA device."""
+    if device.type != "cpu":
+        return device
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and "cpu:" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class Comm:
     """Counted collectives on ``group`` with buffers on ``device``.
 
     Attributes:
         group: the process group (None: the default group; ignored when ``solo``: one rank,
             no process group needed).
-        device: where every buffer lives.
+        device: where every buffer the caller hands over or gets back lives (the state's).
+        transport: where the collectives run (:func:`transport_device` unless given); when
+            it is not ``device``, each collective copies its input there and its result
+            back (host state on NCCL: one round trip per collective, as offload implies).
         world, rank: size of the group and this process's rank in it.
         calls, sent, received: totals since the last :meth:`reset`.
     """
 
     def __init__(
-        self, group: dist.ProcessGroup | None, device: torch.device, *, solo: bool = False
+        self,
+        group: dist.ProcessGroup | None,
+        device: torch.device,
+        *,
+        solo: bool = False,
+        transport: torch.device | None = None,
     ) -> None:
         self.group = group
         self.device = device
         self.world = 1 if solo else dist.get_world_size(group)
         self.rank = 0 if solo else dist.get_rank(group)
+        if transport is None:
+            transport = device if solo else transport_device(group, device)
+        self.transport = transport
         self.calls = 0
         self.sent = 0
         self.received = 0
+
+    def _there(self, t: Tensor) -> Tensor:
+        """``t`` on the transport device (itself when that is its device)."""
+        return t if t.device == self.transport else t.to(self.transport)
+
+    def _back(self, t: Tensor) -> Tensor:
+        """A collective's result on ``device``."""
+        return t if t.device == self.device else t.to(self.device)
 
     def reset(self) -> None:
         """Start counting a new step."""
@@ -111,30 +142,33 @@ class Comm:
 
     def all_reduce(self, t: Tensor, op: str = "sum") -> Tensor:
         """In-place all-reduce of ``t`` (on ``device``) over the group; returns t."""
-        dist.all_reduce(t, op=_OPS[op], group=self.group)
+        x = self._there(t)
+        dist.all_reduce(x, op=_OPS[op], group=self.group)
+        if x is not t:
+            t.copy_(x)
         moved = collective_bytes("all_reduce", self.world, t.numel() * t.element_size())
         self._count(moved, moved)
         return t
 
     def all_gather(self, t: Tensor) -> Tensor:
         """Concatenation over ranks (rank order) of every rank's flat ``t`` (equal sizes)."""
-        flat = t.reshape(-1)
-        out = torch.empty(self.world * flat.numel(), dtype=flat.dtype, device=self.device)
+        flat = self._there(t.reshape(-1))
+        out = torch.empty(self.world * flat.numel(), dtype=flat.dtype, device=self.transport)
         fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         fn(out, flat, group=self.group)
         moved = collective_bytes("all_gather", self.world, flat.numel() * flat.element_size())
         self._count(moved, moved)
-        return out
+        return self._back(out)
 
     def reduce_scatter(self, t: Tensor) -> Tensor:
         """This rank's chunk of the element-wise sum over ranks of flat ``t`` (N equal chunks)."""
-        flat = t.reshape(-1)
-        out = torch.empty(flat.numel() // self.world, dtype=flat.dtype, device=self.device)
+        flat = self._there(t.reshape(-1))
+        out = torch.empty(flat.numel() // self.world, dtype=flat.dtype, device=self.transport)
         fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
         fn(out, flat, group=self.group)
         moved = collective_bytes("reduce_scatter", self.world, out.numel() * out.element_size())
         self._count(moved, moved)
-        return out
+        return self._back(out)
 
     def exchange(
         self, sends: dict[int, list[Tensor]], expects: dict[int, list[Expect]], *, needed: bool
@@ -167,8 +201,9 @@ class Comm:
                 if chunks
                 else torch.empty(0, dtype=torch.uint8, device=self.device)
             )
-            buf = torch.empty(sum(out_sizes), dtype=torch.uint8, device=self.device)
-            dist.all_to_all_single(buf, inp, out_sizes, in_sizes, group=self.group)
+            buf = torch.empty(sum(out_sizes), dtype=torch.uint8, device=self.transport)
+            dist.all_to_all_single(buf, self._there(inp), out_sizes, in_sizes, group=self.group)
+            buf = self._back(buf)
             self._count(sum(in_sizes), sum(out_sizes))
             off = 0
             for q in range(self.world):
@@ -181,6 +216,16 @@ class Comm:
                     off += padded(e.nbytes)
                 out[q] = got
         return out
+
+    def send(self, t: Tensor, to: int) -> None:
+        """Point-to-point send of ``t`` to group rank ``to`` (checkpoint consolidation)."""
+        dist.send(self._there(t), self.global_rank(to), group=self.group)
+
+    def recv(self, t: Tensor, src: int) -> Tensor:
+        """Receive into a buffer shaped like ``t`` from group rank ``src``; returns it."""
+        x = self._there(t)
+        dist.recv(x, self.global_rank(src), group=self.group)
+        return self._back(x)
 
     def same_everywhere(self, text: str) -> bool:
         """Whether every rank passed the same ``text`` (one all-gather of its SHA-256 digest,

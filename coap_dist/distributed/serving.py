@@ -28,7 +28,6 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from coap_dist.distributed.comm import Comm, tensor_bytes
@@ -259,7 +258,7 @@ class OwnerCheckpoints:
                     buf = torch.cat(
                         [v.detach().reshape(-1).view(torch.uint8).to(self.device) for v in flat]
                     )
-                    dist.send(buf, self.comm.global_rank(to), group=self.view.group)
+                    self.comm.send(buf, to)
             elif me == to:
                 entries = manifests[q]
                 assert isinstance(entries, list)
@@ -271,7 +270,7 @@ class OwnerCheckpoints:
                 got: list[Item] = []
                 if total:
                     buf = torch.empty(total, dtype=torch.uint8, device=self.device)
-                    dist.recv(buf, self.comm.global_rank(q), group=self.view.group)
+                    buf = self.comm.recv(buf, q)
                     host = buf.cpu()
                     off = 0
                     for i, a, b, keys in entries:

@@ -47,9 +47,15 @@ quantization blocks; an 8-bit AdamW parameter cut by DeepSpeed's partition insid
 keeps the parameter's block grid, the ranks sharing that block agreeing on its maximum (one
 small MAX all-reduce per step), so that its codes are those of one process.
 
-Refused at the first step with an error saying what to use instead: optimizer offload (CPU /
-NVMe), mixture-of-experts groups and an explicit ``sharding`` argument. fp16 on CPU is
-refused by DeepSpeed itself.
+Optimizer offload (``offload_optimizer: {"device": "cpu"}``, with ``offload_param`` at stage 3
+too): DeepSpeed keeps the fp32 partitions and their gradients on the host and COAP steps
+them there, its state on the host with them; its collectives run on the device the process
+group needs (:func:`~coap_dist.distributed.comm.transport_device`: the GPU for NCCL, each
+buffer copied over and back).
+
+Refused at the first step with an error saying what to use instead: NVMe optimizer offload,
+mixture-of-experts groups and an explicit ``sharding`` argument. fp16 on CPU is refused by
+DeepSpeed itself.
 """
 
 from __future__ import annotations
@@ -149,15 +155,6 @@ def _refuse_moe(groups: list[dict[str, Any]]) -> None:
         )
 
 
-def _refuse_offload(key: str) -> None:
-    raise ValueError(
-        f"COAP under DeepSpeed: zero_optimization.{key} is not supported: offloaded "
-        "optimizers run on CPU copies of flat shards, which COAP's collectives (NCCL) and "
-        f"matrix structure cannot use. Remove zero_optimization.{key} (COAP's state is "
-        'already ~r/min(m, n) of AdamW\'s), or use "type": "AdamW" if you need offload'
-    )
-
-
 class DeepSpeedZeroView(FragmentView):
     """ZeRO stages 1-2 (and ``BF16_Optimizer``): fragments from each model parameter's
     ``_hp_mapping`` into the flat fp32 partitions, over its ``_dp_group``."""
@@ -174,10 +171,6 @@ class DeepSpeedZeroView(FragmentView):
         if len(groups) != 1:
             raise ValueError("COAP under DeepSpeed: parameters span several data-parallel groups")
         self.group = params[0]._dp_group  # type: ignore[attr-defined]
-        for p in params:
-            mapping = getattr(p, "_hp_mapping", None)
-            if mapping is not None and mapping.use_offload:
-                _refuse_offload("offload_optimizer")
         self._params = params
         self.remember(current, built)
         return params
@@ -235,8 +228,14 @@ class DeepSpeedZero3View(FragmentView):
     def attach(self, current: list[list[Tensor]], built: list[list[Tensor | None]]) -> list[Tensor]:
         params = _model_params(built)
         self._z3 = params[0]._z3_optimizer  # type: ignore[attr-defined]
-        if getattr(self._z3, "offload_optimizer", False):
-            _refuse_offload("offload_optimizer")
+        if getattr(self._z3, "swap_optimizer", False):
+            raise ValueError(
+                "COAP under DeepSpeed: zero_optimization.offload_optimizer.device='nvme' is "
+                "not supported: DeepSpeed's NVMe swapper pages Adam-shaped state of the flat "
+                "fp32 partitions in and out, which COAP's per-matrix state is not. Use "
+                "offload_optimizer.device='cpu' (COAP's state, ~r/min(m, n) of AdamW's, then "
+                "lives on the host) or no offload"
+            )
         self.group = self._z3.dp_process_group
         self._rank = dist.get_rank(self.group)
         self._world = dist.get_world_size(self.group)

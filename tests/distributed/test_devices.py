@@ -60,6 +60,13 @@ class HostWatch(TorchDispatchMode):
         if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type != "cpu":
             raise AssertionError("a host synchronisation (.item() / bool()) on a device tensor")
         if (
+            func is torch.ops.aten.copy_.default
+            and args[1].device.type == "meta"
+            and args[0].device.type == "cpu"
+        ):
+            self.syncs += 1  # a device-to-host copy into an existing tensor (no values)
+            return args[0].zero_()
+        if (
             func is torch.ops.aten._to_copy.default
             and args[0].device.type == "meta"
             and kwargs.get("device") == torch.device("cpu")
@@ -201,3 +208,29 @@ def _check_fsdp2_features(mesh: Any) -> None:
         sd = opt.state_dict()
     assert not watch.collectives and watch.syncs == 0
     assert any(isinstance(v, Pieces) for st in sd["state"].values() for v in st.values())
+
+
+def test_host_state_collectives_run_on_the_transport_device(fake_group: Any) -> None:
+    """Host state whose process group takes device buffers only (DeepSpeed
+    ``offload_optimizer`` on NCCL): every collective of ``Comm`` runs on its transport device
+    (meta here) and each result comes back to the host, in place for an all-reduce; a gloo
+    (here fake) group keeps the host."""
+    from coap_dist.distributed.comm import Comm, Expect, transport_device
+
+    cpu = torch.device("cpu")
+    assert transport_device(None, cpu) == cpu
+    comm = Comm(None, cpu, transport=torch.device("meta"))
+    flags = torch.ones(11)
+    with HostWatch() as watch:
+        comm.all_reduce(flags)
+        gathered = comm.all_gather(torch.ones(3))
+        summed = comm.reduce_scatter(torch.ones(8))
+        expects = {q: [Expect((2, 3), torch.float32)] for q in range(1, WORLD)}
+        got = comm.exchange({1: [torch.ones(5)]}, expects, needed=True)
+    assert watch.devices == {"meta"}, watch.devices
+    assert watch.collectives == ["allreduce_", "_allgather_base_", "_reduce_scatter_base_",
+                                 "alltoall_base_"]  # fmt: skip
+    assert watch.syncs == 4, "one copy back per collective"
+    assert flags.device == gathered.device == summed.device == cpu
+    assert gathered.shape == (3 * WORLD,) and summed.shape == (2,)
+    assert all(t.device == cpu and t.shape == (2, 3) for q in expects for t in got[q])
