@@ -63,7 +63,13 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from coap_dist.distributed import support
 from coap_dist.distributed.comm import Comm, Expect, share_block_max
 from coap_dist.distributed.owner import OwnerLayout, check_settings
-from coap_dist.distributed.pieces import Pieces, counters, own_piece, piece_tensor
+from coap_dist.distributed.pieces import (
+    Pieces,
+    counters,
+    own_piece,
+    piece_tensor,
+    refuse_auto_rank,
+)
 from coap_dist.distributed.placement import (
     Range,
     chunk_range,
@@ -87,7 +93,7 @@ from coap_dist.optim.layout import (
     Work,
 )
 from coap_dist.optim.spec import ParamSpec, state_shapes
-from coap_dist.optim.storage import allocate, nbytes_of
+from coap_dist.optim.storage import RankChange, allocate, convert_piece, nbytes_of
 
 
 def _shard_dim(p: DTensor) -> int | None:
@@ -209,7 +215,6 @@ class Fsdp2Local(Layout):
     canonical rows, P by its rows."""
 
     name = "fsdp2"
-    resize_refusal = support.reason("fsdp2", "auto")
 
     def __init__(self) -> None:
         self._core: Core | None = None
@@ -281,6 +286,28 @@ class Fsdp2Local(Layout):
         """Whether this rank keeps state of parameter i (a sharded Tucker convolution's is
         whole on its holder; everything else is split over every rank)."""
         return self._conv_holder.get(i, self.rank) == self.rank
+
+    @property
+    def resize_refusal(self) -> str:  # type: ignore[override]
+        """``rank="auto"`` re-plans at SVD steps: refused for 8-bit matrices (their state rows
+        are cut on quantization blocks, whose row count follows the rank, so a new rank
+        would move rows between ranks) and for matrices FSDP2 does not shard (every rank
+        would add its copy to the spectrum sums)."""
+        assert self._core is not None
+        for i, s in enumerate(self.specs):
+            if s.kind != "matrix" or self._core.groups[self.group_of[i]].get("rank") != "auto":
+                continue
+            if s.fmt.quantized:
+                return (
+                    "its 8-bit matrices' state rows are cut on quantization blocks whose "
+                    "row count follows the rank; use state_bits=16 / 32, or sharding='owner'"
+                )
+            if self.world > 1 and not self._sharded(i):
+                return (
+                    "a matrix FSDP2 does not shard (replicated placement) would enter the "
+                    "spectrum sums once per rank; shard every matrix, or use sharding='owner'"
+                )
+        return ""
 
     def _dense_start(self, i: int, rank: int | None = None) -> int:
         """First flat element of AdamW parameter i's shard on ``rank`` (default: here)."""
@@ -718,6 +745,29 @@ class Fsdp2Local(Layout):
                 off += c
         return out
 
+    def resize_piece(
+        self,
+        index: int,
+        saved: dict[str, Any],
+        into: dict[str, Any],
+        change: RankChange,
+        projector: Tensor | None,
+        where: str,
+    ) -> None:
+        """Re-project this rank's moment rows as they are; P, split by its rows (which follow
+        the rank), is re-projected whole (``projector``: the whole old P this step's
+        exchange brought) and this rank keeps its new rows."""
+        if not self._sharded(index) or projector is None:
+            convert_piece(saved, into, change, where)
+            return
+        s = self.specs[index]
+        whole = torch.empty((s.rank, s.cols), dtype=into["projector"].dtype, device=self.device)
+        convert_piece(
+            {**saved, "projector": projector}, {**into, "projector": whole}, change, where
+        )
+        p0, p1 = self._p_rows(index)
+        into["projector"].copy_(whole[p0:p1])
+
     def metrics(self) -> dict[str, float]:
         return {
             "optim/comm_calls_per_step": float(self.comm.calls),
@@ -774,6 +824,9 @@ class Fsdp2Local(Layout):
         return piece_tensor(key, state_shapes(self.specs[i])[key][0], t, lo, hi)
 
     def state_dict(self, saved: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        assert self._core is not None
+        if self.world > 1:
+            refuse_auto_rank(self.name, self._core.groups)
         sd = saved()
         state = {
             i: {k: self._wrap(i, k, v) if isinstance(v, Tensor) else v for k, v in st.items()}

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, Wri
 from coap_dist.functional import quant as fquant
 from coap_dist.optim.checkpoint import REFRESH_KEYS
 
-__all__ = ["Pieces", "counters", "flat_boxes", "own_piece", "piece_tensor"]
+__all__ = ["Pieces", "counters", "flat_boxes", "own_piece", "piece_tensor", "refuse_auto_rank"]
 
 Chunk = tuple[torch.Size, Tensor]
 """A box of a global tensor: its offsets and the local tensor holding it."""
@@ -215,3 +215,18 @@ def counters(sd: Mapping[str, Any], index: int) -> dict[str, Tensor]:
             for k, v in zip(REFRESH_KEYS, record, strict=True)
         )
     return out
+
+
+def refuse_auto_rank(layout: str, groups: Sequence[Mapping[str, Any]]) -> None:
+    """Raise, before anything is written, if a group has ``rank="auto"``: DCP takes every
+    tensor's shape from the loading optimizer before it reads any state, so ranks chosen
+    during training could not come back."""
+    auto = [gi for gi, g in enumerate(groups) if g.get("rank") == "auto"]
+    if auto:
+        raise RuntimeError(
+            f"COAP under the `{layout}` layout: param_groups {auto} have rank='auto', which "
+            "has no torch.distributed.checkpoint form (DCP takes every tensor's shape from the "
+            "loading optimizer, before the ranks chosen during training could be read). Call "
+            "opt.consolidate_state_dict(to=0) on every rank, then opt.state_dict() on rank 0 "
+            "(loads at any world size and layout), or set a fixed rank"
+        )

@@ -31,7 +31,13 @@ import torch
 from torch import Tensor
 
 from coap_dist.distributed.comm import Comm, tensor_bytes
-from coap_dist.distributed.pieces import Pieces, counters, own_piece, piece_tensor
+from coap_dist.distributed.pieces import (
+    Pieces,
+    counters,
+    own_piece,
+    piece_tensor,
+    refuse_auto_rank,
+)
 from coap_dist.distributed.placement import Piece, Placement
 from coap_dist.distributed.routes import Geometry
 from coap_dist.distributed.views import FragmentView
@@ -96,15 +102,7 @@ class OwnerCheckpoints:
         rank holds them, or every rank of the team the same ``exp_avg_sq_col``), pieces as
         :class:`Pieces` of the single-process tensors."""
         assert self._core is not None
-        auto = [gi for gi, g in enumerate(self._core.groups) if g.get("rank") == "auto"]
-        if auto:
-            raise RuntimeError(
-                f"COAP under the `{self.name}` layout: param_groups {auto} have rank='auto', "
-                "which has no torch.distributed.checkpoint form (DCP takes every tensor's shape "
-                "from the loading optimizer, before the ranks chosen during training could be "
-                "read). Call opt.consolidate_state_dict(to=0) on every rank, then "
-                "opt.state_dict() on rank 0 (loads at any world size), or set a fixed rank"
-            )
+        refuse_auto_rank(self.name, self._core.groups)
         state: dict[int, dict[str, Any]] = {}
         for e, pc in zip(self._entries, self._mine, strict=True):
             i = e.spec.index

@@ -120,13 +120,9 @@ SUPPORT: dict[str, dict[str, Cell]] = {
     "fsdp2": _row(
         eight_bit=_t(f"{_M} (with a Tucker conv: 8-bit matrices; dense; HSDP too)"),
         tucker=_t(f"{_M} (whole on one rank, LPT)"),
-        auto=Cell(
-            "refused",
-            "its checkpoints go through torch.distributed.checkpoint, which takes every "
-            "state tensor's shape (the ranks) from the loading optimizer before any state is "
-            "read, so a resumed run could not restore ranks chosen during training. Set a "
-            "fixed rank (or rank_ratio), or use sharding='owner' (rank='auto' there saves "
-            "with consolidate_state_dict)",
+        auto=_t(
+            f"{_M} and tests/distributed/test_fsdp2.py (checkpoints consolidated: DCP "
+            "refuses it; with 8-bit matrices refused)"
         ),
         adaptive=_t("tests/distributed/test_fsdp2.py"),
         adafactor=_t("tests/distributed/test_fsdp2.py"),

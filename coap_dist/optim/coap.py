@@ -53,7 +53,7 @@ from coap_dist.optim.layout import (
 )
 from coap_dist.optim.schedule import COUNTERS, AdaptiveState, count_refreshes, refresh_due
 from coap_dist.optim.spec import ParamSpec, StateFormat, make_spec, with_stagger
-from coap_dist.optim.storage import convert_piece, rank_change, read_moment
+from coap_dist.optim.storage import rank_change, read_moment
 
 SHARDING_NAMES = (None, "none", "owner", "local")
 
@@ -466,7 +466,7 @@ class _COAPBase(Checkpoints, Optimizer):
             into = self.state.get(layout.params[i])
             if into is not None:
                 where = f"{self.name}: rank='auto' re-plan of parameter {i}"
-                convert_piece(st, into, changes[i], where)
+                layout.resize_piece(i, st, into, changes[i], whole_p.get(i), where)
 
     def _schedule(self, active: list[int]) -> dict[int, str]:
         """The refresh each active parameter takes before this update (fixed or adaptive

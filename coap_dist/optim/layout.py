@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from coap_dist.optim.spec import ParamSpec
+from coap_dist.optim.storage import RankChange, convert_piece
 
 State = dict[str, Any]
 
@@ -210,6 +211,21 @@ class Layout(abc.ABC):
         step (possibly with nothing); a layout whose pieces never share a block returns
         ``maxima`` (the default)."""
         return maxima
+
+    def resize_piece(
+        self,
+        index: int,
+        saved: State,
+        into: State,
+        change: RankChange,
+        projector: Tensor | None,
+        where: str,
+    ) -> None:
+        """``rank="auto"``: fill ``into`` (this rank's state of matrix ``index``, allocated by
+        this freshly bound layout at the new rank) from ``saved`` (the same rank's state
+        at the old rank); ``projector``: the whole old P when this step's work held it. The
+        default re-projects the piece as it is (pieces whose P, if any, is whole)."""
+        convert_piece(saved, into, change, where)
 
     @abc.abstractmethod
     def ensure_state(self, index: int) -> None:

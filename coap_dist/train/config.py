@@ -520,6 +520,16 @@ class TrainConfig:
                     f"{opt.where}.kind={opt.kind} supports strategy single or ddp only, "
                     f"got strategy.name={self.strategy.name}"
                 )
+        for opt in self.runs:
+            auto = getattr(opt.hparams, "rank", None) == "auto"
+            if auto and self.checkpoint.every and self.strategy.name in ("fsdp2", "hsdp"):
+                raise ConfigError(
+                    f"{opt.where}.rank=auto with strategy.name={self.strategy.name} and "
+                    f"checkpoint.every={self.checkpoint.every}: this strategy checkpoints "
+                    "through torch.distributed.checkpoint, which cannot carry ranks chosen "
+                    "during training. Set a fixed rank (or rank_ratio), checkpoint.every=0, or "
+                    "strategy.name=ddp_owner"
+                )
         if self.resume is not None and len(self.runs) > 1:
             raise ConfigError(
                 "resume continues one optimizer's run; set compare=false (the checkpoint "

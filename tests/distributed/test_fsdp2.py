@@ -43,7 +43,7 @@ import coap_dist
 from coap_dist.distributed import placement
 from coap_dist.distributed.placement import Placement, chunk_range
 from coap_dist.distributed.routes import bound_bytes, geometries
-from coap_dist.distributed.trace import count_steps
+from coap_dist.distributed.trace import NoCollectives, count_steps
 from coap_dist.optim.spec import nbytes, state_shapes
 from tests.dist_harness import run_workers
 
@@ -316,29 +316,50 @@ def _phase_owner(rank: int, world: int, tmp: str) -> None:
 
 
 def _auto_rank(rank: int, world: int) -> None:
-    """rank="auto" under FSDP2: the default (row-shard) layout refuses it at the first step,
-    naming the layout and the alternative, before any weight changes; under
-    ``sharding="owner"`` every rank chooses the ranks one process chooses, within 2e-5 of it."""
+    """rank="auto" under FSDP2, both layouts: every rank chooses the ranks one process
+    chooses, within 2e-5 of it (the default layout re-projects its moment rows in place and
+    each projector whole, every rank keeping its new rows of P), and resumes from the
+    consolidated state; neither has a DCP form for it (``state_dict()`` refuses, naming the
+    consolidated form, without a collective). 8-bit matrices with rank="auto" are refused by
+    the default layout (their rows are cut on blocks that follow the rank) at the first
+    step, before any weight changes."""
     kw = {**KW, "rank": "auto", "rank_ratio": 2}
     model = _shard(_model(), init_device_mesh("cpu", (world,)))
-    opt = coap_dist.COAPAdamW(model.parameters(), **kw)
+    big = coap_dist.COAPAdamW(model.parameters(), **kw, state_bits=8)
     before = [p.full_tensor() for p in model.parameters()]
     _loss(model, _local_batch(0, rank, world)).backward()
-    with pytest.raises(ValueError, match=r"`fsdp2` layout cannot.*sharding='owner'"):
-        opt.step()
+    with pytest.raises(ValueError, match=r"`fsdp2` layout cannot.*8-bit matrices"):
+        big.step()
     for p, q in zip(model.parameters(), before, strict=True):
         assert torch.equal(p.full_tensor(), q), "a refused step changed a weight"
-    model = _shard(_model(), init_device_mesh("cpu", (world,)))
-    opt = coap_dist.COAPAdamW(model.parameters(), **kw, sharding="owner")
-    ref_model = _model()
-    ref = coap_dist.COAPAdamW(ref_model.parameters(), **kw)
-    _train(model, opt, range(STEPS), rank, world, (ref_model, ref))
-    ranks = [s.rank for s in opt.specs if s.kind == "matrix"]
-    assert ranks == [s.rank for s in ref.specs if s.kind == "matrix"]
-    assert ranks != [max(min(s.shape) // 2, 1) for s in ref.specs if s.kind == "matrix"]
-    every: list[object] = [None] * world
-    dist.all_gather_object(every, ranks)
-    assert all(r == ranks for r in every), every
+    for sharding in (None, "owner"):
+        model = _shard(_model(), init_device_mesh("cpu", (world,)))
+        opt = coap_dist.COAPAdamW(model.parameters(), **kw, sharding=sharding)
+        ref_model = _model()
+        ref = coap_dist.COAPAdamW(ref_model.parameters(), **kw)
+        _train(model, opt, range(SAVE_AT), rank, world, (ref_model, ref))
+        with NoCollectives(), pytest.raises(RuntimeError, match=r"rank='auto'.*consolidate"):
+            opt.state_dict()
+        opt.consolidate_state_dict(to=0)
+        box = [opt.state_dict() if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        weights = {n: p.full_tensor() for n, p in model.named_parameters()}
+        _train(model, opt, range(SAVE_AT, STEPS), rank, world, (ref_model, ref))
+        ranks = [s.rank for s in opt.specs if s.kind == "matrix"]
+        assert ranks == [s.rank for s in ref.specs if s.kind == "matrix"], sharding
+        assert ranks != [max(min(s.shape) // 2, 1) for s in ref.specs if s.kind == "matrix"]
+        every: list[object] = [None] * world
+        dist.all_gather_object(every, ranks)
+        assert all(r == ranks for r in every), every
+        # Resumed from the consolidated state (its ranks): the uninterrupted run, bitwise.
+        model2 = _model()
+        model2.load_state_dict(weights)
+        model2 = _shard(model2, init_device_mesh("cpu", (world,)))
+        opt2 = coap_dist.COAPAdamW(model2.parameters(), **kw, sharding=sharding)
+        opt2.load_state_dict(box[0])
+        _train(model2, opt2, range(SAVE_AT, STEPS), rank, world)
+        for (n, p), q in zip(model2.named_parameters(), model.parameters(), strict=True):
+            assert torch.equal(p.full_tensor(), q.full_tensor()), f"auto resume: {n} ({sharding})"
 
 
 def _phase_hsdp(rank: int, world: int, tmp: str) -> None:

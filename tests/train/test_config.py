@@ -181,6 +181,10 @@ BAD = [
         ["strategy=fsdp2", "optimizer=galore"],
         "optimizer.kind=galore supports strategy single or ddp only, got strategy.name=fsdp2",
     ),
+    (
+        ["strategy=fsdp2", "optimizer.rank=auto", "optimizer.rank_ratio=4", "checkpoint.every=5"],
+        "optimizer.rank=auto with strategy.name=fsdp2 and checkpoint.every=5: this strategy",
+    ),
     (["logger=wandb", "logger.mode=sometimes"], "logger.mode must be one of"),
     (["data.val_docs=[]"], "data.val_docs must be a non-empty list"),
     (["resume=/some/checkpoint"], "resume continues one optimizer's run; set compare=false"),
