@@ -93,7 +93,14 @@ from coap_dist.optim.layout import (
     Work,
 )
 from coap_dist.optim.spec import ParamSpec, state_shapes
-from coap_dist.optim.storage import RankChange, allocate, convert_piece, nbytes_of
+from coap_dist.optim.storage import (
+    RankChange,
+    allocate,
+    change_projector,
+    nbytes_of,
+    reprojected,
+    store_values,
+)
 
 
 def _shard_dim(p: DTensor) -> int | None:
@@ -140,6 +147,10 @@ def _attach_dtensors(
     group = groups.pop() if groups else None
     world = dist.get_world_size(group) if group is not None else 1
     return flat, group, world  # type: ignore[return-value]
+
+
+_ROW_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_sq_row")
+"""A matrix piece's state values indexed by its canonical rows."""
 
 
 def _overlap(a: Range, b: Range) -> Range:
@@ -289,19 +300,12 @@ class Fsdp2Local(Layout):
 
     @property
     def resize_refusal(self) -> str:  # type: ignore[override]
-        """``rank="auto"`` re-plans at SVD steps: refused for 8-bit matrices (their state rows
-        are cut on quantization blocks, whose row count follows the rank, so a new rank
-        would move rows between ranks) and for matrices FSDP2 does not shard (every rank
-        would add its copy to the spectrum sums)."""
+        """``rank="auto"`` re-plans at SVD steps: refused for matrices FSDP2 does not shard
+        (every rank would add its copy to the spectrum sums)."""
         assert self._core is not None
         for i, s in enumerate(self.specs):
             if s.kind != "matrix" or self._core.groups[self.group_of[i]].get("rank") != "auto":
                 continue
-            if s.fmt.quantized:
-                return (
-                    "its 8-bit matrices' state rows are cut on quantization blocks whose "
-                    "row count follows the rank; use state_bits=16 / 32, or sharding='owner'"
-                )
             if self.world > 1 and not self._sharded(i):
                 return (
                     "a matrix FSDP2 does not shard (replicated placement) would enter the "
@@ -745,28 +749,61 @@ class Fsdp2Local(Layout):
                 off += c
         return out
 
-    def resize_piece(
+    def resize(
         self,
-        index: int,
-        saved: dict[str, Any],
-        into: dict[str, Any],
-        change: RankChange,
-        projector: Tensor | None,
+        old: Layout,
+        kept: Mapping[int, dict[str, Any]],
+        changes: Mapping[int, RankChange],
+        projectors: Mapping[int, Tensor],
         where: str,
     ) -> None:
-        """Re-project this rank's moment rows as they are; P, split by its rows (which follow
-        the rank), is re-projected whole (``projector``: the whole old P this step's
-        exchange brought) and this rank keeps its new rows."""
-        if not self._sharded(index) or projector is None:
-            convert_piece(saved, into, change, where)
-            return
-        s = self.specs[index]
-        whole = torch.empty((s.rank, s.cols), dtype=into["projector"].dtype, device=self.device)
-        convert_piece(
-            {**saved, "projector": projector}, {**into, "projector": whole}, change, where
-        )
-        p0, p1 = self._p_rows(index)
-        into["projector"].copy_(whole[p0:p1])
+        """Re-project the changed matrices' moment rows where they are, then move the rows
+        whose owner the new rank changes (8-bit rows are cut on blocks of
+        ``spec.row_alignment()`` rows, which follows the rank) in one all-to-all of fp32
+        values; P, split by its rows (which follow the rank too), is re-projected whole from
+        ``projectors`` and each rank keeps its new rows."""
+        assert self._core is not None and isinstance(old, Fsdp2Local)
+        items = sorted(changes)
+        values = {
+            i: reprojected({k: v for k, v in kept[i].items() if k != "projector"}, changes[i])
+            for i in items
+        }
+        rowed = {i: [k for k in _ROW_KEYS if k in values[i]] for i in items}
+        moving = [i for i in items if self._sharded(i)]
+        me = self.rank
+        sends: dict[int, list[Tensor]] = {}
+        expects: dict[int, list[Expect]] = {}
+        for q in range(self.world):
+            if q == me:
+                continue
+            for i in moving:
+                o0 = old._rows(i)[0]
+                n0, n1 = _overlap(old._rows(i), self._rows(i, q))
+                a0, a1 = _overlap(self._rows(i), old._rows(i, q))
+                for k in rowed[i]:
+                    v = values[i][k]
+                    sends.setdefault(q, []).append(v[n0 - o0 : n1 - o0].float().to(self.device))
+                    expects.setdefault(q, []).append(Expect((a1 - a0, *v.shape[1:]), torch.float32))
+        got = self.comm.exchange(sends, expects, needed=bool(moving))
+        cursor = dict.fromkeys(got, 0)
+        for i in items:
+            new = dict(values[i])
+            if i in moving:
+                o0 = old._rows(i)[0]
+                for k in rowed[i]:
+                    parts = []
+                    for q in range(self.world):
+                        if q == me:
+                            a0, a1 = _overlap(self._rows(i), old._rows(i))
+                            parts.append(values[i][k][a0 - o0 : a1 - o0].float())
+                        else:
+                            parts.append(got[q][cursor[q]].cpu())
+                            cursor[q] += 1
+                    new[k] = torch.cat(parts)
+            p0, p1 = self._p_rows(i)
+            new["projector"] = change_projector(projectors[i], changes[i])[p0:p1]
+            self.ensure_state(i)
+            store_values(self._state(i), new, f"{where} of parameter {i}")
 
     def metrics(self) -> dict[str, float]:
         return {

@@ -38,6 +38,7 @@ consolidated and re-cut state dicts) in :mod:`coap_dist.distributed.serving`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -150,6 +151,16 @@ class OwnerLayout(OwnerCheckpoints, Layout):
             self.group_of,
             fixed_rank=True,
         )
+        # rank="auto" with 8-bit state: a split must fall on quantization blocks at every
+        # rank a re-plan may choose (the pieces stay), i.e. on multiples of BLOCK rows.
+        budget = [
+            dataclasses.replace(s, align_rows=fquant.BLOCK)
+            if s.kind == "matrix"
+            and s.fmt.quantized
+            and core.groups[self.group_of[s.index]].get("rank") == "auto"
+            else s
+            for s in budget
+        ]
         self.placement = owner_placement(
             budget, self.world, frags, split=self.split, imbalance=self.imbalance
         )

@@ -121,8 +121,8 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         eight_bit=_t(f"{_M} (with a Tucker conv: 8-bit matrices; dense; HSDP too)"),
         tucker=_t(f"{_M} (whole on one rank, LPT)"),
         auto=_t(
-            f"{_M} and tests/distributed/test_fsdp2.py (checkpoints consolidated: DCP "
-            "refuses it; with 8-bit matrices refused)"
+            f"{_M} and tests/distributed/test_fsdp2.py (8-bit rows moved at a re-plan; "
+            "checkpoints consolidated: DCP refuses it)"
         ),
         adaptive=_t("tests/distributed/test_fsdp2.py"),
         adafactor=_t("tests/distributed/test_fsdp2.py"),

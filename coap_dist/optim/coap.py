@@ -444,8 +444,7 @@ class _COAPBase(Checkpoints, Optimizer):
         re-plans at the same step), keeping every parameter's state and re-projecting this
         rank's pieces of the matrices whose rank changes
         (:func:`coap_dist.optim.storage.rank_change`, from ``energy``: each matrix's
-        second-moment column sums over all its rows). Pieces stay on their ranks: owner
-        layouts place state by the fixed ranks' bytes."""
+        second-moment column sums over all its rows) through ``Layout.resize``."""
         old = self._bound()
         kept = {i: self.state[p] for i, p in enumerate(old.params) if self.state.get(p)}
         whole_p = {mw.index: mw.projector for mw in work.matrices}
@@ -461,12 +460,8 @@ class _COAPBase(Checkpoints, Optimizer):
         for i, st in kept.items():
             if i not in ranks:
                 self.state[layout.params[i]] = st
-                continue
-            layout.ensure_state(i)
-            into = self.state.get(layout.params[i])
-            if into is not None:
-                where = f"{self.name}: rank='auto' re-plan of parameter {i}"
-                layout.resize_piece(i, st, into, changes[i], whole_p.get(i), where)
+        moved = {i: st for i, st in kept.items() if i in ranks}
+        layout.resize(old, moved, changes, whole_p, f"{self.name}: rank='auto' re-plan")
 
     def _schedule(self, active: list[int]) -> dict[int, str]:
         """The refresh each active parameter takes before this update (fixed or adaptive

@@ -180,6 +180,7 @@ class Layout(abc.ABC):
     world: int
     params: list[Tensor]
     group_of: list[int]
+    _core: Core | None = None
 
     @abc.abstractmethod
     def bind(self, core: Core) -> list[ParamSpec]:
@@ -212,20 +213,26 @@ class Layout(abc.ABC):
         ``maxima`` (the default)."""
         return maxima
 
-    def resize_piece(
+    def resize(
         self,
-        index: int,
-        saved: State,
-        into: State,
-        change: RankChange,
-        projector: Tensor | None,
+        old: Layout,
+        kept: Mapping[int, State],
+        changes: Mapping[int, RankChange],
+        projectors: Mapping[int, Tensor],
         where: str,
     ) -> None:
-        """``rank="auto"``: fill ``into`` (this rank's state of matrix ``index``, allocated by
-        this freshly bound layout at the new rank) from ``saved`` (the same rank's state
-        at the old rank); ``projector``: the whole old P when this step's work held it. The
-        default re-projects the piece as it is (pieces whose P, if any, is whole)."""
-        convert_piece(saved, into, change, where)
+        """``rank="auto"``, on this layout freshly bound at the new ranks: give it the state
+        of the matrices whose rank changes (``changes``, the same on every rank; ``kept``:
+        this rank's state of them under ``old``, at the old rank; ``projectors``: the whole
+        old P of each where this step's work held it). The default re-projects each piece
+        where it is (owner layouts place pieces by the fixed ranks' bytes, so they stay;
+        a holder keeps the whole P)."""
+        assert self._core is not None
+        for i, st in kept.items():
+            self.ensure_state(i)
+            into = self._core.state.get(self.params[i])
+            if into is not None:
+                convert_piece(st, into, changes[i], f"{where} of parameter {i}")
 
     @abc.abstractmethod
     def ensure_state(self, index: int) -> None:

@@ -77,6 +77,9 @@ class ParamSpec:
     cols: int = 0
     ranks_cnn: tuple[int, int | None] = (0, None)
     offset: int = 0
+    align_rows: int = 0
+    """Row granularity a layout forces on splits of this matrix (0: :meth:`row_alignment`
+    derives it from the rank)."""
 
     @property
     def numel(self) -> int:
@@ -95,6 +98,8 @@ class ParamSpec:
     def row_alignment(self) -> int:
         """Row granularity of a matrix split: block boundaries of 8-bit moments (a x r,
         blocks of ``quant.BLOCK`` flat elements) must fall on row boundaries."""
+        if self.align_rows:
+            return self.align_rows
         if self.kind != "matrix" or not self.quantized_moment(self.rows * self.rank):
             return 1
         return fquant.BLOCK // math.gcd(fquant.BLOCK, self.rank)

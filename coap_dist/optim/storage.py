@@ -272,14 +272,26 @@ def rank_change(old: int, new: int, energy: Tensor, projector: Tensor | None) ->
     return RankChange(old, new, directions=torch.linalg.qr(q.T).Q.T)
 
 
+def change_projector(projector: Tensor, change: RankChange) -> Tensor:
+    """The whole P (r_old x b) at the new rank: its kept rows, or the appended directions."""
+    p = projector.double()
+    if change.keep is not None:
+        return p[change.keep]
+    if change.new <= change.old:
+        return p
+    if change.directions is None:
+        raise AssertionError("a rank increase of a piece keeping P needs its directions")
+    return torch.cat([p, change.directions])
+
+
 def apply_rank_change(values: dict[str, Tensor], change: RankChange) -> None:
     """Re-project a piece's compute values (moments of its rows, P if it keeps it) in place."""
     factored = "exp_avg_sq_col" in values
     m = values["exp_avg"].double()
+    if "projector" in values:
+        values["projector"] = change_projector(values["projector"], change)
     if change.keep is not None:
         keep = change.keep
-        if "projector" in values:
-            values["projector"] = values["projector"].double()[keep]
         values["exp_avg"] = m[:, keep]
         if factored:
             values["exp_avg_sq_col"] = values["exp_avg_sq_col"][keep]
@@ -289,10 +301,6 @@ def apply_rank_change(values: dict[str, Tensor], change: RankChange) -> None:
     extra = change.new - change.old
     if extra <= 0:
         return
-    if "projector" in values:
-        if change.directions is None:
-            raise AssertionError("a rank increase of a piece keeping P needs its directions")
-        values["projector"] = torch.cat([values["projector"].double(), change.directions])
     values["exp_avg"] = torch.cat([m, m.new_zeros(m.shape[0], extra)], 1)
     if factored:
         col = values["exp_avg_sq_col"].double()
@@ -314,11 +322,23 @@ def _read_values(saved: Mapping[str, Any]) -> dict[str, Tensor]:
     return values
 
 
+def reprojected(saved: Mapping[str, Any], change: RankChange) -> dict[str, Tensor]:
+    """A piece's compute values (8-bit moments dequantized, on the CPU; counters too) at the
+    new rank (:func:`rank_change`)."""
+    values = _read_values(saved)
+    apply_rank_change(values, change)
+    return values
+
+
 def convert_piece(saved: Mapping[str, Any], into: State, change: RankChange, where: str) -> None:
     """Fill ``into`` (a piece's state allocated at the new rank by its layout) from the same
     piece's state ``saved`` at the old rank (:func:`rank_change`); 8-bit moments re-coded."""
-    values = _read_values(saved)
-    apply_rank_change(values, change)
+    store_values(into, reprojected(saved, change), where)
+
+
+def store_values(into: State, values: Mapping[str, Tensor], where: str) -> None:
+    """Store compute values into a piece's state ``into`` (8-bit moments quantized on the
+    piece's own block grid: pieces of matrices start on a block)."""
     for key, t in into.items():
         if key.endswith("_scale"):
             continue
