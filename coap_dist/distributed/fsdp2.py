@@ -38,10 +38,11 @@ D for its weight rows, exactly as for a left side. An AdamW parameter keeps FSDP
 shards, which may cut a block: each piece keeps the parameter's grid, and one MAX all-reduce
 per step (only when such cuts exist) makes the shared blocks' scales those of one process.
 
-Checkpoints: ``torch.distributed.checkpoint`` saves the state once and reshards it to any
-world size (and to the owner layout or one process) on load: ``Shard(0)`` DTensors where
-the rows are ``torch.chunk``'s, :class:`~coap_dist.distributed.pieces.Pieces` where they are
-not (8-bit matrix rows, shared 8-bit scales).
+Checkpoints (:mod:`coap_dist.distributed.fsdp2_checkpoints`): ``torch.distributed.checkpoint``
+saves the state once and reshards it to any world size (and to the owner layout or one
+process) on load: ``Shard(0)`` DTensors where the rows are ``torch.chunk``'s,
+:class:`~coap_dist.distributed.pieces.Pieces` where they are not (8-bit matrix rows, shared
+8-bit scales).
 
 :class:`Fsdp2Owner` (``sharding="owner"``): the exact whole-matrix owner protocol of
 :mod:`coap_dist.distributed.owner` on the same row shards (one process's side rule; Tucker
@@ -52,7 +53,7 @@ convolutions, 8-bit state and ``rank="auto"``), checkpointed through DCP with th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -62,14 +63,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from coap_dist.distributed import support
 from coap_dist.distributed.comm import Comm, Expect, share_block_max
+from coap_dist.distributed.fsdp2_checkpoints import LocalCheckpoints
 from coap_dist.distributed.owner import OwnerLayout, check_settings
-from coap_dist.distributed.pieces import (
-    Pieces,
-    counters,
-    own_piece,
-    piece_tensor,
-    refuse_auto_rank,
-)
 from coap_dist.distributed.placement import (
     Range,
     chunk_range,
@@ -221,7 +216,7 @@ class Fsdp2Owner(OwnerLayout):
         super().__init__(Fsdp2View(), split=split)
 
 
-class Fsdp2Local(Layout):
+class Fsdp2Local(LocalCheckpoints, Layout):
     """The LOCAL layout (module docstring): COAP on FSDP2's row shards, state split by
     canonical rows, P by its rows."""
 
@@ -815,159 +810,3 @@ class Fsdp2Local(Layout):
     def state_bytes(self) -> int:
         assert self._core is not None
         return sum(nbytes_of(self._core.state[p]) for p in self._dparams if self._core.state.get(p))
-
-    def _wrap(self, i: int, key: str, t: Tensor) -> Tensor:
-        """A local state tensor as the DTensor a checkpoint stores (no communication), or as
-        :class:`~coap_dist.distributed.pieces.Pieces` where its rows are not ``torch.chunk``'s
-        (8-bit matrix rows cut on blocks) or its blocks are shared (an 8-bit AdamW scale)."""
-        p, s = self._dparams[i], self.specs[i]
-        if t.ndim == 0 or s.kind == "conv":
-            return t  # (a convolution's state is whole on one rank)
-        moved_rows = s.kind == "matrix" and s.row_alignment() > 1
-        whole = key in ("projector", "exp_avg_sq_col")
-        if self._sharded(i) and not whole and (moved_rows or key.endswith("_scale")):
-            return self._piece(i, key, t)
-        mesh = p.device_mesh
-        if key in ("exp_avg_sq_col",) or _shard_dim(p) is None:
-            placements: tuple[Any, ...] = tuple(Replicate() for _ in range(mesh.ndim))
-            shape: tuple[int, ...] = tuple(t.shape)
-        else:
-            placements = p.placements
-            if s.kind == "matrix":
-                rows = s.rank if key == "projector" else s.rows
-                shape = (rows, *t.shape[1:])
-            else:
-                shape = s.shape
-        stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(
-            t, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride
-        )
-
-    def _flat(self, i: int, key: str) -> Range:
-        """Flat elements [lo, hi) of the single-process tensor ``key`` (for an 8-bit scale,
-        of the moment it scales) that this rank's state rows cover."""
-        s = self.specs[i]
-        a0, a1 = self._rows(i)
-        if s.kind != "matrix":
-            unit = math.prod(s.shape[1:])
-        elif key.endswith("_scale"):
-            unit = s.rank
-        else:
-            unit = math.prod(state_shapes(s)[key][0][1:])
-        return a0 * unit, a1 * unit
-
-    def _piece(self, i: int, key: str, t: Tensor) -> Pieces:
-        lo, hi = self._flat(i, key)
-        return piece_tensor(key, state_shapes(self.specs[i])[key][0], t, lo, hi)
-
-    def state_dict(self, saved: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        assert self._core is not None
-        if self.world > 1:
-            refuse_auto_rank(self.name, self._core.groups)
-        sd = saved()
-        state = {
-            i: {k: self._wrap(i, k, v) if isinstance(v, Tensor) else v for k, v in st.items()}
-            for i, st in sd["state"].items()
-        }
-        for i in self._conv_holder:
-            if i not in state and self._dparams[i].requires_grad:
-                state[i] = counters(sd, i)  # held elsewhere: DCP still asks for an entry
-        sd["state"] = dict(sorted(state.items()))
-        return sd
-
-    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        assert self._core is not None
-        for i, p in enumerate(self._dparams):
-            saved = sd["state"].get(i)
-            if not saved or not self._keeps(i):
-                self._core.state.pop(p, None)
-                continue
-            self.ensure_state(i)
-            st = self._state(i)
-            for k, v in saved.items():
-                st[k] = self._local_piece(i, k, v, st[k])
-
-    def _local_piece(self, i: int, key: str, v: Any, mine: Tensor) -> Tensor:
-        """This rank's part of a saved tensor: the local shard of a DTensor, or the rows of a
-        whole (single-process) tensor that this rank keeps."""
-        if isinstance(v, Pieces):
-            v = own_piece(v, self._wrap(i, key, mine), f"`{key}` of parameter {i} (fsdp2)")
-        elif isinstance(v, DTensor):
-            v = v._local_tensor
-        elif v.ndim and tuple(v.shape) != tuple(mine.shape):
-            s = self.specs[i]
-            if key.endswith("_scale"):
-                lo, hi = self._flat(i, key)
-                v = v[lo // fquant.BLOCK : -(-hi // fquant.BLOCK)]
-            elif key == "projector":
-                a, b = self._p_rows(i)
-            elif key == "exp_avg_sq_col":
-                a, b = 0, v.shape[0]
-            else:
-                a, b = self._rows(i)
-            v = v.reshape(-1, *mine.shape[1:])[a:b] if s.kind == "matrix" else v[a:b]
-        if tuple(v.shape) != tuple(mine.shape):
-            raise ValueError(
-                f"COAP (fsdp2): saved `{key}` of parameter {i} has local shape "
-                f"{tuple(v.shape)}, expected {tuple(mine.shape)}"
-            )
-        return v.to(mine.device if mine.ndim else torch.device("cpu"), copy=True)
-
-    def consolidate(self, to: int) -> dict[int, dict[str, Any]] | None:
-        """Whole single-process state on rank ``to``: every rank sends its row shards."""
-        assert self._core is not None
-        full: dict[int, dict[str, Any]] = {}
-        for i, p in enumerate(self._dparams):
-            if i in self._conv_holder:
-                conv = self._gather_conv(i, to)
-                if conv:
-                    full[i] = conv
-                continue
-            st = self._core.state.get(p)
-            if not st:
-                continue
-            out: dict[str, Any] = {}
-            for k, v in st.items():
-                if v.ndim == 0:
-                    out[k] = v.clone()
-                elif k == "exp_avg_sq_col" or not self._sharded(i):
-                    out[k] = v.detach().cpu().clone()
-                elif k.endswith("_scale"):  # blocks shared with the rank before: once
-                    lo = self._flat(i, k)[0]
-                    out[k] = self._gather_rows(v[-(-lo // fquant.BLOCK) - lo // fquant.BLOCK :], to)
-                else:
-                    out[k] = self._gather_rows(v, to)
-            if self.rank == to:
-                full[i] = out
-        return full if self.rank == to else None
-
-    def _gather_conv(self, i: int, to: int) -> dict[str, Any] | None:
-        """A sharded convolution's whole state from its holder on rank ``to`` (every rank
-        takes part in the gathers; only the holder contributes rows)."""
-        assert self._core is not None
-        st = self._core.state.get(self._dparams[i]) if self._keeps(i) else None
-        out: dict[str, Any] = {}
-        for k, (shape, dtype) in state_shapes(self.specs[i]).items():
-            rows = shape or (1,)
-            if st:
-                v = st[k].reshape(rows).to(self.device)
-            else:
-                v = torch.empty((0, *rows[1:]), dtype=dtype, device=self.device)
-            got = self._gather_rows(v, to)
-            if got is not None:
-                out[k] = got.reshape(shape) if got.numel() else None
-        if self.rank != to or any(v is None for v in out.values()):
-            return None
-        return out
-
-    def _gather_rows(self, v: Tensor, to: int) -> Tensor | None:
-        """Row shards of every rank concatenated on rank ``to`` (padded all-gather)."""
-        rows = torch.tensor([v.shape[0]], device=self.device)
-        counts = self.comm.all_gather(rows).tolist()
-        width = max(counts)
-        pad = torch.zeros((width, *v.shape[1:]), dtype=v.dtype, device=self.device)
-        pad[: v.shape[0]] = v
-        got = self.comm.all_gather(pad).view(self.world, width, *v.shape[1:])
-        if self.rank != to:
-            return None
-        return torch.cat([got[q, : counts[q]] for q in range(self.world)]).cpu()
