@@ -170,6 +170,11 @@ def test_bad_group_and_shapes() -> None:
     ):
         COAPAdamW(coap_dist.param_groups(_mlp(), update_intervall=40), rank=4)
     with pytest.raises(
+        ValueError, match=r"param_groups\[0\]: unknown key `rnak`; did you mean `rank`"
+    ):
+        COAPAdamW([{"params": list(_mlp().parameters()), "rnak": 2}], rank=4)
+    COAPAdamW([{"params": list(_mlp().parameters()), "name": "body", "lr_scale": 0.5}], rank=4)
+    with pytest.raises(
         ValueError, match=r"param_groups\[0\]: unknown key `betass`; did you mean `betas`"
     ):
         COAPAdafactor([{"params": list(_mlp().parameters()), "betass": (0.9, 0.99)}], rank=4)
@@ -659,6 +664,30 @@ def test_load_state_dict_new_hyperparameters_win_and_state_converts() -> None:
     with pytest.raises(ValueError, match=r"COAPAdamW vs COAPAdafactor"):
         _fit(m_f, fac, range(1))
     del m_orig, m_s
+
+
+def test_state_dict_hooks_run_as_torch_runs_them() -> None:
+    """``register_state_dict_pre_hook`` / ``post_hook`` and
+    ``register_load_state_dict_pre_hook`` / ``post_hook``: called in torch's order, a post
+    hook's returned state dict is the one returned, a load pre-hook's the one loaded."""
+    model = _mlp()
+    opt = COAPAdamW(model.parameters(), rank=4)
+    _fit(model, opt, range(2))
+    calls: list[str] = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "tagged": 1})
+    opt.register_load_state_dict_pre_hook(
+        lambda o, sd: calls.append("load_pre") or {k: v for k, v in sd.items() if k != "tagged"}
+    )
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load_post"))
+    sd = opt.state_dict()
+    assert sd["tagged"] == 1 and calls == ["pre"]
+    opt.load_state_dict(sd)  # the pre-hook drops the tag; the state dict loads
+    assert calls == ["pre", "load_pre", "load_post"]
+    handle = opt.register_load_state_dict_pre_hook(lambda o, sd: {"state": {}})
+    with pytest.raises(ValueError, match="expected a dict with 'state' and 'param_groups'"):
+        opt.load_state_dict(sd)
+    handle.remove()
 
 
 def test_contract_frozen_compile_and_momentum_schedulers() -> None:

@@ -58,6 +58,10 @@ class Checkpoints:
     _step_calls: int
     _pending_load: dict[str, Any] | None
     _consolidated: tuple[int, dict[str, Any]] | None
+    _optimizer_state_dict_pre_hooks: Any  # (torch.optim.Optimizer's hook registries)
+    _optimizer_state_dict_post_hooks: Any  # (torch.optim.Optimizer's hook registries)
+    _optimizer_load_state_dict_pre_hooks: Any  # (torch.optim.Optimizer's hook registries)
+    _optimizer_load_state_dict_post_hooks: Any  # (torch.optim.Optimizer's hook registries)
 
     if TYPE_CHECKING:
 
@@ -110,7 +114,8 @@ class Checkpoints:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """Tensors only (loads with ``torch.load(..., weights_only=True)``).
+        """Tensors only (loads with ``torch.load(..., weights_only=True)``); the hooks of
+        ``register_state_dict_pre_hook`` / ``post_hook`` run around it as torch runs them.
 
         One process or replicated state: the whole state. Sharded layouts: FSDP2's default
         returns DTensor state for ``torch.distributed.checkpoint``; DeepSpeed this rank's
@@ -118,6 +123,16 @@ class Checkpoints:
         every rank first (then the rank it named gets the whole state). Never enters a
         collective.
         """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        sd = self._state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def _state_dict(self) -> dict[str, Any]:
         if self._consolidated is not None:
             at, sd = self._consolidated
             if at != self._step_calls:
@@ -160,7 +175,20 @@ class Checkpoints:
         (:func:`coap_dist.optim.storage.convert_full`); what cannot be converted (another
         projection side or shape, another optimizer's state) raises naming the parameter.
         Sharded state (DCP DTensors, DeepSpeed pieces) must match this optimizer's format.
+
+        The hooks of ``register_load_state_dict_pre_hook`` (which may return a replacement
+        dict) and ``post_hook`` run around it as torch runs them.
         """
+        state_dict = dict(state_dict)  # shallow copy, as torch's
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if "coap_shards" in state_dict:
             state_dict = _from_shards(state_dict["coap_shards"], self.name)
         saved = state_dict.get("param_groups")

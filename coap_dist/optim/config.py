@@ -34,7 +34,7 @@ STATE_BITS = (None, 32, 16, 8)
 
 MISSPELLING_CUTOFF = 0.8
 """A group key this similar (``difflib`` ratio) to a hyperparameter, but not one, is taken
-for a misspelling of it."""
+for a misspelling of it (as is a key of 4+ letters one typo from one: ``rnak``)."""
 
 RENAMED = {
     "beta1": "betas",
@@ -395,6 +395,8 @@ def _refuse_unknown(key: str, known: Iterable[str], where: str, *, near_only: bo
     # A key that must be a hyperparameter gets the nearest one as a hint at a lower bar.
     cutoff = MISSPELLING_CUTOFF if near_only else 0.6
     near = difflib.get_close_matches(key, known, n=1, cutoff=cutoff)
+    if not near:  # one typo (a swap, a missing, extra or wrong letter) in a short name
+        near = [k for k in known if len(key) >= 4 and _one_typo(key, k)][:1]
     if near_only and not near:
         return
     hint = f"did you mean `{near[0]}`? " if near else ""
@@ -404,6 +406,21 @@ def _refuse_unknown(key: str, known: Iterable[str], where: str, *, near_only: bo
         else f"{where}: unknown key `{key}`"
     )
     raise ValueError(f"{what}; {hint}(valid keys: {', '.join(known)})")
+
+
+def _one_typo(a: str, b: str) -> bool:
+    """Whether ``a`` becomes ``b`` by one edit: a letter inserted, dropped or replaced, or
+    two neighbouring letters swapped (``rnak`` -> ``rank``)."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        if len(diff) == 1:
+            return True
+        i = diff[0]
+        return len(diff) == 2 and diff[1] == i + 1 and a[i] == b[i + 1] and a[i + 1] == b[i]
+    short, long = (a, b) if len(a) < len(b) else (b, a)
+    return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
 
 
 def _at(where: str, key: str, first: bool = True) -> str:
