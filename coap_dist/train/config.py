@@ -186,6 +186,11 @@ class ApolloRecipe(GaLoreRecipe):
     scale_type: str = hp("channel", "scaling granularity", choice(("channel", "tensor")))
 
 
+DEFAULT_RANK_RATIO = 4
+"""The app's COAP rank when a recipe sets neither ``rank`` nor ``rank_ratio`` (or
+``rank="auto"`` alone, whose budget it is): r = min(m, n) // 4. Applied here rather than in
+the YAML so that ``optimizer.rank=8`` alone replaces it; setting both is refused."""
+
 RECIPES: dict[str, type[Hyperparameters]] = {
     "coap": COAPAdamWConfig,
     "coap_adafactor": COAPAdafactorConfig,
@@ -229,6 +234,12 @@ class OptimizerConfig:
                 raise ConfigError(f"missing config key {where}.{key}")
         rest = {k: v for k, v in data.items() if k not in ("name", "kind")}
         recipe = RECIPES[kind]
+        if (
+            issubclass(recipe, COAPAdamWConfig)
+            and rest.get("rank") in (None, "auto")
+            and rest.get("rank_ratio") is None
+        ):
+            rest["rank_ratio"] = DEFAULT_RANK_RATIO  # a rank the user sets replaces it
         try:
             hparams = recipe.from_mapping(rest, f"{where}.")
             if isinstance(hparams, COAPAdamWConfig):

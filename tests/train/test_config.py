@@ -143,7 +143,10 @@ BAD = [
         ["optimizer.rank=-3", "optimizer.rank_ratio=null"],
         "optimizer.rank=-3 is invalid: must be an integer >= 1",
     ),
-    (["optimizer.rank=8"], "optimizer.rank=8 and optimizer.rank_ratio=4 are both set"),
+    (
+        ["optimizer.rank=8", "optimizer.rank_ratio=4"],
+        "optimizer.rank=8 and optimizer.rank_ratio=4 are both set",
+    ),
     (["optimizer.rank_ratio=0"], "optimizer.rank_ratio=0 is invalid: must be a finite number"),
     (["optimizer.lr=-1"], "optimizer.lr=-1 is invalid: must be a finite number in [0.0, inf)"),
     (["optimizer.betas=[0.9]"], "optimizer.betas=(0.9,) is invalid: must be a pair of numbers"),
@@ -234,3 +237,23 @@ def test_memmap_paths_are_mandatory() -> None:
 
     with pytest.raises(MissingMandatoryValue, match=r"data\.train_path"):
         compose_dict(["data=memmap"])
+
+
+def test_an_explicit_rank_replaces_the_default_ratio() -> None:
+    """optimizer.rank=8 alone is the rank (the app's default rank_ratio steps aside); both
+    set is refused naming both; neither, or rank=auto alone, gets rank_ratio 4."""
+    from coap_dist.train.config import DEFAULT_RANK_RATIO
+
+    def hp(overrides: list[str]) -> tuple[object, object]:
+        h = TrainConfig.from_dict(compose_dict(overrides)).optimizer.hparams
+        return h.rank, h.rank_ratio  # type: ignore[attr-defined]
+
+    assert hp([]) == (None, DEFAULT_RANK_RATIO) == (None, 4)
+    assert hp(["optimizer.rank=8"]) == (8, None)
+    assert hp(["optimizer=coap_adafactor", "optimizer.rank=8"]) == (8, None)
+    assert hp(["optimizer.rank_ratio=2"]) == (None, 2)
+    assert hp(["optimizer.rank=auto"]) == ("auto", 4)
+    with pytest.raises(
+        ConfigError, match=r"optimizer\.rank=8 and optimizer\.rank_ratio=2 are both"
+    ):
+        hp(["optimizer.rank=8", "optimizer.rank_ratio=2"])
