@@ -317,7 +317,8 @@ _DATA_KEYS = {
     "shakespeare": {"val_docs"},
     "memmap": {"train_path", "val_path", "dtype", "vocab_size"},
 }
-MEMMAP_DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")
+MEMMAP_DTYPES = {"uint8": 2**8, "uint16": 2**16, "uint32": 2**32, "int32": 2**31, "int64": 2**63}
+"""Element types of a memmap token file -> the number of ids each can hold."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -354,8 +355,14 @@ class DataConfig:
                 path = _str(f"data.{key}", getattr(self, key))
                 if path == "???":
                     raise ConfigError(f"data.{key} must be set to the path of a token file")
-        _choice("data.dtype", self.dtype, MEMMAP_DTYPES)
+        _choice("data.dtype", self.dtype, tuple(MEMMAP_DTYPES))
         _int("data.vocab_size", self.vocab_size)
+        if self.name == "memmap" and self.vocab_size > MEMMAP_DTYPES[self.dtype]:
+            raise ConfigError(
+                f"data.vocab_size={self.vocab_size} does not fit data.dtype={self.dtype} (ids < "
+                f"{MEMMAP_DTYPES[self.dtype]}): set data.dtype to the dtype the token file was "
+                "written with (reading wider ids narrower would train on their bytes)"
+            )
 
 
 LOGGERS = ("none", "jsonl", "wandb")

@@ -87,6 +87,17 @@ def load_memmap(path: str, dtype: str, vocab_size: int, field: str) -> np.ndarra
             f"{field} holds token ids in [{int(head.min())}, {int(head.max())}], outside "
             f"[0, data.vocab_size={vocab_size}); check data.dtype and data.vocab_size"
         )
+    # A file of ids twice as wide read with this dtype (little-endian) alternates low and
+    # high halves; the high halves of real ids are tiny, so the odd positions stay far
+    # below the even ones, which no real token stream does over this many tokens.
+    if head.size >= 1024 and itemsize < 8:
+        even, odd = int(head[0::2].max()), int(head[1::2].max())
+        if even >= 16 and odd * 16 < even:
+            raise ConfigError(
+                f"{field}: the ids at odd positions (max {odd}) are far below those at even "
+                f"positions (max {even}), as when a file of {2 * itemsize}-byte ids is read "
+                f"with data.dtype={dtype}; set data.dtype to the dtype the file was written with"
+            )
     return tokens
 
 

@@ -120,3 +120,15 @@ def test_memmap_loader_reads_user_token_files(tmp_path) -> None:
         load_memmap(str(tmp_path / "empty.bin"), "uint16", 10, "data.train_path")
     with pytest.raises(ConfigError, match=r"data\.val_path is not a file"):
         load_memmap(str(tmp_path / "missing.bin"), "uint16", 10, "data.val_path")
+    # A file read with a narrower dtype than it was written with: its ids' high halves show
+    # (uint16 ids as uint8, int32 ids as uint16), or the vocabulary does not fit the dtype.
+    with pytest.raises(ConfigError, match=r"file of 2-byte ids is read with data\.dtype=uint8"):
+        load_memmap(str(tmp_path / "train.bin"), "uint8", 256, "data.train_path")
+    wide = np.memmap(tmp_path / "wide.bin", dtype=np.int32, mode="w+", shape=(4000,))
+    wide[:] = ids[:4000]
+    wide.flush()
+    with pytest.raises(ConfigError, match=r"file of 4-byte ids is read with data\.dtype=uint16"):
+        load_memmap(str(tmp_path / "wide.bin"), "uint16", 1000, "data.train_path")
+    assert len(load_memmap(str(tmp_path / "wide.bin"), "int32", 1000, "data.train_path")) == 4000
+    with pytest.raises(ConfigError, match=r"data\.vocab_size=32000 does not fit data\.dtype=uint8"):
+        DataConfig(name="memmap", train_path="a", val_path="b", dtype="uint8", vocab_size=32000)
