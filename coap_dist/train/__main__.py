@@ -20,7 +20,9 @@ hsdp, deepspeed_zero0..3), data (shakespeare, memmap), logger (none, jsonl, wand
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,7 +32,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from coap_dist.train.config import ConfigError
+from coap_dist.train.config import ConfigError, RunError
 
 
 @hydra.main(version_base="1.3", config_path="pkg://coap_dist.configs", config_name="train")
@@ -44,14 +46,56 @@ def main(cfg: DictConfig) -> None:
         assert isinstance(config, dict)
         # the config's top-level keys are strings (a DictConfig from YAML)
         run(cast(dict[str, Any], config), Path(hydra_cfg.runtime.output_dir))
-    except (ConfigError, OmegaConfBaseException) as err:
-        print(f"coap_dist.train: invalid config: {err}", file=sys.stderr, flush=True)
+    except (ConfigError, OmegaConfBaseException, RunError) as err:
+        config_error = not isinstance(err, RunError)
+        what = "invalid config" if config_error else "stopped"
+        print(f"coap_dist.train: {what}: {err}", file=sys.stderr, flush=True)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             # A sweep's launcher (basic, submitit, ...) reports an exception as the job's
             # failure; SystemExit would end a submitit task without a result to report.
-            raise ConfigError(str(err)) from None
-        raise SystemExit(2) from None
+            raise (ConfigError if config_error else RunError)(str(err)) from None
+        raise SystemExit(2 if config_error else 1) from None
+
+
+def cli() -> None:
+    """The ``coap-train`` console script and ``python -m coap_dist.train``: :func:`main`,
+    after checking that the run directory can be created (Hydra creates it before any of
+    the app's code runs, so a read-only ``hydra.run.dir`` would end in Hydra's traceback):
+    if not, one line naming it and exit code 2."""
+    problem = _run_dir_problem(sys.argv[1:])
+    if problem:
+        print(f"coap_dist.train: invalid config: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    main()
+
+
+def _run_dir_problem(overrides: list[str]) -> str | None:
+    """Why ``hydra.run.dir`` of this command line cannot be created (None: it can, or the
+    command is not a single run: a sweep, ``--help``, ``--cfg``; Hydra reports the rest)."""
+    if any(a.startswith("-") for a in overrides):
+        return None
+    from hydra import compose, initialize_config_module
+
+    try:
+        with initialize_config_module(config_module="coap_dist.configs", version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+        run_dir = Path(str(cfg.hydra.run.dir)).expanduser().absolute()
+    except Exception:  # an invalid override or interpolation: Hydra's own message follows
+        return None
+    parent = run_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".coap-probe-"))
+    except OSError as err:
+        return (
+            f"hydra.run.dir={str(run_dir)!r} cannot be created ({err.strerror or err} at "
+            f"{parent}); set hydra.run.dir to a writable directory"
+        )
+    return None
 
 
 if __name__ == "__main__":
-    main()
+    cli()

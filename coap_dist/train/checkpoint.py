@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from coap_dist.train.config import ConfigError, resume_changes
+from coap_dist.train.config import ConfigError, RunError, resume_changes
 from coap_dist.train.optim import state_bytes
 from coap_dist.train.parallelize import (
     DistEnv,
@@ -58,7 +58,7 @@ _STATE = "state.pt"
 _MIB = 1 << 20
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError):
     """A checkpoint could not be written; the message says why and what is left intact."""
 
 

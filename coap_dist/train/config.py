@@ -28,6 +28,12 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 
+class RunError(RuntimeError):
+    """The run stopped for a reason outside its config (a full disk, a failing write): the
+    message says what happened and what to do; ``coap-train`` prints it and exits 1 without
+    a traceback (earlier checkpoints are intact)."""
+
+
 class ConfigError(ValueError):
     """An invalid config value; the message names the field (``optimizer.rank``)."""
 

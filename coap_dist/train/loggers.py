@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from coap_dist.train.config import LoggerConfig
+from coap_dist.train.config import LoggerConfig, RunError
 
 
 class MetricsLogger(Protocol):
@@ -59,7 +59,7 @@ class JsonlLogger:
             self._file.write(json.dumps(clean, allow_nan=False) + "\n")
             self._file.flush()
         except OSError as err:
-            raise RuntimeError(
+            raise RunError(
                 f"logger: writing metrics to {self.path} failed ({err.strerror or err}); the "
                 f"run stops here (its checkpoints so far are intact). Free space there or set "
                 f"logger.filename / hydra.run.dir elsewhere"

@@ -213,7 +213,8 @@ def test_full_disk_at_a_save_keeps_the_previous_checkpoint(small_tmpfs, tmp_path
 
 def test_write_failing_half_way_leaves_no_tmp_and_the_previous_checkpoint(tmp_path) -> None:
     """A real write error during ``torch.save`` (a 3 MB file-size limit; the tiny model's
-    state.pt is larger), after the run's first checkpoint was written without a limit."""
+    state.pt is larger), after the run's first checkpoint was written without a limit; and a
+    run directory that cannot be created."""
     base = with_(SIX, "steps=4", "checkpoint.every=2", f"hydra.run.dir={tmp_path}", "logger=none")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(
@@ -243,11 +244,25 @@ def test_write_failing_half_way_leaves_no_tmp_and_the_previous_checkpoint(tmp_pa
         text=True,
         timeout=300,
     )
-    assert limited.returncode != 0
+    # The run stops with the one-line reason and exit code 1, no traceback.
+    assert limited.returncode == 1 and "Traceback" not in limited.stderr, limited.stderr[-3000:]
+    assert "coap_dist.train: stopped: checkpoint: writing" in limited.stderr
     assert "checkpoint: writing" in limited.stderr and "step_0000004.tmp failed" in limited.stderr
     assert "step_0000002, is intact" in limited.stderr
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "coap").iterdir()) == ["step_0000002"]
     assert checkpoint.read_meta(ckpt(tmp_path, 2))["step"] == 2
+    # A run directory that cannot be created (Hydra makes it before the app runs): one line
+    # naming hydra.run.dir, exit code 2, nothing else written.
+    unwritable = subprocess.run(
+        [sys.executable, "-m", "coap_dist.train", "hydra.run.dir=/proc/coap_run", "steps=3"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr
+    assert "hydra.run.dir='/proc/coap_run' cannot be created" in unwritable.stderr
 
 
 def test_accumulation_checkpointing_and_compile_keep_the_math(uninterrupted, tmp_path) -> None:
