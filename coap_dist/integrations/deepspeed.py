@@ -64,6 +64,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -468,6 +469,77 @@ def load_checkpoint(
         for g in coap.param_groups:
             g.pop(PENDING_STATE, None)
     return out
+
+
+def check_config(config: Mapping[str, Any], where: str = "") -> None:
+    """Raise ValueError with one line naming the key for the DeepSpeed config mistakes that
+    otherwise end in DeepSpeed's pydantic or assertion tracebacks, or in a silently ignored
+    key: a top-level key DeepSpeed does not read (``zero_optimisation``), a key its
+    section's schema rejects (``zero_optimization.stagee``, with the nearest valid ones),
+    an optimizer ``"type"`` one typo from a COAP type (``COAPP``) and an unknown COAP
+    ``params`` key. ``where``: the prefix naming the config in messages (the app's
+    ``strategy.extra.``). Needs an initialized process group, as ``DeepSpeedConfig``."""
+    import difflib
+
+    from pydantic import ValidationError
+
+    config = dict(config)
+    opt = config.get("optimizer")
+    if isinstance(opt, Mapping):
+        kind = str(opt.get("type", ""))
+        near = difflib.get_close_matches(kind, list(OPTIMIZER_TYPES), n=1, cutoff=0.75)
+        if kind not in OPTIMIZER_TYPES and near and kind.lower() != near[0].lower():
+            raise ValueError(
+                f'{where}optimizer.type="{kind}" is not an optimizer type; did you mean '
+                f'"{near[0]}"? (COAP\'s types: {", ".join(OPTIMIZER_TYPES)})'
+            )
+        if kind in OPTIMIZER_TYPES:
+            params = {
+                k: v for k, v in dict(opt.get("params", {})).items() if k not in ("sharding",)
+            }
+            recipe = OPTIMIZER_TYPES[kind].config_class  # type: ignore[attr-defined]
+            recipe.from_mapping(params, f"{where}optimizer.params.")
+    unknown = unknown_config_keys(config)
+    if unknown:
+        key, near_keys = next(iter(unknown.items()))
+        hint = f" (did you mean {' or '.join(near_keys)}?)" if near_keys else ""
+        raise ValueError(
+            f"{where}{key} is not a DeepSpeed config key{hint}; DeepSpeed would ignore it silently"
+        )
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(config)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        section = next(
+            (k for k, v in config.items() if isinstance(v, Mapping) and first["loc"][0] in v),
+            None,
+        )
+        path = f"{section}.{loc}" if section else loc
+        fields = _schema_fields(err.title)
+        near = difflib.get_close_matches(str(first["loc"][-1]), fields, n=2)
+        hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+        raise ValueError(f"{where}{path}: {first['msg']}{hint}") from None
+    except (AssertionError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{where or 'DeepSpeed config'}: {err}") from None
+
+
+def _schema_fields(title: str) -> list[str]:
+    """Field names (and aliases) of DeepSpeed's config model class named ``title``."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    todo, seen = [DeepSpeedConfigModel], []
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ == title:
+            names = list(cls.model_fields)
+            names += [f.alias for f in cls.model_fields.values() if f.alias]
+            return sorted(set(names))
+        todo.extend(cls.__subclasses__())
+        seen.append(cls)
+    return []
 
 
 def unknown_config_keys(config: dict[str, Any]) -> dict[str, list[str]]:

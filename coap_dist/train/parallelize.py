@@ -490,18 +490,15 @@ class DeepSpeedStrategy(Strategy):
         return _merge(config, dict(self.cfg.strategy.extra))
 
     def check_extra(self) -> None:
-        """``strategy.extra`` keys that DeepSpeed would silently ignore are a config error."""
-        from coap_dist.integrations.deepspeed import unknown_config_keys
+        """``strategy.extra`` keys that DeepSpeed would ignore silently or reject with a
+        traceback are a config error naming the key
+        (:func:`coap_dist.integrations.deepspeed.check_config`)."""
+        from coap_dist.integrations.deepspeed import check_config
 
-        unknown = unknown_config_keys(self.ds_config(None))
-        bad = {k: v for k, v in unknown.items() if k in self.cfg.strategy.extra}
-        if bad:
-            key, near = next(iter(bad.items()))
-            hint = f" (did you mean {' or '.join(near)}?)" if near else ""
-            raise ConfigError(
-                f"strategy.extra.{key} is not a DeepSpeed config key{hint}; DeepSpeed would "
-                f"ignore it silently"
-            )
+        try:
+            check_config(self.ds_config(None), "strategy.extra.")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def build_model(self) -> Llama:
         """Stages 0-2: on the meta device; stage 3: under ``deepspeed.zero.Init``."""

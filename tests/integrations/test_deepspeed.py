@@ -525,6 +525,21 @@ def _check_errors(rank: int) -> None:
     typo["optimizer"]["params"]["rnak"] = 4
     with pytest.raises(ValueError, match="unknown key `rnak`; did you mean `rank`"):
         _build_cfg(typo)
+    # check_config: the mistakes DeepSpeed reports with a traceback, or not at all, as one
+    # line naming the key.
+    from coap_dist.integrations.deepspeed import check_config
+
+    check_config(_config(3, True, {}))
+    for edit, message in (
+        (lambda c: c["optimizer"].update(type="COAPP"), r'optimizer\.type="COAPP" .*"COAP"'),
+        (lambda c: c["optimizer"]["params"].update(rnak=4), r"optimizer\.params\.rnak"),
+        (lambda c: c["zero_optimization"].update(stagee=2), r"zero_optimization\.stagee: .*stage"),
+        (lambda c: c.update(zero_optimisation={}), r"zero_optimisation is not a DeepSpeed"),
+    ):
+        cfg = _config(2, False, {})
+        edit(cfg)
+        with pytest.raises(ValueError, match=message):
+            check_config(cfg)
 
 
 def _check_shipped_configs(rank: int) -> None:

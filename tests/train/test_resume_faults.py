@@ -163,6 +163,11 @@ def test_misspelt_deepspeed_key_is_a_config_error(tmp_path) -> None:
         ConfigError, match=r"strategy\.extra\.zero_optimisation .* zero_optimization"
     ):
         run(compose_dict(bad), tmp_path)
+    inner = [*SIX, "strategy=deepspeed_zero2", "+strategy.extra.zero_optimization.stagee=3"]
+    with pytest.raises(
+        ConfigError, match=r"strategy\.extra\.zero_optimization\.stagee: .*did you mean stage"
+    ):
+        run(compose_dict(inner), tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
