@@ -413,7 +413,7 @@ class Fsdp2Local(LocalCheckpoints, Layout):
         AdamW parameters cut (when this call's parameters have any)."""
         if not self._shared:
             return maxima
-        starts = {i: self._dense_start(i) for i, s in enumerate(self.specs) if s.kind == "dense"}
+        starts = {i: self._dense_start(i) for i, _ in self._shared}
         return share_block_max(self.comm, maxima, self._shared, starts, set(self._active))
 
     def _exchange(

@@ -24,7 +24,14 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from coap_dist.distributed.comm import Comm
-from coap_dist.distributed.pieces import Pieces, counters, own_piece, piece_tensor, refuse_auto_rank
+from coap_dist.distributed.pieces import (
+    Pieces,
+    counters,
+    own_piece,
+    piece_range,
+    refuse_auto_rank,
+    state_piece,
+)
 from coap_dist.distributed.placement import Range
 from coap_dist.functional import quant as fquant
 from coap_dist.optim.layout import Core
@@ -92,18 +99,11 @@ class LocalCheckpoints:
         """Flat elements [lo, hi) of the single-process tensor ``key`` (for an 8-bit scale,
         of the moment it scales) that this rank's state rows cover."""
         s = self.specs[i]
-        a0, a1 = self._rows(i)
-        if s.kind != "matrix":
-            unit = math.prod(s.shape[1:])
-        elif key.endswith("_scale"):
-            unit = s.rank
-        else:
-            unit = math.prod(state_shapes(s)[key][0][1:])
-        return a0 * unit, a1 * unit
+        return piece_range(s, key, *self._rows(i), math.prod(s.shape[1:]))
 
     def _piece(self, i: int, key: str, t: Tensor) -> Pieces:
-        lo, hi = self._flat(i, key)
-        return piece_tensor(key, state_shapes(self.specs[i])[key][0], t, lo, hi)
+        s = self.specs[i]
+        return state_piece(s, key, t, *self._rows(i), math.prod(s.shape[1:]))
 
     def state_dict(self, saved: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         assert self._core is not None

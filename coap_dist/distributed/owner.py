@@ -126,6 +126,7 @@ class OwnerLayout(OwnerCheckpoints, Layout):
         self._s_in: list[list[Route]] = []
         self._active: list[int] = []
         self._shared_blocks: list[tuple[int, int]] = []  # (AdamW parameter, block) pieces share
+        self._starts: dict[int, int] = {}  # first element of this rank's piece of each parameter
 
     # ------------------------------------------------------------------------------ bind
     def bind(self, core: Core) -> list[ParamSpec]:
@@ -166,6 +167,7 @@ class OwnerLayout(OwnerCheckpoints, Layout):
         )
         self._entries = geometries(specs, self.placement, frags)
         self._mine = [self.placement.piece(i, self.rank) for i in range(len(specs))]
+        self._starts = {i: pc.start for i, pc in enumerate(self._mine) if pc is not None}
         self._shared_blocks = sorted(
             {
                 (s.index, pc.stop // fquant.BLOCK)
@@ -211,8 +213,9 @@ class OwnerLayout(OwnerCheckpoints, Layout):
         on blocks), when this call's parameters have any."""
         if not self._shared_blocks:  # (every step: nothing to do on most layouts)
             return maxima
-        starts = {i: pc.start for i, pc in enumerate(self._mine) if pc is not None}
-        return share_block_max(self.comm, maxima, self._shared_blocks, starts, set(self._active))
+        return share_block_max(
+            self.comm, maxima, self._shared_blocks, self._starts, set(self._active)
+        )
 
     def ensure_state(self, index: int) -> None:
         assert self._core is not None

@@ -37,9 +37,19 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 from coap_dist.functional import quant as fquant
-from coap_dist.optim.checkpoint import REFRESH_KEYS
+from coap_dist.optim.checkpoint import refresh_entries
+from coap_dist.optim.spec import ParamSpec, state_shapes
 
-__all__ = ["Pieces", "counters", "flat_boxes", "own_piece", "piece_tensor", "refuse_auto_rank"]
+__all__ = [
+    "Pieces",
+    "counters",
+    "flat_boxes",
+    "own_piece",
+    "piece_range",
+    "piece_tensor",
+    "refuse_auto_rank",
+    "state_piece",
+]
 
 Chunk = tuple[torch.Size, Tensor]
 """A box of a global tensor: its offsets and the local tensor holding it."""
@@ -162,6 +172,25 @@ def flat_boxes(shape: Sequence[int], start: int, stop: int) -> list[tuple[list[i
     return out
 
 
+def piece_range(spec: ParamSpec, key: str, start: int, stop: int, unit: int = 1) -> tuple[int, int]:
+    """Flat elements [lo, hi) of the single-process tensor ``key`` (for an 8-bit scale, of
+    the moment it scales) that a piece covers: canonical rows [start, stop) of a matrix, or
+    of an AdamW parameter [start, stop) in units of ``unit`` elements (1: a flat range;
+    the elements per row: FSDP2's row shards)."""
+    if spec.kind == "matrix":
+        unit = spec.rank if key.endswith("_scale") else math.prod(state_shapes(spec)[key][0][1:])
+    return start * unit, stop * unit
+
+
+def state_piece(
+    spec: ParamSpec, key: str, local: Tensor, start: int, stop: int, unit: int = 1
+) -> Pieces:
+    """:func:`piece_tensor` of state tensor ``key`` of the piece [start, stop) (as
+    :func:`piece_range`) held in ``local``."""
+    lo, hi = piece_range(spec, key, start, stop, unit)
+    return piece_tensor(key, state_shapes(spec)[key][0], local, lo, hi)
+
+
 def piece_tensor(key: str, shape: Sequence[int], local: Tensor, lo: int, hi: int) -> Pieces:
     """The :class:`Pieces` of state tensor ``key`` (global ``shape``) held in ``local`` (a
     contiguous piece): its flat elements [lo, hi), or for an 8-bit scale vector (``key``
@@ -210,10 +239,7 @@ def counters(sd: Mapping[str, Any], index: int) -> dict[str, Tensor]:
     out = {"step": torch.tensor(float(sd["coap_steps"][index]))}
     record = sd.get("coap_refresh", {}).get(index)
     if record is not None:
-        out.update(
-            (k, torch.tensor(v, dtype=torch.float64))
-            for k, v in zip(REFRESH_KEYS, record, strict=True)
-        )
+        out.update(refresh_entries(record))
     return out
 
 

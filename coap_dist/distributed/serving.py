@@ -23,7 +23,6 @@ that turns its pieces into state dicts and back:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -35,14 +34,13 @@ from coap_dist.distributed.pieces import (
     Pieces,
     counters,
     own_piece,
-    piece_tensor,
     refuse_auto_rank,
+    state_piece,
 )
 from coap_dist.distributed.placement import Piece, Placement
 from coap_dist.distributed.routes import Geometry
 from coap_dist.distributed.views import FragmentView
 from coap_dist.optim.layout import Core
-from coap_dist.optim.spec import state_shapes
 from coap_dist.optim.storage import Item, assemble_all, slice_full
 
 __all__ = ["OwnerCheckpoints"]
@@ -124,11 +122,7 @@ class OwnerCheckpoints:
         whole = key in ("projector", "exp_avg_sq_col") or spec.kind == "conv"
         if v.ndim == 0 or pc is None or whole:
             return v
-        shape = state_shapes(spec)[key][0]
-        if spec.kind == "matrix":  # pieces are canonical rows
-            unit = spec.rank if key.endswith("_scale") else math.prod(shape[1:])
-            return piece_tensor(key, shape, v, pc.start * unit, pc.stop * unit)
-        return piece_tensor(key, shape, v, pc.start, pc.stop)
+        return state_piece(spec, key, v, pc.start, pc.stop)
 
     def _load_pieces(self, e: Geometry, pc: Piece | None, saved: Mapping[str, Any]) -> None:
         """This rank's state of parameter ``e`` from a DCP-form entry holding Pieces (those

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,6 +38,14 @@ fresh state."""
 REFRESH_KEYS = ("refresh_credit", "refresh_base", "refresh_rho", "refresh_last")
 """Per-parameter state-dict entries (0-d fp64 tensors) of an adaptive matrix's schedule
 record, :meth:`AdaptiveState.as_list` order; added to the saved copies only."""
+
+
+def refresh_entries(record: Sequence[float]) -> dict[str, Tensor]:
+    """An adaptive matrix's schedule record as its state-dict entries (0-d fp64 tensors,
+    :data:`REFRESH_KEYS`)."""
+    return {
+        k: torch.tensor(v, dtype=torch.float64) for k, v in zip(REFRESH_KEYS, record, strict=True)
+    }
 
 
 class Checkpoints:
@@ -91,13 +99,7 @@ class Checkpoints:
         state = {i: dict(self.state[p]) for i, p in enumerate(lay.params) if self.state.get(p)}
         for i, st in self._adaptive.items():
             if i in state:
-                values = st.as_list()
-                state[i].update(
-                    {
-                        k: torch.tensor(v, dtype=torch.float64)
-                        for k, v in zip(REFRESH_KEYS, values, strict=True)
-                    }
-                )
+                state[i].update(refresh_entries(st.as_list()))
         return {
             "state": state,
             "param_groups": self._packed_groups(),
