@@ -129,6 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also print one line per parameter (single optimizer only)",
     )
+    mem.add_argument(
+        "--step",
+        action="store_true",
+        help="peak memory per rank of a whole fp32 training step (parameters, gradients, "
+        "activations, state; --optimizer adamw or coap; layouts replicated, ddp_owner, fsdp2)",
+    )
+    mem.add_argument(
+        "--batch", type=_positive_int, default=1, help="--step: sequences per rank (default 1)"
+    )
+    mem.add_argument(
+        "--seq-len", type=_positive_int, default=None, help="--step: tokens per sequence"
+    )
+    mem.add_argument(
+        "--in-backward",
+        action="store_true",
+        help="--step: with coap_dist.optimizer_in_backward (gradients freed as they are ready)",
+    )
     mem.set_defaults(subparser=mem)
     uni = sub.add_parser(
         "ds-to-universal",
@@ -176,7 +193,44 @@ def _rows(results: Sequence[StateBytes], world_size: int) -> list[list[str]]:
     return rows
 
 
+def _step_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``coap-dist memory --step``: the terms of :func:`coap_dist.step_memory.estimate_step_peak`."""
+    from coap_dist.step_memory import STEP_LAYOUTS, estimate_step_peak
+
+    if args.optimizer not in ("adamw", "coap"):
+        parser.error("argument --step: needs --optimizer adamw or --optimizer coap")
+    layout = args.layout if args.world_size > 1 else "replicated"
+    if args.world_size > 1 and "--layout" not in sys.argv and args.optimizer == "adamw":
+        layout = "replicated"
+    if layout not in STEP_LAYOUTS:
+        parser.error(f"argument --layout: --step models {', '.join(STEP_LAYOUTS)}, got {layout}")
+    if args.optimizer == "coap" and args.rank is None and args.rank_ratio is None:
+        parser.error("argument --rank: --optimizer coap needs --rank (or --rank-ratio)")
+    seq_len = args.seq_len or LLAMA_PRESETS[args.model].max_seq_len
+    peak = estimate_step_peak(
+        args.model,
+        args.optimizer,
+        batch=args.batch,
+        seq_len=seq_len,
+        world_size=args.world_size,
+        layout=layout,
+        in_backward=args.in_backward,
+        rank=args.rank,
+        rank_ratio=args.rank_ratio,
+    )
+    print(
+        f"model {args.model}, {args.optimizer}, fp32, {args.batch} x {seq_len} tokens per rank, "
+        f"world size {args.world_size} ({layout}), "
+        f"{'in-backward' if args.in_backward else 'normal'} step; MiB per rank"
+    )
+    rows = [[k, _mib(v)] for k, v in peak.to_dict().items()]
+    print(_format_table(["term", "MiB"], rows))
+    return 0
+
+
 def _memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.step:
+        return _step_memory(args, parser)
     if args.all and args.optimizer is not None:
         parser.error("argument --all: not allowed with --optimizer (--all shows every optimizer)")
     if not args.all and args.optimizer is None:

@@ -7,7 +7,8 @@ Each cell is one of
   (real process groups or engines, 2 and/or 3 ranks);
 * ``refused``: the layout raises at the first ``step()``, before any state or weight
   changes, with the cell's reason and what to use instead (:func:`check_specs`, and
-  ``Layout.resize_refusal`` for ``rank="auto"``);
+  ``Layout.resize_refusal`` for ``rank="auto"``; ``in_backward``: at
+  ``optimizer_in_backward()``, :mod:`coap_dist.distributed.in_backward`);
 * ``untested``: runs (nothing refuses it) but no test covers it under that layout yet.
 """
 
@@ -28,6 +29,7 @@ FEATURES: dict[str, str] = {
     "bf16": "bf16 parameters / state",
     "resume": "resume, same world size",
     "reshard": "resume at another world size / layout",
+    "in_backward": "`optimizer_in_backward`",
 }
 """Feature key -> what the user sets (the table's column heading)."""
 
@@ -89,8 +91,22 @@ def _matrix_cells(**override: Cell) -> dict[str, Cell]:
         "bf16": _t(f"{_M} (rel. 2e-2)"),
         "resume": _t(f"{_M} (consolidated)"),
         "reshard": _t(f"{_M} (consolidated, -> another layout)"),
+        "in_backward": _t(f"{_M} (exact clipping; HSDP too)"),
     }
     return {**cells, **override}
+
+
+_NO_HOOK = (
+    "{what}, so there is no gradient to step inside the backward; use FSDP2 (fully_shard) "
+    "or DDP's unwrapped module with optimizer_in_backward, or the normal step"
+)
+_DEEPSPEED_IN_BACKWARD = Cell(
+    "refused",
+    _NO_HOOK.format(
+        what="engine.backward() reduces gradients into ZeRO partitions and engine.step() "
+        "steps them after the whole backward, with no per-parameter hook"
+    ),
+)
 
 
 SUPPORT: dict[str, dict[str, Cell]] = {
@@ -104,6 +120,7 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         bf16=_t("tests/test_optim.py"),
         resume=_t("tests/test_optim.py"),
         reshard=_t("tests/distributed/test_owner.py (consolidated state)"),
+        in_backward=_t("tests/test_in_backward.py (COAP, 8-bit, fused AdamW; app: tests/train)"),
     ),
     "ddp": _row(**_matrix_cells()),
     "ddp_owner": _row(
@@ -116,6 +133,7 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         bf16=_t(f"{_M} (rel. 2e-2)"),
         resume=_t("tests/train/test_launch.py (torchrun, 2 processes)"),
         reshard=_t("tests/distributed/test_owner.py (2 -> 3 ranks, consolidated)"),
+        in_backward=_t(f"{_M}; tests/train/test_launch.py (app, torchrun)"),
     ),
     "fsdp2": _row(
         eight_bit=_t(f"{_M} (with a Tucker conv: 8-bit matrices; dense; HSDP too)"),
@@ -130,6 +148,7 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         bf16=_t(f"{_M} (rel. 2e-2)"),
         resume=_t("tests/distributed/test_fsdp2.py (DCP)"),
         reshard=_t("tests/distributed/test_fsdp2.py (DCP, 2 -> 3 and 1 ranks)"),
+        in_backward=_t(f"{_M} (HSDP too); tests/train/test_app.py (app, DCP resume)"),
     ),
     "fsdp2_owner": _row(
         eight_bit=_t(f"{_M} (with a Tucker conv, and dense; HSDP too)"),
@@ -147,8 +166,20 @@ SUPPORT: dict[str, dict[str, Cell]] = {
             "tests/distributed/test_fsdp2_dcp.py (DCP: HSDP 2 x 2 -> 3 ranks, to and from "
             "the default layout, one process); tests/distributed/test_fsdp2.py (consolidated)"
         ),
+        in_backward=_t(f"{_M} (HSDP too)"),
     ),
-    "fsdp1": _row(**_matrix_cells(eight_bit=_t(f"{_M} (with a Tucker conv, and dense)"))),
+    "fsdp1": _row(
+        **_matrix_cells(
+            eight_bit=_t(f"{_M} (with a Tucker conv, and dense)"),
+            in_backward=Cell(
+                "refused",
+                _NO_HOOK.format(
+                    what="FSDP1's flat parameters get their gradients only in its own "
+                    "post-backward, after autograd's per-parameter hooks"
+                ),
+            ),
+        )
+    ),
     "zero0": _row(
         eight_bit=_t("tests/integrations/test_deepspeed.py (with a Tucker conv)"),
         tucker=_t("tests/integrations/test_deepspeed.py"),
@@ -159,6 +190,7 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         bf16=_t("tests/integrations/test_deepspeed.py (losses, rtol 5e-2)"),
         resume=_t("tests/integrations/test_deepspeed.py"),
         reshard=_t("tests/integrations/test_deepspeed_resize.py (2 -> 3 and 3 -> 2 ranks)"),
+        in_backward=_DEEPSPEED_IN_BACKWARD,
     ),
     "zero": _row(
         eight_bit=_t("tests/integrations/test_deepspeed.py (stages 2, 3; dense at 3)"),
@@ -173,6 +205,7 @@ SUPPORT: dict[str, dict[str, Cell]] = {
             "tests/integrations/test_deepspeed_resize.py (stages 2, 3: 2 -> 3 and 3 -> 2 "
             "ranks, universal checkpoint); tests/train/test_launch.py (app, 2 -> 1)"
         ),
+        in_backward=_DEEPSPEED_IN_BACKWARD,
     ),
 }
 """The declaration (module docstring)."""

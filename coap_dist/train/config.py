@@ -220,13 +220,16 @@ class OptimizerConfig:
     ``coap_adafactor`` -> ``coap_dist.COAPAdafactor``, ``adamw`` -> ``torch.optim.AdamW``,
     ``galore`` -> ``galore_torch.GaLoreAdamW``, ``apollo`` -> ``apollo_torch.APOLLOAdamW``.
     ``lr`` is required. ``name`` labels the run in the table, logs and checkpoints; ``where``
-    is the config key the section came from (``optimizer`` or ``baseline``).
+    is the config key the section came from (``optimizer`` or ``baseline``). ``in_backward``
+    (any kind) steps the optimizer inside the backward pass
+    (:func:`coap_dist.optimizer_in_backward`, exact clipping by a norm pre-pass).
     """
 
     name: str
     kind: str
     hparams: Hyperparameters
     where: str = dataclasses.field(default="optimizer", repr=False, compare=False)
+    in_backward: bool = False
 
     @classmethod
     def from_dict(cls, where: str, data: object) -> OptimizerConfig:
@@ -238,7 +241,7 @@ class OptimizerConfig:
         for key in ("name", "lr"):
             if key not in data:
                 raise ConfigError(f"missing config key {where}.{key}")
-        rest = {k: v for k, v in data.items() if k not in ("name", "kind")}
+        rest = {k: v for k, v in data.items() if k not in ("name", "kind", "in_backward")}
         recipe = RECIPES[kind]
         if (
             issubclass(recipe, COAPAdamWConfig)
@@ -253,7 +256,11 @@ class OptimizerConfig:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         return cls(
-            name=_str(f"{where}.name", data["name"]), kind=kind, hparams=hparams, where=where
+            name=_str(f"{where}.name", data["name"]),
+            kind=kind,
+            hparams=hparams,
+            where=where,
+            in_backward=_bool(f"{where}.in_backward", data.get("in_backward", False)),
         )
 
     def kwargs(self) -> dict[str, Any]:
@@ -543,6 +550,27 @@ class TrainConfig:
                 raise ConfigError(
                     f"{opt.where}.kind={opt.kind} supports strategy single or ddp only, "
                     f"got strategy.name={self.strategy.name}"
+                )
+        for opt in (o for o in self.runs if o.in_backward):
+            if self.strategy.name == "deepspeed":
+                raise ConfigError(
+                    f"{opt.where}.in_backward=true is not supported under strategy deepspeed "
+                    "(engine.backward/engine.step own the gradient partitions and step after "
+                    "the whole backward); use strategy.name=fsdp2, hsdp, ddp_owner or ddp, or "
+                    "set in_backward=false"
+                )
+            if self.grad_accum > 1:
+                raise ConfigError(
+                    f"{opt.where}.in_backward=true with grad_accum={self.grad_accum}: stepping "
+                    "inside the backward frees each gradient at once, so micro-batches cannot "
+                    "accumulate; set grad_accum=1 (a larger batch_size) or in_backward=false"
+                )
+            if opt.kind == "adamw" and self.strategy.name == "ddp_owner":
+                raise ConfigError(
+                    f"{opt.where}.in_backward=true with kind=adamw under strategy ddp_owner: "
+                    "its ZeroRedundancyOptimizer broadcasts every parameter after each step, "
+                    "once per gradient bucket inside the backward; use strategy.name=ddp or "
+                    "fsdp2 for the AdamW baseline, or in_backward=false"
                 )
         for opt in self.runs:
             auto = getattr(opt.hparams, "rank", None) == "auto"

@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import coap_dist
+from coap_dist import InBackward
 from coap_dist.models.llama import Llama
 from coap_dist.train.config import ConfigError, OptimizerConfig, TrainConfig
 from coap_dist.train.optim import build_optimizer, deepspeed_optimizer_config
@@ -249,6 +251,8 @@ class Strategy:
         self.env = env
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.in_backward: InBackward | None = None
+        self._step_in_backward = False  # set by setup() from the optimizer recipe
 
     def build_model(self) -> Llama:
         """The model of ``cfg.model`` on the meta device (nothing allocated), with activation
@@ -278,12 +282,23 @@ class Strategy:
         """Materialise ``model`` if it is on the meta device, wrap it and build its
         optimizer; returns ``(module to call, optimizer)``. A model that is already
         allocated is moved to the device as it is."""
+        self._step_in_backward = opt_cfg.in_backward
         if _on_meta(model):
             assert isinstance(model, Llama)
             materialize(model, self.env.device, self.cfg.seed)
         self.model = self.wrap(model.to(self.env.device))
         self.optimizer = self.make_optimizer(self.unwrapped, opt_cfg)
+        self._hook_in_backward()
         return self.model, self.optimizer
+
+    def _hook_in_backward(self) -> None:
+        """``optimizer.in_backward``: step inside the backward (clipping exact, by a norm
+        pre-pass; the gradients of plain parameters averaged by the handler, not DDP)."""
+        if self._step_in_backward:
+            assert self.model is not None and self.optimizer is not None
+            self.in_backward = coap_dist.optimizer_in_backward(
+                self.unwrapped, self.optimizer, max_grad_norm=self.cfg.max_grad_norm or None
+            )
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -313,6 +328,8 @@ class Strategy:
             0-dim tensors on the device (no host synchronisation).
         """
         assert self.model is not None
+        if self.in_backward is not None:
+            return self._train_step_in_backward(batches, loss_fn)
         total = torch.zeros((), device=self.env.device)
         n = len(batches)
         for i, (x, y) in enumerate(batches):
@@ -323,6 +340,25 @@ class Strategy:
                 (loss / n).backward()
             total += loss.detach()
         return total / n, self.optimizer_step()
+
+    def _train_step_in_backward(
+        self, batches: list[Batch], loss_fn: LossFn
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`train_step` with the optimizer stepping inside the backward (one
+        micro-batch: the config refuses ``grad_accum`` > 1)."""
+        assert self.model is not None and self.in_backward is not None
+        ((x, y),) = batches
+        model = self.model
+
+        def closure() -> torch.Tensor:
+            with self.autocast():
+                logits = model(x.to(self.env.device, non_blocking=True))
+            loss = loss_fn(logits, y.to(self.env.device, non_blocking=True))
+            loss.backward()
+            return loss
+
+        loss = self.in_backward.step(closure)
+        return loss, self.in_backward.grad_norm.detach()
 
     def optimizer_step(self) -> torch.Tensor:
         """Clip to ``max_grad_norm`` (0: no clipping), step, zero the gradients.
@@ -353,7 +389,11 @@ class DDPStrategy(Strategy):
     """``DistributedDataParallel``; the optimizer state is replicated on every rank."""
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        """DDP, or the model itself with ``in_backward`` (whose handler averages)."""
         from torch.nn.parallel import DistributedDataParallel
+
+        if self._step_in_backward:
+            return model
 
         device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
@@ -361,7 +401,9 @@ class DDPStrategy(Strategy):
     def no_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         """DDP's ``no_sync`` on all but the last micro-batch: one all-reduce per step."""
         assert self.model is not None
-        return contextlib.nullcontext() if last else self.model.no_sync()  # type: ignore[operator]
+        if last or self.in_backward is not None:
+            return contextlib.nullcontext()
+        return self.model.no_sync()  # type: ignore[operator]
 
 
 class OwnerDDPStrategy(DDPStrategy):
@@ -381,12 +423,14 @@ class FSDP2Strategy(Strategy):
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Shard ``model`` (on the meta device: nothing allocated yet), then allocate and
         initialise only this rank's shards; an allocated model is sharded as it is."""
+        self._step_in_backward = opt_cfg.in_backward
         meta = _on_meta(model)
         self.model = self.wrap(model if meta else model.to(self.env.device))
         if meta:
             assert isinstance(model, Llama)
             materialize(model, self.env.device, self.cfg.seed)
         self.optimizer = self.make_optimizer(self.unwrapped, opt_cfg)
+        self._hook_in_backward()
         return self.model, self.optimizer
 
     def wrap(self, model: nn.Module) -> nn.Module:

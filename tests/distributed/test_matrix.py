@@ -17,9 +17,13 @@ maxima), ``tucker`` (``rank_ratio_cnn=16``), ``auto`` (``rank="auto"``),
 ``adaptive`` (``refresh="adaptive"``), ``adafactor`` (``COAPAdafactor``), ``accum`` (two
 micro-batches per step, gradients accumulated by the wrapper), ``bf16`` (bf16 parameters and
 state), ``resume`` (with adaptive refresh: after 4 steps ``consolidate_state_dict`` and a
-fresh wrapper and optimizer of the same layout load it and continue) and ``reshard`` (the
+fresh wrapper and optimizer of the same layout load it and continue), ``reshard`` (the
 same, continued under the next layout of :data:`LAYOUTS`: FSDP1 -> DDP, DDP -> owner, ...;
-the consolidated single-process form is the bridge between layouts). The printed table is the figure the support declaration's cells point to.
+the consolidated single-process form is the bridge between layouts) and ``in_backward``
+(:func:`coap_dist.optimizer_in_backward` with exact clipping to :data:`CLIP`, one bucket per
+parameter outside FSDP2: against one process that clips the averaged gradients with
+``clip_grad_norm_``; FSDP1 refuses it by name, the one refused cell). The printed table is
+the figure the support declaration's cells point to.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ FEATURES: dict[str, dict[str, Any]] = {
     "bf16": {},
     "resume": dict(refresh="adaptive"),
     "reshard": dict(refresh="adaptive"),
+    "in_backward": {},
 }
 TOL = {"bf16": 2e-2, "8bit": 1e-3, "8bit_dense": 1e-3}
 """8-bit state: a moment element whose value two computations put ~1e-7 apart (the FSDP2
@@ -60,6 +65,8 @@ default's team refresh sums Gram matrices where one process takes a whole SVD) c
 the neighbouring 8-bit code, which moves that weight by ~3e-5 at once: measured 1.4e-4 under
 HSDP's default layout after 8 steps (the exact layouts measure <= 6e-8)."""
 TOL_FP32 = 2e-4
+CLIP = 0.13
+"""``in_backward``'s clipping threshold: below the gradient norm at some steps, above at others."""
 
 
 def _batch(rank: int, step: int, micro: int, dtype: torch.dtype) -> torch.Tensor:
@@ -155,11 +162,60 @@ def _cell(rank: int, world: int, layout: str, feature: str) -> float:
     return worst
 
 
+def _in_backward_cell(rank: int, world: int, layout: str) -> float:
+    """Max relative weight distance from one process of ``optimizer_in_backward`` under
+    ``layout`` (the model not wrapped in DDP: the handler averages); -1 where refused."""
+    torch.manual_seed(0)
+    model = ConvNet(20)
+    ref_model = copy.deepcopy(model)
+    ref = coap_dist.COAPAdamW(ref_model.parameters(), **KW)
+    if layout in ("ddp", "ddp_owner"):
+        net = model
+        opt = coap_dist.COAPAdamW(
+            model.parameters(), **KW, sharding="owner" if layout == "ddp_owner" else None
+        )
+    else:
+        net, opt = _wrap(layout, model, coap_dist.COAPAdamW, KW, world)
+    if layout == "fsdp1":
+        with pytest.raises(ValueError, match=r"FSDP1 .* not supported.*fully_shard"):
+            coap_dist.optimizer_in_backward(net, opt, max_grad_norm=CLIP)
+        return -1.0
+    ib = coap_dist.optimizer_in_backward(net, opt, max_grad_norm=CLIP, bucket_mb=1e-9)
+    worst, clipped = 0.0, 0
+    for step in range(STEPS):
+
+        def closure(step: int = step) -> torch.Tensor:
+            loss = net(_batch(rank, step, 0, torch.float32)).square().mean()
+            loss.backward()
+            return loss
+
+        ib.step(closure)
+        assert all(p.grad is None for p in net.parameters())  # freed inside the backward
+        ref_loss = sum(
+            ref_model(_batch(r, step, 0, torch.float32)).square().mean() for r in range(world)
+        )
+        (ref_loss / world).backward()
+        norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), CLIP)
+        clipped += int(norm > CLIP)
+        assert torch.allclose(ib.grad_norm, norm, rtol=1e-5), (layout, step)
+        ref.step()
+        ref.zero_grad()
+        for p, q in zip(_full(layout, net, grads=False), ref_model.parameters(), strict=True):
+            q = q.detach()
+            worst = max(worst, float((p.detach().view_as(q) - q).norm() / q.norm()))
+    assert 0 < clipped < STEPS, clipped  # the clip both acted and stayed off
+    return worst
+
+
 def _worker(rank: int, world: int, out: str) -> None:
     rows = []
     for layout in LAYOUTS if world < 4 else HSDP:
         for feature in FEATURES:
-            rows.append((layout, feature, _cell(rank, world, layout, feature)))
+            if feature == "in_backward":
+                d = _in_backward_cell(rank, world, layout)
+            else:
+                d = _cell(rank, world, layout, feature)
+            rows.append((layout, feature, d))
     if rank == 0:
         torch.save(rows, out)
     dist.barrier()
@@ -175,7 +231,9 @@ def test_every_layout_and_feature_against_one_process(world: int, tmp_path: Any)
     print(f"\n[coap-matrix] {world} ranks, max relative weight distance from one process")
     print("| layout | " + " | ".join(FEATURES) + " |")
     for layout in LAYOUTS if world < 4 else HSDP:
-        cells = [f"{table[(layout, f)]:.1e}" for f in FEATURES]
+        cells = [
+            "refused" if table[(layout, f)] < 0 else f"{table[(layout, f)]:.1e}" for f in FEATURES
+        ]
         print(f"| {layout} | " + " | ".join(cells) + " |")
     bad = {k: d for k, d in table.items() if not d <= TOL.get(k[1], TOL_FP32)}
     assert not bad, bad

@@ -124,6 +124,25 @@ def test_fsdp2_one_process_dcp_checkpoint_and_resume(single, tmp_path) -> None:
     np.testing.assert_allclose(losses(resumed)[4], losses(coap_fsdp)[4], rtol=1e-5)
 
 
+@pytest.mark.parametrize("strategy", ["single", "fsdp2"])
+def test_in_backward_matches_the_normal_step_and_resumes_without_it(
+    single, strategy: str, tmp_path: Path
+) -> None:
+    """``optimizer.in_backward=true`` (exact clipping by the norm pre-pass): the losses of
+    the normal step, for COAP and AdamW; its checkpoint resumes in a normal-step run."""
+    _, refs, _ = single
+    on = ["optimizer.in_backward=true", "baseline.in_backward=true"]
+    got = run(compose_dict([*FAST, f"strategy={strategy}", *on, "checkpoint.every=2"]), tmp_path)
+    for ref, res in zip(refs, got, strict=True):
+        np.testing.assert_allclose(
+            list(losses(res).values()), list(losses(ref).values()), rtol=1e-4
+        )
+        assert res.history[-2]["train/grad_norm"] > 0
+    resume = [*FAST, f"strategy={strategy}", "compare=false", f"resume={ckpt(tmp_path, 'coap', 2)}"]
+    (resumed,) = run(compose_dict(resume), tmp_path / "resumed")
+    np.testing.assert_allclose(losses(resumed)[4], losses(refs[0])[4], rtol=1e-4)
+
+
 def test_resume_rejects_a_checkpoint_of_another_format(single, tmp_path) -> None:
     from coap_dist.train.config import ConfigError
 

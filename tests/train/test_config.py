@@ -188,6 +188,19 @@ BAD = [
         ["strategy=fsdp2", "optimizer.rank=auto", "optimizer.rank_ratio=4", "checkpoint.every=5"],
         "optimizer.rank=auto with strategy.name=fsdp2 and checkpoint.every=5: this strategy",
     ),
+    (
+        ["strategy=deepspeed_zero2", "optimizer.in_backward=true"],
+        "optimizer.in_backward=true is not supported under strategy deepspeed",
+    ),
+    (
+        ["optimizer.in_backward=true", "grad_accum=2"],
+        "optimizer.in_backward=true with grad_accum=2: stepping inside the backward",
+    ),
+    (
+        ["strategy=ddp_owner", "optimizer=adamw", "optimizer.in_backward=true"],
+        "optimizer.in_backward=true with kind=adamw under strategy ddp_owner",
+    ),
+    (["optimizer.in_backward=sometimes"], "optimizer.in_backward must be true or false"),
     (["logger=wandb", "logger.mode=sometimes"], "logger.mode must be one of"),
     (["data.val_docs=[]"], "data.val_docs must be a non-empty list"),
     (["resume=/some/checkpoint"], "resume continues one optimizer's run; set compare=false"),

@@ -281,6 +281,13 @@ def test_torchrun_ddp_owner_two_processes(tmp_path, single_small) -> None:
     torchrun(resumed_dir, "strategy=ddp_owner", *SMALL, "compare=false", f"resume={ckpt}")
     first, second = records(tmp_path / "run", "coap"), records(resumed_dir, "coap")
     np.testing.assert_allclose(second[6]["train/loss"], first[6]["train/loss"], rtol=1e-5)
+    # In-backward: the unwrapped model, each bucket averaged by the handler, same curve.
+    ib_dir = tmp_path / "in_backward"
+    torchrun(ib_dir, "strategy=ddp_owner", *SMALL, "compare=false", "optimizer.in_backward=true")
+    ib = records(ib_dir, "coap")
+    np.testing.assert_allclose(
+        [ib[s]["train/loss"] for s in (3, 6)], [first[s]["train/loss"] for s in (3, 6)], rtol=1e-4
+    )
 
 
 @pytest.mark.distributed

@@ -1,0 +1,373 @@
+"""Optimizer-in-backward: step each bucket of parameters as soon as its gradients are ready,
+then free those gradients, so that a training step never holds the whole model's gradients.
+
+:func:`optimizer_in_backward` registers a post-accumulate-grad hook on every trainable
+parameter of ``model``. During a backward pass the parameters whose gradients are complete
+collect in a bucket; a full bucket is stepped with ``optimizer.step()`` (which steps exactly
+the parameters holding a gradient: the bucket's) and its gradients are set to ``None``. The
+rest is stepped at the end of the backward pass. Each parameter takes the step the normal
+loop would give it: its own step count, its own refresh schedule, the same non-finite rule,
+the same state, so checkpoints and resume are those of the normal step.
+
+Where the gradient comes from, per layout:
+
+* one process: the autograd gradient;
+* DDP (``replicated`` / ``ddp_owner`` layouts): the model is NOT wrapped in
+  ``DistributedDataParallel`` (whose reducer averages only after the whole backward); the
+  handler averages each bucket's gradients itself, in one flat all-reduce, before its step,
+  and broadcasts rank 0's parameters and buffers once at construction (as DDP does);
+* FSDP2 / HSDP (``fsdp2`` / ``fsdp2_owner``): FSDP2 runs the hook on each sharded parameter
+  after its reduce-scatter (and HSDP's all-reduce over replicas); a bucket is one
+  ``fully_shard`` module's parameters, whose gradients share one reduce-scatter buffer.
+
+Buckets are the same on every rank (hook order is the graph's; sizes use global shapes),
+so the collectives of each bucket's step line up.
+
+Global-norm clipping (``max_grad_norm``), with c = min(1, max_norm / (||g|| + 1e-6)) and
+||g|| the 2-norm over every gradient of the step (as ``torch.nn.utils.clip_grad_norm_``):
+
+* ``clip="exact"`` (default): a norm pre-pass. :meth:`InBackward.step` runs the closure twice
+  under the same RNG state: the first backward only sums squared norms (each gradient freed
+  as it is ready, after the bucket's averaging under DDP), the second steps with g <- c g.
+  Exactly the normal step's update, for one extra forward and backward (and, under DDP, one
+  extra gradient all-reduce) per step.
+* ``clip="previous"``: c from the norm of the previous step's gradients (measured during its
+  backward); one pre-pass at the first step only. A named variant that changes the result:
+  see the README's in-backward section for its measured deviation.
+
+Not supported (refused by name): DeepSpeed engines (their ``backward``/``step`` own the
+gradient partitions), FSDP1 (flat parameters), a ``DistributedDataParallel`` wrapper (pass
+the module itself), and gradient accumulation (each backward is one optimizer step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+__all__ = ["CLIP_MODES", "InBackward", "optimizer_in_backward"]
+
+CLIP_MODES = ("exact", "previous")
+DEFAULT_BUCKET_MB = 25.0
+"""Bucket size outside FSDP2 (DDP's ``bucket_cap_mb`` default): the gradient bytes held
+beyond one parameter's at any time."""
+
+
+def optimizer_in_backward(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    max_grad_norm: float | None = None,
+    clip: str = "exact",
+    bucket_mb: float = DEFAULT_BUCKET_MB,
+    process_group: dist.ProcessGroup | None = None,
+) -> InBackward:
+    """Step ``optimizer`` inside ``model``'s backward passes (see the module docstring).
+
+    Args:
+        model: the module whose trainable parameters are all in ``optimizer`` (plain, or
+            sharded by ``fully_shard``; not wrapped in DDP, FSDP1 or DeepSpeed).
+        optimizer: a COAP optimizer, or any torch optimizer that steps only the parameters
+            holding a gradient (``torch.optim.AdamW``, fused or not).
+        max_grad_norm: global-norm clipping threshold (None or inf: no clipping).
+        clip: "exact" (norm pre-pass) or "previous" (previous step's norm).
+        bucket_mb: bucket size in MiB of gradients outside FSDP2.
+        process_group: the data-parallel group whose gradients are averaged for plain
+            (non-DTensor) parameters; default: the world when torch.distributed is
+            initialised with more than one rank, else none. Ignored under FSDP2.
+
+    Returns:
+        the handle: call ``handle.step(closure)`` once per training step, where
+        ``closure()`` runs forward and backward and returns the loss.
+    """
+    return InBackward(
+        model,
+        optimizer,
+        max_grad_norm=max_grad_norm,
+        clip=clip,
+        bucket_mb=bucket_mb,
+        process_group=process_group,
+    )
+
+
+class InBackward:
+    """The handle of :func:`optimizer_in_backward` (one per model and optimizer).
+
+    Attributes:
+        grad_norm: 0-dim tensor, the global gradient 2-norm (before clipping) of the last
+            backward, on the parameters' device (no host sync); NaN before the first.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        max_grad_norm: float | None,
+        clip: str,
+        bucket_mb: float,
+        process_group: dist.ProcessGroup | None,
+    ) -> None:
+        _refuse_wrappers(model, optimizer)
+        if clip not in CLIP_MODES:
+            raise ValueError(
+                f"optimizer_in_backward: invalid clip={clip!r}; use one of {CLIP_MODES}"
+            )
+        if max_grad_norm is not None and not (max_grad_norm > 0):
+            raise ValueError(
+                f"optimizer_in_backward: invalid max_grad_norm={max_grad_norm!r}; give a "
+                "positive threshold, or None for no clipping"
+            )
+        if not (bucket_mb > 0):
+            raise ValueError(f"optimizer_in_backward: invalid bucket_mb={bucket_mb!r}; must be > 0")
+        self.model = model
+        self.optimizer = optimizer
+        self.max_grad_norm = (
+            None if max_grad_norm is None or math.isinf(max_grad_norm) else float(max_grad_norm)
+        )
+        self.clip = clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("optimizer_in_backward: the model has no trainable parameter")
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+        if missing:
+            raise ValueError(
+                f"optimizer_in_backward: trainable parameter {missing[0]!r} (and "
+                f"{len(missing) - 1} more) is not in the optimizer, so its gradient would "
+                "never step nor be freed. Build the optimizer over the model's parameters "
+                "as they are now (after fully_shard), or set requires_grad=False on it"
+            )
+        self.sharded = any(isinstance(p, DTensor) for p in self.params)
+        if self.sharded and not all(isinstance(p, DTensor) for p in self.params):
+            raise ValueError(
+                "optimizer_in_backward: the model mixes FSDP2 (DTensor) and plain trainable "
+                "parameters; apply fully_shard to the root module too"
+            )
+        self.device = _local(self.params[0]).device
+        self.group: dist.ProcessGroup | None = None
+        if not self.sharded and dist.is_available() and dist.is_initialized():
+            group = process_group if process_group is not None else dist.group.WORLD
+            if group is not None and dist.get_world_size(group) > 1:
+                self.group = group
+                _broadcast_from_first(model, group)
+        self._bucket_of = self._fsdp2_buckets() if self.sharded else {}
+        self._bucket_need: dict[int, int] = {}
+        for b in self._bucket_of.values():
+            self._bucket_need[b] = self._bucket_need.get(b, 0) + 1
+        self._bucket_bytes = bucket_mb * 2**20
+        self._ready: list[Tensor] = []
+        self._ready_bytes = 0.0
+        self._ready_count: dict[int, int] = {}
+        self._norms: list[tuple[tuple[int, ...], Tensor]] = []
+        self._queued = False
+        self._mode = "step"  # "norm": pre-pass (sum squared norms, free); "step": step
+        self._armed = False  # inside step(): the mode is the handler's, not a bare backward
+        self._coef: Tensor | None = None
+        self.grad_norm = torch.full((), math.nan, device=self.device)
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+
+    # ---------------------------------------------------------------------------- public
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+        """One training step: ``closure()`` runs forward and backward and returns the loss;
+        the optimizer steps inside the backward. With clipping it runs twice (``"exact"``;
+        ``"previous"``: at the first step only), the first time under a forked RNG so that
+        both passes draw the same dropout. Returns the loss (of the stepping pass, detached)."""
+        if self.max_grad_norm is not None and (self.clip == "exact" or self._coef is None):
+            with _same_rng(self.device):
+                self._run(closure, "norm")
+        return self._run(closure, "step")
+
+    def remove(self) -> None:
+        """Remove the hooks: the optimizer is stepped by the caller again."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """The handler's own state: the last gradient norm (``clip="previous"`` uses it)."""
+        return {
+            "grad_norm": self.grad_norm.detach().clone().cpu(),
+            "has_coef": self._coef is not None,
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a resumed ``clip="previous"`` run clips as it would have)."""
+        self.grad_norm = sd["grad_norm"].to(self.device)
+        self._coef = self._coefficient(self.grad_norm) if sd.get("has_coef") else None
+
+    # -------------------------------------------------------------------------- internals
+    def _run(self, closure: Callable[[], Tensor], mode: str) -> Tensor:
+        self._mode, self._armed = mode, True
+        try:
+            loss = closure()
+        finally:
+            self._mode, self._armed = "step", False
+        return loss.detach() if isinstance(loss, Tensor) else loss
+
+    def _fsdp2_buckets(self) -> dict[int, int]:
+        """Parameter id -> bucket: the ``fully_shard`` module whose reduce-scatter gives it
+        its gradient (one shared buffer per module)."""
+        out: dict[int, int] = {}
+        for b, module in enumerate(self.model.modules()):
+            state = getattr(module, "_get_fsdp_state", None)
+            group = getattr(state(), "_fsdp_param_group", None) if state is not None else None
+            if group is None:
+                continue
+            for fp in group.fsdp_params:
+                if fp.sharded_param.requires_grad:
+                    out[id(fp.sharded_param)] = b
+        return out
+
+    def _hook(self, p: Tensor) -> None:
+        if not self._armed and (
+            self.max_grad_norm is not None and (self.clip == "exact" or self._coef is None)
+        ):
+            raise RuntimeError(
+                "optimizer_in_backward: clipping to max_grad_norm needs a norm pre-pass "
+                f"(clip={self.clip!r}): run the step as handle.step(closure), where closure() "
+                "runs forward and backward, not loss.backward() alone"
+            )
+        if not self._queued:
+            self._queued = True
+            self._norms = []
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+        self._ready.append(p)
+        b = self._bucket_of.get(id(p))
+        if b is not None:
+            self._ready_count[b] = self._ready_count.get(b, 0) + 1
+            if self._ready_count[b] == self._bucket_need[b]:
+                del self._ready_count[b]
+                self._flush()
+        else:
+            self._ready_bytes += p.numel() * p.element_size()
+            if not self.sharded and self._ready_bytes >= self._bucket_bytes:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Average (DDP), measure and step (or, in the pre-pass, only measure) the ready
+        parameters, then free their gradients."""
+        params, self._ready, self._ready_bytes = self._ready, [], 0.0
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        assert all(g is not None for g in grads)
+        if self.group is not None:
+            _average(grads, self.group)  # type: ignore[arg-type]
+        self._norms += _local_norms(grads)  # type: ignore[arg-type]
+        if self._mode == "step":
+            if self._coef is not None:
+                torch._foreach_mul_([_local(g) for g in grads], self._coef)  # type: ignore[arg-type]
+            self.optimizer.step()
+        for p in params:
+            p.grad = None
+
+    def _finish(self) -> None:
+        """End of a backward pass: step the rest, then the global norm (one all-reduce per
+        set of sharded mesh dims) and, from it, the next clip coefficient."""
+        self._queued = False
+        self._ready_count.clear()
+        self._flush()
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        by_dims: dict[tuple[int, ...], list[Tensor]] = {}
+        for dims, n in self._norms:
+            by_dims.setdefault(dims, []).append(n)
+        mesh = next((p.device_mesh for p in self.params if isinstance(p, DTensor)), None)
+        for dims, norms in by_dims.items():
+            sq = torch.linalg.vector_norm(torch.stack(norms)) ** 2
+            for d in dims:
+                assert mesh is not None
+                dist.all_reduce(sq, group=mesh.get_group(d))
+            total = total + sq
+        self._norms = []
+        self.grad_norm = total.sqrt()
+        if self.max_grad_norm is not None:
+            self._coef = self._coefficient(self.grad_norm)
+
+    def _coefficient(self, norm: Tensor) -> Tensor:
+        assert self.max_grad_norm is not None
+        return torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _local_norms(grads: Sequence[Tensor]) -> list[tuple[tuple[int, ...], Tensor]]:
+    """Each gradient's local 2-norm, with the mesh dims its DTensor is sharded over (whose
+    groups sum the squares); ``()`` for plain (replicated or averaged) gradients."""
+    local = [_local(g) for g in grads]
+    norms = torch._foreach_norm(local)
+    dims = [
+        tuple(d for d, pl in enumerate(g.placements) if pl.is_shard())
+        if isinstance(g, DTensor)
+        else ()
+        for g in grads
+    ]
+    return list(zip(dims, norms, strict=True))
+
+
+def _average(grads: Sequence[Tensor], group: dist.ProcessGroup) -> None:
+    """g <- mean over ranks of g, in place, one flat all-reduce per dtype."""
+    world = dist.get_world_size(group)
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for same in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in same])
+        flat.div_(world)
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for g in same:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def _broadcast_from_first(model: nn.Module, group: dist.ProcessGroup) -> None:
+    """Rank 0's parameters and buffers on every rank (what DDP does when it wraps)."""
+    src = dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=src, group=group)
+
+
+@contextlib.contextmanager
+def _same_rng(device: torch.device) -> Iterator[None]:
+    """Run the body under a copy of the RNG state: what follows draws the same numbers."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        yield
+
+
+def _refuse_wrappers(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, naming what to use instead, the wrappers whose gradients in-backward cannot
+    step (the support declaration's reasons): DeepSpeed, FSDP1, and DDP (which reduces only
+    after the whole backward: pass its module)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from coap_dist.distributed.support import reason
+
+    if type(model).__name__ == "DeepSpeedEngine" or type(optimizer).__module__.startswith(
+        "deepspeed"
+    ):
+        raise ValueError(
+            f"optimizer_in_backward: DeepSpeed is not supported: {reason('zero', 'in_backward')}"
+        )
+    if any(getattr(p, "_fsdp_flattened", False) for p in model.parameters()):
+        raise ValueError(
+            f"optimizer_in_backward: FSDP1 is not supported: {reason('fsdp1', 'in_backward')}"
+        )
+    if isinstance(model, DistributedDataParallel):
+        raise ValueError(
+            "optimizer_in_backward: pass the module itself, not DistributedDataParallel: DDP "
+            "averages gradients only after the whole backward, too late to step inside it; "
+            "the handler averages each bucket over the data-parallel group instead "
+            "(optimizer_in_backward(ddp_model.module, ...) on an unwrapped model)"
+        )
