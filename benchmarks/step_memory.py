@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="60m")
     p.add_argument("--batch", type=int, default=1, help="sequences per rank")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--shape-seq-len", type=int, default=1024, help="tokens per sequence, 1B/7B")
+    p.add_argument("--shape-seq-len", type=int, default=256, help="tokens per sequence, 1B/7B")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     result = run(args)

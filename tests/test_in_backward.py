@@ -189,3 +189,29 @@ def test_step_memory_estimate_and_measurement_agree() -> None:
         print(f"\n[in-backward] tiny, 1 x 8 tokens: peak {peak:,} B, estimate {est.total:,} B")
         assert 0.9 < est.total / peak < 1.1, (in_backward, est, peak)
     assert peaks[True] < 0.85 * peaks[False]  # 8 tokens: the gradients set the peak
+
+
+def test_gpu_step_benchmark_smoke_run_on_cpu(tmp_path: Any) -> None:
+    """benchmarks/gpu_step.py (the GPU suite's step-time and peak-memory entry) runs end to
+    end; on CPU its peaks come from LiveTensors."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_step.py"
+    args = ["--device", "cpu", "--models", "tiny", "--steps", "3", "--tu", "1", "--f", "2"]
+    args += ["--rank", "8", "--seq-len", "16"]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        env={**os.environ, "OUT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| coap |" in proc.stdout and "| coap_in_backward |" in proc.stdout
+    result = json.loads((tmp_path / "gpu_step.json").read_text())
+    mem = result["models"]["tiny"]["peak_memory"]
+    assert all(m["peak"] > 0 for m in mem.values())
