@@ -846,3 +846,59 @@ def test_auto_rank_allocation_follows_the_spectra_within_the_budget() -> None:
     cost = sum(autorank.state_cost(specs[i], r) for i, r in ranks.items())
     assert cost <= 2 * autorank.state_cost(specs[0], 8)
     assert autorank.allocate({0: flat, 1: flat}, specs, {0: 8, 1: 8}) == {0: 8, 1: 8}
+
+
+def test_clip_grad_norm_folds_the_nonfinite_check_into_its_reduction() -> None:
+    """opt.clip_grad_norm_ is torch's clip_grad_norm_ over the optimizer's parameters, and the
+    next step() reads no gradient again for its check (no aten.sum): the same weights; a
+    non-finite gradient makes every clipped gradient NaN and every step skip, as with torch's
+    clip; a gradient changed after the clip is checked again."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reductions(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func in (torch.ops.aten.sum.default, torch.ops.aten.sum.dim_IntList):
+                self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = _mlp()
+    ref_model = copy.deepcopy(model)
+    kw = dict(lr=1e-2, rank=4, update_interval=4, reproject_factor=2)
+    opt = COAPAdamW(param_groups(model), **kw)
+    ref = COAPAdamW(param_groups(ref_model), **kw)
+    x = torch.randn(8, 32)
+    for step in range(5):
+        for m in (model, ref_model):
+            m(x).square().mean().backward()
+        norm = opt.clip_grad_norm_(0.05)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.05)
+        torch.testing.assert_close(norm, ref_norm)
+        watch = Reductions()
+        with watch:
+            opt.step()
+        ref.step()
+        if step % 4:  # a plain step (refreshes sum residual partials)
+            assert watch.calls == 0, watch.calls  # the check came from the clip's norms
+        opt.zero_grad()
+        ref.zero_grad()
+        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    model(x).square().mean().backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    assert not torch.isfinite(opt.clip_grad_norm_(1.0))
+    skips = opt.metrics()["optim/nonfinite_skips"]
+    opt.step()
+    opt.zero_grad()
+    assert opt.metrics()["optim/nonfinite_skips"] == skips + len(before)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    model(x).square().mean().backward()
+    opt.clip_grad_norm_(1.0)
+    model[3].weight.grad[0, 0] = float("inf")  # changed after the clip: checked again
+    opt.step()
+    assert opt.metrics()["optim/nonfinite_skips"] == skips + len(before) + 1

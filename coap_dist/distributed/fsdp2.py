@@ -347,6 +347,11 @@ class Fsdp2Local(LocalCheckpoints, Layout):
             self.comm.all_reduce(values)
         return values.cpu().tolist()
 
+    def grad_sq_sum(self, local: Tensor) -> Tensor:
+        if self.world > 1:  # shards of the shard sub-mesh; HSDP replicas hold the same
+            self.comm.all_reduce(local)
+        return local
+
     def _state(self, i: int) -> dict[str, Any]:
         assert self._core is not None
         return self._core.state[self._dparams[i]]

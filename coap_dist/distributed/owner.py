@@ -207,6 +207,17 @@ class OwnerLayout(OwnerCheckpoints, Layout):
             self.comm.all_reduce(values)
         return values.cpu().tolist()
 
+    def grad_sq_sum(self, local: Tensor) -> Tensor:
+        if not self.view.reduced:
+            raise ValueError(
+                f"{self.name}: clip_grad_norm_ needs the reduced gradients, but this layout "
+                "(OwnerSharding(reduce_gradients=True)) sums each rank's own gradients inside "
+                "step(); clip with sharding='owner' under DDP, or do not clip"
+            )
+        if self.view.grads_partition and self.world > 1:
+            self.comm.all_reduce(local)
+        return local
+
     def share_block_max(self, maxima: dict[int, list[Tensor]]) -> dict[int, list[Tensor]]:
         """One MAX all-reduce over the blocks that pieces of 8-bit AdamW parameters share
         (the placement's cuts inside a quantization block; none under DDP, whose cuts fall
@@ -313,7 +324,9 @@ class OwnerLayout(OwnerCheckpoints, Layout):
         e, mine = self._entries[i], self._mine[i]
         assert mine is not None
         st, group = self._state(i), self._group(i)
-        if e.spec.kind == "dense" and e.frags is not None:
+        if e.spec.kind == "dense" and (
+            e.frags is not None or (self.view.reduced and mine.stop - mine.start == e.spec.numel)
+        ):  # the whole local piece: its weight and gradient as they are
             local, g = self.view.local(i), self.view.grad(i)
             assert local is not None and g is not None
             work.dense.append(DenseWork(i, e.spec, group, st, local, g, mine.start))

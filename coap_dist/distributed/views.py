@@ -35,6 +35,8 @@ class FragmentView(abc.ABC):
         solo: one rank keeps all state (one process, or DDP with replicated state).
         reduced: gradients arrive averaged over the group (False: this rank's own, to be
             summed by the optimizer, ZeRO-2 without DDP).
+        grads_partition: the ranks' gradient pieces partition each gradient (sharded
+            wrappers), rather than every rank holding all of it (DDP).
         rank_local: checkpoints hold each rank's pieces (DeepSpeed's per-rank files).
         dcp: ``state_dict()`` on a sharded rank serves the form of
             :mod:`~coap_dist.distributed.pieces` for ``torch.distributed.checkpoint``
@@ -44,6 +46,7 @@ class FragmentView(abc.ABC):
     name = "fragments"
     group: dist.ProcessGroup | None = None
     solo = False
+    grads_partition = True
     reduced = True
     rank_local = False
     dcp = False
@@ -118,6 +121,7 @@ class ReplicatedView(FragmentView):
         self.group = group
         self.solo = solo
         self.reduced = reduced
+        self.grads_partition = False
         self.name = "replicated" if solo else "ddp_owner"
         self._tensors: list[Tensor] = []
 

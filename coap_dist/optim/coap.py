@@ -112,6 +112,7 @@ class _COAPBase(Checkpoints, Optimizer):
         self._adaptive: dict[int, AdaptiveState] = {}
         self._auto_rank: dict[int, int] = {}  # rank="auto": each matrix's current rank
         self._pending: Tensor | None = None
+        self._checked: dict[int, tuple[tuple[int, int, int], Tensor]] = {}
         self._pending_load: dict[str, Any] | None = None
         self._consolidated: tuple[int, dict[str, Any]] | None = None
         self._step_calls = 0
@@ -359,6 +360,48 @@ class _COAPBase(Checkpoints, Optimizer):
             self._record_residuals(lay, measure, measured)
         return loss
 
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over this optimizer's parameters, with the next
+        ``step()``'s non-finite check folded into its one reduction.
+
+        ||g|| = sqrt(sum_i ||g_i||^2) over every gradient of the model (the pieces of every
+        rank: one all-reduce where they partition the gradients, as under FSDP2; none where
+        each rank holds all of them, as under DDP), then g_i <- c g_i with
+        c = min(1, max_norm / (||g|| + 1e-6)) (``max_norm=inf``: no scaling). The per-gradient
+        norms c ||g_i|| (NaN or inf iff g_i is non-finite after clipping, 0 iff it is zero)
+        are what ``step()`` would reduce each gradient to: a gradient unchanged since then
+        is not read again there. Returns ||g|| (0-dim, on the parameters' device, before
+        clipping; no host synchronisation)."""
+        lay = self._bound()
+        ids = lay.begin(self._present_groups())
+        if ids is None:
+            self._bind()
+            lay = self._bound()
+            ids = lay.begin(self._present_groups())
+            assert ids is not None
+        grads = {i: g for i in ids if (g := lay.local_grad(i)) is not None}
+        gs = list(grads.values())
+        if not gs:
+            local = torch.zeros((), device=lay.device)
+        else:
+            same = all(g.dtype == torch.float32 for g in gs)
+            norms = (
+                torch._foreach_norm(gs) if same else torch._foreach_norm(gs, 2, dtype=torch.float32)
+            )
+            local = torch.linalg.vector_norm(torch.stack(norms)).square()
+        total = lay.grad_sq_sum(local).sqrt()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        self._checked = {}
+        if gs:
+            if not math.isinf(max_norm):
+                torch._foreach_mul_(gs, coef.to(gs[0].dtype))
+            post = torch._foreach_mul(norms, coef)
+            self._checked = {
+                i: (_grad_key(g), n) for (i, g), n in zip(grads.items(), post, strict=True)
+            }
+        return total
+
     def _reallocate(self, work: Work, due: Mapping[int, str]) -> bool:
         """rank="auto": before this step's SVDs, choose the ranks of each auto group's
         matrices due one from their gradients' spectra (:mod:`coap_dist.optim.autorank`) and
@@ -517,12 +560,22 @@ class _COAPBase(Checkpoints, Optimizer):
         One reduction per gradient: its sum (non-finite iff an entry is NaN or +-inf, or
         the sum overflows), or before a parameter's first step its L2 norm (zero iff the
         gradient is, the deferred-initialisation rule). With ``skip_nonfinite=False`` a
-        parameter that has stepped needs none."""
+        parameter that has stepped needs none; a gradient that :meth:`clip_grad_norm_`
+        measured and nothing changed since reuses that norm (no reduction here)."""
         n = len(self.specs)
         assert self._pending is not None
         present = {i: g for i in ids if (g := lay.local_grad(i)) is not None}
-        first = [i for i in present if self._steps[i] == 0]
-        later = [i for i in present if self._steps[i] > 0 and self.skip_nonfinite]
+        checked, self._checked = self._checked, {}
+        known = {
+            i: norm
+            for i, g in present.items()
+            if (c := checked.get(i)) is not None and c[0] == _grad_key(g)
+            for norm in (c[1],)
+        }
+        first = [i for i in present if self._steps[i] == 0 and i not in known]
+        later = [
+            i for i in present if self._steps[i] > 0 and self.skip_nonfinite and i not in known
+        ]
         rows: dict[int, Tensor] = {}
 
         def flag(ids_: list[int], reduced: Sequence[Tensor], stepped: bool) -> None:
@@ -539,6 +592,12 @@ class _COAPBase(Checkpoints, Optimizer):
                 flag(first, torch._foreach_norm([present[i] for i in first]), False)
             if later:
                 flag(later, [present[i].sum() for i in later], True)
+            stepped = [i for i in known if self._steps[i] > 0]
+            if stepped and self.skip_nonfinite:
+                flag(stepped, [known[i] for i in stepped], True)
+            fresh = [i for i in known if self._steps[i] == 0]
+            if fresh:
+                flag(fresh, [known[i] for i in fresh], False)
         none = torch.zeros(3, device=lay.device)
         buf = torch.cat(
             [torch.stack([rows.get(i, none) for i in range(n)]).reshape(-1), self._pending]
@@ -722,6 +781,12 @@ def _refuse_unsupported(p: Tensor, where: str) -> None:
             f"{where} (shape {tuple(p.shape)}) is a {p.layout} tensor; COAP needs dense "
             "parameters. Give it to a separate optimizer (torch.optim.SparseAdam for sparse)"
         )
+
+
+def _grad_key(g: Tensor) -> tuple[int, int, int]:
+    """What identifies a gradient's values between ``clip_grad_norm_`` and ``step()``: its
+    storage, size and version counter (bumped by any in-place change)."""
+    return (g.data_ptr(), g.numel(), g._version)
 
 
 def _global_shape(p: Tensor) -> tuple[int, ...]:

@@ -368,7 +368,11 @@ class Strategy:
         """
         assert self.model is not None and self.optimizer is not None
         max_norm = self.cfg.max_grad_norm or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        clip = getattr(self.optimizer, "clip_grad_norm_", None)
+        if clip is not None:  # COAP: its step reuses the clip's norms as its non-finite check
+            norm = clip(max_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         self.optimizer.step()

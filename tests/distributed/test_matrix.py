@@ -22,7 +22,9 @@ same, continued under the next layout of :data:`LAYOUTS`: FSDP1 -> DDP, DDP -> o
 the consolidated single-process form is the bridge between layouts) and ``in_backward``
 (:func:`coap_dist.optimizer_in_backward` with exact clipping to :data:`CLIP`, one bucket per
 parameter outside FSDP2: against one process that clips the averaged gradients with
-``clip_grad_norm_``; FSDP1 refuses it by name, the one refused cell). The printed table is
+``clip_grad_norm_``; FSDP1 refuses it by name, the one refused cell) and ``clip`` (the
+optimizer's ``clip_grad_norm_``, whose norms the step reuses as its non-finite check: the
+norm of torch's ``clip_grad_norm_`` on the full gradients, then the same weights). The printed table is
 the figure the support declaration's cells point to.
 """
 
@@ -58,6 +60,7 @@ FEATURES: dict[str, dict[str, Any]] = {
     "resume": dict(refresh="adaptive"),
     "reshard": dict(refresh="adaptive"),
     "in_backward": {},
+    "clip": {},
 }
 TOL = {"bf16": 2e-2, "8bit": 1e-3, "8bit_dense": 1e-3}
 """8-bit state: a moment element whose value two computations put ~1e-7 apart (the FSDP2
@@ -150,6 +153,10 @@ def _cell(rank: int, world: int, layout: str, feature: str) -> float:
             loss.backward()
         for q, g in zip(ref_model.parameters(), _full(layout, net, grads=True), strict=True):
             q.grad = g.view_as(q).clone()
+        if feature == "clip":  # the layout's clip_grad_norm_ (the step's check folded in)
+            norm = opt.clip_grad_norm_(CLIP)
+            ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), CLIP)
+            assert torch.allclose(norm, ref_norm, rtol=1e-5), (layout, norm, ref_norm)
         opt.step()
         ref.step()
         opt.zero_grad()
