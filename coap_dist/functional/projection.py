@@ -222,7 +222,7 @@ def correlation_partials(
     rr = gf @ pf.t()
     eps = 1e-8
     if cos_axis == "row":
-        gn2 = (gf * gf).sum(1)
+        gn2 = torch.linalg.vector_norm(gf, dim=1).square()  # no a x b temporary
         un2 = (mf * mf).sum(1) if orthonormal else ((mf @ (pf @ pf.t())) * mf).sum(1)
         ug = (mf * rr).sum(1)
         gn, un = gn2.sqrt().clamp_min(eps), un2.sqrt().clamp_min(eps)
@@ -368,7 +368,12 @@ def orthonormalize_rows(p: Tensor) -> Tensor:
 # ----------------------------------------------------------------------- residual, rotation
 def residual_partials(g: Tensor, r: Tensor) -> Tensor:
     """[||R_t||^2, ||G_t||^2] (fp32, 2) over this member's rows, R_t = G_t P^T."""
-    return torch.stack([r.float().square().sum(), g.float().square().sum()])
+    return torch.stack([_sq_norm(r), _sq_norm(g)])
+
+
+def _sq_norm(t: Tensor) -> Tensor:
+    """||t||_F^2 in fp32 without a full-size temporary (a fused norm, then its square)."""
+    return torch.linalg.vector_norm(t, dtype=torch.float32).square()
 
 
 def residual_from_sums(sums: Tensor) -> Tensor:
