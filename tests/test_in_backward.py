@@ -215,3 +215,24 @@ def test_gpu_step_benchmark_smoke_run_on_cpu(tmp_path: Any) -> None:
     result = json.loads((tmp_path / "gpu_step.json").read_text())
     mem = result["models"]["tiny"]["peak_memory"]
     assert all(m["peak"] > 0 for m in mem.values())
+
+
+def test_a_failed_backward_leaves_the_handler_usable() -> None:
+    """A backward that raises midway (a tensor hook) drops the pending bucket's gradients;
+    the next step runs normally."""
+    torch.manual_seed(0)
+    model = Llama(LLAMA_PRESETS["tiny"])
+    opt = _coap(model)
+    handle = coap_dist.optimizer_in_backward(model, opt, max_grad_norm=CLIP, bucket_mb=0.05)
+    boom = model.layers[0].attention_norm.weight.register_hook(_raise)
+    with pytest.raises(RuntimeError, match="boom"):
+        handle.step(_closure(model, 0))
+    boom.remove()
+    assert all(p.grad is None for p in model.parameters())
+    handle.step(_closure(model, 1))
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.isfinite(handle.grad_norm)
+
+
+def _raise(_: torch.Tensor) -> None:
+    raise RuntimeError("boom")

@@ -208,6 +208,15 @@ class InBackward:
         self._mode, self._armed = mode, True
         try:
             loss = closure()
+        except BaseException:
+            # A backward that raised never ran _finish: drop its pending bucket (those
+            # gradients are not stepped) so that the next pass starts clean. The buckets
+            # stepped before the error stay stepped: in-backward applies a step piecewise.
+            for p in self._ready:
+                p.grad = None
+            self._ready, self._ready_bytes, self._queued = [], 0.0, False
+            self._ready_count.clear()
+            raise
         finally:
             self._mode, self._armed = "step", False
         return loss.detach() if isinstance(loss, Tensor) else loss

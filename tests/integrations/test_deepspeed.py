@@ -384,6 +384,9 @@ def _worker(rank: int, world: int, ckpt_root: str, port: int) -> None:
             zero = engine.optimizer
             assert getattr(zero, "cpu_offload", False) or zero.offload_optimizer, label
         records = count_steps(_coap(engine))
+        if label == CASES[0][0]:  # in-backward has no DeepSpeed route: refused by name
+            with pytest.raises(ValueError, match=r"DeepSpeed is not supported: engine\.backward"):
+                coap_dist.optimizer_in_backward(engine, engine.optimizer)
         ga = engine.gradient_accumulation_steps()
         ckpt_dir = os.path.join(ckpt_root, label)
         if ckpt:
