@@ -270,10 +270,17 @@ class InBackward:
         assert all(g is not None for g in grads)
         if self.group is not None:
             _average(grads, self.group)  # type: ignore[arg-type]
-        self._norms += _local_norms(grads)  # type: ignore[arg-type]
+        measured = _local_norms(grads)  # type: ignore[arg-type]
+        self._norms += measured
         if self._mode == "step":
+            local = [_local(g) for g in grads]  # type: ignore[arg-type]
+            norms = [n for _, n in measured]
             if self._coef is not None:
-                torch._foreach_mul_([_local(g) for g in grads], self._coef)  # type: ignore[arg-type]
+                torch._foreach_mul_(local, self._coef)
+                norms = list(torch._foreach_mul(norms, self._coef))
+            reuse = getattr(self.optimizer, "reuse_grad_norms", None)
+            if reuse is not None:  # COAP: its step's non-finite check is these norms
+                reuse(local, norms)
             self.optimizer.step()
         for p in params:
             p.grad = None

@@ -112,7 +112,7 @@ class _COAPBase(Checkpoints, Optimizer):
         self._adaptive: dict[int, AdaptiveState] = {}
         self._auto_rank: dict[int, int] = {}  # rank="auto": each matrix's current rank
         self._pending: Tensor | None = None
-        self._checked: dict[int, tuple[tuple[int, int, int], Tensor]] = {}
+        self._checked: dict[tuple[int, int, int], Tensor] = {}  # grad key -> its norm
         self._pending_load: dict[str, Any] | None = None
         self._consolidated: tuple[int, dict[str, Any]] | None = None
         self._step_calls = 0
@@ -396,11 +396,22 @@ class _COAPBase(Checkpoints, Optimizer):
         if gs:
             if not math.isinf(max_norm):
                 torch._foreach_mul_(gs, coef.to(gs[0].dtype))
-            post = torch._foreach_mul(norms, coef)
-            self._checked = {
-                i: (_grad_key(g), n) for (i, g), n in zip(grads.items(), post, strict=True)
-            }
+            self.reuse_grad_norms(gs, torch._foreach_mul(norms, coef))
         return total
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; also forgets norms noted for the gradients it drops (a new
+        gradient could take a freed one's storage)."""
+        self._checked = {}
+        super().zero_grad(set_to_none=set_to_none)
+
+    def reuse_grad_norms(self, grads: Sequence[Tensor], norms: Sequence[Tensor]) -> None:
+        """Let the next ``step()`` take ``norms[j]`` (a 0-dim tensor: ||grads[j]||_2 as it is
+        now) as the reduction of its non-finite check for the gradient piece ``grads[j]``
+        (what ``Layout.local_grad`` returns), instead of reading it again. A piece changed in
+        place since (its version counter moved) is read again. Used by
+        :meth:`clip_grad_norm_` and ``optimizer_in_backward``."""
+        self._checked.update({_grad_key(g): n for g, n in zip(grads, norms, strict=True)})
 
     def _reallocate(self, work: Work, due: Mapping[int, str]) -> bool:
         """rank="auto": before this step's SVDs, choose the ranks of each auto group's
@@ -567,10 +578,7 @@ class _COAPBase(Checkpoints, Optimizer):
         present = {i: g for i in ids if (g := lay.local_grad(i)) is not None}
         checked, self._checked = self._checked, {}
         known = {
-            i: norm
-            for i, g in present.items()
-            if (c := checked.get(i)) is not None and c[0] == _grad_key(g)
-            for norm in (c[1],)
+            i: norm for i, g in present.items() if (norm := checked.get(_grad_key(g))) is not None
         }
         first = [i for i in present if self._steps[i] == 0 and i not in known]
         later = [
