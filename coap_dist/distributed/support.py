@@ -133,7 +133,7 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         bf16=_t(f"{_M} (rel. 2e-2)"),
         resume=_t("tests/train/test_launch.py (torchrun, 2 processes)"),
         reshard=_t("tests/distributed/test_owner.py (2 -> 3 ranks, consolidated)"),
-        in_backward=_t(f"{_M}; tests/train/test_launch.py (app, torchrun)"),
+        in_backward=_t(f"{_M} (exact clipping); tests/train/test_launch.py (app, torchrun)"),
     ),
     "fsdp2": _row(
         eight_bit=_t(f"{_M} (with a Tucker conv: 8-bit matrices; dense; HSDP too)"),
