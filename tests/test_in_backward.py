@@ -124,6 +124,19 @@ def test_previous_norm_clipping_deviation_and_bare_backward() -> None:
     assert len(passes) == 7  # two passes at the first step, one after
     assert dev[0] < 1e-6 < max(dev) < 5e-3, dev  # measured: ~1e-3 relative after 6 steps
     print(f"\n[in-backward] clip='previous' vs exact, relative weight distance: {dev}")
+    # Its handle state (the previous norm) resumes: no pre-pass, the same next step.
+    twin_model = copy.deepcopy(model)
+    twin = _coap(twin_model)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    twin_handle = coap_dist.optimizer_in_backward(
+        twin_model, twin, max_grad_norm=CLIP, clip="previous"
+    )
+    twin_handle.load_state_dict(handle.state_dict())
+    before = len(passes)
+    handle.step(_closure(model, 6))
+    twin_handle.step(_closure(twin_model, 6))
+    assert len(passes) == before + 2  # one pass each (the copy shares the counting hook)
+    assert _distance(twin_model, model) < 1e-6
 
     no_clip = coap_dist.optimizer_in_backward(bare_model, bare)
     weights = [p.detach().clone() for p in bare_model.parameters()]
