@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--step",
         action="store_true",
         help="peak memory per rank of a whole fp32 training step (parameters, gradients, "
-        "activations, state; --optimizer adamw or coap; layouts replicated, ddp_owner, fsdp2)",
+        "activations, state; --optimizer adamw or coap; --layout ddp_owner: whole parameters "
+        "per rank, state sharded (AdamW: evenly, as ZeroRedundancyOptimizer), or fsdp2)",
     )
     mem.add_argument(
         "--batch", type=_positive_int, default=1, help="--step: sequences per rank (default 1)"
@@ -200,8 +201,6 @@ def _step_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     if args.optimizer not in ("adamw", "coap"):
         parser.error("argument --step: needs --optimizer adamw or --optimizer coap")
     layout = args.layout if args.world_size > 1 else "replicated"
-    if args.world_size > 1 and "--layout" not in sys.argv and args.optimizer == "adamw":
-        layout = "replicated"
     if layout not in STEP_LAYOUTS:
         parser.error(f"argument --layout: --step models {', '.join(STEP_LAYOUTS)}, got {layout}")
     if args.optimizer == "coap" and args.rank is None and args.rank_ratio is None:

@@ -366,10 +366,44 @@ def test_cli_single_and_all(capsys: pytest.CaptureFixture[str]) -> None:
     assert "ratio to bf16 AdamW" in out and "max per rank" in out and "0.389" in out
 
 
+def test_cli_step_peak(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--step`` prints the terms of estimate_step_peak; in-backward holds one bucket."""
+    from coap_dist.step_memory import estimate_step_peak
+
+    base = ["memory", "--model", "60m", "--optimizer", "coap", "--rank-ratio", "4", "--step"]
+    assert cli_main([*base, "--seq-len", "256", "--world-size", "2", "--layout", "fsdp2"]) == 0
+    out = capsys.readouterr().out
+    est = estimate_step_peak(
+        "60m", "coap", batch=1, seq_len=256, world_size=2, layout="fsdp2", rank_ratio=4
+    )
+    assert f"{est.total / 2**20:,.1f}" in out and "activations" in out and "(fsdp2)" in out
+    assert cli_main([*base, "--in-backward"]) == 0
+    out = capsys.readouterr().out
+    assert "in-backward step" in out and "grads_step       25.0" in out  # one 25 MiB bucket
+
+
 @pytest.mark.parametrize(
     ("argv", "flag"),
     [
         (["memory", "--model", "1b", "--optimizer", "coap"], "--rank"),
+        (["memory", "--model", "1b", "--optimizer", "galore", "--rank", "8", "--step"], "--step"),
+        (
+            [
+                "memory",
+                "--model",
+                "1b",
+                "--optimizer",
+                "coap",
+                "--rank",
+                "8",
+                "--step",
+                "--world-size",
+                "2",
+                "--layout",
+                "zero",
+            ],
+            "--layout",
+        ),
         (["memory", "--model", "1b", "--optimizer", "coap", "--rank", "0"], "--rank"),
         (["memory", "--model", "2b", "--optimizer", "adamw"], "--model"),
         (["memory", "--model", "1b", "--optimizer", "adam"], "--optimizer"),
