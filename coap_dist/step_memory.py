@@ -16,8 +16,8 @@ Estimator (:func:`estimate_step_peak`), per rank, for the app's LLaMA models::
 * ``params``: the parameters this rank holds (FSDP2: its shards; else the whole model);
 * ``state``: :func:`coap_dist.memory.estimate_state_bytes` (the layouts' own planners);
 * ``activations``: the bytes autograd saves for backward, measured, not modelled: the model's
-  forward and loss run on the meta device under ``saved_tensors_hooks`` (each storage once),
-  so the term follows the model code (activation checkpointing included);
+  forward and loss run on fake CPU tensors under ``saved_tensors_hooks`` (each storage
+  once; nothing allocated), so the term follows the model code and the CPU's kernels;
 * ``backward_extra``, ``grads_step``, ``step_temp``: the gradients and transients at the
   start of backward and at the step, per layout (:func:`estimate_step_peak`).
 """
