@@ -9,7 +9,7 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,32 @@ def machine_info() -> dict[str, Any]:
         "coap_dist": _version("coap_dist"),
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
+
+
+def training_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, handle: Any, tokens: torch.Tensor
+) -> Callable[[], None]:
+    """One LM training step on ``tokens`` (B x T+1): forward, fp32 cross-entropy, backward,
+    clip to 1.0 and step; or ``handle.step`` of ``coap_dist.optimizer_in_backward``."""
+
+    def closure() -> torch.Tensor:
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), tokens[:, 1:].flatten()
+        )
+        loss.backward()
+        return loss
+
+    def step() -> None:
+        if handle is not None:
+            handle.step(closure)
+        else:
+            closure()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

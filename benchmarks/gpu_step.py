@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: F401  (makes coap_dist importable from a checkout)
+from _common import training_step  # (also makes coap_dist importable from a checkout)
 
 import coap_dist
 from coap_dist.models.llama import LLAMA_PRESETS, Llama
@@ -139,22 +139,7 @@ def peak_memory(
     vocab = LLAMA_PRESETS[name].vocab_size
     tokens = torch.randint(0, vocab, (args.batch, args.seq_len + 1), device=device)
 
-    def closure() -> torch.Tensor:
-        logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), tokens[:, 1:].flatten()
-        )
-        loss.backward()
-        return loss
-
-    def step() -> None:
-        if handle is not None:
-            handle.step(closure)
-        else:
-            closure()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    step = training_step(model, opt, handle, tokens)
 
     step()
     if device.type == "cuda":

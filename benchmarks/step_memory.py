@@ -36,7 +36,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, machine_info, machine_markdown, markdown_table, publish
+from _common import (
+    RESULTS_DIR,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    publish,
+    training_step,
+)
 
 MIB = 2**20
 OPTIMIZERS = ("adamw", "coap")
@@ -89,20 +96,7 @@ def _one(
     g = torch.Generator().manual_seed(rank)
     tokens = torch.randint(0, vocab, (args.batch, args.seq_len + 1), generator=g)
 
-    def closure() -> torch.Tensor:
-        logits = net(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
-        return loss
-
-    def step() -> None:
-        if handle is not None:
-            handle.step(closure)
-        else:
-            closure()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), CLIP)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    step = training_step(net, opt, handle, tokens)
 
     step()  # allocates the optimizer state
     live = LiveTensors()

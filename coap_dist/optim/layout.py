@@ -204,12 +204,12 @@ class Layout(abc.ABC):
         """Sum of a flat float vector over the ranks, read on the host: the step's one
         collective before any work and its one host synchronisation."""
 
+    @abc.abstractmethod
     def grad_sq_sum(self, local: Tensor) -> Tensor:
         """The sum over the whole model of squared gradient entries, from ``local``: this
         rank's sum over its :meth:`local_grad` pieces (0-dim, float32). Layouts whose pieces
         partition the gradients sum over the ranks (one all-reduce); where every rank holds
         the whole (reduced) gradient it is ``local``. For ``clip_grad_norm_``."""
-        raise NotImplementedError(f"the `{self.name}` layout does not serve clip_grad_norm_")
 
     def share_block_max(self, maxima: dict[int, list[Tensor]]) -> dict[int, list[Tensor]]:
         """8-bit AdamW pieces: ``maxima[i]`` holds, per moment, this rank's max |x| of every
