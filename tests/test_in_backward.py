@@ -249,3 +249,30 @@ def test_a_failed_backward_leaves_the_handler_usable() -> None:
 
 def _raise(_: torch.Tensor) -> None:
     raise RuntimeError("boom")
+
+
+def test_bucket_steps_reuse_the_handlers_norms_as_their_check() -> None:
+    """The norms the handler takes of each bucket (for the global norm) are the bucket
+    step's non-finite check: after the first step no gradient is summed again."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class GradSums(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.ops.aten.sum.default and args[0].numel() > 1000:
+                self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = Llama(LLAMA_PRESETS["tiny"])
+    opt = coap_dist.COAPAdamW(coap_dist.param_groups(model, rank=8), lr=1e-3, update_interval=100)
+    handle = coap_dist.optimizer_in_backward(model, opt, max_grad_norm=CLIP, bucket_mb=0.1)
+    for step in range(3):
+        watch = GradSums()
+        with watch:
+            handle.step(_closure(model, step))
+        assert watch.calls == 0, (step, watch.calls)
+    assert opt.metrics()["optim/nonfinite_skips"] == 0

@@ -313,7 +313,8 @@ class InBackward:
 
 
 def _local(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+    """This rank's tensor of a DTensor (the object itself, as the layouts see it)."""
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def _local_norms(grads: Sequence[Tensor]) -> list[tuple[tuple[int, ...], Tensor]]:

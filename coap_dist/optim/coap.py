@@ -112,7 +112,8 @@ class _COAPBase(Checkpoints, Optimizer):
         self._adaptive: dict[int, AdaptiveState] = {}
         self._auto_rank: dict[int, int] = {}  # rank="auto": each matrix's current rank
         self._pending: Tensor | None = None
-        self._checked: dict[tuple[int, int, int], Tensor] = {}  # grad key -> its norm
+        # id(gradient piece) -> (weak reference to it, its version then, its norm)
+        self._checked: dict[int, tuple[weakref.ref[Tensor], int, Tensor]] = {}
         self._pending_load: dict[str, Any] | None = None
         self._consolidated: tuple[int, dict[str, Any]] | None = None
         self._step_calls = 0
@@ -408,10 +409,11 @@ class _COAPBase(Checkpoints, Optimizer):
     def reuse_grad_norms(self, grads: Sequence[Tensor], norms: Sequence[Tensor]) -> None:
         """Let the next ``step()`` take ``norms[j]`` (a 0-dim tensor: ||grads[j]||_2 as it is
         now) as the reduction of its non-finite check for the gradient piece ``grads[j]``
-        (what ``Layout.local_grad`` returns), instead of reading it again. A piece changed in
-        place since (its version counter moved) is read again. Used by
-        :meth:`clip_grad_norm_` and ``optimizer_in_backward``."""
-        self._checked.update({_grad_key(g): n for g, n in zip(grads, norms, strict=True)})
+        (the tensor ``Layout.local_grad`` returns), instead of reading it again. Another
+        tensor there, or this one changed in place since (its version counter moved), is
+        read again. Used by :meth:`clip_grad_norm_` and ``optimizer_in_backward``."""
+        for g, n in zip(grads, norms, strict=True):
+            self._checked[id(g)] = (weakref.ref(g), g._version, n)
 
     def _reallocate(self, work: Work, due: Mapping[int, str]) -> bool:
         """rank="auto": before this step's SVDs, choose the ranks of each auto group's
@@ -578,7 +580,9 @@ class _COAPBase(Checkpoints, Optimizer):
         present = {i: g for i in ids if (g := lay.local_grad(i)) is not None}
         checked, self._checked = self._checked, {}
         known = {
-            i: norm for i, g in present.items() if (norm := checked.get(_grad_key(g))) is not None
+            i: c[2]
+            for i, g in present.items()
+            if (c := checked.get(id(g))) is not None and c[0]() is g and c[1] == g._version
         }
         first = [i for i in present if self._steps[i] == 0 and i not in known]
         later = [
@@ -789,12 +793,6 @@ def _refuse_unsupported(p: Tensor, where: str) -> None:
             f"{where} (shape {tuple(p.shape)}) is a {p.layout} tensor; COAP needs dense "
             "parameters. Give it to a separate optimizer (torch.optim.SparseAdam for sparse)"
         )
-
-
-def _grad_key(g: Tensor) -> tuple[int, int, int]:
-    """What identifies a gradient's values between ``clip_grad_norm_`` and ``step()``: its
-    storage, size and version counter (bumped by any in-place change)."""
-    return (g.data_ptr(), g.numel(), g._version)
 
 
 def _global_shape(p: Tensor) -> tuple[int, ...]:
