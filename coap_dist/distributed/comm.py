@@ -150,6 +150,19 @@ class Comm:
         self._count(moved, moved)
         return t
 
+    def all_reduce_list(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Sums over the group of several tensors in ONE all-reduce (flattened in the first
+        one's dtype); returns views of the summed buffer, shaped like ``tensors``."""
+        if not tensors:
+            return []
+        dtype = tensors[0].dtype
+        flat = self.all_reduce(torch.cat([t.reshape(-1).to(dtype) for t in tensors]))
+        out, off = [], 0
+        for t in tensors:
+            out.append(flat[off : off + t.numel()].view(t.shape))
+            off += t.numel()
+        return out
+
     def all_gather(self, t: Tensor) -> Tensor:
         """Concatenation over ranks (rank order) of every rank's flat ``t`` (equal sizes)."""
         flat = self._there(t.reshape(-1))

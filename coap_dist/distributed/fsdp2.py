@@ -551,8 +551,8 @@ class Fsdp2Local(LocalCheckpoints, Layout):
         iters = max((mine[i].group["power_iters"] for i in rsvd_items), default=0)
         for it in range(iters):
             part = [i for i in rsvd_items if mine[i].group["power_iters"] > it]
-            grams = self._all_reduce_list([kernels.power_gram_partial(sketch[i]) for i in part])
-            zs = self._all_reduce_list(
+            grams = self.comm.all_reduce_list([kernels.power_gram_partial(sketch[i]) for i in part])
+            zs = self.comm.all_reduce_list(
                 [
                     kernels.power_z_partial(mine[i], sketch[i], fproj.inverse_sqrt(w))
                     for i, w in zip(part, grams, strict=True)
@@ -577,18 +577,6 @@ class Fsdp2Local(LocalCheckpoints, Layout):
             mw.projector = kernels.install_projector(mw, p_new, ok, due[i], holder=False)
             self._store(i, mw.projector)
         return oks
-
-    def _all_reduce_list(self, tensors: list[Tensor]) -> list[Tensor]:
-        if not tensors:
-            return []
-        dtype = tensors[0].dtype
-        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
-        self.comm.all_reduce(flat)
-        out, off = [], 0
-        for t in tensors:
-            out.append(flat[off : off + t.numel()].view(t.shape))
-            off += t.numel()
-        return out
 
     def _reduce_to_holders(
         self, items: list[int], holder: Mapping[int, int], partials: Mapping[int, list[Tensor]]
@@ -649,7 +637,7 @@ class Fsdp2Local(LocalCheckpoints, Layout):
         split = [i for i in sorted(sizes) if self._sharded(i)]
         out = {i: t for i, t in partials.items() if not self._sharded(i)}
         if split:
-            summed = self._all_reduce_list([partials[i].to(dtype) for i in split])
+            summed = self.comm.all_reduce_list([partials[i].to(dtype) for i in split])
             out.update(zip(split, summed, strict=True))
         return out
 

@@ -52,6 +52,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from coap_dist.distributed.comm import Comm
+
 __all__ = ["CLIP_MODES", "InBackward", "optimizer_in_backward"]
 
 CLIP_MODES = ("exact", "previous")
@@ -152,11 +154,11 @@ class InBackward:
                 "parameters; apply fully_shard to the root module too"
             )
         self.device = _local(self.params[0]).device
-        self.group: dist.ProcessGroup | None = None
+        self.comm: Comm | None = None  # the data-parallel group that averages plain grads
         if not self.sharded and dist.is_available() and dist.is_initialized():
             group = process_group if process_group is not None else dist.group.WORLD
             if group is not None and dist.get_world_size(group) > 1:
-                self.group = group
+                self.comm = Comm(group, self.device)
                 _broadcast_from_first(model, group)
         self._bucket_of = self._fsdp2_buckets() if self.sharded else {}
         self._bucket_need: dict[int, int] = {}
@@ -268,8 +270,8 @@ class InBackward:
             return
         grads = [p.grad for p in params]
         assert all(g is not None for g in grads)
-        if self.group is not None:
-            _average(grads, self.group)  # type: ignore[arg-type]
+        if self.comm is not None:
+            _average(grads, self.comm)  # type: ignore[arg-type]
         measured = _local_norms(grads)  # type: ignore[arg-type]
         self._norms += measured
         if self._mode == "step":
@@ -331,20 +333,15 @@ def _local_norms(grads: Sequence[Tensor]) -> list[tuple[tuple[int, ...], Tensor]
     return list(zip(dims, norms, strict=True))
 
 
-def _average(grads: Sequence[Tensor], group: dist.ProcessGroup) -> None:
-    """g <- mean over ranks of g, in place, one flat all-reduce per dtype."""
-    world = dist.get_world_size(group)
+def _average(grads: Sequence[Tensor], comm: Comm) -> None:
+    """g <- mean over the group's ranks of g, in place, one flat all-reduce per dtype."""
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)
     for same in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in same])
-        flat.div_(world)
-        dist.all_reduce(flat, group=group)
-        offset = 0
-        for g in same:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        torch._foreach_div_(same, comm.world)  # (as DDP: divide, then sum)
+        for g, total in zip(same, comm.all_reduce_list(same), strict=True):
+            g.copy_(total)
 
 
 def _broadcast_from_first(model: nn.Module, group: dist.ProcessGroup) -> None:

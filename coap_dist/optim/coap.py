@@ -306,13 +306,7 @@ class _COAPBase(Checkpoints, Optimizer):
                         "needs dense gradients: build the module with sparse=False, or give "
                         "it to torch.optim.SparseAdam"
                     )
-        lay = self._bound()
-        ids = lay.begin(present)
-        if ids is None:
-            self._bind()
-            lay = self._bound()
-            ids = lay.begin(present)
-            assert ids is not None
+        lay, ids = self._begin(present)
         self._step_calls += 1
         host = lay.agree(self._grad_stats(lay, ids))
         if self._step_calls == 1 and ids and not any(host[3 * i] for i in ids):
@@ -374,13 +368,7 @@ class _COAPBase(Checkpoints, Optimizer):
         are what ``step()`` would reduce each gradient to: a gradient unchanged since then
         is not read again there. Returns ||g|| (0-dim, on the parameters' device, before
         clipping; no host synchronisation)."""
-        lay = self._bound()
-        ids = lay.begin(self._present_groups())
-        if ids is None:
-            self._bind()
-            lay = self._bound()
-            ids = lay.begin(self._present_groups())
-            assert ids is not None
+        lay, ids = self._begin(self._present_groups())
         grads = {i: g for i in ids if (g := lay.local_grad(i)) is not None}
         gs = list(grads.values())
         if not gs:
@@ -414,6 +402,18 @@ class _COAPBase(Checkpoints, Optimizer):
         read again. Used by :meth:`clip_grad_norm_` and ``optimizer_in_backward``."""
         for g, n in zip(grads, norms, strict=True):
             self._checked[id(g)] = (weakref.ref(g), g._version, n)
+
+    def _begin(self, present: Sequence[bool]) -> tuple[Layout, list[int]]:
+        """The bound layout and the parameters taking part now; binds again first when a
+        wrapper swapped the tensors in the groups since."""
+        lay = self._bound()
+        ids = lay.begin(present)
+        if ids is None:
+            self._bind()
+            lay = self._bound()
+            ids = lay.begin(present)
+            assert ids is not None
+        return lay, ids
 
     def _reallocate(self, work: Work, due: Mapping[int, str]) -> bool:
         """rank="auto": before this step's SVDs, choose the ranks of each auto group's
@@ -584,32 +584,32 @@ class _COAPBase(Checkpoints, Optimizer):
             for i, g in present.items()
             if (c := checked.get(id(g))) is not None and c[0]() is g and c[1] == g._version
         }
-        first = [i for i in present if self._steps[i] == 0 and i not in known]
-        later = [
-            i for i in present if self._steps[i] > 0 and self.skip_nonfinite and i not in known
-        ]
+        fresh = [i for i in present if self._steps[i] == 0]
+        stepped = [i for i in present if self._steps[i] > 0 and self.skip_nonfinite]
         rows: dict[int, Tensor] = {}
 
-        def flag(ids_: list[int], reduced: Sequence[Tensor], stepped: bool) -> None:
-            v = torch.stack([x.float() for x in reduced])
+        def flag(ids_: list[int], stepped_: bool) -> None:
+            """Rows from each gradient's reduction: the noted norm, else a norm (fresh) or a
+            sum (stepped), one foreach / per-gradient call over those still to read."""
+            todo = [i for i in ids_ if i not in known]
+            if stepped_:
+                read = [present[i].sum() for i in todo]
+            else:
+                read = list(torch._foreach_norm([present[i] for i in todo])) if todo else []
+            got = dict(zip(todo, read, strict=True))
+            v = torch.stack([(known[i] if i in known else got[i]).float() for i in ids_])
             bad = torch.isfinite(v).logical_not()  # (not ~: unsupported by fake CUDA tensors)
-            nonzero = torch.ones_like(v) if stepped else (v != 0).float()
+            nonzero = torch.ones_like(v) if stepped_ else (v != 0).float()
             stacked = torch.stack([torch.ones_like(v), bad.float(), nonzero], 1)
             rows.update(zip(ids_, stacked, strict=True))
 
         if present:
             one = torch.ones((), device=lay.device)
             rows.update(dict.fromkeys(present, torch.stack([one, one * 0, one])))  # unchecked
-            if first:
-                flag(first, torch._foreach_norm([present[i] for i in first]), False)
-            if later:
-                flag(later, [present[i].sum() for i in later], True)
-            stepped = [i for i in known if self._steps[i] > 0]
-            if stepped and self.skip_nonfinite:
-                flag(stepped, [known[i] for i in stepped], True)
-            fresh = [i for i in known if self._steps[i] == 0]
             if fresh:
-                flag(fresh, [known[i] for i in fresh], False)
+                flag(fresh, False)
+            if stepped:
+                flag(stepped, True)
         none = torch.zeros(3, device=lay.device)
         buf = torch.cat(
             [torch.stack([rows.get(i, none) for i in range(n)]).reshape(-1), self._pending]

@@ -332,28 +332,31 @@ class Strategy:
             return self._train_step_in_backward(batches, loss_fn)
         total = torch.zeros((), device=self.env.device)
         n = len(batches)
-        for i, (x, y) in enumerate(batches):
+        for i, batch in enumerate(batches):
             with self.no_sync(i == n - 1):
-                with self.autocast():
-                    logits = self.model(x.to(self.env.device, non_blocking=True))
-                loss = loss_fn(logits, y.to(self.env.device, non_blocking=True))
+                loss = self._loss(batch, loss_fn)
                 (loss / n).backward()
             total += loss.detach()
         return total / n, self.optimizer_step()
+
+    def _loss(self, batch: Batch, loss_fn: LossFn) -> torch.Tensor:
+        """Forward (under :meth:`autocast`) and loss of one micro-batch."""
+        assert self.model is not None
+        x, y = batch
+        with self.autocast():
+            logits = self.model(x.to(self.env.device, non_blocking=True))
+        return loss_fn(logits, y.to(self.env.device, non_blocking=True))
 
     def _train_step_in_backward(
         self, batches: list[Batch], loss_fn: LossFn
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`train_step` with the optimizer stepping inside the backward (one
         micro-batch: the config refuses ``grad_accum`` > 1)."""
-        assert self.model is not None and self.in_backward is not None
-        ((x, y),) = batches
-        model = self.model
+        assert self.in_backward is not None
+        (batch,) = batches
 
         def closure() -> torch.Tensor:
-            with self.autocast():
-                logits = model(x.to(self.env.device, non_blocking=True))
-            loss = loss_fn(logits, y.to(self.env.device, non_blocking=True))
+            loss = self._loss(batch, loss_fn)
             loss.backward()
             return loss
 
