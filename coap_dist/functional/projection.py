@@ -324,12 +324,7 @@ def correlation_from_sums(
         de = -2.0 * (2.0 * s - qq @ s - kk @ pf) / z
     err = f / z
     grad = (1.0 - c) * de - err * dc
-    norm = torch.linalg.vector_norm(grad)
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    p_new = pf - lr * coef * grad
-    if scale_free:
-        p_new = orthonormalize_rows(torch.nan_to_num(p_new))
-    return p_new, err * (1.0 - c)
+    return _clipped_step(pf, grad, lr, max_norm, scale_free), err * (1.0 - c)
 
 
 def correlation_update(
@@ -344,17 +339,67 @@ def correlation_update(
     max_norm: float = 1.0,
     orthonormal: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """The correlation step of one whole matrix (see :func:`correlation_from_sums`)."""
-    return correlation_from_sums(
-        correlation_partials(g, p, m, cos_axis=cos_axis, orthonormal=orthonormal),
-        p,
-        global_rows=global_rows,
-        cos_axis=cos_axis,
-        scale_free=scale_free,
-        lr=lr,
-        max_norm=max_norm,
-        orthonormal=orthonormal,
-    )
+    """The correlation step of one whole matrix: the step of :func:`correlation_from_sums`.
+
+    Row cosine (a right projection): the gradient of L is linear in the two a x b
+    contractions S = R^T G and N = (M * w1)^T G with coefficients known before either,
+
+        dL/dP = alpha A S + beta N - (alpha K + beta (M * w2)^T M) P
+              = T^T - X P,   T = G^T (alpha R A + beta (M * w1))   (b x r)
+
+    with alpha = -2 (1 - c) / Z, beta = -e / a, K = R^T R, A = I (``orthonormal``) or
+    2I - P P^T, since c, e and the weights need only R = G P^T and M (||E||^2 =
+    ||G||^2 - 2 tr(K) + tr(K P P^T)). So the step reads G in two GEMMs (R and T) where the
+    sums a team adds need three (R, S, N). Column cosine: the column weights depend on
+    M^T G itself, so it is :func:`correlation_partials` then :func:`correlation_from_sums`.
+    """
+    if cos_axis == "col":
+        return correlation_from_sums(
+            correlation_partials(g, p, m, cos_axis=cos_axis, orthonormal=orthonormal),
+            p,
+            global_rows=global_rows,
+            cos_axis=cos_axis,
+            scale_free=scale_free,
+            lr=lr,
+            max_norm=max_norm,
+            orthonormal=orthonormal,
+        )
+    gf, pf, mf = g.float(), p.float(), m.float()
+    b = gf.shape[1]
+    eps = 1e-8
+    rr = gf @ pf.t()  # a x r
+    kk = rr.t() @ rr  # r x r
+    gn2 = torch.linalg.vector_norm(gf, dim=1).square()  # no a x b temporary
+    qq = None if orthonormal else pf @ pf.t()
+    un2 = (mf * mf).sum(1) if qq is None else ((mf @ qq) * mf).sum(1)
+    gn, un = gn2.sqrt().clamp_min(eps), un2.sqrt().clamp_min(eps)
+    cos = (mf * rr).sum(1) / (gn * un)
+    w1 = 1.0 / (gn * un)
+    w2 = torch.where(un2 > 0, cos / un.square(), torch.zeros_like(cos))
+    gsq = gn2.sum()
+    c = cos.sum() / global_rows
+    z = gsq.clamp_min(torch.finfo(torch.float32).tiny) if scale_free else float(global_rows * b)
+    if qq is None:
+        f = (gsq - torch.trace(kk)).clamp_min(0.0)
+        lhs = rr
+    else:
+        f = (gsq - 2.0 * torch.trace(kk) + (kk * qq).sum()).clamp_min(0.0)
+        lhs = 2.0 * rr - rr @ qq
+    err = f / z
+    alpha = -2.0 * (1.0 - c) / z
+    beta = -err / global_rows
+    t = gf.t() @ (alpha * lhs + beta * (mf * w1[:, None]))  # b x r: the one G^T contraction
+    small = (mf * w2[:, None]).t() @ mf
+    grad = t.t() - (alpha * kk + beta * small) @ pf
+    return _clipped_step(pf, grad, lr, max_norm, scale_free), err * (1.0 - c)
+
+
+def _clipped_step(p: Tensor, grad: Tensor, lr: float, max_norm: float, scale_free: bool) -> Tensor:
+    """P - lr * clip(grad, max_norm) (global norm), re-orthonormalised in the scale-free mode."""
+    norm = torch.linalg.vector_norm(grad)
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    p_new = p - lr * coef * grad
+    return orthonormalize_rows(torch.nan_to_num(p_new)) if scale_free else p_new
 
 
 def orthonormalize_rows(p: Tensor) -> Tensor:
