@@ -413,6 +413,37 @@ def test_nonfinite_gradient_keeps_projector_and_skips_step() -> None:
     assert fresh.metrics()["optim/init_deferred"] == len(params)
 
 
+def test_unchecked_step_equals_checked_step_and_reads_metrics_late() -> None:
+    """``skip_nonfinite=False`` decides each step without reading the flag vector (after the
+    first): on finite gradients its weights, state and refresh metrics (read late, at
+    ``metrics()`` and at deepcopy) are exactly those of the checked step."""
+    runs = []
+    for check in (True, False):
+        torch.manual_seed(0)
+        model = _mlp()
+        opt = COAPAdamW(
+            param_groups(model), lr=1e-2, rank=4, update_interval=2, reproject_factor=2,
+            skip_nonfinite=check,
+        )  # fmt: skip
+        x = torch.randn(8, 32)
+        seen = []
+        for step in range(7):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if step in (2, 5):
+                seen.append(opt.metrics())
+        seen.append(copy.deepcopy(opt).metrics())
+        runs.append((model, seen))
+    (m1, s1), (m2, s2) = runs
+    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for a, b in zip(s1, s2, strict=True):
+        for key in ("optim/refreshes", "optim/refresh_keep_old", "optim/projection_residual"):
+            assert a[key] == b[key], (key, a, b)
+    assert s1[-1]["optim/projection_residual"] > 0
+
+
 def test_adafactor_trains_and_round_trips() -> None:
     losses, model, opt = _train(
         lambda m: COAPAdafactor(param_groups(m), lr=3e-3, rank=16, update_interval=5), 60

@@ -166,6 +166,7 @@ class Fsdp2View(FragmentView):
 
     name = "fsdp2_owner"
     dcp = True
+    uniform_grads = True  # every rank holds a shard of every gradient FSDP2 reduced
 
     def __init__(self) -> None:
         self._params: list[DTensor] = []
@@ -221,6 +222,7 @@ class Fsdp2Local(LocalCheckpoints, Layout):
     canonical rows, P by its rows."""
 
     name = "fsdp2"
+    uniform_grads = True  # every rank holds a shard of every gradient FSDP2 reduced
 
     def __init__(self) -> None:
         self._core: Core | None = None
@@ -342,10 +344,10 @@ class Fsdp2Local(LocalCheckpoints, Layout):
         g = self._dparams[index].grad  # a DTensor parameter's grad is a DTensor
         return None if g is None else cast(DTensor, g)._local_tensor
 
-    def agree(self, values: Tensor) -> list[float]:
+    def reduce_sum(self, values: Tensor) -> Tensor:
         if self.world > 1:
             self.comm.all_reduce(values)
-        return values.cpu().tolist()
+        return values
 
     def grad_sq_sum(self, local: Tensor) -> Tensor:
         if self.world > 1:  # shards of the shard sub-mesh; HSDP replicas hold the same

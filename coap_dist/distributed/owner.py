@@ -202,10 +202,14 @@ class OwnerLayout(OwnerCheckpoints, Layout):
     def local_grad(self, index: int) -> Tensor | None:
         return self.view.grad(index)
 
-    def agree(self, values: Tensor) -> list[float]:
+    @property
+    def uniform_grads(self) -> bool:  # type: ignore[override]
+        return self.world == 1 or self.view.uniform_grads
+
+    def reduce_sum(self, values: Tensor) -> Tensor:
         if self.world > 1:
             self.comm.all_reduce(values)
-        return values.cpu().tolist()
+        return values
 
     def grad_sq_sum(self, local: Tensor) -> Tensor:
         if not self.view.reduced:

@@ -38,6 +38,8 @@ class FragmentView(abc.ABC):
         grads_partition: the ranks' gradient pieces partition each gradient (sharded
             wrappers), rather than every rank holding all of it (DDP).
         rank_local: checkpoints hold each rank's pieces (DeepSpeed's per-rank files).
+        uniform_grads: a gradient is present on this rank iff on every rank (see
+            :attr:`coap_dist.optim.layout.Layout.uniform_grads`).
         dcp: ``state_dict()`` on a sharded rank serves the form of
             :mod:`~coap_dist.distributed.pieces` for ``torch.distributed.checkpoint``
             (False: it raises, naming ``consolidate_state_dict``).
@@ -48,6 +50,7 @@ class FragmentView(abc.ABC):
     solo = False
     grads_partition = True
     reduced = True
+    uniform_grads = False
     rank_local = False
     dcp = False
 
@@ -122,6 +125,7 @@ class ReplicatedView(FragmentView):
         self.solo = solo
         self.reduced = reduced
         self.grads_partition = False
+        self.uniform_grads = solo or reduced  # DDP's all-reduce (or nothing to agree on)
         self.name = "replicated" if solo else "ddp_owner"
         self._tensors: list[Tensor] = []
 

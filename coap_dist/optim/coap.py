@@ -23,6 +23,13 @@ never installs a non-finite projector (the old one is kept, without a host sync)
 parameter whose first gradient is all zero (DeepSpeed's construction-time step, DCP's state
 initialisation) gets its state allocated but takes no step. The check is one reduction per
 gradient and one all-reduce of a flag vector: the step's only host synchronisation.
+
+``skip_nonfinite=False`` (no check, as torch AdamW): where the wrapper gives every rank the
+same gradients (``Layout.uniform_grads``: one process, DDP, FSDP2 / HSDP) a step whose
+parameters have all stepped before decides from this rank alone and makes no host
+synchronisation; the flag vector is still summed on the device and read at the next
+``metrics()`` (or deciding step), which folds in the refresh metrics and raises if the ranks
+turn out to have held gradients of different parameters.
 """
 
 from __future__ import annotations
@@ -119,6 +126,9 @@ class _COAPBase(Checkpoints, Optimizer):
         self._step_calls = 0
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._refreshed: list[int] = []
+        # Flag vectors summed but not read yet (steps that decided locally): see _read_late.
+        self._late: Tensor | None = None  # [refresh_keep_old count, presence disagreements]
+        self._late_residual: tuple[Tensor, list[int]] | None = None
         self._projector_time = 0.0
         self._residual = float("nan")
         built = [p for g in self.param_groups for p in g["params"]]
@@ -308,16 +318,31 @@ class _COAPBase(Checkpoints, Optimizer):
                     )
         lay, ids = self._begin(present)
         self._step_calls += 1
-        host = lay.agree(self._grad_stats(lay, ids))
-        if self._step_calls == 1 and ids and not any(host[3 * i] for i in ids):
-            raise RuntimeError(
-                f"{self.name}: the first step() found no gradient on any of its "
-                f"{len(ids)} parameters on any rank. If the optimizer was built before "
-                "fully_shard / FSDP wrapping, its parameters are no longer the model's: build "
-                "it after wrapping, or let accelerate.prepare(model, optimizer) or the HF "
-                "Trainer swap them in (both supported)"
-            )
-        active = self._decide(lay, ids, host)
+        local = [i for i in ids if lay.local_grad(i) is not None]
+        decide_here = (
+            not self.skip_nonfinite
+            and lay.uniform_grads
+            and self._step_calls > 1
+            and all(self._steps[i] > 0 for i in local)
+        )
+        stats = self._grad_stats(lay, ids)
+        if decide_here:
+            # Nothing to check, every parameter has stepped and the ranks hold the same
+            # gradients: decide from this rank; the summed flags are read later.
+            self._defer(lay, stats)
+            active = local
+        else:
+            self._read_late()
+            host = lay.agree(stats)
+            if self._step_calls == 1 and ids and not any(host[3 * i] for i in ids):
+                raise RuntimeError(
+                    f"{self.name}: the first step() found no gradient on any of its "
+                    f"{len(ids)} parameters on any rank. If the optimizer was built before "
+                    "fully_shard / FSDP wrapping, its parameters are no longer the model's: "
+                    "build it after wrapping, or let accelerate.prepare(model, optimizer) or "
+                    "the HF Trainer swap them in (both supported)"
+                )
+            active = self._decide(lay, ids, host)
         due = self._schedule(active)
         measure = [
             i
@@ -617,23 +642,65 @@ class _COAPBase(Checkpoints, Optimizer):
         self._pending.zero_()
         return buf
 
+    def _fold_tail(self, tail: Sequence[float], refreshed: Sequence[int]) -> None:
+        """Metrics from the summed tail of a flag vector: the residual of the matrices
+        ``refreshed`` the step before, and the refreshes that kept their old projector."""
+        # ||G - G P^T P|| / ||G|| = sqrt(1 - ||R||^2 / ||G||^2) of each matrix refreshed
+        # last step, from its sums over ranks (see functional.projection.residual_from_sums)
+        res = [
+            math.sqrt(max(0.0, 1.0 - tail[2 * i] / tail[2 * i + 1]))
+            for i in refreshed
+            if tail[2 * i + 1] > 0
+        ]
+        if res:
+            self._residual = sum(res) / len(res)
+        self._counters["refresh_keep_old"] += round(tail[-1])
+
+    def _defer(self, lay: Layout, stats: Tensor) -> None:
+        """A step deciding locally: sum the flag vector over the ranks on the device (the
+        same collective as a deciding step) and keep what a later read needs: the refresh
+        metrics of its tail and how many parameters had a gradient here but not on every
+        rank, or on another rank but not here (``uniform_grads`` broken)."""
+        n = len(self.specs)
+        mine = stats[0 : 3 * n : 3] > 0
+        summed = lay.reduce_sum(stats)
+        tail = summed[3 * n :]
+        world = float(lay.world)
+        counts = summed[0 : 3 * n : 3]
+        broken = (mine & (counts < world)) | (mine.logical_not() & (counts > 0))
+        late = torch.stack([tail[-1], broken.sum().float()])
+        self._late = late if self._late is None else self._late + late
+        if self._refreshed:
+            self._late_residual = (tail, self._refreshed)
+            self._refreshed = []
+
+    def _read_late(self) -> None:
+        """Read what steps that decided locally left on the device (one host sync): fold
+        their metrics in and raise if the ranks' gradients were not the same set."""
+        if self._late is None:
+            return
+        parts = [self._late] + ([self._late_residual[0]] if self._late_residual else [])
+        host = torch.cat(parts).cpu().tolist()
+        self._counters["refresh_keep_old"] += round(host[0])
+        if self._late_residual is not None:
+            self._fold_tail([*host[2:-1], 0.0], self._late_residual[1])
+        self._late, self._late_residual = None, None
+        if host[1] > 0:
+            raise RuntimeError(
+                f"{self.name}: with skip_nonfinite=False each step took its parameters from "
+                "this rank's gradients (its wrapper gives every rank the same ones), but "
+                f"{round(host[1])} time(s) a parameter had a gradient on some ranks only, so "
+                "the ranks stepped different parameters. Give every rank a gradient for the "
+                "same parameters (zero gradients for unused ones), or use skip_nonfinite=True "
+                "(the ranks then agree before each step)"
+            )
+
     def _decide(self, lay: Layout, ids: list[int], host: list[float]) -> list[int]:
         """Which parameters step (the same on every rank): present somewhere, finite
         everywhere, and not an all-zero first gradient. Allocates state lazily."""
         n = len(self.specs)
-        tail = host[3 * n :]
-        if self._refreshed:
-            # ||G - G P^T P|| / ||G|| = sqrt(1 - ||R||^2 / ||G||^2) of each matrix refreshed
-            # last step, from its sums over ranks (see functional.projection.residual_from_sums)
-            res = [
-                math.sqrt(max(0.0, 1.0 - tail[2 * i] / tail[2 * i + 1]))
-                for i in self._refreshed
-                if tail[2 * i + 1] > 0
-            ]
-            if res:
-                self._residual = sum(res) / len(res)
-            self._refreshed = []
-        self._counters["refresh_keep_old"] += round(tail[-1])
+        self._fold_tail(host[3 * n :], self._refreshed)
+        self._refreshed = []
         active = []
         for i in ids:
             has, bad, nonzero = host[3 * i : 3 * i + 3]
@@ -723,6 +790,7 @@ class _COAPBase(Checkpoints, Optimizer):
         like the original. Refused for sharded or process-group-bound optimizers: each rank
         holds only its part of the state; checkpoint those with ``state_dict`` (after
         ``consolidate_state_dict`` for owner layouts) instead."""
+        self._read_late()
         lay = self._layout
         if (
             (lay is not None and lay.world != 1)
@@ -762,6 +830,7 @@ class _COAPBase(Checkpoints, Optimizer):
         mean measured residual and drift (``refresh_skips``: candidates that took nothing). Counters are the same on
         every rank; the residual (mean over the matrices of the last refresh) is read at the
         next step's host sync."""
+        self._read_late()
         out = {f"optim/{k}": float(v) for k, v in self._counters.items()}
         out["optim/state_bytes"] = float(self.state_bytes())
         out["optim/projector_time_s"] = self._projector_time

@@ -265,7 +265,8 @@ class COAPAdamWConfig(Hyperparameters):
     )
     skip_nonfinite: bool = hp(
         True,
-        "skip (on every rank) the step of a parameter whose gradient is not finite",
+        "skip (on every rank) the step of a parameter whose gradient is not finite; False: "
+        "no check, and no host sync in step() after the first under one process, DDP, FSDP2",
         boolean,
         scope="optimizer",
     )

@@ -172,6 +172,13 @@ class Layout(abc.ABC):
     """
 
     name = "layout"
+    uniform_grads = False
+    """Whether a parameter's gradient is present on this rank exactly when it is on every
+    rank (the wrapper makes it so: one process, DDP's all-reduce, FSDP2's reduce-scatter).
+    Then ``step()`` with ``skip_nonfinite=False`` may decide from this rank alone, without
+    reading the flag vector on the host (the ranks' agreement is checked when it is read
+    later). False where the ranks' pieces may differ (FSDP1, DeepSpeed ZeRO, each rank's own
+    gradients)."""
     resize_refusal = ""
     """Why ``rank="auto"`` may not re-plan this layout with other ranks at a step, and what to
     use instead (empty: it may; state pieces stay where they are, owner layouts place them by the fixed ranks'
@@ -200,9 +207,13 @@ class Layout(abc.ABC):
         a fragment or the whole gradient), for the finiteness check; None if absent."""
 
     @abc.abstractmethod
+    def reduce_sum(self, values: Tensor) -> Tensor:
+        """Sum of a flat float vector over the ranks, in place (returned; no host read)."""
+
     def agree(self, values: Tensor) -> list[float]:
         """Sum of a flat float vector over the ranks, read on the host: the step's one
         collective before any work and its one host synchronisation."""
+        return self.reduce_sum(values).cpu().tolist()
 
     @abc.abstractmethod
     def grad_sq_sum(self, local: Tensor) -> Tensor:

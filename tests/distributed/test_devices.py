@@ -38,11 +38,13 @@ KW = dict(lr=1e-2, rank=4, update_interval=2, reproject_factor=2, rank_ratio_cnn
 
 class HostWatch(TorchDispatchMode):
     """Records the devices of collective tensors, counts device-to-host copies (answering
-    the flag vector as all-present, finite, non-zero) and refuses scalar reads of device
-    tensors."""
+    the flag vector as all-present, finite, non-zero, or with ``late_disagreements`` a late
+    read of summed flags as that many presence disagreements) and refuses scalar reads of
+    device tensors."""
 
-    def __init__(self) -> None:
+    def __init__(self, late_disagreements: float = 0.0) -> None:
         super().__init__()
+        self.late_disagreements = late_disagreements  # answered to a late flag read
         self.devices: set[str] = set()
         self.collectives: list[str] = []
         self.syncs = 0
@@ -75,6 +77,8 @@ class HostWatch(TorchDispatchMode):
             x = args[0]
             n = (x.numel() - 1) // 5  # the flag vector: 3 per parameter, 2 per parameter + 1
             values = [1.0, 0.0, 1.0] * n + [0.0] * (x.numel() - 3 * n)
+            if self.late_disagreements:  # a late read: [keep-old count, disagreements, ...]
+                values = [0.0, self.late_disagreements] + [0.0] * (x.numel() - 2)
             return torch.tensor(values[: x.numel()], dtype=x.dtype).view(x.shape)
         return func(*args, **kwargs)
 
@@ -234,3 +238,51 @@ def test_host_state_collectives_run_on_the_transport_device(fake_group: Any) -> 
     assert flags.device == gathered.device == summed.device == cpu
     assert gathered.shape == (3 * WORLD,) and summed.shape == (2,)
     assert all(t.device == cpu and t.shape == (2, 3) for q in expects for t in got[q])
+
+
+def test_unchecked_steps_make_no_host_sync(fake_group: Any) -> None:
+    """``skip_nonfinite=False`` on layouts whose wrapper gives every rank the same gradients
+    (DDP owner, FSDP2 default and owner): after the first step, plain steps, updates and
+    recalibrations make no host synchronisation (the flag vector is still summed on the
+    device, one collective); ``metrics()`` reads it once. Where the ranks' gradients may
+    differ (each rank's own gradients, ZeRO-2 semantics) every step still agrees on the host.
+    A late read that finds the ranks stepped different parameters raises, naming the fix."""
+    from coap_dist.distributed.owner import OwnerSharding
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    cases: list[tuple[str, Any, int]] = [("ddp_owner", "owner", 0)]
+    for sharding in (None, "owner"):
+        cases.append((f"fsdp2 {sharding}", sharding, 0))
+    cases.append(("own gradients", OwnerSharding(reduce_gradients=True), 1))
+    for what, sharding, later in cases:
+        if what.startswith("fsdp2"):
+            with torch.device("meta"):
+                model = nn.Sequential(nn.Linear(24, 96), nn.Tanh(), nn.Linear(96, 32))
+            fully_shard(model, mesh=mesh)
+            params = list(model.parameters())
+        else:
+            params = _params()
+        opt = coap_dist.COAPAdamW(
+            params, **dict(KW, rank_ratio_cnn=None), sharding=sharding, skip_nonfinite=False
+        )
+        with HostWatch():
+            assert opt.layout.uniform_grads == (later == 0), what
+        watches = []
+        for _ in range(6):  # k = 0 (init), 2 (update), 4 (recalibration) refresh
+            for p in params:
+                p.grad = torch.ones_like(p)
+            with HostWatch() as watch:
+                opt.step()
+            watches.append(watch)
+        assert [w.syncs for w in watches] == [1] + [later] * 5, (what, [w.syncs for w in watches])
+        assert all(w.collectives[0] == "allreduce_" for w in watches), what
+        with HostWatch() as watch:
+            assert opt.metrics()["optim/refreshes"] > 0
+        assert watch.syncs == 1 - later, what
+        if what == "ddp_owner":
+            for p in params:
+                p.grad = torch.ones_like(p)
+            with HostWatch(late_disagreements=1.0):
+                opt.step()
+                with pytest.raises(RuntimeError, match="a gradient on some ranks only"):
+                    opt.metrics()

@@ -24,7 +24,10 @@ the consolidated single-process form is the bridge between layouts) and ``in_bac
 parameter outside FSDP2: against one process that clips the averaged gradients with
 ``clip_grad_norm_``; FSDP1 refuses it by name, the one refused cell) and ``clip`` (the
 optimizer's ``clip_grad_norm_``, whose norms the step reuses as its non-finite check: the
-norm of torch's ``clip_grad_norm_`` on the full gradients, then the same weights). The printed table is
+norm of torch's ``clip_grad_norm_`` on the full gradients, then the same weights) and
+``no_check`` (``skip_nonfinite=False``: the layouts whose wrapper gives every rank the same
+gradients decide each step without a host read and sum the flag vector for a later one; the
+metrics read then equal one process's). The printed table is
 the figure the support declaration's cells point to.
 """
 
@@ -61,6 +64,7 @@ FEATURES: dict[str, dict[str, Any]] = {
     "reshard": dict(refresh="adaptive"),
     "in_backward": {},
     "clip": {},
+    "no_check": dict(skip_nonfinite=False),
 }
 TOL = {"bf16": 2e-2, "8bit": 1e-3, "8bit_dense": 1e-3}
 """8-bit state: a moment element whose value two computations put ~1e-7 apart (the FSDP2
@@ -164,6 +168,10 @@ def _cell(rank: int, world: int, layout: str, feature: str) -> float:
         for p, q in zip(_full(layout, net, grads=False), ref_model.parameters(), strict=True):
             q = q.detach().float()
             worst = max(worst, float((p.detach().view_as(q).float() - q).norm() / q.norm()))
+    if feature == "no_check":  # the late-read refresh metrics are the ones of one process
+        got, want = opt.metrics(), ref.metrics()
+        for key in ("optim/refreshes", "optim/refresh_keep_old", "optim/projection_residual"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4), (layout, key, got, want)
     if feature == "auto":  # the ranks were chosen (not all the fixed ones) as one process
         assert [s.rank for s in opt.specs] == [s.rank for s in ref.specs], layout
     return worst
