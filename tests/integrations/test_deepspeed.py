@@ -434,13 +434,18 @@ def _worker(rank: int, world: int, ckpt_root: str, port: int) -> None:
             torch.testing.assert_close(
                 losses, ref_losses, rtol=1e-4, atol=1e-6, msg=f"{label}: {losses} vs {ref_losses}"
             )
-            # An 8-bit AdamW moment turns the ~1e-8 differences every DeepSpeed run has from
-            # one process (fused-kernel tails, reduction order) into whole code steps of its
-            # elements: those weights are compared at that resolution, and the blocks its
-            # partition cuts are checked to be one process's (_check_block_grid).
-            atol = 2e-3 if label.endswith("8bit-dense") else 1e-5
+            # An 8-bit moment turns the ~1e-8 differences every DeepSpeed run has from one
+            # process (fused-kernel tails, reduction order, a split matrix's correlation step
+            # from summed partials where one process contracts G once) into whole code steps
+            # of its elements: those weights are compared at that resolution, and the blocks
+            # an 8-bit AdamW partition cuts are checked to be one process's
+            # (_check_block_grid). Measured: 30 of 12,288 elements of a split 8-bit matrix
+            # 1.4e-4 apart after 8 steps (stage 2, Tucker case).
+            atol = 2e-3 if "8bit" in label else 1e-5
             for i, (p, q) in enumerate(zip(_full_params(engine), ref_params, strict=True)):
-                torch.testing.assert_close(p, q, rtol=1e-4, atol=atol, msg=f"{label} param {i}")
+                torch.testing.assert_close(
+                    p, q, rtol=1e-4, atol=atol, msg=lambda m, i=i: f"{label} param {i}: {m}"
+                )
         if label.endswith("8bit-dense"):
             _check_block_grid(label, _coap(engine), rank)
         if ckpt:
