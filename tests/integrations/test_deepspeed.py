@@ -444,7 +444,11 @@ def _worker(rank: int, world: int, ckpt_root: str, port: int) -> None:
             atol = 2e-3 if "8bit" in label else 1e-5
             for i, (p, q) in enumerate(zip(_full_params(engine), ref_params, strict=True)):
                 torch.testing.assert_close(
-                    p, q, rtol=1e-4, atol=atol, msg=lambda m, i=i, lab=label: f"{lab} param {i}: {m}"
+                    p,
+                    q,
+                    rtol=1e-4,
+                    atol=atol,
+                    msg=lambda m, i=i, lab=label: f"{lab} param {i}: {m}",
                 )
         if label.endswith("8bit-dense"):
             _check_block_grid(label, _coap(engine), rank)
