@@ -318,13 +318,11 @@ class _COAPBase(Checkpoints, Optimizer):
                     )
         lay, ids = self._begin(present)
         self._step_calls += 1
-        local = [i for i in ids if lay.local_grad(i) is not None]
-        decide_here = (
-            not self.skip_nonfinite
-            and lay.uniform_grads
-            and self._step_calls > 1
-            and all(self._steps[i] > 0 for i in local)
-        )
+        # (the checked default never scans for this-rank presence here)
+        decide_here = not self.skip_nonfinite and lay.uniform_grads and self._step_calls > 1
+        if decide_here:
+            local = [i for i in ids if lay.local_grad(i) is not None]
+            decide_here = all(self._steps[i] > 0 for i in local)
         stats = self._grad_stats(lay, ids)
         if decide_here:
             # Nothing to check, every parameter has stepped and the ranks hold the same
