@@ -18,7 +18,9 @@ Rows: ``floor`` (the projected-Adam floor: two GEMMs and an r-wide Adam on a fix
 :class:`ProjectedAdamFloor`), ``adamw_fused``, ``adamw`` (foreach), ``coap``,
 ``coap_reference``, ``coap_dense`` (COAP's AdamW path on the same tensors), ``adamw_fused+clip``
 / ``coap_dense+clip`` (``clip_grad_norm_`` then ``step()``, timed together), ``galore``,
-``apollo``. The ratios section checks the targets of :data:`TARGETS` (plain <= 1.05 floor,
+``apollo``; ``adamw_fused@vectors`` / ``coap_dense@vectors``: the two AdamW paths on
+``--vectors`` 1-D tensors of d entries instead (what norm weights and biases cost, where
+per-parameter overhead rather than memory traffic sets the time). The ratios section checks the targets of :data:`TARGETS` (plain <= 1.05 floor,
 recalibration <= 2.1 plain, update <= 2.6 plain, cycle mean <= 1.2 floor, dense path <=
 fused AdamW).
 
@@ -71,7 +73,7 @@ def llama_matrices(dim: int, ffn: int, layers: int) -> list[tuple[str, tuple[int
 
 
 def make_params(
-    shapes: list[tuple[str, tuple[int, int]]], dtype: torch.dtype, seed: int = 0
+    shapes: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, seed: int = 0
 ) -> list[nn.Parameter]:
     """Parameters N(0, 0.02) with fixed gradients N(0, 1e-3) (the same for every run)."""
     gen = torch.Generator().manual_seed(seed)
@@ -170,6 +172,8 @@ def factories(args: argparse.Namespace) -> dict[str, OptimizerFactory]:
         if not args.no_reference:
             out["coap_reference"] = coap("reference")
         out["coap_dense"] = lambda ps: COAPAdamW([{"params": ps, "algorithm": "adamw"}], lr=1e-3)
+        out["adamw_fused@vectors"] = out["adamw_fused"]
+        out["coap_dense@vectors"] = out["coap_dense"]
         out["adamw_fused+clip"] = lambda ps: ClipThenStep(
             torch.optim.AdamW(ps, lr=1e-3, fused=True), ps
         )
@@ -250,6 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wall0 = time.perf_counter()
     dtype = DTYPES[args.dtype]
     shapes = llama_matrices(args.dim, args.ffn, args.layers)
+    vectors = [(f"vector.{j}", (args.dim,)) for j in range(args.vectors)]
     builders = factories(args)
     labels = list(builders)
     steps = args.update_interval * args.reproject_factor + 1
@@ -258,7 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for rep in range(args.repeats):
         order = labels[rep % len(labels) :] + labels[: rep % len(labels)]
         for label in order:
-            params = make_params(shapes, dtype, seed=args.seed)
+            params = make_params(vectors if "@" in label else shapes, dtype, seed=args.seed)
             t0 = time.perf_counter()
             raw[label].append(time_run(builders[label], params, steps))
             print(
@@ -274,10 +279,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for label in labels
     }
     ratios: dict[str, dict[str, float]] = {}
-    pairs = [(label, base) for label in labels for base in ("adamw_fused", "adamw", "floor")]
-    pairs += [(label, "galore") for label in labels if label.startswith("coap")]
+    pairs = [
+        (label, base)
+        for label in labels
+        if "@" not in label
+        for base in ("adamw_fused", "adamw", "floor")
+    ]
+    pairs += [("coap_dense@vectors", "adamw_fused@vectors")]
+    pairs += [
+        (label, "galore") for label in labels if label.startswith("coap") and "@" not in label
+    ]
     for label, base in pairs:
-        if base in summary and label != base and label != "floor":
+        if label in summary and base in summary and label != base and label != "floor":
             ratios[f"{label}/{base}"] = {
                 key: summary[label][key] / summary[base][key]
                 for key in ("amortised_ms", "plain_median_ms", "cycle_max_ms")
@@ -293,6 +306,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ffn": args.ffn,
             "layers": args.layers,
             "matrices": len(shapes),
+            "vectors": args.vectors,
             "parameters": n_params,
             "dtype": args.dtype,
             "rank": args.rank,
@@ -328,6 +342,13 @@ TARGETS = {
         "coap_dense",
         "amortised_ms",
         "adamw_fused",
+        "amortised_ms",
+        1.05,
+    ),
+    "coap_dense@vectors / adamw_fused@vectors (mean)": (
+        "coap_dense@vectors",
+        "amortised_ms",
+        "adamw_fused@vectors",
         "amortised_ms",
         1.05,
     ),
@@ -381,7 +402,8 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"update_proj_gap too), reproject factor F={cfg['reproject_factor']}; "
             f"{cfg['steps_per_run']} steps per run (k = 0 .. T_u*F), {cfg['repeats']} interleaved "
             f"repeats, medians; {cfg['threads']} torch thread(s). Fixed random gradients, no "
-            "forward/backward. `amortised` = mean step over one full refresh cycle k = 1 .. T_u*F.",
+            "forward/backward. `amortised` = mean step over one full refresh cycle k = 1 .. T_u*F. "
+            f"Rows `@vectors`: {cfg['vectors']} 1-D tensors of {cfg['dim']} entries instead.",
             markdown_table(
                 [
                     "optimizer (ms)",
@@ -414,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn", type=int, default=1376, help="MLP width f (LLaMA-60M: 1376)")
     p.add_argument("--layers", type=int, default=4, help="number of blocks")
     p.add_argument("--rank", type=int, default=128, help="rank for COAP and GaLore")
+    p.add_argument("--vectors", type=int, default=200, help="1-D tensors of the @vectors rows")
     p.add_argument("--update-interval", type=int, default=8, help="T_u (GaLore proj gap)")
     p.add_argument("--reproject-factor", type=int, default=5, help="F")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats")
@@ -440,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             "dim",
             "ffn",
             "layers",
+            "vectors",
             "rank",
             "update_interval",
             "reproject_factor",

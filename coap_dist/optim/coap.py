@@ -121,6 +121,7 @@ class _COAPBase(Checkpoints, Optimizer):
         self._pending: Tensor | None = None
         # id(gradient piece) -> (weak reference to it, its version then, its norm)
         self._checked: dict[int, tuple[weakref.ref[Tensor], int, Tensor]] = {}
+        self._mask_cache: tuple[tuple[Any, ...], Tensor] | None = None
         self._pending_load: dict[str, Any] | None = None
         self._consolidated: tuple[int, dict[str, Any]] | None = None
         self._step_calls = 0
@@ -595,50 +596,59 @@ class _COAPBase(Checkpoints, Optimizer):
 
         One reduction per gradient: its sum (non-finite iff an entry is NaN or +-inf, or
         the sum overflows), or before a parameter's first step its L2 norm (zero iff the
-        gradient is, the deferred-initialisation rule). With ``skip_nonfinite=False`` a
+        gradient is, the deferred-initialisation rule; one foreach norm over those), then
+        one stack of the n values and a few whole-vector kernels, whatever n is. With ``skip_nonfinite=False`` a
         parameter that has stepped needs none; a gradient that :meth:`clip_grad_norm_`
         measured and nothing changed since reuses that norm (no reduction here)."""
         n = len(self.specs)
         assert self._pending is not None
         present = {i: g for i in ids if (g := lay.local_grad(i)) is not None}
         checked, self._checked = self._checked, {}
-        known = {
-            i: c[2]
-            for i, g in present.items()
-            if (c := checked.get(id(g))) is not None and c[0]() is g and c[1] == g._version
-        }
         fresh = [i for i in present if self._steps[i] == 0]
-        stepped = [i for i in present if self._steps[i] > 0 and self.skip_nonfinite]
-        rows: dict[int, Tensor] = {}
-
-        def flag(ids_: list[int], stepped_: bool) -> None:
-            """Rows from each gradient's reduction: the noted norm, else a norm (fresh) or a
-            sum (stepped), one foreach / per-gradient call over those still to read."""
-            todo = [i for i in ids_ if i not in known]
-            if stepped_:
-                read = [present[i].sum() for i in todo]
-            else:
-                read = list(torch._foreach_norm([present[i] for i in todo])) if todo else []
-            got = dict(zip(todo, read, strict=True))
-            v = torch.stack([(known[i] if i in known else got[i]).float() for i in ids_])
-            bad = torch.isfinite(v).logical_not()  # (not ~: unsupported by fake CUDA tensors)
-            nonzero = torch.ones_like(v) if stepped_ else (v != 0).float()
-            stacked = torch.stack([torch.ones_like(v), bad.float(), nonzero], 1)
-            rows.update(zip(ids_, stacked, strict=True))
-
-        if present:
-            one = torch.ones((), device=lay.device)
-            rows.update(dict.fromkeys(present, torch.stack([one, one * 0, one])))  # unchecked
-            if fresh:
-                flag(fresh, False)
-            if stepped:
-                flag(stepped, True)
-        none = torch.zeros(3, device=lay.device)
+        read = fresh + [i for i in present if self._steps[i] > 0 and self.skip_nonfinite]
+        values: dict[int, Tensor] = {}
+        for i in read:
+            g = present[i]
+            c = checked.get(id(g))
+            if c is not None and c[0]() is g and c[1] == g._version:
+                values[i] = c[2]
+        todo = [i for i in fresh if i not in values]
+        if todo:  # one foreach norm over the fresh gradients still to read
+            values.update(zip(todo, torch._foreach_norm([present[i] for i in todo]), strict=True))
+        for i in read:
+            if i not in values:
+                values[i] = present[i].sum()
+        zero = torch.zeros((), device=lay.device)
+        v = torch.stack(
+            [
+                zero if (x := values.get(i)) is None else x if x.dtype == zero.dtype else x.float()
+                for i in range(n)
+            ]
+            or [zero]
+        )[:n]
+        has, first = self._masks(lay, tuple(present), tuple(fresh))
+        bad = torch.isfinite(v).logical_not()  # (not ~: unsupported by fake CUDA tensors)
+        nonzero = torch.where(first, v != 0, has)
         buf = torch.cat(
-            [torch.stack([rows.get(i, none) for i in range(n)]).reshape(-1), self._pending]
+            [torch.stack([has.float(), bad.float(), nonzero.float()], 1).reshape(-1), self._pending]
         )
         self._pending.zero_()
         return buf
+
+    def _masks(
+        self, lay: Layout, present: tuple[int, ...], fresh: tuple[int, ...]
+    ) -> tuple[Tensor, Tensor]:
+        """(has a gradient here, has not stepped yet) per parameter as bool tensors on the
+        layout's device, kept while the pattern repeats (no host-to-device copy per step)."""
+        n = len(self.specs)
+        key = (n, lay.device, present, fresh)
+        if self._mask_cache is None or self._mask_cache[0] != key:
+            masks = torch.zeros(2, n, dtype=torch.bool)
+            masks[0, list(present)] = True
+            masks[1, list(fresh)] = True
+            self._mask_cache = (key, masks.to(lay.device))
+        masks = self._mask_cache[1]
+        return masks[0], masks[1]
 
     def _fold_tail(self, tail: Sequence[float], refreshed: Sequence[int]) -> None:
         """Metrics from the summed tail of a flag vector: the residual of the matrices
