@@ -643,10 +643,10 @@ class _COAPBase(Checkpoints, Optimizer):
         n = len(self.specs)
         key = (n, lay.device, present, fresh)
         if self._mask_cache is None or self._mask_cache[0] != key:
-            masks = torch.zeros(2, n, dtype=torch.bool)
+            masks = torch.zeros(2, n, dtype=torch.bool, device=lay.device)
             masks[0, list(present)] = True
             masks[1, list(fresh)] = True
-            self._mask_cache = (key, masks.to(lay.device))
+            self._mask_cache = (key, masks)
         masks = self._mask_cache[1]
         return masks[0], masks[1]
 
