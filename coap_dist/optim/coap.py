@@ -596,10 +596,11 @@ class _COAPBase(Checkpoints, Optimizer):
 
         One reduction per gradient: its sum (non-finite iff an entry is NaN or +-inf, or
         the sum overflows), or before a parameter's first step its L2 norm (zero iff the
-        gradient is, the deferred-initialisation rule; one foreach norm over those), then
-        one stack of the n values and a few whole-vector kernels, whatever n is. With ``skip_nonfinite=False`` a
-        parameter that has stepped needs none; a gradient that :meth:`clip_grad_norm_`
-        measured and nothing changed since reuses that norm (no reduction here)."""
+        gradient is, the deferred-initialisation rule; one foreach norm over those). With
+        ``skip_nonfinite=False`` a parameter that has stepped needs none; a gradient that
+        :meth:`clip_grad_norm_` measured and nothing changed since reuses that norm (no
+        reduction here). The n values are then stacked once and flagged by a few
+        whole-vector kernels, whatever n is."""
         n = len(self.specs)
         assert self._pending is not None
         present = {i: g for i in ids if (g := lay.local_grad(i)) is not None}
@@ -624,7 +625,7 @@ class _COAPBase(Checkpoints, Optimizer):
                 zero if (x := values.get(i)) is None else x if x.dtype == zero.dtype else x.float()
                 for i in range(n)
             ]
-            or [zero]
+            or [zero]  # (n = 0: stack needs a tensor; the slice leaves none)
         )[:n]
         has, first = self._masks(lay, tuple(present), tuple(fresh))
         bad = torch.isfinite(v).logical_not()  # (not ~: unsupported by fake CUDA tensors)

@@ -205,20 +205,18 @@ def dense_steps(
     offsets = [w.start % fquant.BLOCK for w in works]
     ms = [read_moment(w.state, "exp_avg", True, o) for w, o in zip(works, offsets, strict=True)]
     devices = _fused_devices() if works else ()
-    keeps: dict[int, bool] = {}  # per group: decay leaves a positive factor (fused form)
     for j, (w, m) in enumerate(zip(works, ms, strict=True)):
         plain = "exp_avg" in w.state and "exp_avg_sq" in w.state
-        weight = w.weight
         if (
             plain
-            and m.dtype == weight.dtype
+            and m.dtype == w.weight.dtype
             and m.dtype in FUSED_DTYPES
-            and weight.device.type in devices
-            and keeps.setdefault(id(w.group), decay_keep(w.group) > 0)
+            and w.weight.device.type in devices
+            and decay_keep(w.group) > 0
         ):
-            fused.setdefault((id(w.group), m.dtype, steps[j], weight.device), []).append(j)
+            fused.setdefault((id(w.group), m.dtype, steps[j], w.weight.device), []).append(j)
         else:
-            rest.setdefault((id(w.group), m.dtype, weight.dtype), []).append(j)
+            rest.setdefault((id(w.group), m.dtype, w.weight.dtype), []).append(j)
     for (_, dtype, t, _), idx in fused.items():
         group = works[idx[0]].group
         b1, b2 = group["betas"]
