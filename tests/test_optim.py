@@ -444,6 +444,37 @@ def test_unchecked_step_equals_checked_step_and_reads_metrics_late() -> None:
     assert s1[-1]["optim/projection_residual"] > 0
 
 
+
+def test_grad_scaler_catches_what_the_unchecked_step_does_not() -> None:
+    """The sync-free route with a non-finite guard (README, "Why the checked default keeps
+    its one read"): ``skip_nonfinite=False`` under ``torch.amp.GradScaler`` skips an
+    overflowed step as the checked default does (every gradient non-finite there), so the
+    weights and refresh metrics equal the checked run's exactly (power-of-two scales)."""
+    runs = []
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        model = _mlp()
+        opt = COAPAdamW(
+            param_groups(model), lr=1e-2, rank=4, update_interval=2, reproject_factor=2,
+            skip_nonfinite=not scaled,
+        )  # fmt: skip
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=scaled)
+        x = torch.randn(8, 32)
+        for step in range(7):
+            loss = model(x).square().mean() * (float("inf") if step == 3 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        runs.append((model, opt.metrics(), scaler.get_scale()))
+    (m1, s1, _), (m2, s2, scale) = runs
+    assert scale == 2.0**9  # the overflow was seen and the step skipped
+    assert s1["optim/nonfinite_skips"] > 0
+    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for key in ("optim/refreshes", "optim/refresh_keep_old"):
+        assert s1[key] == s2[key], (key, s1, s2)
+
 def test_adafactor_trains_and_round_trips() -> None:
     losses, model, opt = _train(
         lambda m: COAPAdafactor(param_groups(m), lr=3e-3, rank=16, update_interval=5), 60
