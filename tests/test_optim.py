@@ -444,7 +444,6 @@ def test_unchecked_step_equals_checked_step_and_reads_metrics_late() -> None:
     assert s1[-1]["optim/projection_residual"] > 0
 
 
-
 def test_grad_scaler_catches_what_the_unchecked_step_does_not() -> None:
     """The sync-free route with a non-finite guard (README, "Why the checked default keeps
     its one read"): ``skip_nonfinite=False`` under ``torch.amp.GradScaler`` skips an
@@ -474,6 +473,7 @@ def test_grad_scaler_catches_what_the_unchecked_step_does_not() -> None:
         assert torch.equal(p, q)
     for key in ("optim/refreshes", "optim/refresh_keep_old"):
         assert s1[key] == s2[key], (key, s1, s2)
+
 
 def test_adafactor_trains_and_round_trips() -> None:
     losses, model, opt = _train(
