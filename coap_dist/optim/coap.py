@@ -351,11 +351,17 @@ class _COAPBase(Checkpoints, Optimizer):
                 self.specs[i], self.groups[self.group_of[i]], self._steps[i], self._adaptive[i]
             )
         ]
+        counts: list[Tensor] = []  # the state's 0-dim CPU "step" tensors, one foreach add
         for i in active:
             self._steps[i] += 1
             st = self.state.get(lay.params[i])
             if st:
-                st["step"] += 1
+                if isinstance(st["step"], Tensor):
+                    counts.append(st["step"])
+                else:
+                    st["step"] += 1
+        if counts:
+            torch._foreach_add_(counts, 1.0)
         count_refreshes(self._counters, due)
         self._refreshed = [i for i in due if self.specs[i].kind == "matrix"]
         work = lay.gather(active)
