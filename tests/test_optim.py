@@ -373,7 +373,27 @@ def test_conv_and_8bit_over_two_cycles(dtype: torch.dtype, bits: int | None) -> 
     assert "projector" not in opt.state[model.head.weight]  # output heads stay in AdamW
 
 
-def test_nonfinite_gradient_keeps_projector_and_skips_step() -> None:
+def test_nonfinite_gradient_keeps_projector_and_skips_step(monkeypatch: Any) -> None:
+    # Small gradients of one size are checked as the rows of stacked sums (here in chunks
+    # of two rows: the 64-entry bias and LayerNorm vectors): a NaN in one row skips its
+    # parameter only.
+    monkeypatch.setattr(coap_dist.optim.coap, "STACK_BUDGET_NUMEL", 128)
+    model = _mlp()
+    smalls = [p for p in model.parameters() if p.shape == (64,)]
+    assert len(smalls) == 3
+    opt = COAPAdamW(param_groups(model), lr=1e-2, rank=4)
+    x = torch.randn(8, 32)
+    for step in range(3):
+        model(x).square().mean().backward()
+        if step == 2:
+            smalls[1].grad[5] = float("nan")
+            before = [p.detach().clone() for p in smalls]
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(smalls[1], before[1]) and float(opt.state[smalls[1]]["step"]) == 2
+    assert not torch.equal(smalls[0], before[0]) and not torch.equal(smalls[2], before[2])
+    assert opt.metrics()["optim/nonfinite_skips"] == 1
+
     model = _mlp()
     opt = COAPAdamW(param_groups(model), lr=1e-2, rank=4, update_interval=2, reproject_factor=2)
     w = model[0].weight

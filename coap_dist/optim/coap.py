@@ -63,6 +63,11 @@ from coap_dist.optim.spec import ParamSpec, StateFormat, make_spec, with_stagger
 from coap_dist.optim.storage import rank_change, read_moment
 
 SHARDING_NAMES = (None, "none", "owner", "local")
+STACKED_SUM_NUMEL = 1 << 14
+"""The non-finite check sums gradients of at most this many entries (norm weights, biases)
+as rows of one stack per size: a copy this small costs less than a kernel per gradient."""
+STACK_BUDGET_NUMEL = 1 << 20
+"""At most this many entries per such stack (its temporary stays at 4 MiB in fp32)."""
 
 
 class _COAPBase(Checkpoints, Optimizer):
@@ -121,7 +126,8 @@ class _COAPBase(Checkpoints, Optimizer):
         self._pending: Tensor | None = None
         # id(gradient piece) -> (weak reference to it, its version then, its norm)
         self._checked: dict[int, tuple[weakref.ref[Tensor], int, Tensor]] = {}
-        self._mask_cache: tuple[tuple[Any, ...], Tensor] | None = None
+        # per kind (index order, presence, first step): the last pattern and its tensor
+        self._device_cache: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
         self._pending_load: dict[str, Any] | None = None
         self._consolidated: tuple[int, dict[str, Any]] | None = None
         self._step_calls = 0
@@ -605,8 +611,10 @@ class _COAPBase(Checkpoints, Optimizer):
         gradient is, the deferred-initialisation rule; one foreach norm over those). With
         ``skip_nonfinite=False`` a parameter that has stepped needs none; a gradient that
         :meth:`clip_grad_norm_` measured and nothing changed since reuses that norm (no
-        reduction here). The n values are then stacked once and flagged by a few
-        whole-vector kernels, whatever n is."""
+        reduction here). Small gradients of one size are summed as the rows of one stack
+        (up to :data:`STACKED_SUM_NUMEL` entries each: one kernel instead of one per gradient); the n values
+        are then placed by one indexed copy and flagged by a few whole-vector kernels,
+        whatever n is."""
         n = len(self.specs)
         assert self._pending is not None
         present = {i: g for i in ids if (g := lay.local_grad(i)) is not None}
@@ -622,18 +630,36 @@ class _COAPBase(Checkpoints, Optimizer):
         todo = [i for i in fresh if i not in values]
         if todo:  # one foreach norm over the fresh gradients still to read
             values.update(zip(todo, torch._foreach_norm([present[i] for i in todo]), strict=True))
+        stacks: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
         for i in read:
             if i not in values:
-                values[i] = present[i].sum()
-        zero = torch.zeros((), device=lay.device)
-        v = torch.stack(
-            [
-                zero if (x := values.get(i)) is None else x if x.dtype == zero.dtype else x.float()
-                for i in range(n)
-            ]
-            or [zero]  # (n = 0: stack needs a tensor; the slice leaves none)
-        )[:n]
-        has, first = self._masks(lay, tuple(present), tuple(fresh))
+                g = present[i]
+                if g.numel() <= STACKED_SUM_NUMEL:
+                    stacks.setdefault((g.numel(), g.dtype, g.device), []).append(i)
+                else:
+                    values[i] = g.sum()
+        order, parts = [], []
+        for (numel, _, _), members in stacks.items():
+            if len(members) == 1:
+                values[members[0]] = present[members[0]].sum()
+                continue
+            rows = max(1, STACK_BUDGET_NUMEL // numel)  # bounds the stack's temporary
+            for a in range(0, len(members), rows):
+                chunk = members[a : a + rows]
+                flat = torch.cat([present[i].reshape(-1) for i in chunk])
+                parts.append(flat.view(len(chunk), numel).sum(1).float())
+                order += chunk
+        if values:
+            singles = list(values)
+            parts.append(
+                torch.stack([x if x.dtype == torch.float32 else x.float() for x in values.values()])
+            )
+            order += singles
+        v = torch.zeros(n, device=lay.device)
+        if order:
+            v.index_copy_(0, self._cached(lay, ("order", tuple(order)), order), torch.cat(parts))
+        has = self._cached(lay, ("present", n, tuple(present)), list(present), n)
+        first = self._cached(lay, ("fresh", n, tuple(fresh)), fresh, n)
         bad = torch.isfinite(v).logical_not()  # (not ~: unsupported by fake CUDA tensors)
         nonzero = torch.where(first, v != 0, has)
         buf = torch.cat(
@@ -642,20 +668,20 @@ class _COAPBase(Checkpoints, Optimizer):
         self._pending.zero_()
         return buf
 
-    def _masks(
-        self, lay: Layout, present: tuple[int, ...], fresh: tuple[int, ...]
-    ) -> tuple[Tensor, Tensor]:
-        """(has a gradient here, has not stepped yet) per parameter as bool tensors on the
-        layout's device, kept while the pattern repeats (no host-to-device copy per step)."""
-        n = len(self.specs)
-        key = (n, lay.device, present, fresh)
-        if self._mask_cache is None or self._mask_cache[0] != key:
-            masks = torch.zeros(2, n, dtype=torch.bool, device=lay.device)
-            masks[0, list(present)] = True
-            masks[1, list(fresh)] = True
-            self._mask_cache = (key, masks)
-        masks = self._mask_cache[1]
-        return masks[0], masks[1]
+    def _cached(self, lay: Layout, key: tuple[Any, ...], idx: list[int], n: int = 0) -> Tensor:
+        """A tensor on the layout's device, kept while the step's pattern repeats (no
+        host-to-device copy per step): the indices ``idx`` (int64), or with ``n`` > 0 the
+        length-n bool mask that is True at them."""
+        key = (*key, lay.device)
+        hit = self._device_cache.get(key[0])
+        if hit is None or hit[0] != key:
+            if n:
+                out = torch.zeros(n, dtype=torch.bool, device=lay.device)
+                out[idx] = True
+            else:
+                out = torch.tensor(idx, dtype=torch.int64, device=lay.device)
+            hit = self._device_cache[key[0]] = (key, out)
+        return hit[1]
 
     def _fold_tail(self, tail: Sequence[float], refreshed: Sequence[int]) -> None:
         """Metrics from the summed tail of a flag vector: the residual of the matrices
