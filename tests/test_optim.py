@@ -57,14 +57,15 @@ def test_bad_input_names_the_field(kwargs: dict[str, Any], message: str) -> None
         COAPAdamW(_mlp().parameters(), **kwargs)
 
 
-def test_add_param_group_after_steps_unfreezes_a_layer() -> None:
+@pytest.mark.parametrize("refresh", ["fixed", "adaptive"])
+def test_add_param_group_after_steps_unfreezes_a_layer(refresh: str) -> None:
     """A group added after some steps (unfreezing a layer) joins at the next step: the
     existing parameters continue bitwise as if alone, the new ones as a fresh optimizer
-    started then, and the refresh counts add up."""
+    started then, and the refresh counts add up (fixed and adaptive schedules)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
     ref_model = copy.deepcopy(model)
-    kw = dict(lr=1e-2, rank=4, update_interval=2, reproject_factor=2)
+    kw = dict(lr=1e-2, rank=4, update_interval=2, reproject_factor=2, refresh=refresh)
     opt = COAPAdamW(list(model[0].parameters()), **kw)
     ref0 = COAPAdamW(list(ref_model[0].parameters()), **kw)
     ref1 = None

@@ -294,7 +294,13 @@ class Checkpoints:
         steps = sd.get("coap_steps")
         if steps is None:
             steps = [int(state[i]["step"]) if i in state else 0 for i in range(len(self.specs))]
-        self._steps = [int(k) for k in steps]
+        if len(steps) > len(self.specs):
+            raise ValueError(
+                f"{self.name}.load_state_dict: step counts of {len(steps)} parameters, but "
+                f"this optimizer has {len(self.specs)}: load a checkpoint of these parameters"
+            )
+        # Parameters the checkpoint does not cover (groups added since) start at 0.
+        self._steps = [int(k) for k in steps] + [0] * (len(self.specs) - len(steps))
         saved = {int(i): AdaptiveState.from_list(v) for i, v in sd.get("coap_refresh", {}).items()}
         for i in self._adaptive:
             # A matrix without a saved record (a fixed-schedule checkpoint) counts from now.

@@ -286,10 +286,7 @@ class _COAPBase(Checkpoints, Optimizer):
         self._pending = torch.zeros(2 * len(self.specs) + 1, device=layout.device)
         self._pending_load = None
         if load is not None:
-            self._load(load)
-        if old_state is not None:
-            # Groups added since keep the old parameters' indices; the new ones start at 0.
-            self._steps += [0] * (len(self.specs) - len(self._steps))
+            self._load(load)  # (groups added since keep the old indices; new ones start at 0)
         self._bound_groups = len(self.groups)
 
     # -------------------------------------------------------------------------- step
