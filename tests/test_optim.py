@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 from typing import Any
 
 import pytest
@@ -729,8 +730,11 @@ def test_load_state_dict_new_hyperparameters_win_and_state_converts() -> None:
     # What cannot convert: another projection side, another optimizer's state layout.
     m_s, side = fresh(projection_side="left")
     side.load_state_dict(saved)
-    with pytest.raises(ValueError, match=r"parameter 0: the saved projector has shape"):
-        _fit(m_s, side, range(1))
+    before = [p.detach().clone() for p in m_s.parameters()]
+    for _ in range(2):  # refused at the first step, before any update, and at every retry
+        with pytest.raises(ValueError, match=r"parameter 0: the saved projector has shape"):
+            _fit(m_s, side, range(1))
+    assert all(torch.equal(p, q) for p, q in zip(before, m_s.parameters(), strict=True))
     # An Adafactor checkpoint from before `beta1` became `betas[0]` still loads.
     m_old = _mlp()
     old_fac = COAPAdafactor(coap_dist.param_groups(m_old, rank=8), 1e-2, **kw)
@@ -820,6 +824,38 @@ def test_contract_frozen_compile_and_momentum_schedulers() -> None:
     _fit(a, fa, range(1, 2))
     _fit(b, fb, range(1, 2))
     assert not torch.equal(a[0].weight, b[0].weight)  # the matrix saw the cycled momentum
+
+
+@pytest.mark.parametrize("cls", [COAPAdamW, COAPAdafactor])
+def test_resume_under_a_momentum_scheduler_is_exact(cls: type) -> None:
+    """OneCycleLR cycles ``betas[0]``; a checkpoint taken mid-cycle resumes bitwise (the
+    scheduler's beta1 comes back with ``lr``, without a hyperparameter warning)."""
+
+    def build() -> tuple[nn.Module, Any, Any]:
+        model = _mlp()
+        opt = cls(param_groups(model, rank=4), 1e-2, update_interval=2)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)
+        return model, opt, sched
+
+    def train(model: nn.Module, opt: Any, sched: Any, steps: range) -> None:
+        for s in steps:
+            _fit(model, opt, range(s, s + 1))
+            sched.step()
+
+    ref = build()
+    train(*ref, range(6))
+    model, opt, sched = build()
+    train(model, opt, sched, range(3))
+    saved = [copy.deepcopy(x.state_dict()) for x in (model, opt, sched)]
+    resumed = build()
+    for x, sd in zip(resumed, saved, strict=True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing replaced: the betas are the schedule's
+            x.load_state_dict(sd)
+    assert resumed[1].param_groups[0]["betas"] == opt.param_groups[0]["betas"]
+    train(*resumed, range(3, 6))
+    for p, q in zip(ref[0].parameters(), resumed[0].parameters(), strict=True):
+        assert torch.equal(p, q)
 
 
 def test_hyperparameters_have_one_source() -> None:

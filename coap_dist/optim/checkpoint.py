@@ -166,8 +166,10 @@ class Checkpoints:
         step the state is kept and applied once the layout is bound.
 
         Hyperparameters: this optimizer's win. Only what a scheduler drives is restored
-        from the checkpoint, as torch does, so a resumed schedule continues: ``lr`` and
-        group keys that are not hyperparameters (``initial_lr``, ``max_lr``, metadata).
+        from the checkpoint, as torch does, so a resumed schedule continues: ``lr``,
+        ``betas[0]`` where a momentum scheduler marks the group (``max_momentum``:
+        OneCycleLR, CyclicLR with ``cycle_momentum``) and group keys that are not
+        hyperparameters (``initial_lr``, ``max_lr``, metadata).
         Every other saved value that differs (``weight_decay``, ``betas``, ``rank``, ...)
         is replaced by this optimizer's, with a ``UserWarning`` listing them.
 
@@ -232,6 +234,9 @@ class Checkpoints:
                 v = tuple(v) if k == "betas" else v
                 if k == "params" or k in RENAMED:
                     continue  # a renamed key (an older checkpoint's `beta1`): the new one wins
+                if k == "betas" and "max_momentum" in old:
+                    # a momentum scheduler (OneCycleLR, CyclicLR) drives beta1: restored
+                    v, group[k] = (v[0], group[k][1]), (v[0], group[k][1])
                 if k not in hyper:
                     group[k] = v
                 elif group.get(k) != v:

@@ -284,9 +284,22 @@ class _COAPBase(Checkpoints, Optimizer):
             if schedule.adaptive(s, self.groups[self.group_of[i]])
         }
         self._pending = torch.zeros(2 * len(self.specs) + 1, device=layout.device)
-        self._pending_load = None
         if load is not None:
-            self._load(load)  # (groups added since keep the old indices; new ones start at 0)
+            try:
+                self._load(load)  # (groups added since keep the old indices; new ones at 0)
+            except ValueError as e:
+                if old_state is not None:
+                    raise
+                # A state dict loaded before the first step: kept, so that every step
+                # refuses it again rather than training from fresh state.
+                self._layout = None
+                self.state.clear()
+                raise ValueError(
+                    f"{e}. (This state dict was given to load_state_dict before the first "
+                    "step(); it is applied when the layout binds, at the first step, and "
+                    "was refused there before any update)"
+                ) from None
+        self._pending_load = None
         self._bound_groups = len(self.groups)
 
     # -------------------------------------------------------------------------- step
