@@ -48,6 +48,35 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _rank(text: str) -> int | str:
+    """argparse type: a positive integer, or ``auto`` (COAP's automatic ranks, whose state
+    never exceeds the bytes of ``--rank-ratio``'s fixed ranks: that budget is the estimate)."""
+    if text == "auto":
+        return text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer or 'auto', got {text!r}"
+        ) from None
+
+
+def _check_rank(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, names: list[str]
+) -> None:
+    """The --rank / --rank-ratio combinations the estimators take, refused by flag name."""
+    if args.rank == "auto":
+        if args.rank_ratio is None:
+            parser.error("argument --rank: auto needs --rank-ratio (the fixed ranks' budget)")
+        others = [n for n in names if n not in ("coap", "coap8bit")]
+        if others:
+            parser.error(
+                f"argument --rank: auto is COAP's (--optimizer coap or coap8bit), not {others}"
+            )
+    elif args.rank is not None and args.rank_ratio is not None:
+        parser.error("argument --rank-ratio: not allowed with --rank")
+
+
 def _positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
     try:
@@ -83,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="every optimizer side by side, with the ratio to bf16 AdamW",
     )
     mem.add_argument(
-        "--rank", type=_positive_int, default=None, help="projection rank r (galore/coap/coap8bit)"
+        "--rank",
+        type=_rank,
+        default=None,
+        help="projection rank r (galore/coap/coap8bit), or auto (coap with --rank-ratio)",
     )
     mem.add_argument(
         "--rank-ratio",
@@ -205,6 +237,7 @@ def _step_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         parser.error(f"argument --layout: --step models {', '.join(STEP_LAYOUTS)}, got {layout}")
     if args.optimizer == "coap" and args.rank is None and args.rank_ratio is None:
         parser.error("argument --rank: --optimizer coap needs --rank (or --rank-ratio)")
+    _check_rank(args, parser, [args.optimizer])
     seq_len = args.seq_len or LLAMA_PRESETS[args.model].max_seq_len
     peak = estimate_step_peak(
         args.model,
@@ -244,8 +277,7 @@ def _memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     ):
         which = "--all" if args.all else f"--optimizer {args.optimizer}"
         parser.error(f"argument --rank: {which} needs --rank (or --rank-ratio)")
-    if args.rank is not None and args.rank_ratio is not None:
-        parser.error("argument --rank-ratio: not allowed with --rank")
+    _check_rank(args, parser, names)
     patterns = None
     if args.adamw_patterns is not None:
         patterns = [p for p in args.adamw_patterns.split(",") if p]

@@ -187,7 +187,7 @@ def estimate_step_peak(
     world_size: int = 1,
     layout: str = "replicated",
     in_backward: bool = False,
-    rank: int | None = None,
+    rank: int | str | None = None,
     rank_ratio: float | None = None,
     bucket_mb: float = 25.0,
 ) -> StepPeak:

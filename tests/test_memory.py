@@ -364,6 +364,12 @@ def test_cli_single_and_all(capsys: pytest.CaptureFixture[str]) -> None:
     for name in OPTIMIZERS:
         assert name in out
     assert "ratio to bf16 AdamW" in out and "max per rank" in out and "0.389" in out
+    # rank auto: the budget of --rank-ratio's fixed ranks, which is its estimate
+    for rank in (["--rank", "auto"], []):
+        argv = ["memory", "--model", "tiny", "--optimizer", "coap", *rank, "--rank-ratio", "4"]
+        assert cli_main(argv) == 0
+    auto, fixed = capsys.readouterr().out.split("model tiny")[1:]
+    assert "rank auto" in auto and auto.splitlines()[1:] == fixed.splitlines()[1:]
 
 
 def test_cli_step_peak(capsys: pytest.CaptureFixture[str]) -> None:
@@ -405,6 +411,8 @@ def test_cli_step_peak(capsys: pytest.CaptureFixture[str]) -> None:
             "--layout",
         ),
         (["memory", "--model", "1b", "--optimizer", "coap", "--rank", "0"], "--rank"),
+        (["memory", "--model", "1b", "--optimizer", "coap", "--rank", "auto"], "--rank"),
+        (["memory", "--model", "1b", "--all", "--rank", "auto", "--rank-ratio", "4"], "--rank"),
         (["memory", "--model", "2b", "--optimizer", "adamw"], "--model"),
         (["memory", "--model", "1b", "--optimizer", "adam"], "--optimizer"),
         (["memory", "--model", "1b", "--optimizer", "adamw", "--world-size", "x"], "--world-size"),

@@ -197,7 +197,7 @@ class COAPAdamWConfig(Hyperparameters):
         None,
         'r = min(rank, min(m, n)); exactly one of rank / rank_ratio for COAP groups; "auto": '
         "per-matrix ranks chosen at every SVD from the spectrum, within the state bytes of "
-        "rank_ratio's fixed ranks (fixed schedule; not under FSDP2's default row-shard layout)",
+        "rank_ratio's fixed ranks (fixed schedule; under FSDP2 every matrix must be sharded)",
         optional(rank_value, "use rank_ratio"),
     )
     rank_ratio: float | None = hp(
@@ -259,7 +259,8 @@ class COAPAdamWConfig(Hyperparameters):
     )
     state_bits: int | None = hp(
         None,
-        "None (parameter dtype), 32, 16 (bf16) or 8 (blockwise 8-bit moments)",
+        "None (parameter dtype), 32, 16 (bf16) or 8 (blockwise 8-bit moments where a moment "
+        "has 4096+ entries; smaller ones keep the parameter dtype, as bitsandbytes does)",
         choice(STATE_BITS),
         scope="optimizer",
     )

@@ -30,8 +30,8 @@ from coap_dist.functional.projection import Side
 Kind = Literal["matrix", "conv", "dense"]
 
 QUANT_MIN_NUMEL = 4096
-"""8-bit state applies to moments with at least this many elements (of the whole tensor);
-smaller ones stay fp32."""
+"""8-bit state applies to moments with at least this many elements (of the whole tensor:
+a x r for a COAP matrix, the parameter for AdamW); smaller ones keep the parameter's dtype."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +39,8 @@ class StateFormat:
     """How state tensors are stored.
 
     Attributes:
-        moment_dtype: dtype of unquantized moments (and of 8-bit state's small moments: fp32).
+        moment_dtype: dtype of unquantized moments (and of 8-bit state's small moments: the
+            parameter's dtype).
         projector_dtype: dtype of projectors and Tucker factors (never quantized).
         quantized: 8-bit blockwise moments for tensors of at least QUANT_MIN_NUMEL elements.
         adafactor: factored second moment (row and column statistics) for COAP matrices.
