@@ -280,6 +280,27 @@ def test_regression_close_to_adamw() -> None:
     assert opt.metrics()["optim/refreshes"] == 3 * 20  # 3 matrices, k = 0, 10, ..., 190
 
 
+def test_adamw_path_is_torch_adamw_with_the_papers_eps() -> None:
+    """README "Use it": ``algorithm="adamw"`` is torch AdamW with eps / sqrt(1 - b2^t) in
+    place of eps (the bias corrections folded into the step size), and its decoupled decay
+    multiplies the updated weight: W <- (1 - lr wd) (W - lr_t D)."""
+    torch.manual_seed(0)
+    ours = nn.Parameter(torch.randn(20, 10))
+    ref = nn.Parameter(ours.detach().clone())
+    lr, wd = 1e-2, 0.1
+    opt = COAPAdamW([ours], lr=lr, algorithm="adamw", eps=1e-6, weight_decay=wd)
+    torch_opt = torch.optim.AdamW([ref], lr=lr, eps=1e-6, weight_decay=0.0)
+    for t in range(1, 6):
+        g = torch.randn(20, 10) * 10.0**-t  # sqrt(V) towards eps
+        ours.grad, ref.grad = g.clone(), g.clone()
+        torch_opt.param_groups[0]["eps"] = 1e-6 / (1 - 0.999**t) ** 0.5
+        opt.step()
+        torch_opt.step()
+        with torch.no_grad():
+            ref.mul_(1 - lr * wd)
+        assert torch.allclose(ours, ref, rtol=0, atol=1e-6), t  # fp32 rounding: 5e-7
+
+
 def test_state_dict_round_trip_is_bitwise() -> None:
     """Save at step 7, torch.load(weights_only=True) into a fresh optimizer, continue: the
     trajectory equals the uninterrupted run bit for bit (fp32, 8-bit, conv)."""

@@ -184,7 +184,11 @@ class COAPAdamWConfig(Hyperparameters):
     betas: tuple[float, float] = hp(
         (0.9, 0.999), "Adam's (beta1, beta2); a scheduler may cycle beta1", unit_pair
     )
-    eps: float = hp(1e-6, "added to sqrt(V) (outside the root)", number(low=0.0))
+    eps: float = hp(
+        1e-6,
+        "added to sqrt(V) before bias correction (torch AdamW's eps / sqrt(1 - b2^t))",
+        number(low=0.0),
+    )
     weight_decay: float = hp(
         0.0, "decoupled decay: W <- (1 - lr wd) W after the update", number(low=0.0)
     )
