@@ -38,6 +38,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"rank": 4, "update_interval": 0}, "`update_interval`=0"),
     ({"rank": 4, "reproject_factor": 0}, "`reproject_factor`=0"),
     ({"rank": 4, "betas": (0.9, 1.0)}, "`betas`"),
+    ({"rank": 4, "lr": torch.tensor(1e-3)}, "a tensor .* is not taken; pass float"),
     ({"rank": 4, "betas": (-0.1, 0.99)}, "`betas`"),
     ({"rank": 4, "lr": -1e-3}, "`lr`=-0.001"),
     ({"rank": 4, "eps": -1.0}, "`eps`=-1.0"),
@@ -168,9 +169,10 @@ def test_bad_group_and_shapes() -> None:
     # A misspelt hyperparameter in a group names the nearest valid key, wherever the group
     # comes from (param_groups(), a dict, add_param_group); the caller's own metadata passes.
     with pytest.raises(
-        ValueError, match=r"unknown key `update_intervall`; did you mean `update_interval`"
+        ValueError,
+        match=r"param_groups\(model, \*\*overrides\): unknown key `update_intervall`; did you",
     ):
-        COAPAdamW(coap_dist.param_groups(_mlp(), update_intervall=40), rank=4)
+        coap_dist.param_groups(_mlp(), update_intervall=40)  # refused before any optimizer
     with pytest.raises(
         ValueError, match=r"param_groups\[0\]: unknown key `rnak`; did you mean `rank`"
     ):
@@ -882,6 +884,8 @@ def test_resume_under_a_momentum_scheduler_is_exact(cls: type) -> None:
 def test_hyperparameters_have_one_source() -> None:
     """The dataclass is the one place: the README shows its generated table, the app's
     optimizer section accepts exactly its fields, and the constructor's groups carry them."""
+    with pytest.raises(ValueError, match="unknown key `rnak`; did you mean `rank`"):
+        coap_dist.COAPAdamWConfig(rnak=4)  # the dataclass itself, as its builders
     from pathlib import Path
 
     from coap_dist.train.config import RECIPES

@@ -62,6 +62,12 @@ def number(*, low: float, strict: bool = False, high: float | None = None) -> Ch
         if ok:
             return None
         interval = f"{'(' if strict else '['}{low}, {'inf' if high is None else high})"
+        if hasattr(x, "item") and hasattr(x, "device"):  # a tensor (torch's capturable lr)
+            return (
+                f"must be a finite number in {interval}, a Python number: COAP's step sizes "
+                "and schedule are host numbers, so a tensor (torch's form for capturable "
+                "steps) is not taken; pass float(value)"
+            )
         return f"must be a finite number in {interval}"
 
     return check
@@ -119,6 +125,13 @@ class Hyperparameters:
     ``__post_init__``, built from mappings with unknown keys refused by name."""
 
     optimizer_name: ClassVar[str] = "optimizer"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        """Refuse an unknown keyword naming the nearest field, as :meth:`from_mapping` does
+        (the dataclass's own ``__init__`` would raise a bare ``TypeError``)."""
+        for key in kwargs:
+            _refuse_unknown(key, cls.keys(), cls.optimizer_name, near_only=False)
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         if isinstance(getattr(self, "betas", None), list):
@@ -278,9 +291,12 @@ class COAPAdamWConfig(Hyperparameters):
 
     # ---------------------------------------------------------------- param groups
     @classmethod
-    def check_group_keys(cls, group: Mapping[str, Any], where: str) -> None:
+    def check_group_keys(
+        cls, group: Mapping[str, Any], where: str, optimizer: str | None = None
+    ) -> None:
         """Raise ValueError for a group key that looks like a misspelt or renamed
-        hyperparameter (``update_intervall``, ``beta1``), naming the nearest valid one.
+        hyperparameter (``update_intervall``, ``beta1``), naming the nearest valid one
+        (``optimizer``: the constructor an optimizer-wide key goes to, in the message).
 
         Keys that resemble no hyperparameter are left alone: torch lets a group carry the
         caller's own metadata (``name``, ``param_names``, a layer id for layer-wise lr
@@ -292,7 +308,7 @@ class COAPAdamWConfig(Hyperparameters):
             if key in group:
                 raise ValueError(
                     f"{_at(where, key)} is set for the whole optimizer, not per parameter "
-                    f"group; pass {key}=... to the {cls.optimizer_name} constructor"
+                    f"group; pass {key}=... to the {optimizer or cls.optimizer_name} constructor"
                 )
 
     @classmethod

@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import nn
 
+from coap_dist.optim.config import COAPAdafactorConfig
+
 HEAD_NAMES = ("output", "lm_head", "head", "classifier", "embed_out")
 """Module names treated as output heads (kept in AdamW by default)."""
 
@@ -36,6 +38,10 @@ def param_groups(
     ``coap_patterns``. ``coap_overrides`` (rank, update_interval, ...) go into the COAP group.
     Shared (tied) parameters appear once. Empty groups are omitted.
     """
+    # (misspelt keys fail here, as in the optimizers' groups; the values are checked there)
+    COAPAdafactorConfig.check_group_keys(
+        coap_overrides, "param_groups(model, **overrides)", "COAPAdamW / COAPAdafactor"
+    )
     adamw_pats = list(adamw_patterns or ())
     coap_pats = list(coap_patterns or ())
     seen: set[int] = set()
