@@ -166,6 +166,10 @@ def test_refusals_name_what_to_use() -> None:
     partial = torch.optim.AdamW(model[0].parameters())
     with pytest.raises(ValueError, match=r"'1\.weight' .* is not in the optimizer"):
         coap_dist.optimizer_in_backward(model, partial)
+    temperature = nn.Parameter(torch.ones(()))  # trainable, but not the model's
+    extra = torch.optim.AdamW([*model.parameters(), temperature])
+    with pytest.raises(ValueError, match=r"shape \(\) .* not a parameter of the model"):
+        coap_dist.optimizer_in_backward(model, extra)
 
 
 def _measured_peak(in_backward: bool) -> int:
@@ -249,6 +253,109 @@ def test_a_failed_backward_leaves_the_handler_usable() -> None:
 
 def _raise(_: torch.Tensor) -> None:
     raise RuntimeError("boom")
+
+
+def test_a_failure_never_leaves_gradients_nor_a_silent_handler() -> None:
+    """A bare backward that raises does not disable the handler (the model's next forward
+    drops what it left), and a bucket whose step raises (a state dict refused at the
+    binding step) frees its gradients: the retry equals a run that never failed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    ref = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    handle = coap_dist.optimizer_in_backward(model, opt)
+    x = torch.randn(8, 16)
+    boom = model[0].weight.register_hook(_raise)
+    with pytest.raises(RuntimeError, match="boom"):
+        model(x).square().sum().backward()
+    boom.remove()
+    for _ in range(2):  # both bare backwards step (and free)
+        model(x).square().sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert int(opt.state[model[2].weight]["step"]) == 2
+    handle.remove()
+    # A pending state dict refused inside the first bucket's step.
+    runs = []
+    for fail in (True, False):
+        net = copy.deepcopy(ref)
+        coap = coap_dist.COAPAdamW(coap_dist.param_groups(net, rank=4), **KW)
+        h = coap_dist.optimizer_in_backward(net, coap, max_grad_norm=CLIP, bucket_mb=1e-3)
+        if fail:
+            other = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 4))
+            wrong = coap_dist.COAPAdamW(coap_dist.param_groups(other, rank=4), **KW)
+            other(x).square().sum().backward()
+            wrong.step()
+            coap.load_state_dict(wrong.state_dict())  # another model's shapes: refused
+            with pytest.raises(ValueError, match="refused there before any update"):
+                h.step(lambda net=net: net(x).square().sum().backward())
+            assert all(p.grad is None for p in net.parameters())
+            fresh = coap_dist.COAPAdamW(coap_dist.param_groups(copy.deepcopy(ref), rank=4), **KW)
+            coap.load_state_dict(fresh.state_dict())  # replaces the refused one
+        for _ in range(3):
+            h.step(lambda net=net: net(x).square().sum().backward())
+        runs.append(net)
+    assert _distance(*runs) == 0.0
+
+
+def test_reentrant_checkpointing_buffers_accumulation_and_unfrozen_parameters() -> None:
+    """Exact clipping stays exact under reentrant activation checkpointing (one backward
+    per segment: the norm is summed until the model's next forward) and leaves BatchNorm
+    statistics as the normal step does (the pre-pass's forward is undone); a second
+    gradient before the next forward (accumulation) and a parameter unfrozen after the
+    handler was built are refused by name, before any step."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self, reentrant: bool) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+            self.norm = nn.BatchNorm1d(16)
+            self.reentrant = reentrant
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.norm(x)
+            for b in self.blocks:  # every block checkpointed, as gradient_checkpointing does
+                x = checkpoint(lambda t, b=b: torch.tanh(b(t)), x, use_reentrant=self.reentrant)
+            return x
+
+    x = torch.randn(8, 16, requires_grad=True)  # (reentrant checkpointing needs one)
+    ref, net = Net(False), Net(True)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    handle = coap_dist.optimizer_in_backward(net, opt, max_grad_norm=0.1)
+    for _ in range(2):
+        ref(x).square().sum().backward()
+        true = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+        ref_opt.step()
+        ref_opt.zero_grad()
+        handle.step(lambda: net(x).square().sum().backward())
+        assert float(handle.grad_norm) == pytest.approx(float(true), rel=1e-6)
+    assert _distance(net, ref) < 1e-6
+    assert int(net.norm.num_batches_tracked) == 2
+    assert torch.allclose(net.norm.running_mean, ref.norm.running_mean)
+    before = copy.deepcopy(net.state_dict())
+
+    def accumulate() -> None:
+        for half in x.chunk(2):
+            net(half).square().sum().backward()
+
+    with pytest.raises(RuntimeError, match="got a second gradient since the model's last"):
+        handle.step(accumulate)
+    net.load_state_dict(before)  # (the refused pre-pass ran forwards, as any forward does)
+    handle.remove()
+    net.blocks[0].weight.requires_grad_(False)
+    handle = coap_dist.optimizer_in_backward(net, opt)
+    net.blocks[0].weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"shape \(16, 16\) requires a gradient but has no hook"):
+        net(x).square().sum().backward()
+    assert all(torch.equal(p, before[n]) for n, p in net.named_parameters())
+    # A clipped handler's state loads into an unclipped one (its coefficient unused).
+    handle.remove()
+    clipped = coap_dist.optimizer_in_backward(net, opt, max_grad_norm=0.1, clip="previous")
+    clipped.step(lambda: net(x).square().sum().backward())
+    clipped.remove()
+    coap_dist.optimizer_in_backward(net, opt).load_state_dict(clipped.state_dict())
 
 
 def test_bucket_steps_reuse_the_handlers_norms_as_their_check() -> None:

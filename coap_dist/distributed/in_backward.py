@@ -147,6 +147,26 @@ class InBackward:
                 "never step nor be freed. Build the optimizer over the model's parameters "
                 "as they are now (after fully_shard), or set requires_grad=False on it"
             )
+        in_model = {id(p) for p in model.parameters()}
+        foreign = [
+            tuple(p.shape)
+            for g in optimizer.param_groups
+            for p in g["params"]
+            if id(p) not in in_model and p.requires_grad
+        ]
+        if foreign:
+            raise ValueError(
+                f"optimizer_in_backward: the optimizer holds a trainable tensor of shape "
+                f"{foreign[0]} (and {len(foreign) - 1} more) that is not a parameter of the "
+                "model: no hook would step it once per backward (every bucket's step would). "
+                "Register it on the model (an nn.Parameter attribute), or give it its own "
+                "optimizer"
+            )
+        hooked = {id(p) for p in self.params}
+        # frozen now: one unfrozen later is refused at the next backward, before any step
+        self._unhooked = [
+            p for g in optimizer.param_groups for p in g["params"] if id(p) not in hooked
+        ]
         self.sharded = any(isinstance(p, DTensor) for p in self.params)
         if self.sharded and not all(isinstance(p, DTensor) for p in self.params):
             raise ValueError(
@@ -168,13 +188,18 @@ class InBackward:
         self._ready: list[Tensor] = []
         self._ready_bytes = 0.0
         self._ready_count: dict[int, int] = {}
+        # the local norms of every gradient since the model's last forward (all the
+        # backward passes over its graph: reentrant checkpointing runs one per segment)
         self._norms: list[tuple[tuple[int, ...], Tensor]] = []
+        self._seen: set[int] = set()  # parameters whose gradient arrived since then
         self._queued = False
         self._mode = "step"  # "norm": pre-pass (sum squared norms, free); "step": step
         self._armed = False  # inside step(): the mode is the handler's, not a bare backward
-        self._coef: Tensor | None = None
+        self._coef: Tensor | None = None  # c for the next step (from the last norm)
+        self._step_coef: Tensor | None = None  # c of this step, fixed at its forward
         self.grad_norm = torch.full((), math.nan, device=self.device)
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+        self._handles.append(model.register_forward_pre_hook(self._forward))
 
     # ---------------------------------------------------------------------------- public
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
@@ -183,8 +208,10 @@ class InBackward:
         ``"previous"``: at the first step only), the first time under a forked RNG so that
         both passes draw the same dropout. Returns the loss (of the stepping pass, detached)."""
         if self.max_grad_norm is not None and (self.clip == "exact" or self._coef is None):
+            buffers = _save_buffers(self.model)  # the pre-pass's forward must leave none
             with _same_rng(self.device):
                 self._run(closure, "norm")
+            _restore_buffers(self.model, buffers)
         return self._run(closure, "step")
 
     def remove(self) -> None:
@@ -203,25 +230,41 @@ class InBackward:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (a resumed ``clip="previous"`` run clips as it would have)."""
         self.grad_norm = sd["grad_norm"].to(self.device)
-        self._coef = self._coefficient(self.grad_norm) if sd.get("has_coef") else None
+        clipping = sd.get("has_coef") and self.max_grad_norm is not None
+        self._coef = self._coefficient(self.grad_norm) if clipping else None
 
     # -------------------------------------------------------------------------- internals
     def _run(self, closure: Callable[[], Tensor], mode: str) -> Tensor:
+        self._drop_pending()
+        self._norms, self._seen, self._step_coef = [], set(), self._coef
         self._mode, self._armed = mode, True
         try:
             loss = closure()
         except BaseException:
-            # A backward that raised never ran _finish: drop its pending bucket (those
-            # gradients are not stepped) so that the next pass starts clean. The buckets
-            # stepped before the error stay stepped: in-backward applies a step piecewise.
-            for p in self._ready:
-                p.grad = None
-            self._ready, self._ready_bytes, self._queued = [], 0.0, False
-            self._ready_count.clear()
+            self._drop_pending()
             raise
         finally:
             self._mode, self._armed = "step", False
         return loss.detach() if isinstance(loss, Tensor) else loss
+
+    def _drop_pending(self) -> None:
+        """Forget a backward that raised before its end (it never ran _finish): its pending
+        bucket's gradients are freed, not stepped, so that the next pass starts clean. The
+        buckets stepped before the error stay stepped: in-backward applies a step
+        piecewise."""
+        for p in self._ready:
+            p.grad = None
+        self._ready, self._ready_bytes, self._queued = [], 0.0, False
+        self._ready_count.clear()
+
+    def _forward(self, module: nn.Module, args: Any) -> None:
+        """The model's forward (a new step's gradients follow; not a recomputation inside a
+        backward): drop what a failed bare ``backward()`` left, restart the norm sums and
+        fix this step's clip coefficient (``clip="previous"``)."""
+        if torch._C._current_graph_task_id() != -1 or self._armed:
+            return  # a checkpoint's recomputation, or inside handle.step (done by _run)
+        self._drop_pending()
+        self._norms, self._seen, self._step_coef = [], set(), self._coef
 
     def _fsdp2_buckets(self) -> dict[int, int]:
         """Parameter id -> bucket: the ``fully_shard`` module whose reduce-scatter gives it
@@ -246,9 +289,25 @@ class InBackward:
                 f"(clip={self.clip!r}): run the step as handle.step(closure), where closure() "
                 "runs forward and backward, not loss.backward() alone"
             )
-        if not self._queued:
+        if id(p) in self._seen:
+            raise RuntimeError(
+                "optimizer_in_backward: a parameter of shape "
+                f"{tuple(p.shape)} got a second gradient since the model's last forward "
+                "(gradient accumulation, or several backward passes over one graph). Each "
+                "backward is one optimizer step here: run one forward and one backward per "
+                "step, or use the normal loop to accumulate"
+            )
+        self._seen.add(id(p))
+        if not self._queued:  # the first gradient of a backward pass, before any step
+            unfrozen = next((q for q in self._unhooked if q.requires_grad), None)
+            if unfrozen is not None:
+                raise RuntimeError(
+                    f"optimizer_in_backward: an optimizer parameter of shape "
+                    f"{tuple(unfrozen.shape)} requires a gradient but has no hook: it was "
+                    "frozen when the handler was built. After unfreezing, build it again "
+                    "(handle.remove(); optimizer_in_backward(model, optimizer, ...))"
+                )
             self._queued = True
-            self._norms = []
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
         self._ready.append(p)
         b = self._bucket_of.get(id(p))
@@ -268,28 +327,32 @@ class InBackward:
         params, self._ready, self._ready_bytes = self._ready, [], 0.0
         if not params:
             return
-        grads = [p.grad for p in params]
-        assert all(g is not None for g in grads)
-        if self.comm is not None:
-            _average(grads, self.comm)  # type: ignore[arg-type]
-        measured = _local_norms(grads)  # type: ignore[arg-type]
-        self._norms += measured
-        if self._mode == "step":
-            local = [_local(g) for g in grads]  # type: ignore[arg-type]
-            norms = [n for _, n in measured]
-            if self._coef is not None:
-                torch._foreach_mul_(local, self._coef)
-                norms = list(torch._foreach_mul(norms, self._coef))
-            reuse = getattr(self.optimizer, "reuse_grad_norms", None)
-            if reuse is not None:  # COAP: its step's non-finite check is these norms
-                reuse(local, norms)
-            self.optimizer.step()
-        for p in params:
-            p.grad = None
+        try:
+            grads = [p.grad for p in params]
+            assert all(g is not None for g in grads)
+            if self.comm is not None:
+                _average(grads, self.comm)  # type: ignore[arg-type]
+            measured = _local_norms(grads)  # type: ignore[arg-type]
+            self._norms += measured
+            if self._mode == "step":
+                local = [_local(g) for g in grads]  # type: ignore[arg-type]
+                norms = [n for _, n in measured]
+                if self._step_coef is not None:
+                    torch._foreach_mul_(local, self._step_coef)
+                    norms = list(torch._foreach_mul(norms, self._step_coef))
+                reuse = getattr(self.optimizer, "reuse_grad_norms", None)
+                if reuse is not None:  # COAP: its step's non-finite check is these norms
+                    reuse(local, norms)
+                self.optimizer.step()
+        finally:  # stepped or refused, a bucket's gradients never stay for the next pass
+            for p in params:
+                p.grad = None
 
     def _finish(self) -> None:
-        """End of a backward pass: step the rest, then the global norm (one all-reduce per
-        set of sharded mesh dims) and, from it, the next clip coefficient."""
+        """End of a backward pass: step the rest, then the global norm since the model's
+        forward (one all-reduce per set of sharded mesh dims; several passes under
+        reentrant checkpointing: the last one has every gradient) and, from it, the next
+        clip coefficient."""
         self._queued = False
         self._ready_count.clear()
         self._flush()
@@ -304,7 +367,6 @@ class InBackward:
                 assert mesh is not None
                 dist.all_reduce(sq, group=mesh.get_group(d))
             total = total + sq
-        self._norms = []
         self.grad_norm = total.sqrt()
         if self.max_grad_norm is not None:
             self._coef = self._coefficient(self.grad_norm)
@@ -350,6 +412,29 @@ def _broadcast_from_first(model: nn.Module, group: dist.ProcessGroup) -> None:
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             dist.broadcast(t.data, src=src, group=group)
+
+
+def _save_buffers(model: nn.Module) -> list[tuple[nn.Module, str, Tensor, Tensor]]:
+    """(module, name, the buffer, a copy of it) for every buffer (BatchNorm's running
+    statistics and counters): a norm pre-pass's forward must not advance them."""
+    out = []
+    for module in model.modules():
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None:
+                out.append((module, name, b, b.detach().clone()))
+    return out
+
+
+def _restore_buffers(model: nn.Module, saved: list[tuple[nn.Module, str, Tensor, Tensor]]) -> None:
+    """Put back :func:`_save_buffers`' values, into the same tensors (or the registered
+    name, where the forward replaced the tensor)."""
+    with torch.no_grad():
+        for module, name, b, value in saved:
+            now = module._buffers.get(name)
+            if now is b:
+                b.copy_(value)
+            else:
+                module._buffers[name] = value
 
 
 @contextlib.contextmanager

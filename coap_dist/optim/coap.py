@@ -644,7 +644,7 @@ class _COAPBase(Checkpoints, Optimizer):
         for i in read:
             if i not in values:
                 g = present[i]
-                if g.numel() <= STACKED_SUM_NUMEL:
+                if 0 < g.numel() <= STACKED_SUM_NUMEL:  # (an empty shard: its own sum)
                     stacks.setdefault((g.numel(), g.dtype, g.device), []).append(i)
                 else:
                     values[i] = g.sum()
