@@ -1046,3 +1046,58 @@ def test_clip_grad_norm_folds_the_nonfinite_check_into_its_reduction() -> None:
     model[3].weight.grad[0, 0] = float("inf")  # changed after the clip: checked again
     opt.step()
     assert opt.metrics()["optim/nonfinite_skips"] == skips + len(before) + 1
+    opt.zero_grad()
+    # max_norm=inf scales nothing: only the non-finite gradient's parameter skips.
+    model(x).square().mean().backward()
+    model[0].weight.grad[0, 0] = float("inf")
+    assert not torch.isfinite(opt.clip_grad_norm_(float("inf")))
+    opt.step()
+    assert opt.metrics()["optim/nonfinite_skips"] == skips + len(before) + 2
+
+
+def test_refused_loads_and_early_groups_lose_nothing() -> None:
+    """A refused ``load_state_dict`` after a step leaves the groups (lr included) as they
+    were; a damaged state dict loaded before the first step is refused by that step as a
+    config error, at every retry; a group added before the first step is in
+    ``state_dict()`` and resumes."""
+    model = _mlp()
+    opt = COAPAdamW(param_groups(model, rank=4), lr=1e-2)
+    _fit(model, opt, range(1))
+    wrong = nn.Sequential(  # the same group sizes, other shapes
+        nn.Linear(32, 64), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 40), nn.GELU(),
+        nn.Linear(40, 8),
+    )  # fmt: skip
+    wrong_opt = COAPAdamW(param_groups(wrong, rank=4), lr=0.5)
+    _fit(wrong, wrong_opt, range(1))
+    with pytest.raises(ValueError, match="parameter"):
+        opt.load_state_dict(wrong_opt.state_dict())
+    assert all(g["lr"] == 1e-2 and "initial_lr" not in g for g in opt.param_groups)
+    # 8-bit state missing a scale: refused at the binding step, named as a config error.
+    m8 = nn.Sequential(nn.Linear(32, 256), nn.Linear(256, 8))  # moments of 256 x 16
+    o8 = COAPAdamW(param_groups(m8, rank=16), lr=1e-2, state_bits=8)
+    _fit(m8, o8, range(1))
+    sd = copy.deepcopy(o8.state_dict())
+    damaged = next(st for st in sd["state"].values() if "exp_avg_scale" in st)
+    del damaged["exp_avg_scale"]
+    fresh = COAPAdamW(param_groups(m8, rank=16), lr=1e-2, state_bits=8)
+    fresh.load_state_dict(sd)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"does not fit this optimizer \(KeyError"):
+            _fit(m8, fresh, range(1))
+
+    # add_param_group before the first step: saved, and a resume built the same way loads.
+    def build() -> tuple[nn.Module, COAPAdamW]:
+        m = _mlp()
+        o = COAPAdamW(list(m[0].parameters()), lr=1e-2, rank=4)
+        o.add_param_group({"params": list(m[3].parameters())})
+        return m, o
+
+    m, o = build()
+    assert len(o.state_dict()["param_groups"]) == 2
+    _fit(m, o, range(2))
+    m2, o2 = build()
+    m2.load_state_dict(m.state_dict())
+    o2.load_state_dict(o.state_dict())
+    _fit(m, o, range(2, 3))
+    _fit(m2, o2, range(2, 3))
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), m2.parameters(), strict=True))

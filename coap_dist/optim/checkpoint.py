@@ -227,6 +227,16 @@ class Checkpoints:
             "state": {position[k]: v for k, v in state_dict["state"].items() if k in position},
             "param_groups": [{**g, "params": [position[p] for p in g["params"]]} for g in saved],
         }
+        backup = [dict(g) for g in self.groups]
+        try:
+            self._apply_loaded(state_dict, saved)
+        except BaseException:  # a refused state dict leaves the groups as they were
+            for g, kept in zip(self.groups, backup, strict=True):
+                g.clear()
+                g.update(kept)
+            raise
+
+    def _apply_loaded(self, state_dict: dict[str, Any], saved: list[dict[str, Any]]) -> None:
         hyper = set(self.config_class.keys("group")) - {"lr"}
         replaced = []
         for i, (group, old) in enumerate(zip(self.groups, saved, strict=True)):

@@ -169,6 +169,8 @@ class _COAPBase(Checkpoints, Optimizer):
         self.config_class.validate_group(self.param_groups[-1], where, own=own)
         for j, p in enumerate(self.param_groups[-1]["params"]):
             _refuse_unsupported(p, f"{where} parameter {j}")
+        if "groups" in self.__dict__:  # (not during torch's __init__): joins now, so that
+            self._present_groups()  # state_dict() before the next step carries it
 
     # --------------------------------------------------------------------- Core protocol
     @property
@@ -287,18 +289,26 @@ class _COAPBase(Checkpoints, Optimizer):
         if load is not None:
             try:
                 self._load(load)  # (groups added since keep the old indices; new ones at 0)
-            except ValueError as e:
+            except BaseException as e:
                 if old_state is not None:
                     raise
                 # A state dict loaded before the first step: kept, so that every step
                 # refuses it again rather than training from fresh state.
                 self._layout = None
                 self.state.clear()
+                if not isinstance(e, Exception):
+                    raise
+                what = (
+                    str(e)
+                    if isinstance(e, ValueError)
+                    else f"{self.name}.load_state_dict: the state dict does not fit this "
+                    f"optimizer ({type(e).__name__}: {e})"
+                )
                 raise ValueError(
-                    f"{e}. (This state dict was given to load_state_dict before the first "
+                    f"{what}. (This state dict was given to load_state_dict before the first "
                     "step(); it is applied when the layout binds, at the first step, and "
                     "was refused there before any update)"
-                ) from None
+                ) from (None if isinstance(e, ValueError) else e)
         self._pending_load = None
         self._bound_groups = len(self.groups)
 
@@ -429,9 +439,11 @@ class _COAPBase(Checkpoints, Optimizer):
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         self._checked = {}
         if gs:
-            if not math.isinf(max_norm):
+            if math.isinf(max_norm):  # no scaling (c would be NaN for a non-finite total)
+                self.reuse_grad_norms(gs, norms)
+            else:
                 torch._foreach_mul_(gs, coef.to(gs[0].dtype))
-            self.reuse_grad_norms(gs, torch._foreach_mul(norms, coef))
+                self.reuse_grad_norms(gs, torch._foreach_mul(norms, coef))
         return total
 
     def zero_grad(self, set_to_none: bool = True) -> None:
