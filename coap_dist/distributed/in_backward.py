@@ -37,7 +37,13 @@ Global-norm clipping (``max_grad_norm``), with c = min(1, max_norm / (||g|| + 1e
 
 Not supported (refused by name): DeepSpeed engines (their ``backward``/``step`` own the
 gradient partitions), FSDP1 (flat parameters), a ``DistributedDataParallel`` wrapper (pass
-the module itself), and gradient accumulation (each backward is one optimizer step).
+the module itself), gradient accumulation (each backward is one optimizer step: a second
+gradient of a parameter before the model's next forward raises), optimizer tensors that are
+not the model's parameters, and parameters unfrozen after the handler was built.
+
+The global norm is the sum over every backward pass between two forwards of the model (the
+model's forward pre-hook restarts it), so reentrant activation checkpointing, which runs one
+backward per segment, clips exactly; a recomputation inside a backward is not a new forward.
 """
 
 from __future__ import annotations
