@@ -445,9 +445,12 @@ def _restore_buffers(model: nn.Module, saved: list[tuple[nn.Module, str, Tensor,
 
 @contextlib.contextmanager
 def _same_rng(device: torch.device) -> Iterator[None]:
-    """Run the body under a copy of the RNG state: what follows draws the same numbers."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+    """Run the body under a copy of the RNG state (the CPU's and, on an accelerator, that
+    device's): what follows draws the same numbers."""
+    on_device = device.type not in ("cpu", "meta")
+    with torch.random.fork_rng(
+        devices=[device] if on_device else [], device_type=device.type if on_device else "cuda"
+    ):
         yield
 
 

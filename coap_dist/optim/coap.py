@@ -170,7 +170,15 @@ class _COAPBase(Checkpoints, Optimizer):
         for j, p in enumerate(self.param_groups[-1]["params"]):
             _refuse_unsupported(p, f"{where} parameter {j}")
         if "groups" in self.__dict__:  # (not during torch's __init__): joins now, so that
-            self._present_groups()  # state_dict() before the next step carries it
+            try:  # state_dict() before the next step carries it
+                self._present_groups()
+            except BaseException:  # refused (sharded state exists): the group is not added
+                self.param_groups.pop()
+                if self.groups and self.groups[-1] is param_group:
+                    self.groups.pop()
+                    self._built.pop()
+                self._layout_stale = False
+                raise
 
     # --------------------------------------------------------------------- Core protocol
     @property

@@ -364,9 +364,10 @@ def _mismatch(rank: int) -> None:
     opt.step()
     extra = nn.Linear(4, 4)
     extra.weight.grad, extra.bias.grad = torch.ones(4, 4), torch.ones(4)
-    opt.add_param_group({"params": list(extra.parameters())})
     with pytest.raises(RuntimeError, match=r"add_param_group after the first step is supported"):
-        opt.step()
+        opt.add_param_group({"params": list(extra.parameters())})
+    assert len(opt.param_groups) == len(opt.groups) == 2  # not added; the optimizer steps on
+    opt.step()
     with pytest.raises(RuntimeError, match=r"cannot copy or pickle an optimizer bound to"):
         copy.deepcopy(opt)
 
