@@ -641,10 +641,10 @@ class _COAPBase(Checkpoints, Optimizer):
         gradient is, the deferred-initialisation rule; one foreach norm over those). With
         ``skip_nonfinite=False`` a parameter that has stepped needs none; a gradient that
         :meth:`clip_grad_norm_` measured and nothing changed since reuses that norm (no
-        reduction here). Small gradients of one size are summed as the rows of one stack
-        (up to :data:`STACKED_SUM_NUMEL` entries each: one kernel instead of one per gradient); the n values
-        are then placed by one indexed copy and flagged by a few whole-vector kernels,
-        whatever n is."""
+        reduction here). Small gradients of one size (up to :data:`STACKED_SUM_NUMEL`
+        entries) are summed as the rows of one stack: one kernel instead of one per
+        gradient. The n values are then placed by one indexed copy and flagged by a few
+        whole-vector kernels, whatever n is."""
         n = len(self.specs)
         assert self._pending is not None
         present = {i: g for i in ids if (g := lay.local_grad(i)) is not None}
@@ -680,11 +680,10 @@ class _COAPBase(Checkpoints, Optimizer):
                 parts.append(flat.view(len(chunk), numel).sum(1).float())
                 order += chunk
         if values:
-            singles = list(values)
             parts.append(
                 torch.stack([x if x.dtype == torch.float32 else x.float() for x in values.values()])
             )
-            order += singles
+            order += values
         v = torch.zeros(n, device=lay.device)
         if order:
             v.index_copy_(0, self._cached(lay, ("order", tuple(order)), order), torch.cat(parts))
