@@ -1101,3 +1101,61 @@ def test_refused_loads_and_early_groups_lose_nothing() -> None:
     _fit(m, o, range(2, 3))
     _fit(m2, o2, range(2, 3))
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), m2.parameters(), strict=True))
+
+
+def test_a_step_interrupted_before_its_writes_retries_and_one_interrupted_after_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An exception in a step's gradient exchange (a failed collective, Ctrl-C) leaves the
+    optimizer unchanged: calling ``step()`` again gives the uninterrupted run bitwise. One
+    after the writes began (here: in the weight write of a refresh step) makes ``step()``
+    and ``state_dict()`` refuse, naming it, until a checkpoint is loaded; the resumed run
+    is again the uninterrupted one."""
+
+    def run(interrupt: bool) -> nn.Module:
+        model = _mlp()
+        opt = COAPAdamW(param_groups(model, rank=4), lr=1e-2, update_interval=2)
+        _fit(model, opt, range(3))
+        lay = opt._layout
+        assert lay is not None
+        if interrupt:
+            before = [p.detach().clone() for p in model.parameters()]
+            gather = lay.gather
+
+            def interrupted(active: Any) -> Any:
+                raise KeyboardInterrupt
+
+            monkeypatch.setattr(lay, "gather", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                _fit(model, opt, range(3, 4))
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+            monkeypatch.setattr(lay, "gather", gather)
+            opt.step()  # the retry, on the gradients still there
+            opt.zero_grad()
+        else:
+            _fit(model, opt, range(3, 4))
+        saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+        if interrupt:
+            scatter = lay.scatter
+
+            def failing(updates: Any, work: Any) -> None:
+                raise RuntimeError("injected failure")
+
+            monkeypatch.setattr(lay, "scatter", failing)
+            with pytest.raises(RuntimeError, match="injected failure"):
+                _fit(model, opt, range(4, 5))  # step 5: a projector update is due
+            monkeypatch.setattr(lay, "scatter", scatter)
+            for call in (opt.step, opt.state_dict):
+                with pytest.raises(RuntimeError, match=r"stopped part-way \(RuntimeError: "
+                                   r"injected failure\).*load_state_dict"):  # fmt: skip
+                    call()
+            opt.zero_grad()
+            model.load_state_dict(saved[0])
+            opt.load_state_dict(saved[1])
+        _fit(model, opt, range(4, 7))
+        return model
+
+    clean, interrupted = run(False), run(True)
+    assert all(
+        torch.equal(p, q) for p, q in zip(clean.parameters(), interrupted.parameters(), strict=True)
+    )

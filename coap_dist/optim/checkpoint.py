@@ -66,6 +66,7 @@ class Checkpoints:
     _step_calls: int
     _pending_load: dict[str, Any] | None
     _consolidated: tuple[int, dict[str, Any]] | None
+    _interrupted: str | None
     _optimizer_state_dict_pre_hooks: Any  # (torch.optim.Optimizer's hook registries)
     _optimizer_state_dict_post_hooks: Any  # (torch.optim.Optimizer's hook registries)
     _optimizer_load_state_dict_pre_hooks: Any  # (torch.optim.Optimizer's hook registries)
@@ -75,6 +76,10 @@ class Checkpoints:
 
         def _bound(self) -> Layout:
             """The bound layout (the optimizer's)."""
+            ...
+
+        def _refuse_interrupted(self, call: str) -> None:
+            """Raise if a step stopped part-way (the optimizer's)."""
             ...
 
     def _group_sizes(self) -> list[int]:
@@ -123,8 +128,10 @@ class Checkpoints:
         returns DTensor state for ``torch.distributed.checkpoint``; DeepSpeed this rank's
         pieces; the other owner layouts raise unless :meth:`consolidate_state_dict` ran on
         every rank first (then the rank it named gets the whole state). Never enters a
-        collective.
+        collective. Refused after a ``step()`` that stopped part-way through its writes
+        (its state is partly updated: load a checkpoint first).
         """
+        self._refuse_interrupted("state_dict()")
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         sd = self._state_dict()
@@ -153,6 +160,7 @@ class Checkpoints:
     def consolidate_state_dict(self, to: int = 0) -> None:
         """Collective (call it on every rank): gather the whole single-process state on rank
         ``to`` of the layout's group, where the next :meth:`state_dict` returns it."""
+        self._refuse_interrupted("consolidate_state_dict()")
         lay = self._bound()
         full = lay.consolidate(to)
         self._consolidated = None
@@ -180,6 +188,12 @@ class Checkpoints:
         projection side or shape, another optimizer's state) raises naming the parameter.
         Sharded state (DCP DTensors, DeepSpeed pieces) must match this optimizer's format.
 
+        Loading is also how an optimizer whose ``step()`` stopped part-way (an exception
+        after it began writing: Ctrl-C, an out-of-memory error, a failed collective) goes
+        on: until then ``step()`` and ``state_dict()`` refuse, naming that exception. An
+        exception before the writes (in the check, the ranks' agreement or the gradient
+        exchange) leaves the optimizer unchanged, and ``step()`` can simply be called again.
+
         The hooks of ``register_load_state_dict_pre_hook`` (which may return a replacement
         dict) and ``post_hook`` run around it as torch runs them.
         """
@@ -189,6 +203,7 @@ class Checkpoints:
             if result is not None:
                 state_dict = result
         self._load_state_dict(state_dict)
+        self._interrupted = None  # a step that stopped part-way: its state is replaced
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

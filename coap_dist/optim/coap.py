@@ -131,6 +131,7 @@ class _COAPBase(Checkpoints, Optimizer):
         self._pending_load: dict[str, Any] | None = None
         self._consolidated: tuple[int, dict[str, Any]] | None = None
         self._step_calls = 0
+        self._interrupted = None  # set by a step() that raised mid-write (a message)
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._refreshed: list[int] = []
         # Flag vectors summed but not read yet (steps that decided locally): see _read_late.
@@ -329,6 +330,7 @@ class _COAPBase(Checkpoints, Optimizer):
         Runs eagerly under ``torch.compile``: a compiled train step breaks its graph here
         (the step's layout binding, refresh schedule and host synchronisation are Python
         control flow; its GEMMs and foreach kernels are already batched)."""
+        self._refuse_interrupted("step()")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -352,7 +354,27 @@ class _COAPBase(Checkpoints, Optimizer):
                         "it to torch.optim.SparseAdam"
                     )
         lay, ids = self._begin(present)
+        calls = self._step_calls
         self._step_calls += 1
+        try:
+            lay, active, due, measure, work = self._step_plan(lay, ids)
+        except BaseException:  # nothing written yet: the step can be retried
+            self._step_calls = calls
+            raise
+        try:
+            self._step_write(lay, present, active, due, measure, work)
+        except BaseException as exc:
+            self._interrupted = f"{type(exc).__name__}: {exc}"[:300]
+            raise
+        return loss
+
+    def _step_plan(
+        self, lay: Layout, ids: list[int]
+    ) -> tuple[Layout, list[int], dict[int, str], list[int], Work]:
+        """The part of a step that writes no parameter or state (the check, the ranks'
+        agreement, the schedule and the gathering of the gradients): an exception here
+        leaves the optimizer as it was. Returns the layout, the stepping parameters, the
+        refreshes due, the adaptive measurements due and this rank's work."""
         # (the checked default never scans for this-rank presence here)
         decide_here = not self.skip_nonfinite and lay.uniform_grads and self._step_calls > 1
         if decide_here:
@@ -385,6 +407,19 @@ class _COAPBase(Checkpoints, Optimizer):
                 self.specs[i], self.groups[self.group_of[i]], self._steps[i], self._adaptive[i]
             )
         ]
+        return lay, active, due, measure, lay.gather(active)
+
+    def _step_write(
+        self,
+        lay: Layout,
+        present: list[bool],
+        active: list[int],
+        due: dict[int, str],
+        measure: list[int],
+        work: Work,
+    ) -> None:
+        """The part of a step that writes: step counts, refreshes, moments, weights. An
+        exception here leaves some of them written; :meth:`step` then refuses to go on."""
         counts: list[Tensor] = []  # the state's 0-dim CPU "step" tensors, one foreach add
         for i in active:
             self._steps[i] += 1
@@ -398,7 +433,6 @@ class _COAPBase(Checkpoints, Optimizer):
             torch._foreach_add_(counts, 1.0)
         count_refreshes(self._counters, due)
         self._refreshed = [i for i in due if self.specs[i].kind == "matrix"]
-        work = lay.gather(active)
         t0 = time.perf_counter()
         if self._reallocate(work, due):
             lay = self._bound()  # re-planned with the new ranks
@@ -417,7 +451,17 @@ class _COAPBase(Checkpoints, Optimizer):
         lay.scatter(updates, work)
         if measured is not None:
             self._record_residuals(lay, measure, measured)
-        return loss
+
+    def _refuse_interrupted(self, call: str) -> None:
+        """Raise if an earlier ``step()`` stopped part-way through its writes."""
+        if self._interrupted is not None:
+            raise RuntimeError(
+                f"{self.name}.{call}: an earlier step() stopped part-way ({self._interrupted}) "
+                "after it had begun writing weights and optimizer state, so some parameters "
+                "took that step and others did not. Load the last checkpoint into the model "
+                f"and into this optimizer ({self.name}.load_state_dict) before stepping or "
+                "saving again"
+            )
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:

@@ -415,19 +415,27 @@ def _refuse_unknown(key: str, known: Iterable[str], where: str, *, near_only: bo
             "betas[0], as in torch's optimizers (pass betas=(beta1, beta2))"
         )
     # A key that must be a hyperparameter gets the nearest one as a hint at a lower bar.
-    cutoff = MISSPELLING_CUTOFF if near_only else 0.6
-    near = difflib.get_close_matches(key, known, n=1, cutoff=cutoff)
-    if not near:  # one typo (a swap, a missing, extra or wrong letter) in a short name
-        near = [k for k in known if len(key) >= 4 and _one_typo(key, k)][:1]
-    if near_only and not near:
+    near = nearest_key(key, known, cutoff=MISSPELLING_CUTOFF if near_only else 0.6)
+    if near_only and near is None:
         return
-    hint = f"did you mean `{near[0]}`? " if near else ""
+    hint = f"did you mean `{near}`? " if near else ""
     what = (
         f"unknown config key {where}{key}"
         if where.endswith(".")
         else f"{where}: unknown key `{key}`"
     )
     raise ValueError(f"{what}; {hint}(valid keys: {', '.join(known)})")
+
+
+def nearest_key(key: str, known: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The key of ``known`` that ``key`` most likely misspells: the closest by
+    ``difflib`` similarity (>= ``cutoff``), else one a single typo away (a swap, a
+    missing, extra or wrong letter; names of 4 letters or more); None if neither."""
+    known = sorted(known)
+    near = difflib.get_close_matches(key, known, n=1, cutoff=cutoff)
+    if near:
+        return near[0]
+    return next((k for k in known if len(key) >= 4 and _one_typo(key, k)), None)
 
 
 def _one_typo(a: str, b: str) -> bool:

@@ -59,19 +59,22 @@ def main(cfg: DictConfig) -> None:
 
 def cli() -> None:
     """The ``coap-train`` console script and ``python -m coap_dist.train``: :func:`main`,
-    after checking that the run directory can be created (Hydra creates it before any of
-    the app's code runs, so a read-only ``hydra.run.dir`` would end in Hydra's traceback):
-    if not, one line naming it and exit code 2."""
-    problem = _run_dir_problem(sys.argv[1:])
+    after checking what Hydra would report in its own words before any of the app's code
+    runs: a run directory that cannot be created (a read-only ``hydra.run.dir`` would end
+    in Hydra's traceback) and an override of a key the config does not have (Hydra's
+    message suggests appending it with ``+``). Either is one line naming the key, with the
+    nearest existing one for the second, and exit code 2."""
+    problem = _launch_problem(sys.argv[1:])
     if problem:
         print(f"coap_dist.train: invalid config: {problem}", file=sys.stderr, flush=True)
         raise SystemExit(2)
     main()
 
 
-def _run_dir_problem(overrides: list[str]) -> str | None:
-    """Why ``hydra.run.dir`` of this command line cannot be created (None: it can, or the
-    command is not a single run: a sweep, ``--help``, ``--cfg``; Hydra reports the rest)."""
+def _launch_problem(overrides: list[str]) -> str | None:
+    """Why this command line cannot start: an override of an unknown key, or a
+    ``hydra.run.dir`` that cannot be created (None: it can start, or the command is not a
+    single run: a sweep, ``--help``, ``--cfg``; Hydra reports the rest)."""
     if any(a.startswith("-") for a in overrides):
         return None
     from hydra import compose, initialize_config_module
@@ -80,8 +83,8 @@ def _run_dir_problem(overrides: list[str]) -> str | None:
         with initialize_config_module(config_module="coap_dist.configs", version_base="1.3"):
             cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
         run_dir = Path(str(cfg.hydra.run.dir)).expanduser().absolute()
-    except Exception:  # an invalid override or interpolation: Hydra's own message follows
-        return None
+    except Exception as err:  # an invalid override: Hydra's own message follows, but for
+        return _unknown_key(overrides, err)  # an unknown key
     parent = run_dir
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -95,6 +98,43 @@ def _run_dir_problem(overrides: list[str]) -> str | None:
             f"{parent}); set hydra.run.dir to a writable directory"
         )
     return None
+
+
+def _unknown_key(overrides: list[str], err: Exception) -> str | None:
+    """For a composition that failed on an override of a key its section does not have
+    (``optimizer.rnak=2``): the message naming it, the nearest key of that section, the
+    section's keys and Hydra's ``+key=value`` form for adding one (a hyperparameter the
+    YAML does not list); None for any other error."""
+    from hydra import compose, initialize_config_module
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from coap_dist.optim.config import nearest_key
+
+    cause = err.__cause__
+    key = getattr(cause, "full_key", None)
+    if not isinstance(cause, ConfigAttributeError | ConfigKeyError) or not key:
+        return None
+    bad = [o for o in overrides if o.partition("=")[0] == key]
+    if not bad:
+        return None
+    rest = [o for o in overrides if o not in bad]
+    section, _, leaf = str(key).rpartition(".")
+    try:
+        with initialize_config_module(config_module="coap_dist.configs", version_base="1.3"):
+            cfg = compose(config_name="train", overrides=rest)
+        node = OmegaConf.select(cfg, section) if section else cfg
+    except Exception:
+        return None
+    if not isinstance(node, DictConfig):
+        return None
+    keys = sorted(str(k) for k in node)
+    prefix = f"{section}." if section else ""
+    near = nearest_key(leaf, keys)
+    hint = f"did you mean {prefix}{near}? " if near else ""
+    return (
+        f"the config has no key {key} (override {bad[0]!r}); {hint}{section or 'the config'} "
+        f"has {keys}; to add a key it does not list, write +{bad[0]}"
+    )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from coap_dist.optim.config import (
     choice,
     hp,
     integer,
+    nearest_key,
     number,
     unit_pair,
 )
@@ -109,7 +110,9 @@ def _from_mapping(
     unknown = sorted(set(data) - allowed)
     if unknown:
         keys = ", ".join(f"{section}.{k}" for k in unknown)
-        raise ConfigError(f"unknown config key {keys}; {section} accepts {sorted(allowed)}")
+        near = [f"{section}.{n}" for k in unknown if (n := nearest_key(k, allowed))]
+        hint = f"did you mean {', '.join(near)}? " if near else ""
+        raise ConfigError(f"unknown config key {keys}; {hint}{section} accepts {sorted(allowed)}")
     required = {
         f.name
         for f in dataclasses.fields(cls)

@@ -157,6 +157,7 @@ BAD = [
     (["+optimizer.stager=true"], "unknown config key optimizer.stager; did you mean `stagger`"),
     (["optimizer=coap_adafactor", "+optimizer.beta1=0.9"], "optimizer.beta1 is now `betas`"),
     (["+baseline.rank=4"], "unknown config key baseline.rank"),
+    (["+checkpoint.evry=2"], "unknown config key checkpoint.evry; did you mean checkpoint.every?"),
     (["baseline.lr=-1"], "baseline.lr=-1 is invalid"),
     (["steps=0"], "steps must be a positive int, got 0"),
     (["steps=ten"], "steps must be a positive int, got 'ten'"),

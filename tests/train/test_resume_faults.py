@@ -219,7 +219,7 @@ def test_full_disk_at_a_save_keeps_the_previous_checkpoint(small_tmpfs, tmp_path
 def test_write_failing_half_way_leaves_no_tmp_and_the_previous_checkpoint(tmp_path) -> None:
     """A real write error during ``torch.save`` (a 3 MB file-size limit; the tiny model's
     state.pt is larger), after the run's first checkpoint was written without a limit; and a
-    run directory that cannot be created."""
+    run directory that cannot be created; an override of a key the config lacks."""
     base = with_(SIX, "steps=4", "checkpoint.every=2", f"hydra.run.dir={tmp_path}", "logger=none")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(
@@ -268,6 +268,22 @@ def test_write_failing_half_way_leaves_no_tmp_and_the_previous_checkpoint(tmp_pa
     )
     assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr
     assert "hydra.run.dir='/proc/coap_run' cannot be created" in unwritable.stderr
+    # An override of a key the config lacks (Hydra's own message would suggest appending
+    # it with +): one line with the nearest key, exit code 2.
+    misspelt = subprocess.run(
+        [sys.executable, "-m", "coap_dist.train", "optimizer.rnak=2", "steps=3"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert misspelt.returncode == 2 and "Traceback" not in misspelt.stderr, misspelt.stderr
+    assert misspelt.stderr.startswith(
+        "coap_dist.train: invalid config: the config has no key optimizer.rnak (override "
+        "'optimizer.rnak=2'); did you mean optimizer.rank? optimizer has ['betas',"
+    ), misspelt.stderr
+    assert misspelt.stderr.count("\n") == 1
 
 
 def test_accumulation_checkpointing_and_compile_keep_the_math(uninterrupted, tmp_path) -> None:
