@@ -142,6 +142,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     _zero2(rank, world)
     _adafactor(rank, world)
     _mismatch(rank)
+    _interrupted(rank, world)
     _stagger(rank, world)
     _adaptive(rank, world)
     _auto_rank(rank, world)
@@ -370,6 +371,48 @@ def _mismatch(rank: int) -> None:
     opt.step()
     with pytest.raises(RuntimeError, match=r"cannot copy or pickle an optimizer bound to"):
         copy.deepcopy(opt)
+
+
+def _interrupted(rank: int, world: int) -> None:
+    """A step whose gradient exchange fails (here on every rank, before its collective)
+    changes nothing: ``step()`` again on the same gradients keeps the run the one-process
+    run. A failure after the writes began (in the weight write) makes ``step()``,
+    ``state_dict()`` and ``consolidate_state_dict()`` refuse, naming it."""
+    model = _model()
+    opt = coap_dist.COAPAdamW(coap_dist.param_groups(model, **KW), **KW, sharding="owner")
+    ddp = nn.parallel.DistributedDataParallel(model)
+    ref_model = _model()
+    ref = coap_dist.COAPAdamW(coap_dist.param_groups(ref_model, **KW), **KW)
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("collective failed")
+
+    for step in range(4):
+        if step not in (2, 3):
+            _lockstep(ddp, model, opt, ref_model, ref, rank, step)
+            continue
+        lay = opt.layout
+        target = lay.comm if step == 2 else lay
+        name = "exchange" if step == 2 else "scatter"
+        ddp(_batch(rank, step)).square().mean().backward()
+        setattr(target, name, fail)  # shadows the method on this instance
+        try:
+            with pytest.raises(RuntimeError, match="collective failed"):
+                opt.step()
+        finally:
+            delattr(target, name)
+        if step == 3:
+            for call in (opt.step, opt.state_dict, opt.consolidate_state_dict):
+                with pytest.raises(RuntimeError, match=r"stopped part-way \(RuntimeError: col"):
+                    call()
+            break
+        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+            q.grad = p.grad.clone()
+        opt.step()  # the retry
+        ref.step()
+        opt.zero_grad()
+        ref.zero_grad()
+        _check_close(opt, model, ref_model, f"step {step} retried after a failed exchange")
 
 
 def _stagger(rank: int, world: int) -> None:
