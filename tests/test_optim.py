@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import pickle
 import warnings
 from typing import Any
@@ -1103,19 +1104,33 @@ def test_refused_loads_and_early_groups_lose_nothing() -> None:
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), m2.parameters(), strict=True))
 
 
+@pytest.mark.parametrize("refresh", ["fixed", "adaptive"])
 def test_a_step_interrupted_before_its_writes_retries_and_one_interrupted_after_refuses(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, refresh: str
 ) -> None:
     """An exception in a step's gradient exchange (a failed collective, Ctrl-C) leaves the
-    optimizer unchanged: calling ``step()`` again gives the uninterrupted run bitwise. One
-    after the writes began (here: in the weight write of a refresh step) makes ``step()``
-    and ``state_dict()`` refuse, naming it, until a checkpoint is loaded; the resumed run
-    is again the uninterrupted one."""
+    optimizer unchanged, adaptive refresh credits and metrics included: calling ``step()``
+    again gives the uninterrupted run bitwise (here at the step of the adaptive run's
+    recalibration, with a non-finite gradient skipped once, not twice). One after the
+    writes began (in the weight write) makes ``step()`` and ``state_dict()`` refuse, naming
+    it, until a checkpoint is loaded; the resumed run is again the uninterrupted one."""
 
-    def run(interrupt: bool) -> nn.Module:
+    def fit(model: nn.Module, opt: COAPAdamW, steps: range) -> None:
+        for s in steps:
+            model(torch.randn(4, 32, generator=torch.Generator().manual_seed(s))).square().mean(
+            ).backward()  # fmt: skip
+            if s == 10:
+                model[0].bias.grad[0] = float("nan")
+            opt.step()
+            opt.zero_grad()
+
+    def run(interrupt: bool) -> tuple[nn.Module, dict[str, float]]:
         model = _mlp()
-        opt = COAPAdamW(param_groups(model, rank=4), lr=1e-2, update_interval=2)
-        _fit(model, opt, range(3))
+        opt = COAPAdamW(
+            param_groups(model, rank=4), lr=1e-2, update_interval=2, reproject_factor=2,
+            refresh=refresh,
+        )  # fmt: skip
+        fit(model, opt, range(10))
         lay = opt._layout
         assert lay is not None
         if interrupt:
@@ -1127,13 +1142,13 @@ def test_a_step_interrupted_before_its_writes_retries_and_one_interrupted_after_
 
             monkeypatch.setattr(lay, "gather", interrupted)
             with pytest.raises(KeyboardInterrupt):
-                _fit(model, opt, range(3, 4))
+                fit(model, opt, range(10, 11))
             assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
             monkeypatch.setattr(lay, "gather", gather)
             opt.step()  # the retry, on the gradients still there
             opt.zero_grad()
         else:
-            _fit(model, opt, range(3, 4))
+            fit(model, opt, range(10, 11))
         saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
         if interrupt:
             scatter = lay.scatter
@@ -1143,7 +1158,7 @@ def test_a_step_interrupted_before_its_writes_retries_and_one_interrupted_after_
 
             monkeypatch.setattr(lay, "scatter", failing)
             with pytest.raises(RuntimeError, match="injected failure"):
-                _fit(model, opt, range(4, 5))  # step 5: a projector update is due
+                fit(model, opt, range(11, 12))
             monkeypatch.setattr(lay, "scatter", scatter)
             for call in (opt.step, opt.state_dict):
                 with pytest.raises(RuntimeError, match=r"stopped part-way \(RuntimeError: "
@@ -1152,10 +1167,14 @@ def test_a_step_interrupted_before_its_writes_retries_and_one_interrupted_after_
             opt.zero_grad()
             model.load_state_dict(saved[0])
             opt.load_state_dict(saved[1])
-        _fit(model, opt, range(4, 7))
-        return model
+        fit(model, opt, range(11, 14))
+        return model, {k: v for k, v in opt.metrics().items() if "time" not in k}
 
-    clean, interrupted = run(False), run(True)
+    (clean, clean_metrics), (again, again_metrics) = run(False), run(True)
     assert all(
-        torch.equal(p, q) for p, q in zip(clean.parameters(), interrupted.parameters(), strict=True)
+        torch.equal(p, q) for p, q in zip(clean.parameters(), again.parameters(), strict=True)
     )
+    assert clean_metrics["optim/nonfinite_skips"] == 1
+    assert again_metrics.keys() == clean_metrics.keys()
+    for k, v in clean_metrics.items():
+        assert again_metrics[k] == v or (math.isnan(v) and math.isnan(again_metrics[k])), k

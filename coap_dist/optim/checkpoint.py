@@ -192,7 +192,11 @@ class Checkpoints:
         after it began writing: Ctrl-C, an out-of-memory error, a failed collective) goes
         on: until then ``step()`` and ``state_dict()`` refuse, naming that exception. An
         exception before the writes (in the check, the ranks' agreement or the gradient
-        exchange) leaves the optimizer unchanged, and ``step()`` can simply be called again.
+        exchange) leaves the optimizer unchanged, metrics included, and ``step()`` can
+        simply be called again, as after a refused input (a sparse gradient, a pending
+        checkpoint that does not fit). A step that finds
+        the ranks stepped different parameters earlier (``skip_nonfinite=False`` with
+        gradients on some ranks only) refuses like an interrupted one.
 
         The hooks of ``register_load_state_dict_pre_hook`` (which may return a replacement
         dict) and ``post_hook`` run around it as torch runs them.

@@ -131,7 +131,7 @@ class _COAPBase(Checkpoints, Optimizer):
         self._pending_load: dict[str, Any] | None = None
         self._consolidated: tuple[int, dict[str, Any]] | None = None
         self._step_calls = 0
-        self._interrupted = None  # set by a step() that raised mid-write (a message)
+        self._interrupted = None  # why step() and state_dict() refuse (see _refuse_interrupted)
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._refreshed: list[int] = []
         # Flag vectors summed but not read yet (steps that decided locally): see _read_late.
@@ -354,27 +354,34 @@ class _COAPBase(Checkpoints, Optimizer):
                         "it to torch.optim.SparseAdam"
                     )
         lay, ids = self._begin(present)
-        calls = self._step_calls
+        # What the plan phase updates besides the state (metrics and their pending sums):
+        # restored if it raises, so that a retried step counts once.
+        kept = self._step_calls, dict(self._counters), self._refreshed, self._late
+        kept_tail = self._late_residual, self._residual
         self._step_calls += 1
         try:
-            lay, active, due, measure, work = self._step_plan(lay, ids)
+            lay, active, work = self._step_plan(lay, ids)
         except BaseException:  # nothing written yet: the step can be retried
-            self._step_calls = calls
+            self._step_calls, counters, self._refreshed, self._late = kept
+            self._counters.update(counters)
+            self._late_residual, self._residual = kept_tail
             raise
         try:
-            self._step_write(lay, present, active, due, measure, work)
+            self._step_write(lay, present, active, work)
         except BaseException as exc:
-            self._interrupted = f"{type(exc).__name__}: {exc}"[:300]
+            self._interrupted = (
+                f"an earlier step() stopped part-way ({f'{type(exc).__name__}: {exc}'[:300]}) "
+                "after it had begun writing weights and optimizer state, so some parameters "
+                "took that step and others did not"
+            )
             raise
         return loss
 
-    def _step_plan(
-        self, lay: Layout, ids: list[int]
-    ) -> tuple[Layout, list[int], dict[int, str], list[int], Work]:
+    def _step_plan(self, lay: Layout, ids: list[int]) -> tuple[Layout, list[int], Work]:
         """The part of a step that writes no parameter or state (the check, the ranks'
-        agreement, the schedule and the gathering of the gradients): an exception here
-        leaves the optimizer as it was. Returns the layout, the stepping parameters, the
-        refreshes due, the adaptive measurements due and this rank's work."""
+        agreement and the gathering of the gradients): an exception here leaves the
+        optimizer as it was (:meth:`step` restores its metrics). Returns the layout, the
+        stepping parameters and this rank's work."""
         # (the checked default never scans for this-rank presence here)
         decide_here = not self.skip_nonfinite and lay.uniform_grads and self._step_calls > 1
         if decide_here:
@@ -398,6 +405,14 @@ class _COAPBase(Checkpoints, Optimizer):
                     "the HF Trainer swap them in (both supported)"
                 )
             active = self._decide(lay, ids, host)
+        return lay, active, lay.gather(active)
+
+    def _step_write(self, lay: Layout, present: list[bool], active: list[int], work: Work) -> None:
+        """The part of a step that writes: the refresh schedule (adaptive credits), step
+        counts, refreshes, moments, weights. An exception here leaves some of them written;
+        :meth:`step` then refuses to go on."""
+        assert self._pending is not None
+        self._pending.zero_()  # (its sums went into this step's flag vector)
         due = self._schedule(active)
         measure = [
             i
@@ -407,19 +422,6 @@ class _COAPBase(Checkpoints, Optimizer):
                 self.specs[i], self.groups[self.group_of[i]], self._steps[i], self._adaptive[i]
             )
         ]
-        return lay, active, due, measure, lay.gather(active)
-
-    def _step_write(
-        self,
-        lay: Layout,
-        present: list[bool],
-        active: list[int],
-        due: dict[int, str],
-        measure: list[int],
-        work: Work,
-    ) -> None:
-        """The part of a step that writes: step counts, refreshes, moments, weights. An
-        exception here leaves some of them written; :meth:`step` then refuses to go on."""
         counts: list[Tensor] = []  # the state's 0-dim CPU "step" tensors, one foreach add
         for i in active:
             self._steps[i] += 1
@@ -453,14 +455,14 @@ class _COAPBase(Checkpoints, Optimizer):
             self._record_residuals(lay, measure, measured)
 
     def _refuse_interrupted(self, call: str) -> None:
-        """Raise if an earlier ``step()`` stopped part-way through its writes."""
+        """Raise if an earlier ``step()`` left the state unfit to step or save: it stopped
+        part-way through its writes, or found that the ranks had stepped different
+        parameters."""
         if self._interrupted is not None:
             raise RuntimeError(
-                f"{self.name}.{call}: an earlier step() stopped part-way ({self._interrupted}) "
-                "after it had begun writing weights and optimizer state, so some parameters "
-                "took that step and others did not. Load the last checkpoint into the model "
-                f"and into this optimizer ({self.name}.load_state_dict) before stepping or "
-                "saving again"
+                f"{self.name}.{call}: {self._interrupted}. Load the last checkpoint into the "
+                f"model and into this optimizer ({self.name}.load_state_dict) before stepping "
+                "or saving again"
             )
 
     @torch.no_grad()
@@ -738,8 +740,7 @@ class _COAPBase(Checkpoints, Optimizer):
         buf = torch.cat(
             [torch.stack([has.float(), bad.float(), nonzero.float()], 1).reshape(-1), self._pending]
         )
-        self._pending.zero_()
-        return buf
+        return buf  # (``_pending`` is zeroed when the step starts writing)
 
     def _cached(self, lay: Layout, key: tuple[Any, ...], idx: list[int], n: int = 0) -> Tensor:
         """A tensor on the layout's device, kept while the step's pattern repeats (no
@@ -800,7 +801,7 @@ class _COAPBase(Checkpoints, Optimizer):
             self._fold_tail([*host[2:-1], 0.0], self._late_residual[1])
         self._late, self._late_residual = None, None
         if host[1] > 0:
-            raise RuntimeError(
+            message = (
                 f"{self.name}: with skip_nonfinite=False each step took its parameters from "
                 "this rank's gradients (its wrapper gives every rank the same ones), but "
                 f"{round(host[1])} time(s) a parameter had a gradient on some ranks only, so "
@@ -808,6 +809,10 @@ class _COAPBase(Checkpoints, Optimizer):
                 "same parameters (zero gradients for unused ones), or use skip_nonfinite=True "
                 "(the ranks then agree before each step)"
             )
+            # the ranks' states differ: no step or save on them
+            self._interrupted = "the ranks stepped different parameters in earlier steps"
+
+            raise RuntimeError(message)
 
     def _decide(self, lay: Layout, ids: list[int], host: list[float]) -> list[int]:
         """Which parameters step (the same on every rank): present somewhere, finite

@@ -102,13 +102,15 @@ def _launch_problem(overrides: list[str]) -> str | None:
 
 def _unknown_key(overrides: list[str], err: Exception) -> str | None:
     """For a composition that failed on an override of a key its section does not have
-    (``optimizer.rnak=2``): the message naming it, the nearest key of that section, the
-    section's keys and Hydra's ``+key=value`` form for adding one (a hyperparameter the
-    YAML does not list); None for any other error."""
+    (``optimizer.rnak=2``): the message naming it and the nearest key of that section, or,
+    for a hyperparameter of the section's optimizer kind that its recipe does not list
+    (``optimizer.skip_nonfinite=false``), Hydra's ``+key=value`` form that adds it; None
+    for any other error."""
     from hydra import compose, initialize_config_module
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
     from coap_dist.optim.config import nearest_key
+    from coap_dist.train.config import RECIPES
 
     cause = err.__cause__
     key = getattr(cause, "full_key", None)
@@ -117,7 +119,7 @@ def _unknown_key(overrides: list[str], err: Exception) -> str | None:
     bad = [o for o in overrides if o.partition("=")[0] == key]
     if not bad:
         return None
-    rest = [o for o in overrides if o not in bad]
+    rest = [o for o in overrides if o.partition("=")[0].lstrip("+~") != key]
     section, _, leaf = str(key).rpartition(".")
     try:
         with initialize_config_module(config_module="coap_dist.configs", version_base="1.3"):
@@ -128,12 +130,19 @@ def _unknown_key(overrides: list[str], err: Exception) -> str | None:
     if not isinstance(node, DictConfig):
         return None
     keys = sorted(str(k) for k in node)
-    prefix = f"{section}." if section else ""
-    near = nearest_key(leaf, keys)
-    hint = f"did you mean {prefix}{near}? " if near else ""
+    recipe = RECIPES.get(str(node.get("kind"))) if section in ("optimizer", "baseline") else None
+    hyper = recipe.keys() if recipe is not None else ()
+    if leaf in hyper:
+        return (
+            f"{key} is a hyperparameter of kind={node.get('kind')} that this recipe does not "
+            f"list (override {bad[0]!r}); set it with +{bad[0]}"
+        )
+    known = sorted({*keys, *hyper})
+    near = nearest_key(leaf, known)
+    hint = f"did you mean {section + '.' if section else ''}{near}? " if near else ""
     return (
         f"the config has no key {key} (override {bad[0]!r}); {hint}{section or 'the config'} "
-        f"has {keys}; to add a key it does not list, write +{bad[0]}"
+        f"has {known}"
     )
 
 

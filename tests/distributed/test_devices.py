@@ -246,7 +246,8 @@ def test_unchecked_steps_make_no_host_sync(fake_group: Any) -> None:
     recalibrations make no host synchronisation (the flag vector is still summed on the
     device, one collective); ``metrics()`` reads it once. Where the ranks' gradients may
     differ (each rank's own gradients, ZeRO-2 semantics) every step still agrees on the host.
-    A late read that finds the ranks stepped different parameters raises, naming the fix."""
+    A late read that finds the ranks stepped different parameters raises, naming the fix,
+    and the optimizer refuses to step or save on from there."""
     from coap_dist.distributed.owner import OwnerSharding
 
     mesh = init_device_mesh("cpu", (WORLD,))
@@ -286,3 +287,6 @@ def test_unchecked_steps_make_no_host_sync(fake_group: Any) -> None:
                 opt.step()
                 with pytest.raises(RuntimeError, match="a gradient on some ranks only"):
                     opt.metrics()
+            for call in (opt.step, opt.state_dict):  # the ranks' states differ from now on
+                with pytest.raises(RuntimeError, match="stepped different parameters in earl"):
+                    call()

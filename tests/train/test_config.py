@@ -271,3 +271,28 @@ def test_an_explicit_rank_replaces_the_default_ratio() -> None:
         ConfigError, match=r"optimizer\.rank=8 and optimizer\.rank_ratio=2 are both"
     ):
         hp(["optimizer.rank=8", "optimizer.rank_ratio=2"])
+
+
+def test_overrides_of_keys_the_config_lacks_are_named_before_hydra_starts() -> None:
+    """A misspelt key names the nearest one (the recipe's and its kind's hyperparameters);
+    a hyperparameter the recipe does not list is added with ``+``; a key another kind has
+    is only named; valid command lines (``+``, ``++``, ``~``) pass."""
+    from coap_dist.train.__main__ import _launch_problem
+
+    assert "did you mean optimizer.rank?" in str(_launch_problem(["optimizer.rnak=2"]))
+    assert "did you mean optimizer.rank?" in str(
+        _launch_problem(["optimizer.rnak=2", "+optimizer.rnak=3"])
+    )
+    assert str(_launch_problem(["optimizer.skip_nonfinite=false"])).endswith(
+        "set it with +optimizer.skip_nonfinite=false"
+    )
+    other = str(_launch_problem(["optimizer=adamw", "optimizer.rank=4"]))
+    assert other.startswith("the config has no key optimizer.rank") and "+" not in other
+    assert "did you mean eval.every?" in str(_launch_problem(["eval.evry=3"]))
+    for fine in (
+        ["+optimizer.skip_nonfinite=false"],
+        ["++optimizer.rank=4"],
+        ["~optimizer.stagger"],
+        ["optimizer.rank=4", "steps=3"],
+    ):
+        assert _launch_problem(fine) is None, fine

@@ -281,7 +281,7 @@ def test_write_failing_half_way_leaves_no_tmp_and_the_previous_checkpoint(tmp_pa
     assert misspelt.returncode == 2 and "Traceback" not in misspelt.stderr, misspelt.stderr
     assert misspelt.stderr.startswith(
         "coap_dist.train: invalid config: the config has no key optimizer.rnak (override "
-        "'optimizer.rnak=2'); did you mean optimizer.rank? optimizer has ['betas',"
+        "'optimizer.rnak=2'); did you mean optimizer.rank? optimizer has ['"
     ), misspelt.stderr
     assert misspelt.stderr.count("\n") == 1
 
