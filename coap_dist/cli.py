@@ -169,10 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         "per rank, state sharded (AdamW: evenly, as ZeroRedundancyOptimizer), or fsdp2)",
     )
     mem.add_argument(
-        "--batch", type=_positive_int, default=1, help="--step: sequences per rank (default 1)"
+        "--batch", type=_positive_int, default=None, help="--step: sequences per rank (default 1)"
     )
     mem.add_argument(
-        "--seq-len", type=_positive_int, default=None, help="--step: tokens per sequence"
+        "--seq-len",
+        type=_positive_int,
+        default=None,
+        help="--step: tokens per sequence (default: the model's max_seq_len)",
     )
     mem.add_argument(
         "--in-backward",
@@ -239,10 +242,11 @@ def _step_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         parser.error("argument --rank: --optimizer coap needs --rank (or --rank-ratio)")
     _check_rank(args, parser, [args.optimizer])
     seq_len = args.seq_len or LLAMA_PRESETS[args.model].max_seq_len
+    batch = args.batch or 1
     peak = estimate_step_peak(
         args.model,
         args.optimizer,
-        batch=args.batch,
+        batch=batch,
         seq_len=seq_len,
         world_size=args.world_size,
         layout=layout,
@@ -251,7 +255,7 @@ def _step_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         rank_ratio=args.rank_ratio,
     )
     print(
-        f"model {args.model}, {args.optimizer}, fp32, {args.batch} x {seq_len} tokens per rank, "
+        f"model {args.model}, {args.optimizer}, fp32, {batch} x {seq_len} tokens per rank, "
         f"world size {args.world_size} ({layout}), "
         f"{'in-backward' if args.in_backward else 'normal'} step; MiB per rank"
     )
@@ -263,6 +267,16 @@ def _step_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 def _memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.step:
         return _step_memory(args, parser)
+    for flag, given in (
+        ("--batch", args.batch is not None),
+        ("--seq-len", args.seq_len is not None),
+        ("--in-backward", args.in_backward),
+    ):
+        if given:
+            parser.error(
+                f"argument {flag}: only with --step (the peak of a training step); without "
+                "it the table is the optimizer state alone"
+            )
     if args.all and args.optimizer is not None:
         parser.error("argument --all: not allowed with --optimizer (--all shows every optimizer)")
     if not args.all and args.optimizer is None:

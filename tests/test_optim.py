@@ -33,6 +33,7 @@ def _mlp(seed: int = 0) -> nn.Module:
 BAD: list[tuple[dict[str, Any], str]] = [
     ({}, "`rank` and `rank_ratio` are both unset"),
     ({"rank": 0}, "`rank`=0"),
+    ({"rank": 4, "eps": 0.0}, "`eps`=0.0 is invalid: must be a finite number in (0.0, inf)"),
     ({"rank": -3}, "`rank`=-3"),
     ({"rank": 2.5}, "`rank`=2.5"),
     ({"rank_ratio": 0}, "`rank_ratio`=0"),
@@ -227,6 +228,13 @@ def test_param_groups_routing() -> None:
     g2 = param_groups(model, adamw_patterns=["layers.0.*"], coap_patterns=["output.weight"])
     coap2 = {names[id(p)] for p in g2[0]["params"]}
     assert "output.weight" in coap2 and "layers.0.attention.wq.weight" not in coap2
+    # The optimizer's `algorithm` rules the COAP group (param_groups sets none there).
+    mlp = _mlp()
+    for algorithm, projected in (("auto", True), ("adamw", False)):
+        opt = COAPAdamW(param_groups(mlp, rank=4), algorithm=algorithm)
+        assert opt.param_groups[0]["algorithm"] == algorithm
+        _fit(mlp, opt, range(1))
+        assert any("projector" in st for st in opt.state.values()) is projected, algorithm
 
 
 def _train(

@@ -29,7 +29,7 @@ class LlamaConfig:
         dim: hidden size d.
         intermediate_size: SwiGLU width f.
         n_layers: number of transformer blocks.
-        n_heads: attention heads (d must be divisible by it).
+        n_heads: attention heads (d must be divisible by it, with an even quotient).
         max_seq_len: longest sequence the rotary table covers.
         norm_eps: RMSNorm epsilon.
     """
@@ -57,6 +57,12 @@ class LlamaConfig:
         if self.dim % self.n_heads:
             raise ValueError(
                 f"LlamaConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(
+                f"LlamaConfig.dim / n_heads (the head size, {self.dim} / {self.n_heads} = "
+                f"{self.dim // self.n_heads}) must be even: rotary embeddings rotate pairs of "
+                "channels; choose dim or n_heads so that it is"
             )
 
     def num_params(self) -> int:

@@ -199,8 +199,9 @@ class COAPAdamWConfig(Hyperparameters):
     )
     eps: float = hp(
         1e-6,
-        "added to sqrt(V) before bias correction (torch AdamW's eps / sqrt(1 - b2^t))",
-        number(low=0.0),
+        "added to sqrt(V) before bias correction (torch AdamW's eps / sqrt(1 - b2^t)); > 0: "
+        "a direction of the rank-r moments that is exactly zero would give 0/0",
+        number(low=0.0, strict=True),
     )
     weight_decay: float = hp(
         0.0, "decoupled decay: W <- (1 - lr wd) W after the update", number(low=0.0)
@@ -369,7 +370,11 @@ class COAPAdafactorConfig(COAPAdamWConfig):
         "second-moment decay beta2_t = 1 - t^decay_rate, in [-1, 0)",
         number(low=-1.0, high=0.0),
     )
-    eps1: float = hp(1e-30, "added to the factored second moment", number(low=0.0))
+    eps1: float = hp(
+        1e-30,
+        "added to the factored second moment; > 0 (an exactly zero row would give 0/0)",
+        number(low=0.0, strict=True),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

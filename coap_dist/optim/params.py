@@ -30,8 +30,9 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Split a model's trainable parameters into a COAP group and an AdamW group.
 
-    Default rule: weights of linear and convolution layers go to COAP (``algorithm="auto"``:
-    small convolutions still fall back to AdamW inside the optimizer); embeddings, output heads
+    Default rule: weights of linear and convolution layers go to COAP (the optimizer's
+    ``algorithm``, by default ``"auto"``: small convolutions still fall back to AdamW inside
+    the optimizer; ``algorithm="adamw"`` given to the optimizer makes this group AdamW too); embeddings, output heads
     (modules named one of :data:`HEAD_NAMES`), normalisation layers, biases and every other
     parameter with fewer than 2 dims go to ``algorithm="adamw"``. Name patterns (fnmatch on the
     full parameter name, e.g. ``"layers.0.*"``) override: ``adamw_patterns`` first, then
@@ -69,7 +70,8 @@ def param_groups(
             (coap if to_coap else adamw).append(p)
     groups: list[dict[str, Any]] = []
     if coap:
-        groups.append({"params": coap, "algorithm": "auto", **coap_overrides})
+        # (no `algorithm` key: the optimizer's own, "auto" by default, rules this group)
+        groups.append({"params": coap, **coap_overrides})
     if adamw:
         groups.append({"params": adamw, "algorithm": "adamw"})
     return groups

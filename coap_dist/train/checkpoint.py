@@ -279,7 +279,7 @@ def check(
     path: Path, meta: dict[str, Any], strategy: Strategy, run_name: str, settings: dict[str, Any]
 ) -> list[tuple[str, Any, Any]]:
     """Refuse a checkpoint this run cannot continue exactly, before anything is loaded:
-    another optimizer, another checkpoint format, a DeepSpeed checkpoint at another world
+    one at or past the run's ``steps``, another optimizer, another checkpoint format, a DeepSpeed checkpoint at another world
     size that is not COAP's (COAP's at stages 1-3: the strategy is set to load its universal
     form), or a changed setting the saved state cannot carry (``config.RESUME_REFUSED``).
     Returns the settings that changed and take effect, as ``(field, saved, new)``."""
@@ -288,6 +288,12 @@ def check(
         raise ConfigError(
             f"resume={where!r} is a checkpoint of optimizer {meta['run']}, but this run "
             f"trains {run_name}; set optimizer={meta['run']}"
+        )
+    if meta["step"] >= settings["steps"]:
+        raise ConfigError(
+            f"resume={where!r} is at step {meta['step']}, and steps={settings['steps']} (the "
+            "run's total, counted from step 0) leaves nothing to train; set steps above "
+            f"{meta['step']}"
         )
     fmt = strategy.checkpoint_format
     if meta["format"] != fmt:

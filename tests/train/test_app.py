@@ -143,7 +143,7 @@ def test_in_backward_matches_the_normal_step_and_resumes_without_it(
     np.testing.assert_allclose(losses(resumed)[4], losses(refs[0])[4], rtol=1e-4)
 
 
-def test_resume_rejects_a_checkpoint_of_another_format(single, tmp_path) -> None:
+def test_resume_rejects_a_checkpoint_of_another_format_or_past_the_run(single, tmp_path) -> None:
     from coap_dist.train.config import ConfigError
 
     run_dir = single[0]
@@ -155,6 +155,9 @@ def test_resume_rejects_a_checkpoint_of_another_format(single, tmp_path) -> None
         run(compose_dict(overrides), tmp_path)
     with pytest.raises(ConfigError, match="is not a checkpoint directory"):
         run(compose_dict([*FAST, "compare=false", f"resume={tmp_path}"]), tmp_path)
+    overrides = [*FAST, "compare=false", "steps=2", "warmup_steps=0"]
+    with pytest.raises(ConfigError, match=r"is at step 2, and steps=2 .* set steps above 2"):
+        run(compose_dict([*overrides, f"resume={ckpt(run_dir, 'coap', 2)}"]), tmp_path)
 
 
 @pytest.mark.deepspeed

@@ -167,6 +167,7 @@ BAD = [
     (["eval.every=-1"], "eval.every must be an int >= 0, got -1"),
     (["checkpoint.every=-5"], "checkpoint.every must be an int >= 0, got -5"),
     (["model.dim=130"], "model.dim (130) must be divisible by n_heads (4)"),
+    (["model.dim=100"], "model.dim / n_heads (the head size, 100 / 4 = 25) must be even"),
     (["model.n_layers=0"], "model.n_layers must be a positive integer, got 0"),
     (
         ["model=60m", "data=memmap", *MEMMAP[:2], "data.vocab_size=50000"],
