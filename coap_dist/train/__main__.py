@@ -72,9 +72,9 @@ def cli() -> None:
 
 
 def _launch_problem(overrides: list[str]) -> str | None:
-    """Why this command line cannot start: an override of an unknown key, or a
-    ``hydra.run.dir`` that cannot be created (None: it can start, or the command is not a
-    single run: a sweep, ``--help``, ``--cfg``; Hydra reports the rest)."""
+    """Why this command line cannot start: an override of an unknown key or config-group
+    option, or a ``hydra.run.dir`` that cannot be created (None: it can start, or the
+    command is not a single run: a sweep, ``--help``, ``--cfg``; Hydra reports the rest)."""
     if any(a.startswith("-") for a in overrides):
         return None
     from hydra import compose, initialize_config_module
@@ -84,7 +84,7 @@ def _launch_problem(overrides: list[str]) -> str | None:
             cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
         run_dir = Path(str(cfg.hydra.run.dir)).expanduser().absolute()
     except Exception as err:  # an invalid override: Hydra's own message follows, but for
-        return _unknown_key(overrides, err)  # an unknown key
+        return _unknown_option(overrides, err) or _unknown_key(overrides, err)  # these two
     parent = run_dir
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -98,6 +98,28 @@ def _launch_problem(overrides: list[str]) -> str | None:
             f"{parent}); set hydra.run.dir to a writable directory"
         )
     return None
+
+
+def _unknown_option(overrides: list[str], err: Exception) -> str | None:
+    """For a config-group choice that does not exist (``optimizer=nope``): one line naming
+    it and the group's options, with the nearest one; None for any other error."""
+    from hydra.errors import MissingConfigException
+
+    from coap_dist.optim.config import nearest_key
+
+    options = getattr(err, "options", None)
+    if not isinstance(err, MissingConfigException) or not options:
+        return None
+    group, _, name = str(err.missing_cfg_file).rpartition("/")
+    keys = [
+        k.lstrip("+~")
+        for k, _, v in (o.partition("=") for o in overrides)
+        if v == name and k.lstrip("+~").split("@")[0] == group
+    ]
+    key = keys[0] if keys else group  # (optimizer@baseline=...: the baseline's choice)
+    near = nearest_key(name, options)
+    hint = f"did you mean {key}={near}? " if near else ""
+    return f"{key}={name} is not an option of config group {group}; {hint}options: {options}"
 
 
 def _unknown_key(overrides: list[str], err: Exception) -> str | None:

@@ -275,7 +275,8 @@ def test_an_explicit_rank_replaces_the_default_ratio() -> None:
 
 
 def test_overrides_of_keys_the_config_lacks_are_named_before_hydra_starts() -> None:
-    """A misspelt key names the nearest one (the recipe's and its kind's hyperparameters);
+    """A misspelt key or config-group option names the nearest one (for a key: of the
+    recipe's and its kind's hyperparameters);
     a hyperparameter the recipe does not list is added with ``+``; a key another kind has
     is only named; valid command lines (``+``, ``++``, ``~``) pass."""
     from coap_dist.train.__main__ import _launch_problem
@@ -290,6 +291,12 @@ def test_overrides_of_keys_the_config_lacks_are_named_before_hydra_starts() -> N
     other = str(_launch_problem(["optimizer=adamw", "optimizer.rank=4"]))
     assert other.startswith("the config has no key optimizer.rank") and "+" not in other
     assert "did you mean eval.every?" in str(_launch_problem(["eval.evry=3"]))
+    assert _launch_problem(["optimizer@baseline=adamx"]) == (
+        "optimizer@baseline=adamx is not an option of config group optimizer; did you mean "
+        "optimizer@baseline=adamw? options: ['adamw', 'apollo', 'coap', 'coap_8bit', "
+        "'coap_adafactor', 'galore']"
+    )
+    assert str(_launch_problem(["model=nope"])).startswith("model=nope is not an option")
     for fine in (
         ["+optimizer.skip_nonfinite=false"],
         ["++optimizer.rank=4"],
