@@ -1005,7 +1005,8 @@ def test_clip_grad_norm_folds_the_nonfinite_check_into_its_reduction() -> None:
     """opt.clip_grad_norm_ is torch's clip_grad_norm_ over the optimizer's parameters, and the
     next step() reads no gradient again for its check (no aten.sum): the same weights; a
     non-finite gradient makes every clipped gradient NaN and every step skip, as with torch's
-    clip; a gradient changed after the clip is checked again."""
+    clip; a gradient changed after the clip is checked again. Other norm orders, inf
+    included, and ``error_if_nonfinite`` behave as torch's."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Reductions(TorchDispatchMode):
@@ -1062,6 +1063,30 @@ def test_clip_grad_norm_folds_the_nonfinite_check_into_its_reduction() -> None:
     assert not torch.isfinite(opt.clip_grad_norm_(float("inf")))
     opt.step()
     assert opt.metrics()["optim/nonfinite_skips"] == skips + len(before) + 2
+    opt.zero_grad()
+    # torch's other arguments: norm orders (inf: a max), error_if_nonfinite, foreach.
+    ref_model.load_state_dict(model.state_dict())  # (model stepped alone above)
+    for norm_type in (1.0, 0.5, 3.0, float("inf")):
+        for m in (model, ref_model):
+            m.zero_grad()
+            m(x).square().mean().backward()
+        norm = opt.clip_grad_norm_(0.05, norm_type=norm_type, foreach=False)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.05, norm_type)
+        torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-9)
+        model[0].weight.grad[0, 0] = float("nan")
+        kept = [p.grad.clone() for p in model.parameters()]
+        with pytest.raises(RuntimeError, match=f"norm of order {norm_type} .* non-finite"):
+            opt.clip_grad_norm_(0.05, norm_type, error_if_nonfinite=True)
+        for p, k in zip(model.parameters(), kept, strict=True):
+            torch.testing.assert_close(p.grad, k, rtol=0, atol=0, equal_nan=True)  # unscaled
+        assert not torch.isfinite(opt.clip_grad_norm_(0.05, norm_type))  # NaN reaches the step
+        n_skips = opt.metrics()["optim/nonfinite_skips"]
+        opt.step()
+        assert opt.metrics()["optim/nonfinite_skips"] == n_skips + len(before), norm_type
+    with pytest.raises(ValueError, match="norm_type=0 must be > 0"):
+        opt.clip_grad_norm_(1.0, norm_type=0)
 
 
 def test_refused_loads_and_early_groups_lose_nothing() -> None:

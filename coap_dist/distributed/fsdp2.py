@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -349,9 +349,9 @@ class Fsdp2Local(LocalCheckpoints, Layout):
             self.comm.all_reduce(values)
         return values
 
-    def grad_sq_sum(self, local: Tensor) -> Tensor:
+    def grad_total(self, local: Tensor, op: Literal["sum", "max"]) -> Tensor:
         if self.world > 1:  # shards of the shard sub-mesh; HSDP replicas hold the same
-            self.comm.all_reduce(local)
+            self.comm.all_reduce(local, op)
         return local
 
     def _state(self, i: int) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -211,7 +211,7 @@ class OwnerLayout(OwnerCheckpoints, Layout):
             self.comm.all_reduce(values)
         return values
 
-    def grad_sq_sum(self, local: Tensor) -> Tensor:
+    def grad_total(self, local: Tensor, op: Literal["sum", "max"]) -> Tensor:
         if not self.view.reduced:
             raise ValueError(
                 f"{self.name}: clip_grad_norm_ needs the reduced gradients, but this layout "
@@ -219,7 +219,7 @@ class OwnerLayout(OwnerCheckpoints, Layout):
                 "step(); clip with sharding='owner' under DDP, or do not clip"
             )
         if self.view.grads_partition and self.world > 1:
-            self.comm.all_reduce(local)
+            self.comm.all_reduce(local, op)
         return local
 
     def share_block_max(self, maxima: dict[int, list[Tensor]]) -> dict[int, list[Tensor]]:

@@ -466,18 +466,33 @@ class _COAPBase(Checkpoints, Optimizer):
             )
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> Tensor:
-        """``torch.nn.utils.clip_grad_norm_`` over this optimizer's parameters, with the next
-        ``step()``'s non-finite check folded into its one reduction.
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+    ) -> Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over this optimizer's parameters (the same
+        arguments after ``max_norm``), with the next ``step()``'s non-finite check folded
+        into its one reduction.
 
-        ||g|| = sqrt(sum_i ||g_i||^2) over every gradient of the model (the pieces of every
-        rank: one all-reduce where they partition the gradients, as under FSDP2; none where
-        each rank holds all of them, as under DDP), then g_i <- c g_i with
+        ||g||_p = (sum_i ||g_i||_p^p)^(1/p) (``norm_type`` p > 0; inf: max_i ||g_i||_inf)
+        over every gradient of the model (the pieces of every rank: one all-reduce, a sum or
+        a max, where they partition the gradients, as under FSDP2; none where each rank
+        holds all of them, as under DDP), then g_i <- c g_i with
         c = min(1, max_norm / (||g|| + 1e-6)) (``max_norm=inf``: no scaling). The per-gradient
-        norms c ||g_i|| (NaN or inf iff g_i is non-finite after clipping, 0 iff it is zero)
+        norms c ||g_i||_p (NaN or inf iff g_i is non-finite after clipping, 0 iff it is zero)
         are what ``step()`` would reduce each gradient to: a gradient unchanged since then
         is not read again there. Returns ||g|| (0-dim, on the parameters' device, before
-        clipping; no host synchronisation)."""
+        clipping; no host synchronisation, unless ``error_if_nonfinite``, which reads it
+        and raises for a NaN or inf norm before any gradient is scaled, as torch does).
+        ``foreach``: accepted as torch's; the foreach kernels always run (same result)."""
+        p = float(norm_type)
+        if not p > 0:
+            raise ValueError(
+                f"{self.name}.clip_grad_norm_: norm_type={norm_type!r} must be > 0 (or inf)"
+            )
         lay, ids = self._begin(self._present_groups())
         grads = {i: g for i in ids if (g := lay.local_grad(i)) is not None}
         gs = list(grads.values())
@@ -486,10 +501,29 @@ class _COAPBase(Checkpoints, Optimizer):
         else:
             same = all(g.dtype == torch.float32 for g in gs)
             norms = (
-                torch._foreach_norm(gs) if same else torch._foreach_norm(gs, 2, dtype=torch.float32)
+                torch._foreach_norm(gs, p)
+                if same
+                else torch._foreach_norm(gs, p, dtype=torch.float32)
             )
-            local = torch.linalg.vector_norm(torch.stack(norms)).square()
-        total = lay.grad_sq_sum(local).sqrt()
+            stacked = torch.stack(norms)
+            if math.isinf(p):
+                local = stacked.max()
+            elif p == 2.0:
+                local = torch.linalg.vector_norm(stacked).square()
+            else:
+                local = stacked.pow(p).sum()
+        if math.isinf(p):
+            total = lay.grad_total(local, "max")
+        else:
+            total = lay.grad_total(local, "sum")
+            total = total.sqrt() if p == 2.0 else total.pow(1.0 / p)
+        if error_if_nonfinite and not bool(torch.isfinite(total)):
+            raise RuntimeError(
+                f"{self.name}.clip_grad_norm_: the total norm of order {norm_type} of the "
+                "gradients is non-finite, so it cannot be clipped (error_if_nonfinite=True); "
+                "no gradient was changed. Pass error_if_nonfinite=False to let step() skip "
+                "the parameters with non-finite gradients instead"
+            )
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         self._checked = {}
         if gs:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -216,11 +216,12 @@ class Layout(abc.ABC):
         return self.reduce_sum(values).cpu().tolist()
 
     @abc.abstractmethod
-    def grad_sq_sum(self, local: Tensor) -> Tensor:
-        """The sum over the whole model of squared gradient entries, from ``local``: this
-        rank's sum over its :meth:`local_grad` pieces (0-dim, float32). Layouts whose pieces
-        partition the gradients sum over the ranks (one all-reduce); where every rank holds
-        the whole (reduced) gradient it is ``local``. For ``clip_grad_norm_``."""
+    def grad_total(self, local: Tensor, op: Literal["sum", "max"]) -> Tensor:
+        """A whole-model reduction over the gradient entries, from ``local``: this rank's
+        over its :meth:`local_grad` pieces (0-dim, float32), a sum (of squared entries, of
+        |entries|^p) or a max (of |entries|). Layouts whose pieces partition the gradients
+        reduce over the ranks with ``op`` (one all-reduce); where every rank holds the whole
+        (reduced) gradient it is ``local``. For ``clip_grad_norm_``."""
 
     def share_block_max(self, maxima: dict[int, list[Tensor]]) -> dict[int, list[Tensor]]:
         """8-bit AdamW pieces: ``maxima[i]`` holds, per moment, this rank's max |x| of every

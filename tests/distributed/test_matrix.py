@@ -24,7 +24,8 @@ the consolidated single-process form is the bridge between layouts) and ``in_bac
 parameter outside FSDP2: against one process that clips the averaged gradients with
 ``clip_grad_norm_``; FSDP1 refuses it by name, the one refused cell) and ``clip`` (the
 optimizer's ``clip_grad_norm_``, whose norms the step reuses as its non-finite check: the
-norm of torch's ``clip_grad_norm_`` on the full gradients, then the same weights) and
+norm of torch's ``clip_grad_norm_`` on the full gradients, of order 2, inf and 1 in turn,
+then the same weights) and
 ``no_check`` (``skip_nonfinite=False``: the layouts whose wrapper gives every rank the same
 gradients decide each step without a host read and sum the flag vector for a later one; the
 metrics read then equal one process's). The printed table is
@@ -157,9 +158,10 @@ def _cell(rank: int, world: int, layout: str, feature: str) -> float:
             loss.backward()
         for q, g in zip(ref_model.parameters(), _full(layout, net, grads=True), strict=True):
             q.grad = g.view_as(q).clone()
-        if feature == "clip":  # the layout's clip_grad_norm_ (the step's check folded in)
-            norm = opt.clip_grad_norm_(CLIP)
-            ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), CLIP)
+        if feature == "clip":  # the layout's clip_grad_norm_ (the step's check folded in),
+            order = (2.0, float("inf"), 1.0)[step % 3]  # a sum or a max over the ranks
+            norm = opt.clip_grad_norm_(CLIP, order)
+            ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), CLIP, order)
             assert torch.allclose(norm, ref_norm, rtol=1e-5), (layout, norm, ref_norm)
         opt.step()
         ref.step()
