@@ -19,6 +19,18 @@ from typing import Any, Protocol
 from coap_dist.train.config import LoggerConfig, RunError
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float, at any depth of dicts and lists, replaced by
+    None: strict JSON (``NaN`` is not JSON; jq and pandas read ``null``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
+
 class MetricsLogger(Protocol):
     """Where records go."""
 
@@ -52,11 +64,8 @@ class JsonlLogger:
         """Write one line and flush, so a crashed run keeps its numbers. Non-finite floats
         become ``null`` (strict JSON, readable by jq and pandas alike)."""
         line = {"run": self.run, "step": step, **record}
-        clean = {
-            k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in line.items()
-        }
         try:
-            self._file.write(json.dumps(clean, allow_nan=False) + "\n")
+            self._file.write(json.dumps(strict_json(line), allow_nan=False) + "\n")
             self._file.flush()
         except OSError as err:
             raise RunError(

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coap_dist.train.loggers import strict_json
+
 MIB = 1 << 20
 
 
@@ -79,7 +81,8 @@ def format_table(results: list[RunResult]) -> str:
 
 
 def write_summary(results: list[RunResult], path: Path) -> None:
-    """The table's numbers (and each run's state bytes per rank) as JSON."""
+    """The table's numbers (and each run's state bytes per rank) as strict JSON (a number
+    that is not finite, e.g. the validation loss of a run without evaluation, is null)."""
     rows = []
     for r in results:
         row = asdict(r)
@@ -87,7 +90,7 @@ def write_summary(results: list[RunResult], path: Path) -> None:
         row["state_mib"] = r.state_mib
         row["peak_memory_mib"] = r.peak_memory_mib
         rows.append(row)
-    path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(strict_json(rows), indent=2, allow_nan=False) + "\n", "utf-8")
 
 
 def plot_losses(results: list[RunResult], path: Path, title: str) -> None:

@@ -4,6 +4,7 @@ users' memmap data. Multi-process runs are in test_launch.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -80,10 +81,20 @@ def test_comparison_prints_table_and_writes_outputs(single) -> None:
     assert coap_train[-1]["optim/state_bytes"] == coap.state_bytes[0]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [s["name"] for s in summary] == ["coap", "adamw"]
+    # Strict JSON: a run without a validation loss (NaN) writes null, not a bare NaN.
+    from coap_dist.train.report import write_summary
+
+    write_summary([dataclasses.replace(coap, val_loss=float("nan"))], run_dir / "strict.json")
+    strict = json.loads((run_dir / "strict.json").read_text(), parse_constant=_refuse_constant)
+    assert strict[0]["val_loss"] is None and strict[0]["name"] == "coap"
     assert (run_dir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for name in ("coap", "adamw"):
         assert (ckpt(run_dir, name, 2) / "state.pt").is_file()
         assert (ckpt(run_dir, name, 4) / "meta.pt").is_file()
+
+
+def _refuse_constant(name: str) -> None:
+    raise AssertionError(f"{name} in a JSON file: not strict JSON")
 
 
 def test_resume_continues_the_same_loss_curve(single, tmp_path) -> None:
