@@ -256,34 +256,28 @@ def test_write_failing_half_way_leaves_no_tmp_and_the_previous_checkpoint(tmp_pa
     assert "step_0000002, is intact" in limited.stderr
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "coap").iterdir()) == ["step_0000002"]
     assert checkpoint.read_meta(ckpt(tmp_path, 2))["step"] == 2
-    # A run directory that cannot be created (Hydra makes it before the app runs): one line
-    # naming hydra.run.dir, exit code 2, nothing else written.
-    unwritable = subprocess.run(
-        [sys.executable, "-m", "coap_dist.train", "hydra.run.dir=/proc/coap_run", "steps=3"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    # Command lines refused before Hydra starts the run, each with one line and exit code 2:
+    # a run directory that cannot be created (Hydra would make it before the app runs), and
+    # an override of a key the config lacks (Hydra's message would suggest appending it).
+    unwritable, misspelt = (
+        subprocess.run(
+            [sys.executable, "-m", "coap_dist.train", override, "steps=3"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        for override in ("hydra.run.dir=/proc/coap_run", "optimizer.rnak=2")
     )
-    assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr
+    for refused in (unwritable, misspelt):
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert refused.stderr.count("\n") == 1, refused.stderr
     assert "hydra.run.dir='/proc/coap_run' cannot be created" in unwritable.stderr
-    # An override of a key the config lacks (Hydra's own message would suggest appending
-    # it with +): one line with the nearest key, exit code 2.
-    misspelt = subprocess.run(
-        [sys.executable, "-m", "coap_dist.train", "optimizer.rnak=2", "steps=3"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert misspelt.returncode == 2 and "Traceback" not in misspelt.stderr, misspelt.stderr
     assert misspelt.stderr.startswith(
         "coap_dist.train: invalid config: the config has no key optimizer.rnak (override "
         "'optimizer.rnak=2'); did you mean optimizer.rank? optimizer has ['"
     ), misspelt.stderr
-    assert misspelt.stderr.count("\n") == 1
 
 
 def test_accumulation_checkpointing_and_compile_keep_the_math(uninterrupted, tmp_path) -> None:
