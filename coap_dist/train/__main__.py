@@ -138,14 +138,16 @@ def _unknown_key(overrides: list[str], err: Exception) -> str | None:
     key = getattr(cause, "full_key", None)
     if not isinstance(cause, ConfigAttributeError | ConfigKeyError) or not key:
         return None
-    bad = [o for o in overrides if o.partition("=")[0] == key]
+    # (the missing key, or a section above it: `evl.every=3` misses `evl`)
+    bad = [o for o in overrides if (k := o.partition("=")[0]) == key or k.startswith(f"{key}.")]
     if not bad:
         return None
-    rest = [o for o in overrides if o.partition("=")[0].lstrip("+~") != key]
+    named = {o.partition("=")[0] for o in bad}
+    rest = [o for o in overrides if o.partition("=")[0].lstrip("+~") not in named]
     section, _, leaf = str(key).rpartition(".")
     try:
         with initialize_config_module(config_module="coap_dist.configs", version_base="1.3"):
-            cfg = compose(config_name="train", overrides=rest)
+            cfg = compose(config_name="train", overrides=rest, return_hydra_config=True)
         node = OmegaConf.select(cfg, section) if section else cfg
     except Exception:
         return None

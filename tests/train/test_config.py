@@ -291,6 +291,10 @@ def test_overrides_of_keys_the_config_lacks_are_named_before_hydra_starts() -> N
     other = str(_launch_problem(["optimizer=adamw", "optimizer.rank=4"]))
     assert other.startswith("the config has no key optimizer.rank") and "+" not in other
     assert "did you mean eval.every?" in str(_launch_problem(["eval.evry=3"]))
+    assert "no key evl (override 'evl.every=3'); did you mean eval?" in str(
+        _launch_problem(["evl.every=3"])
+    )
+    assert "did you mean hydra.run.dir?" in str(_launch_problem(["hydra.run.dri=/tmp/x"]))
     assert _launch_problem(["optimizer@baseline=adamx"]) == (
         "optimizer@baseline=adamx is not an option of config group optimizer; did you mean "
         "optimizer@baseline=adamw? options: ['adamw', 'apollo', 'coap', 'coap_8bit', "
