@@ -476,8 +476,9 @@ def check_config(config: Mapping[str, Any], where: str = "") -> None:
     otherwise end in DeepSpeed's pydantic or assertion tracebacks, or in a silently ignored
     key: a top-level key DeepSpeed does not read (``zero_optimisation``), a key its
     section's schema rejects (``zero_optimization.stagee``, with the nearest valid ones),
-    an optimizer ``"type"`` one typo from a COAP type (``COAPP``) and an unknown COAP
-    ``params`` key. ``where``: the prefix naming the config in messages (the app's
+    an optimizer ``"type"`` one typo or only the letter case from a COAP type (``COAPP``,
+    ``coap``), an unknown COAP ``params`` key and a ``gradient_clipping`` that is not a
+    number (``"1.0"``). ``where``: the prefix naming the config in messages (the app's
     ``strategy.extra.``). Needs an initialized process group, as ``DeepSpeedConfig``."""
     import difflib
 
@@ -487,11 +488,13 @@ def check_config(config: Mapping[str, Any], where: str = "") -> None:
     opt = config.get("optimizer")
     if isinstance(opt, Mapping):
         kind = str(opt.get("type", ""))
+        same_letters = {name.lower(): name for name in OPTIMIZER_TYPES}.get(kind.lower())
         near = difflib.get_close_matches(kind, list(OPTIMIZER_TYPES), n=1, cutoff=0.75)
-        if kind not in OPTIMIZER_TYPES and near and kind.lower() != near[0].lower():
+        if kind not in OPTIMIZER_TYPES and (same_letters or near):
+            case = " (COAP's types are case-sensitive)" if same_letters else ""
             raise ValueError(
-                f'{where}optimizer.type="{kind}" is not an optimizer type; did you mean '
-                f'"{near[0]}"? (COAP\'s types: {", ".join(OPTIMIZER_TYPES)})'
+                f'{where}optimizer.type="{kind}" is not an optimizer type{case}; did you mean '
+                f'"{same_letters or near[0]}"? (COAP\'s types: {", ".join(OPTIMIZER_TYPES)})'
             )
         if kind in OPTIMIZER_TYPES:
             params = {
@@ -499,6 +502,14 @@ def check_config(config: Mapping[str, Any], where: str = "") -> None:
             }
             recipe = OPTIMIZER_TYPES[kind].config_class  # type: ignore[attr-defined]
             recipe.from_mapping(params, f"{where}optimizer.params.")
+    clip = config.get("gradient_clipping")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float)):
+        raise ValueError(
+            f"{where}gradient_clipping={clip!r} must be a number (the max gradient norm; 0: "
+            "no clipping), not a string"
+            if isinstance(clip, str)
+            else f"{where}gradient_clipping={clip!r} must be a number (the max gradient norm)"
+        )
     unknown = unknown_config_keys(config)
     if unknown:
         key, near_keys = next(iter(unknown.items()))

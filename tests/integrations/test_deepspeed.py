@@ -544,6 +544,8 @@ def _check_errors(rank: int) -> None:
     check_config(_config(3, True, {}))
     for edit, message in (
         (lambda c: c["optimizer"].update(type="COAPP"), r'optimizer\.type="COAPP" .*"COAP"'),
+        (lambda c: c["optimizer"].update(type="coap"), r'"coap" .*case-sensitive.*"COAP"'),
+        (lambda c: c.update(gradient_clipping="1.0"), r"gradient_clipping='1\.0' must be a num"),
         (lambda c: c["optimizer"]["params"].update(rnak=4), r"optimizer\.params\.rnak"),
         (lambda c: c["zero_optimization"].update(stagee=2), r"zero_optimization\.stagee: .*stage"),
         (lambda c: c.update(zero_optimisation={}), r"zero_optimisation is not a DeepSpeed"),
