@@ -506,9 +506,7 @@ def check_config(config: Mapping[str, Any], where: str = "") -> None:
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float)):
         raise ValueError(
             f"{where}gradient_clipping={clip!r} must be a number (the max gradient norm; 0: "
-            "no clipping), not a string"
-            if isinstance(clip, str)
-            else f"{where}gradient_clipping={clip!r} must be a number (the max gradient norm)"
+            "no clipping)"
         )
     unknown = unknown_config_keys(config)
     if unknown:

@@ -512,10 +512,8 @@ class _COAPBase(Checkpoints, Optimizer):
                 local = torch.linalg.vector_norm(stacked).square()
             else:
                 local = stacked.pow(p).sum()
-        if math.isinf(p):
-            total = lay.grad_total(local, "max")
-        else:
-            total = lay.grad_total(local, "sum")
+        total = lay.grad_total(local, "max" if math.isinf(p) else "sum")
+        if not math.isinf(p):
             total = total.sqrt() if p == 2.0 else total.pow(1.0 / p)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             raise RuntimeError(
@@ -845,7 +843,6 @@ class _COAPBase(Checkpoints, Optimizer):
             )
             # the ranks' states differ: no step or save on them
             self._interrupted = "the ranks stepped different parameters in earlier steps"
-
             raise RuntimeError(message)
 
     def _decide(self, lay: Layout, ids: list[int], host: list[float]) -> list[int]:

@@ -32,12 +32,13 @@ def param_groups(
 
     Default rule: weights of linear and convolution layers go to COAP (the optimizer's
     ``algorithm``, by default ``"auto"``: small convolutions still fall back to AdamW inside
-    the optimizer; ``algorithm="adamw"`` given to the optimizer makes this group AdamW too); embeddings, output heads
-    (modules named one of :data:`HEAD_NAMES`), normalisation layers, biases and every other
-    parameter with fewer than 2 dims go to ``algorithm="adamw"``. Name patterns (fnmatch on the
-    full parameter name, e.g. ``"layers.0.*"``) override: ``adamw_patterns`` first, then
-    ``coap_patterns``. ``coap_overrides`` (rank, update_interval, ...) go into the COAP group.
-    Shared (tied) parameters appear once. Empty groups are omitted.
+    the optimizer; ``algorithm="adamw"`` given to the optimizer makes this group AdamW too);
+    embeddings, output heads (modules named one of :data:`HEAD_NAMES`), normalisation
+    layers, biases and every other parameter with fewer than 2 dims go to
+    ``algorithm="adamw"``. Name patterns (fnmatch on the full parameter name, e.g.
+    ``"layers.0.*"``) override: ``adamw_patterns`` first, then ``coap_patterns``.
+    ``coap_overrides`` (rank, update_interval, ...) go into the COAP group. Shared (tied)
+    parameters appear once. Empty groups are omitted.
     """
     # (misspelt keys fail here, as in the optimizers' groups; the values are checked there)
     COAPAdafactorConfig.check_group_keys(
