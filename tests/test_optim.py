@@ -975,6 +975,11 @@ def test_auto_rank_redistributes_the_fixed_rank_bytes_and_resumes_exactly() -> N
         assert [h[0] for h in hist2] == [h[0] for h in hist[at + 1 :]]
         for (n, p), q in zip(model2.named_parameters(), model.parameters(), strict=True):
             assert torch.equal(p, q), f"resumed after step {at + 1}: {n} differs"
+    # A checkpoint saved before any SVD chose ranks (no `coap_ranks`) plans with the ranks of
+    # rank_ratio, not with those this optimizer chose since.
+    opt.load_state_dict(COAPAdamW(param_groups(_spectra_net()), **auto_kw).state_dict())
+    opt._bound()
+    assert [s.rank for s in opt.specs if s.kind == "matrix"] == fixed_ranks
     with pytest.raises(ValueError, match="`rank`='auto' needs `rank_ratio`"):
         COAPAdamW(param_groups(_spectra_net()), rank="auto")
     with pytest.raises(ValueError, match="`rank`='auto' is invalid with `refresh`='adaptive'"):
