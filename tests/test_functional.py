@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coap_dist import COAPAdamW
+from coap_dist import COAPAdamW, param_groups
 from coap_dist.functional import projection as fproj
 from coap_dist.functional import quant, tucker
 from coap_dist.reference import ReferenceCOAPAdamW
@@ -189,6 +189,29 @@ def test_tucker_projection_round_trip() -> None:
     res = lambda a, b: float((g - tucker.back(tucker.core(g, a, b), a, b)).norm())  # noqa: E731
     assert res(w0, w1) <= res(u0, u1) + 1e-4
     assert tucker.tucker_ranks((64, 32, 1, 1), 4.0) == (16, None)
+
+
+@pytest.mark.parametrize(
+    "shape", [(21, 256, 3, 3), (256, 21, 3, 3), (160, 8, 3, 3), (8, 160, 5, 5)]
+)
+def test_tucker_ranks_of_unbalanced_channels_fit_the_hooi_sweep(shape: tuple[int, ...]) -> None:
+    """A warm HOOI sweep factors G x_1 U1^T (O x r1 kh kw) and G x_0 U0^T (I x r0 kh kw):
+    the planned ranks fit both, so the factors keep their shapes at every refresh, and a
+    COAPAdamW step on such a convolution (a segmentation head) runs its refreshes."""
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    r0, r1 = tucker.tucker_ranks(shape, 4.0)
+    assert r1 is not None and r0 <= r1 * shape[2] * shape[3] and r1 <= r0 * shape[2] * shape[3]
+    u0, u1, _ = tucker.refresh_factors(g, r0, r1, None, None)
+    w0, w1, ok = tucker.refresh_factors(g, r0, r1, u0, u1)
+    assert bool(ok) and u1 is not None and w1 is not None
+    assert w0.shape == u0.shape == (shape[0], r0) and w1.shape == u1.shape == (shape[1], r1)
+    conv = torch.nn.Conv2d(shape[1], shape[0], shape[2])
+    opt = COAPAdamW(param_groups(conv, rank=4, rank_ratio_cnn=4.0), update_interval=1)
+    for _ in range(3):
+        conv(torch.randn(2, shape[1], 6, 6)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.isfinite(conv.weight).all()
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

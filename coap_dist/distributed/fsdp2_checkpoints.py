@@ -76,11 +76,13 @@ class LocalCheckpoints:
         if t.ndim == 0 or s.kind == "conv":
             return t  # (a convolution's state is whole on one rank)
         moved_rows = s.kind == "matrix" and s.row_alignment() > 1
-        whole = key in ("projector", "exp_avg_sq_col")
-        if self._sharded(i) and not whole and (moved_rows or key.endswith("_scale")):
+        whole, scale = key in ("projector", "exp_avg_sq_col"), key.endswith("_scale")
+        if self._sharded(i) and not whole and (moved_rows or scale):
             return self._piece(i, key, t)
         mesh = p.device_mesh
-        if key in ("exp_avg_sq_col",) or not any(isinstance(x, Shard) for x in p.placements):
+        # Replicated: column statistics, and the 8-bit scales of an unsplit state (a scale
+        # vector's global shape is its block count, not the moment's rows).
+        if key == "exp_avg_sq_col" or scale or not any(isinstance(x, Shard) for x in p.placements):
             placements: tuple[Any, ...] = tuple(Replicate() for _ in range(mesh.ndim))
             shape: tuple[int, ...] = tuple(t.shape)
         else:

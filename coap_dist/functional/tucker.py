@@ -29,15 +29,17 @@ def tucker_ranks(
     shape: tuple[int, ...] | torch.Size, rank_ratio_cnn: float
 ) -> tuple[int, int | None]:
     """(r0, r1) for a conv weight (O, I, kh, kw): kw == 1 -> (O // rho, None), else
-    (O // sqrt(rho), I // sqrt(rho)), each at least 1 and at most the rank its mode unfolding
-    can have (r0 <= I kh kw, r1 <= O kh kw)."""
+    (O // sqrt(rho), I // sqrt(rho)), each at least 1 and at most the rank its unfolding in
+    a HOOI sweep can have: mode 0 of G x_1 U1^T (O x r1 kh kw) and mode 1 of G x_0 U0^T
+    (I x r0 kh kw), so r0 <= r1 kh kw and r1 <= r0 kh kw (unbalanced channels: a 21 x 256 x 3
+    x 3 head at rho = 4 gets (10, 90), not (10, 128))."""
     o, i, kh, kw = shape
     if kw == 1:
         return min(max(int(o // rank_ratio_cnn), 1), i * kh * kw), None
     root = math.sqrt(rank_ratio_cnn)
-    r0 = min(max(int(o // root), 1), i * kh * kw)
-    r1 = min(max(int(i // root), 1), o * kh * kw)
-    return r0, r1
+    r0, r1 = max(int(o // root), 1), max(int(i // root), 1)
+    r1 = min(r1, r0 * kh * kw)
+    return min(r0, r1 * kh * kw), r1
 
 
 def core(g: Tensor, u0: Tensor, u1: Tensor | None) -> Tensor:

@@ -71,20 +71,62 @@ def cli() -> None:
     main()
 
 
-def _launch_problem(overrides: list[str]) -> str | None:
-    """Why this command line cannot start: an override of an unknown key or config-group
-    option, or a ``hydra.run.dir`` that cannot be created (None: it can start, or the
-    command is not a single run: a sweep, ``--help``, ``--cfg``; Hydra reports the rest)."""
-    if any(a.startswith("-") for a in overrides):
-        return None
+def _single_run(argv: list[str]) -> tuple[str, list[str]] | None:
+    """``(config name, overrides)`` of a command line that starts one run of the package's
+    configs (the launch scripts pass ``--config-name=...``); None for anything else (a
+    sweep, ``--help``, ``--cfg``, another config path: Hydra handles those)."""
+    name, overrides = "train", []
+    args = iter(argv)
+    for a in args:
+        if a.startswith("--config-name="):
+            name = a.partition("=")[2]
+        elif a in ("--config-name", "-cn"):
+            name = next(args, "")
+        elif a.startswith("-"):
+            return None
+        else:
+            overrides.append(a)
+    return (name, overrides) if name else None
+
+
+def _compose(name: str, overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_module
 
-    try:
-        with initialize_config_module(config_module="coap_dist.configs", version_base="1.3"):
-            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-        run_dir = Path(str(cfg.hydra.run.dir)).expanduser().absolute()
-    except Exception as err:  # an invalid override: Hydra's own message follows, but for
-        return _unknown_option(overrides, err) or _unknown_key(overrides, err)  # these two
+    with initialize_config_module(config_module="coap_dist.configs", version_base="1.3"):
+        return compose(config_name=name, overrides=overrides, return_hydra_config=True)
+
+
+def _launch_problem(argv: list[str]) -> str | None:
+    """Why this command line cannot start: overrides of unknown keys or config-group
+    options (every one, each with the nearest existing name), or a ``hydra.run.dir`` that
+    cannot be created (None: it can start, or it is not a single run; Hydra reports the
+    rest)."""
+    run = _single_run(argv)
+    if run is None:
+        return None
+    name, rest = run
+    options: list[str] = []
+    keys: list[tuple[str, list[str]]] = []  # (missing key, its overrides)
+    while True:  # drop each invalid override until the rest composes
+        try:
+            cfg = _compose(name, rest)
+            break
+        except Exception as err:  # Hydra's own message follows, but for these two
+            option = _unknown_option(rest, err)
+            missing = None if option else _missing_key(rest, err)
+            if option is not None:
+                options.append(option[0])
+                drop = option[1]
+            elif missing is not None:
+                keys.append(missing)
+                drop = missing[1]
+            else:
+                return None
+            rest = [o for o in rest if o not in drop]
+    problems = options + [_unknown_key(key, bad, cfg) for key, bad in keys]
+    if problems:
+        return "; ".join(problems)
+    run_dir = Path(str(cfg.hydra.run.dir)).expanduser().absolute()
     parent = run_dir
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -100,9 +142,10 @@ def _launch_problem(overrides: list[str]) -> str | None:
     return None
 
 
-def _unknown_option(overrides: list[str], err: Exception) -> str | None:
+def _unknown_option(overrides: list[str], err: Exception) -> tuple[str, list[str]] | None:
     """For a config-group choice that does not exist (``optimizer=nope``): one line naming
-    it and the group's options, with the nearest one; None for any other error."""
+    it and the group's options, with the nearest one, and the overrides that chose it;
+    None for any other error."""
     from hydra.errors import MissingConfigException
 
     from coap_dist.optim.config import nearest_key
@@ -111,48 +154,51 @@ def _unknown_option(overrides: list[str], err: Exception) -> str | None:
     if not isinstance(err, MissingConfigException) or not options:
         return None
     group, _, name = str(err.missing_cfg_file).rpartition("/")
-    keys = [
-        k.lstrip("+~")
-        for k, _, v in (o.partition("=") for o in overrides)
-        if v == name and k.lstrip("+~").split("@")[0] == group
+    bad = [
+        o
+        for o in overrides
+        if (kv := o.partition("="))[2] == name and kv[0].lstrip("+~").split("@")[0] == group
     ]
-    key = keys[0] if keys else group  # (optimizer@baseline=...: the baseline's choice)
+    if not bad:
+        return None
+    key = bad[0].partition("=")[0].lstrip("+~")  # (optimizer@baseline=...: the baseline's)
     near = nearest_key(name, options)
     hint = f"did you mean {key}={near}? " if near else ""
-    return f"{key}={name} is not an option of config group {group}; {hint}options: {options}"
+    return f"{key}={name} is not an option of config group {group}; {hint}options: {options}", bad
 
 
-def _unknown_key(overrides: list[str], err: Exception) -> str | None:
-    """For a composition that failed on an override of a key its section does not have
-    (``optimizer.rnak=2``): the message naming it and the nearest key of that section, or,
-    for a hyperparameter of the section's optimizer kind that its recipe does not list
-    (``optimizer.skip_nonfinite=false``), Hydra's ``+key=value`` form that adds it; None
-    for any other error."""
-    from hydra import compose, initialize_config_module
+def _missing_key(overrides: list[str], err: Exception) -> tuple[str, list[str]] | None:
+    """For a composition that failed on an override of a key its section does not have:
+    the key and the overrides that name it or a key below it (``evl.every=3`` misses
+    ``evl``); None for any other error."""
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
-
-    from coap_dist.optim.config import nearest_key
-    from coap_dist.train.config import RECIPES
 
     cause = err.__cause__
     key = getattr(cause, "full_key", None)
     if not isinstance(cause, ConfigAttributeError | ConfigKeyError) or not key:
         return None
-    # (the missing key, or a section above it: `evl.every=3` misses `evl`)
     bad = [o for o in overrides if (k := o.partition("=")[0]) == key or k.startswith(f"{key}.")]
-    if not bad:
-        return None
-    named = {o.partition("=")[0] for o in bad}
-    rest = [o for o in overrides if o.partition("=")[0].lstrip("+~") not in named]
-    section, _, leaf = str(key).rpartition(".")
-    try:
-        with initialize_config_module(config_module="coap_dist.configs", version_base="1.3"):
-            cfg = compose(config_name="train", overrides=rest, return_hydra_config=True)
-        node = OmegaConf.select(cfg, section) if section else cfg
-    except Exception:
-        return None
+    return (str(key), bad) if bad else None
+
+
+def _unknown_key(key: str, bad: list[str], cfg: DictConfig) -> str:
+    """The message for an override of ``key``, which ``cfg`` (composed without the invalid
+    overrides) lacks: the nearest key of its section, or, for a hyperparameter of the
+    section's optimizer kind that its recipe does not list (``optimizer.skip_nonfinite=
+    false``), Hydra's ``+key=value`` form that adds it; under ``strategy.extra`` (DeepSpeed
+    JSON, empty by default) the ``+`` form too."""
+    from coap_dist.optim.config import nearest_key
+    from coap_dist.train.config import RECIPES
+
+    section, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, section) if section else cfg
+    if key.startswith("strategy.extra.") and isinstance(node, DictConfig):
+        return (
+            f"the config has no key {key} (override {bad[0]!r}): strategy.extra holds only "
+            f"the DeepSpeed JSON keys a command line adds; add it with +{bad[0]}"
+        )
     if not isinstance(node, DictConfig):
-        return None
+        return f"the config has no key {key} (override {bad[0]!r})"
     keys = sorted(str(k) for k in node)
     recipe = RECIPES.get(str(node.get("kind"))) if section in ("optimizer", "baseline") else None
     hyper = recipe.keys() if recipe is not None else ()

@@ -32,6 +32,7 @@ step number is the data position.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -40,6 +41,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
 from coap_dist.train.config import ConfigError, RunError, resume_changes
@@ -126,6 +128,14 @@ def estimated_bytes(strategy: Strategy) -> int:
     return sum(v[0] for v in all_gather_ints([local], env))
 
 
+def _reason(err: BaseException) -> str:
+    """The first line of an error's message; for DCP's ``CheckpointException`` (a
+    ``BaseException`` holding each rank's error), that of the first rank's error."""
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -201,6 +211,8 @@ def save(path: Path, strategy: Strategy, meta: dict[str, Any]) -> None:
         tmp.rename(path)
         _fsync_file(path.parent)
         shutil.rmtree(old, ignore_errors=True)
+        # A universal form converted from an earlier save of this step is stale.
+        shutil.rmtree(_universal_dir(path), ignore_errors=True)
     barrier(env)
 
 
@@ -243,10 +255,10 @@ def _write(tmp: Path, strategy: Strategy, meta: dict[str, Any]) -> str | None:
         if env.is_main:
             _save_file(meta, tmp / _META)
         _fsync_tree(tmp)
-    except (OSError, RuntimeError) as err:  # ENOSPC surfaces as either, by library
+    except (OSError, RuntimeError, CheckpointException) as err:  # ENOSPC: any, by library
         free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else 0
         failure = (
-            f"checkpoint: writing {tmp} failed on rank {env.rank}: {str(err).splitlines()[0]} "
+            f"checkpoint: writing {tmp} failed on rank {env.rank}: {_reason(err)} "
             f"({free / _MIB:,.1f} MiB free on that filesystem)"
         )
     errors = [e for e in gather_objects(failure, env) if e is not None]
@@ -266,6 +278,14 @@ def _dcp_state(strategy: Strategy) -> dict[str, Any]:
         "model": get_model_state_dict(model),
         "optimizer": get_optimizer_state_dict(model, optimizer),
     }
+
+
+def _strategies_of(meta: dict[str, Any]) -> list[str]:
+    """The strategy options that resume a checkpoint of ``meta``'s format."""
+    fmt = meta["format"]
+    if fmt == "deepspeed":  # (at the saved stage: a changed stage is refused)
+        return [f"deepspeed_zero{meta.get('settings', {}).get('strategy.zero_stage', '<N>')}"]
+    return {"torch": ["single", "ddp", "ddp_owner"], "dcp": ["fsdp2", "hsdp"]}[fmt]
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -299,7 +319,9 @@ def check(
     if meta["format"] != fmt:
         raise ConfigError(
             f"resume={where!r} was written by strategy {meta['strategy']} (format "
-            f"{meta['format']}); strategy.name={strategy.cfg.strategy.name} needs format {fmt}"
+            f"{meta['format']}), and strategy {strategy.cfg.strategy.name} reads format {fmt}; "
+            f"resume it under strategy={' or '.join(_strategies_of(meta))} (the formats do "
+            "not convert into each other)"
         )
     if fmt == "deepspeed" and meta["world_size"] != strategy.env.world_size:
         saved_kind = meta.get("settings", {}).get("optimizer.kind")
@@ -308,9 +330,7 @@ def check(
                 f"resume={where!r}: a DeepSpeed checkpoint of {saved_kind} resumes at the "
                 f"world size it was saved at ({meta['world_size']} processes), this run has "
                 f"{strategy.env.world_size}. COAP checkpoints are converted automatically; "
-                f"for others start {meta['world_size']} processes (or convert with "
-                "DeepSpeed's ds_to_universal and set "
-                "strategy.extra.checkpoint.load_universal=true)"
+                f"for others start {meta['world_size']} processes"
             )
         # Stage 0 keeps the whole (replicated) state in the model-state file: it loads as
         # saved. Stages 1-3 go through the universal form.
@@ -320,19 +340,38 @@ def check(
     )
 
 
+def _universal_dir(path: Path) -> Path:
+    """Where the universal form of DeepSpeed checkpoint ``path`` is converted to."""
+    return path.with_name(path.name + ".universal")
+
+
+def _source_stamp(path: Path) -> str:
+    """Identifies the save a universal form was converted from: a digest of its
+    ``meta.pt`` (step, RNG states, loss history: a later save of the step differs)."""
+    return hashlib.sha256((path / _META).read_bytes()).hexdigest()
+
+
 def _load_universal(path: Path, engine: Any, env: DistEnv) -> None:
     """Resume DeepSpeed checkpoint ``path`` at another world size: rank 0 converts it to a
-    universal checkpoint ``step_<N>.universal`` beside it (unless an earlier resume did),
-    then every rank loads that (collective)."""
+    universal checkpoint ``step_<N>.universal`` beside it (unless an earlier resume
+    converted this very save: the form records the source's :func:`_source_stamp`, and a
+    form of another save of the step is converted again), then every rank loads that
+    (collective)."""
     from coap_dist.integrations.deepspeed import load_checkpoint, to_universal
 
-    target = path.with_name(path.name + ".universal")
+    target = _universal_dir(path)
+    stamp_file = target / "source.sha256"
     failure: str | None = None
-    if env.is_main and not (target / "latest_universal").is_file():
+    if env.is_main:
         try:
-            to_universal(path, target, tag="engine")
+            stamp = _source_stamp(path)
+            done = (target / "latest_universal").is_file() and stamp_file.is_file()
+            if not (done and stamp_file.read_text() == stamp):
+                shutil.rmtree(target, ignore_errors=True)
+                to_universal(path, target, tag="engine")
+                stamp_file.write_text(stamp)
         except (OSError, ValueError) as err:
-            failure = f"converting it to {target} failed: {str(err).splitlines()[0]}"
+            failure = f"converting it to {target} failed: {_reason(err)}"
     failure = broadcast_object(failure, env)
     if failure is not None:
         raise ValueError(failure)
@@ -398,10 +437,9 @@ def load(path: Path, meta: dict[str, Any], strategy: Strategy) -> None:
                 _load_universal(path, engine, env)
             else:
                 engine.load_checkpoint(str(path), tag="engine")
-    except (RuntimeError, ValueError, KeyError) as err:
+    except (RuntimeError, ValueError, KeyError, CheckpointException) as err:
         raise ConfigError(
-            f"resume={str(path)!r} does not fit this run's model or optimizer: "
-            f"{str(err).splitlines()[0]}"
+            f"resume={str(path)!r} does not fit this run's model or optimizer: {_reason(err)}"
         ) from err
     _restore_hyperparameters(optimizer, fresh)
     rng = meta["rng"]

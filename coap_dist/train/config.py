@@ -559,7 +559,7 @@ class TrainConfig:
                 raise ConfigError(
                     f"{opt.where}.in_backward=true is not supported under strategy deepspeed "
                     "(engine.backward/engine.step own the gradient partitions and step after "
-                    "the whole backward); use strategy.name=fsdp2, hsdp, ddp_owner or ddp, or "
+                    "the whole backward); use strategy=fsdp2, hsdp, ddp_owner or ddp, or "
                     "set in_backward=false"
                 )
             if self.grad_accum > 1:
@@ -572,8 +572,8 @@ class TrainConfig:
                 raise ConfigError(
                     f"{opt.where}.in_backward=true with kind=adamw under strategy ddp_owner: "
                     "its ZeroRedundancyOptimizer broadcasts every parameter after each step, "
-                    "once per gradient bucket inside the backward; use strategy.name=ddp or "
-                    "fsdp2 for the AdamW baseline, or in_backward=false"
+                    "once per gradient bucket inside the backward; use strategy=ddp or "
+                    "strategy=fsdp2 for the AdamW baseline, or in_backward=false"
                 )
         for opt in self.runs:
             auto = getattr(opt.hparams, "rank", None) == "auto"
@@ -583,7 +583,7 @@ class TrainConfig:
                     f"checkpoint.every={self.checkpoint.every}: this strategy checkpoints "
                     "through torch.distributed.checkpoint, which cannot carry ranks chosen "
                     "during training. Set a fixed rank (or rank_ratio), checkpoint.every=0, or "
-                    "strategy.name=ddp_owner"
+                    "strategy=ddp_owner"
                 )
         if self.resume is not None and len(self.runs) > 1:
             raise ConfigError(
@@ -649,6 +649,17 @@ def resume_settings(cfg: TrainConfig, opt_cfg: OptimizerConfig) -> dict[str, Any
     return out
 
 
+def override_value(value: Any) -> str:
+    """``value`` as a Hydra command line writes it (``null``, ``true``, ``[0.9,0.99]``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return f"[{','.join(override_value(v) for v in value)}]"
+    return str(value)
+
+
 def resume_changes(
     saved: Mapping[str, Any], new: Mapping[str, Any], *, deepspeed: bool, where: str
 ) -> list[tuple[str, Any, Any]]:
@@ -665,7 +676,8 @@ def resume_changes(
         if any(key == r or (r.endswith(".") and key.startswith(r)) for r in refused):
             raise ConfigError(
                 f"resume={where!r}: {key} was {old!r} in the checkpoint, this run sets {cur!r}; "
-                f"the saved state cannot be carried over to it. Resume with {key}={old!r}, or "
+                f"the saved state cannot be carried over to it. Resume with "
+                f"{key}={override_value(old)}, or "
                 f"start a new run without resume"
             )
         changes.append((key, old, cur))

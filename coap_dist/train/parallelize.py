@@ -32,9 +32,10 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.distributed as dist
@@ -484,6 +485,16 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _lookup(config: Mapping[str, Any], path: str) -> tuple[bool, Any]:
+    """``(present, value)`` of dotted ``path`` in nested mappings."""
+    node: Any = config
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
 def _coap_for_deepspeed(opt_cfg: OptimizerConfig) -> Any:
     """Import ``coap_dist`` (and its DeepSpeed integration, where present), which makes the
     JSON optimizer types ``COAP``/``COAPAdafactor`` resolvable; returns the package."""
@@ -519,9 +530,29 @@ class DeepSpeedStrategy(Strategy):
         """Build the engine to load a universal checkpoint (set by a resume at another
         world size: ``"checkpoint": {"load_universal": true}``)."""
 
+    APP_KEYS: ClassVar[dict[str, str]] = {
+        "train_batch_size": "batch_size",
+        "train_micro_batch_size_per_gpu": "batch_size (divided by processes and grad_accum)",
+        "gradient_accumulation_steps": "grad_accum",
+        "gradient_clipping": "max_grad_norm",
+        "zero_optimization.stage": "strategy=deepspeed_zero<stage>",
+        "bf16": "precision",
+        "fp16": "precision",
+        "optimizer": "optimizer=<option> and its optimizer.<hyperparameter> keys",
+        "checkpoint.load_universal": "resume= (the app converts COAP checkpoints itself)",
+    }
+    """JSON keys the app derives from its own settings (the one to set instead): a different
+    value under ``strategy.extra`` is a config error (the run, its learning-rate schedule,
+    its checkpoints and their resume checks follow the app's settings)."""
+
     def ds_config(self, opt_cfg: OptimizerConfig | None) -> dict[str, Any]:
-        """The engine's JSON config: batch, accumulation, clipping, ZeRO stage, precision,
-        optimizer (when given), then ``strategy.extra`` merged on top."""
+        """The engine's JSON config: :meth:`app_config`, with ``strategy.extra`` merged on
+        top."""
+        return _merge(self.app_config(opt_cfg), dict(self.cfg.strategy.extra))
+
+    def app_config(self, opt_cfg: OptimizerConfig | None) -> dict[str, Any]:
+        """The JSON config from the app's settings: batch, accumulation, clipping, ZeRO
+        stage, precision, optimizer (when given), universal load (a resized resume)."""
         config: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": self.cfg.batch_size
             // (self.env.world_size * self.cfg.grad_accum),
@@ -538,14 +569,25 @@ class DeepSpeedStrategy(Strategy):
             )
         if self.load_universal:
             config["checkpoint"] = {"load_universal": True}
-        return _merge(config, dict(self.cfg.strategy.extra))
+        return config
 
     def check_extra(self) -> None:
         """``strategy.extra`` keys that DeepSpeed would ignore silently or reject with a
-        traceback are a config error naming the key
-        (:func:`coap_dist.integrations.deepspeed.check_config`)."""
+        traceback (:func:`coap_dist.integrations.deepspeed.check_config`), and those that
+        set one of :data:`APP_KEYS` to another value than the app's, are a config error
+        naming the key."""
         from coap_dist.integrations.deepspeed import check_config
 
+        app, extra = self.app_config(None), dict(self.cfg.strategy.extra)
+        for path, instead in self.APP_KEYS.items():
+            given, value = _lookup(extra, path)
+            has, own = _lookup(app, path)
+            if given and not (has and value == own):
+                derived = f" (the app sets {own!r})" if has else ""
+                raise ConfigError(
+                    f"strategy.extra.{path}={value!r} would override a key the app derives "
+                    f"from its settings{derived}; set {instead} instead"
+                )
         try:
             check_config(self.ds_config(None), "strategy.extra.")
         except ValueError as err:

@@ -165,8 +165,9 @@ def _load_one_process(name: str, path: str) -> tuple[nn.Module, Any]:
     return model, opt
 
 
-def _check_form(opt: Any, ref: Any) -> None:
-    """The DCP form: no collective, views of the live state, single-process shapes."""
+def _check_form(opt: Any, ref: Any, sharded: bool = True) -> None:
+    """The DCP form: no collective, views of the live state, single-process shapes (pieces
+    where the state is ``sharded``)."""
     with NoCollectives():
         sd = opt.state_dict()
     pieces = 0
@@ -180,7 +181,7 @@ def _check_form(opt: Any, ref: Any) -> None:
                 pieces += 1
                 live = opt.state[opt.layout.params[i]][k]
                 assert v.unwrap().data_ptr() == live.data_ptr(), "a piece must be a view"
-    assert pieces, "a sharded rank holds pieces"
+    assert bool(pieces) == sharded, f"{pieces} pieces (sharded: {sharded})"
     with pytest.raises(RuntimeError, match=r"torch\.distributed\.checkpoint"):
         torch.save(sd, io.BytesIO())
 
@@ -264,6 +265,25 @@ def _phase_load(rank: int, world: int, tmp: str) -> None:
     if rank == 0:
         print(f"owner -> default: {WORST[-2]:.1e}; default -> owner: {WORST[-1]:.1e}")
     _check_foreign(opt)
+    # The default layout's 8-bit state unsplit (HSDP, 3 replicas of 1 shard: every scale
+    # whole) has the same DCP form: the HSDP-4 checkpoint loads into it, its own save loads
+    # back into 3 shards.
+    replicas = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+    model, opt = _build("8bit_default", replicas, owner=False)
+    path = os.path.join(tmp, "8bit_default")
+    _load(model, opt, path)
+    assert opt.layout.name == "fsdp2" and opt.layout.world == 1
+    ref = _load_one_process("8bit_default", path)
+    _train(model, opt, range(SAVE_AT, STEPS), replicas, ref, TOL_8BIT_DEFAULT)
+    _check_form(opt, ref[1], sharded=False)
+    path = os.path.join(tmp, "8bit_unsplit")
+    _save(model, opt, path)
+    model, opt = _build("8bit_default", mesh, owner=False)
+    _load(model, opt, path)
+    ref = _load_one_process("8bit_default", path)
+    _train(model, opt, range(STEPS, STEPS + 4), mesh, ref, TOL_8BIT_DEFAULT)
+    if rank == 0:
+        print(f"8-bit default: HSDP 4 -> 3 x 1 -> FSDP2 3: {WORST[-2]:.1e}, {WORST[-1]:.1e}")
 
 
 def _check_foreign(opt: Any) -> None:

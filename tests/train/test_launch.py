@@ -330,9 +330,22 @@ def test_torchrun_deepspeed_two_processes(tmp_path, single_small) -> None:
     overrides = [*SMALL, "strategy=deepspeed_zero2", "compare=false", "logger=none"]
     ckpt = run_dir / "checkpoints" / "coap" / "step_0000003"
     (resumed,) = run(compose_dict([*overrides, f"resume={ckpt}"]), tmp_path / "resumed")
-    assert (ckpt.parent / "step_0000003.universal" / "latest_universal").is_file()
+    universal = ckpt.parent / "step_0000003.universal"
+    assert (universal / "latest_universal").is_file()
     expected = records(run_dir, "coap")[6]["train/loss"]
     np.testing.assert_allclose(train_losses(resumed)[6], expected, rtol=1e-5)
+    # The converted form serves only the save it came from: another save of step 3 (its
+    # meta.pt differs, as a rewound run's does) is converted again ...
+    stamp = (universal / "source.sha256").read_text()
+    meta = torch.load(ckpt / "meta.pt", weights_only=True)
+    torch.save({**meta, "history": meta["history"][:-1]}, ckpt / "meta.pt")
+    (again,) = run(compose_dict([*overrides, f"resume={ckpt}"]), tmp_path / "again")
+    assert (universal / "source.sha256").read_text() != stamp
+    np.testing.assert_allclose(train_losses(again)[6], expected, rtol=1e-5)
+    # ... and a run that saves step 3 again into this run dir drops the old form.
+    short = [o for o in overrides if not o.startswith("steps=")]
+    run(compose_dict([*short, "steps=3", "checkpoint.every=3"]), run_dir)
+    assert (ckpt / "meta.pt").is_file() and not universal.exists()
     adamw_ckpt = run_dir / "checkpoints" / "adamw" / "step_0000003"
     with pytest.raises(ConfigError, match=r"resumes at the world size it was saved at \(2"):
         run(compose_dict([*overrides, "optimizer=adamw", f"resume={adamw_ckpt}"]), tmp_path / "a")

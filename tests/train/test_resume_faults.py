@@ -168,6 +168,24 @@ def test_misspelt_deepspeed_key_is_a_config_error(tmp_path) -> None:
         ConfigError, match=r"strategy\.extra\.zero_optimization\.stagee: .*did you mean stage"
     ):
         run(compose_dict(inner), tmp_path)
+    # Keys the app derives from its own settings: another value is refused naming the
+    # setting to use; the app's own value passes.
+    for extra, message in [
+        (
+            "gradient_accumulation_steps=4",
+            r"gradient_accumulation_steps=4 .*sets 1\); set grad_accum",
+        ),
+        ("gradient_clipping=0.01", r"\(the app sets 1\.0\); set max_grad_norm instead"),
+        ("bf16.enabled=true", r"strategy\.extra\.bf16=\{'enabled': True\} .*; set precision"),
+        ("zero_optimization.stage=3", r"stage=3 .*sets 2\); set strategy=deepspeed_zero<stage>"),
+        ("optimizer.params.rank=4", r"extra\.optimizer=.*; set optimizer=<option> and its"),
+        ("train_micro_batch_size_per_gpu=2", r"set batch_size \(divided by processes"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            run(
+                compose_dict([*SIX, "strategy=deepspeed_zero2", f"+strategy.extra.{extra}"]),
+                tmp_path,
+            )
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -218,7 +236,8 @@ def test_full_disk_at_a_save_keeps_the_previous_checkpoint(small_tmpfs, tmp_path
 
 def test_write_failing_half_way_leaves_no_tmp_and_the_previous_checkpoint(tmp_path) -> None:
     """A real write error during ``torch.save`` (a 3 MB file-size limit; the tiny model's
-    state.pt is larger), after the run's first checkpoint was written without a limit; and a
+    state.pt is larger), after the run's first checkpoint was written without a limit, and
+    in FSDP2's DCP save; a
     run directory that cannot be created; an override of a key the config lacks."""
     base = with_(SIX, "steps=4", "checkpoint.every=2", f"hydra.run.dir={tmp_path}", "logger=none")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -256,6 +275,18 @@ def test_write_failing_half_way_leaves_no_tmp_and_the_previous_checkpoint(tmp_pa
     assert "step_0000002, is intact" in limited.stderr
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "coap").iterdir()) == ["step_0000002"]
     assert checkpoint.read_meta(ckpt(tmp_path, 2))["step"] == 2
+    # The same under FSDP2, whose DCP save wraps the error in a CheckpointException (a
+    # BaseException): the one-line reason, exit code 1, no .tmp left.
+    dcp_dir = tmp_path / "dcp"
+    dcp_run = subprocess.run(
+        ["bash", "-c", 'ulimit -f 3000; exec "$@"', "limited", sys.executable, "-m",
+         "coap_dist.train", *with_(base, "strategy=fsdp2", f"hydra.run.dir={dcp_dir}")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert dcp_run.returncode == 1 and "Traceback" not in dcp_run.stderr, dcp_run.stderr[-3000:]
+    assert "step_0000002.tmp failed on rank 0" in dcp_run.stderr, dcp_run.stderr[-3000:]
+    assert "no earlier checkpoint of this run exists" in dcp_run.stderr
+    assert not list((dcp_dir / "checkpoints" / "coap").iterdir())
     # Command lines refused before Hydra starts the run, each with one line and exit code 2:
     # a run directory that cannot be created (Hydra would make it before the app runs), and
     # an override of a key the config lacks (Hydra's message would suggest appending it).
