@@ -207,6 +207,9 @@ def test_bad_group_and_shapes() -> None:
     )
     with pytest.raises(ValueError, match=r"param_groups\[1\]: unknown key `weight_decay_rte`"):
         named.add_param_group({"params": list(extra.parameters()), "weight_decay_rte": 0.1})
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: `lr`=-1\.0 is invalid"):
+        named.add_param_group({"params": list(extra.parameters()), "lr": -1.0})
+    assert len(named.param_groups) == 1  # a refused group is not added
     with pytest.raises(
         ValueError, match=r"invalid `sharding`='owner': it needs torch\.distributed"
     ):

@@ -167,9 +167,13 @@ class _COAPBase(Checkpoints, Optimizer):
             if own.get(key) is not None and other not in own:
                 param_group[other] = None
         super().add_param_group(param_group)
-        self.config_class.validate_group(self.param_groups[-1], where, own=own)
-        for j, p in enumerate(self.param_groups[-1]["params"]):
-            _refuse_unsupported(p, f"{where} parameter {j}")
+        try:  # a refused group is not added
+            self.config_class.validate_group(self.param_groups[-1], where, own=own)
+            for j, p in enumerate(self.param_groups[-1]["params"]):
+                _refuse_unsupported(p, f"{where} parameter {j}")
+        except BaseException:
+            self.param_groups.pop()
+            raise
         if "groups" in self.__dict__:  # (not during torch's __init__): joins now, so that
             try:  # state_dict() before the next step carries it
                 self._present_groups()

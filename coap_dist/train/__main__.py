@@ -119,7 +119,8 @@ def _launch_problem(argv: list[str]) -> str | None:
                 drop = option[1]
             elif missing is not None:
                 keys.append(missing)
-                drop = missing[1]
+                named = {o.partition("=")[0] for o in missing[1]}  # (and its +key= form)
+                drop = [o for o in rest if o.partition("=")[0].lstrip("+~") in named]
             else:
                 return None
             rest = [o for o in rest if o not in drop]

@@ -301,6 +301,17 @@ def test_overrides_of_keys_the_config_lacks_are_named_before_hydra_starts() -> N
         "'coap_adafactor', 'galore']"
     )
     assert str(_launch_problem(["model=nope"])).startswith("model=nope is not an option")
+    # As the launch scripts call it, and every invalid override at once.
+    assert "did you mean optimizer.rank?" in str(
+        _launch_problem(["--config-name=train", "optimizer.rnak=2"])
+    )
+    both = str(_launch_problem(["optimizer=coap8bit", "optimizer.rnak=2", "evl.every=2"]))
+    assert "did you mean optimizer=coap_8bit?" in both and "did you mean optimizer.rank?" in both
+    assert "did you mean eval?" in both and both.count("; did you mean") == 3, both
+    assert str(
+        _launch_problem(["strategy=deepspeed_zero2", "strategy.extra.zero_optimization.stage=1"])
+    ).endswith("add it with +strategy.extra.zero_optimization.stage=1")
+    assert _launch_problem(["--multirun", "optimizer.rnak=2"]) is None  # Hydra's to report
     for fine in (
         ["+optimizer.skip_nonfinite=false"],
         ["++optimizer.rank=4"],
