@@ -210,6 +210,24 @@ def test_bad_group_and_shapes() -> None:
     with pytest.raises(ValueError, match=r"param_groups\[1\]: `lr`=-1\.0 is invalid"):
         named.add_param_group({"params": list(extra.parameters()), "lr": -1.0})
     assert len(named.param_groups) == 1  # a refused group is not added
+    # A hyperparameter the state is planned from, edited after the first step: refused
+    # naming it, before any write; set back, the run goes on.
+    model = _mlp()
+    opt = COAPAdamW(param_groups(model, rank=4), lr=1e-2)
+    for edit in ({}, {"rank": 2}, {"algorithm": "adamw"}, {"projection_side": "left"}, {}):
+        for key, value in edit.items():
+            was, opt.param_groups[0][key] = opt.param_groups[0][key], value
+        model(torch.randn(4, 32)).square().mean().backward()
+        if edit:
+            before = copy.deepcopy(opt.state_dict())
+            with pytest.raises(ValueError, match=rf"param_groups\[0\]\.{key} was changed from"):
+                opt.step()
+            opt.param_groups[0][key] = was
+            after = opt.state_dict()
+            assert after["coap_steps"] == before["coap_steps"]
+        opt.step()
+        opt.zero_grad()
+    assert opt._steps == [5] * len(opt.specs)
     with pytest.raises(
         ValueError, match=r"invalid `sharding`='owner': it needs torch\.distributed"
     ):

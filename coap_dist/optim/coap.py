@@ -123,6 +123,7 @@ class _COAPBase(Checkpoints, Optimizer):
         self._steps: list[int] = []
         self._adaptive: dict[int, AdaptiveState] = {}
         self._auto_rank: dict[int, int] = {}  # rank="auto": each matrix's current rank
+        self._planned: list[dict[str, Any]] = []  # planned_keys per group, at the bind
         self._pending: Tensor | None = None
         # id(gradient piece) -> (weak reference to it, its version then, its norm)
         self._checked: dict[int, tuple[weakref.ref[Tensor], int, Tensor]] = {}
@@ -386,6 +387,7 @@ class _COAPBase(Checkpoints, Optimizer):
         agreement and the gathering of the gradients): an exception here leaves the
         optimizer as it was (:meth:`step` restores its metrics). Returns the layout, the
         stepping parameters and this rank's work."""
+        self._refuse_replanning()
         # (the checked default never scans for this-rank presence here)
         decide_here = not self.skip_nonfinite and lay.uniform_grads and self._step_calls > 1
         if decide_here:
@@ -641,7 +643,24 @@ class _COAPBase(Checkpoints, Optimizer):
         self.specs = layout.bind(self)
         self.group_of = layout.group_of
         self._layout = layout
+        keys = self.config_class.planned_keys()
+        self._planned = [{k: g.get(k) for k in keys} for g in self.groups]
         return layout
+
+    def _refuse_replanning(self) -> None:
+        """A group's edit of a hyperparameter the plan is made from (``rank``,
+        ``algorithm``, ... :meth:`~coap_dist.optim.config.COAPAdamWConfig.planned_keys`)
+        after the first step would be ignored: refused, naming it, before any write."""
+        for j, (group, planned) in enumerate(zip(self.groups, self._planned, strict=False)):
+            for key, was in planned.items():
+                if group.get(key) != was:
+                    raise ValueError(
+                        f"{self.name} param_groups[{j}].{key} was changed from {was!r} to "
+                        f"{group.get(key)!r} after the first step, but the state is planned "
+                        f"from it then. Set it back to {was!r}, or save state_dict() and load "
+                        f"it into a new optimizer built with {key}={group.get(key)!r} (rank, "
+                        "rank_ratio and state_bits are converted on load)"
+                    )
 
     def _replan(self, ranks: Mapping[int, int], energy: Mapping[int, Tensor], work: Work) -> None:
         """Bind a fresh layout planned with ``ranks`` (collective under sharding: every rank

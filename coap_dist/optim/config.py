@@ -111,9 +111,16 @@ def unit_pair(x: Any) -> str | None:
 Scope = Literal["group", "optimizer"]
 
 
-def hp(default: Any, doc: str, check: Check, *, scope: Scope = "group") -> Any:
-    """A hyperparameter field: default, meaning (``doc``), validation, scope."""
-    return dataclasses.field(default=default, metadata={"doc": doc, "check": check, "scope": scope})
+def hp(
+    default: Any, doc: str, check: Check, *, scope: Scope = "group", planned: bool = False
+) -> Any:
+    """A hyperparameter field: default, meaning (``doc``), validation, scope, and whether
+    the state's plan is made from it (``planned``: read once, when the first step binds
+    the optimizer; a group's later edit of it is refused)."""
+    return dataclasses.field(
+        default=default,
+        metadata={"doc": doc, "check": check, "scope": scope, "planned": planned},
+    )
 
 
 _H = TypeVar("_H", bound="Hyperparameters")
@@ -150,6 +157,11 @@ class Hyperparameters:
             f.name for f in dataclasses.fields(cls) if scope is None or f.metadata["scope"] == scope
         )
 
+    @classmethod
+    def planned_keys(cls) -> tuple[str, ...]:
+        """The fields the state's plan is made from (fixed after the first step)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["planned"])
+
     def as_dict(self, scope: Scope | None = None) -> dict[str, Any]:
         """Field values (of one scope, or all)."""
         return {k: getattr(self, k) for k in self.keys(scope)}
@@ -177,6 +189,7 @@ class Hyperparameters:
         rows = ["| argument | default | meaning |", "| --- | --- | --- |"]
         for f in dataclasses.fields(cls):
             scope = " (whole optimizer)" if f.metadata["scope"] == "optimizer" else ""
+            scope += " (fixed at the first step)" if f.metadata["planned"] else ""
             rows.append(f"| `{f.name}` | `{f.default!r}` | {f.metadata['doc']}{scope} |")
         return "\n".join(rows)
 
@@ -210,6 +223,7 @@ class COAPAdamWConfig(Hyperparameters):
         "auto",
         '"auto" (COAP for matrices and large convolutions, AdamW else), "coap" or "adamw"',
         choice(ALGORITHMS),
+        planned=True,
     )
     rank: int | str | None = hp(
         None,
@@ -217,16 +231,19 @@ class COAPAdamWConfig(Hyperparameters):
         "per-matrix ranks chosen at every SVD from the spectrum, within the state bytes of "
         "rank_ratio's fixed ranks (fixed schedule; under FSDP2 every matrix must be sharded)",
         optional(rank_value, "use rank_ratio"),
+        planned=True,
     )
     rank_ratio: float | None = hp(
         None,
         "r = max(min(m, n) // rank_ratio, 1)",
         optional(number(low=0.0, strict=True), "use rank"),
+        planned=True,
     )
     rank_ratio_cnn: float | None = hp(
         None,
         "Tucker-2 ratio for 4-D convolutions of more than 9216 elements",
         optional(number(low=0.0, strict=True), "convolutions use AdamW"),
+        planned=True,
     )
     update_interval: int = hp(32, "T_u: steps between projector moves", integer(low=1))
     reproject_factor: int = hp(
@@ -248,7 +265,7 @@ class COAPAdamWConfig(Hyperparameters):
         choice(MOMENT_MODES),
     )
     projection_side: str = hp(
-        "auto", '"auto" (compress the smaller dim), "right" or "left"', choice(SIDES)
+        "auto", '"auto" (compress the smaller dim), "right" or "left"', choice(SIDES), planned=True
     )
     oversample: int = hp(0, "randomized-SVD oversampling columns", integer(low=0))
     power_iters: int = hp(0, "randomized-SVD power iterations", integer(low=0))
@@ -256,13 +273,17 @@ class COAPAdamWConfig(Hyperparameters):
         0.1, "step size of the correlation-aware projector update", number(low=0.0, strict=True)
     )
     stagger: bool = hp(
-        False, "spread matrices' refresh steps over T_u (flattens SVD spikes)", boolean
+        False,
+        "spread matrices' refresh steps over T_u (flattens SVD spikes)",
+        boolean,
+        planned=True,
     )
     refresh: str = hp(
         "fixed",
         '"fixed" (the T_u / F schedule) or "adaptive" (every T_u steps the projection '
         "residual decides: SVD, projector step or nothing, within refresh_budget)",
         choice(REFRESH_MODES),
+        planned=True,
     )
     refresh_threshold: float = hp(
         0.1,
@@ -281,6 +302,7 @@ class COAPAdamWConfig(Hyperparameters):
         "has 4096+ entries; smaller ones keep the parameter dtype, as bitsandbytes does)",
         choice(STATE_BITS),
         scope="optimizer",
+        planned=True,
     )
     skip_nonfinite: bool = hp(
         True,

@@ -290,7 +290,7 @@ def test_torchrun_ddp_owner_two_processes(tmp_path, single_small) -> None:
     )
     # A misspelt key through the script (which passes --config-name): the app's one line on
     # every rank, exit code 2, not Hydra's advice to append the typo with +.
-    with pytest.raises(AssertionError, match="did you mean optimizer.rank") as failed:
+    with pytest.raises(AssertionError, match=r"did you mean optimizer\.rank") as failed:
         torchrun(tmp_path / "typo", "optimizer.rnak=2")
     assert "Could not override" not in str(failed.value)
     assert "exitcode  : 2" in str(failed.value)
