@@ -1237,3 +1237,34 @@ def test_a_step_interrupted_before_its_writes_retries_and_one_interrupted_after_
     assert again_metrics.keys() == clean_metrics.keys()
     for k, v in clean_metrics.items():
         assert again_metrics[k] == v or (math.isnan(v) and math.isnan(again_metrics[k])), k
+
+
+def test_dcp_state_dict_between_a_load_and_the_first_step_takes_no_step() -> None:
+    """torch.distributed.checkpoint's ``get_optimizer_state_dict`` right after
+    ``load_state_dict`` (a save before training resumes) finds the loaded entries in
+    ``opt.state`` and takes no zero-gradient initialisation step on them: the resumed run
+    equals the uninterrupted one bitwise."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    def fit(model: nn.Module, opt: COAPAdamW, steps: range) -> None:
+        for s in steps:
+            x = torch.randn(4, 32, generator=torch.Generator().manual_seed(s))
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+    model = _mlp()
+    opt = COAPAdamW(param_groups(model, rank=4), lr=1e-2, update_interval=2)
+    fit(model, opt, range(5))
+    saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    fit(model, opt, range(5, 8))
+    resumed = _mlp()
+    ropt = COAPAdamW(param_groups(resumed, rank=4), lr=1e-2, update_interval=2)
+    resumed.load_state_dict(saved[0])
+    ropt.load_state_dict(saved[1])
+    assert len(ropt.state) == len(saved[1]["state"])  # the loaded entries, as torch's
+    get_optimizer_state_dict(resumed, ropt)
+    assert ropt._steps == [5] * len(ropt.specs)
+    fit(resumed, ropt, range(5, 8))
+    for (n, p), q in zip(resumed.named_parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q), n

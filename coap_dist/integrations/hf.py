@@ -38,11 +38,24 @@ def coap_optimizer(optimizer: Any) -> Any | None:
 
 class COAPCheckpointCallback(TrainerCallback):
     """Before every checkpoint the Trainer writes, gather sharded COAP state on the main
-    process (a collective: the callback runs on every rank, right before the save)."""
+    process (a collective: the callback runs on every rank, right before the save). The
+    Trainer decides a save at a step's end (``save_strategy="steps"``), at an epoch's end
+    (``"epoch"``) or after an evaluation that found a new best metric (``"best"``: decided
+    after the last callback of that evaluation, so every evaluation consolidates)."""
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        return self._before_save(control, control.should_save, kwargs)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        return self._before_save(control, control.should_save, kwargs)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        return self._before_save(control, args.save_strategy == "best", kwargs)
+
+    @staticmethod
+    def _before_save(control: Any, saving: bool, kwargs: dict[str, Any]) -> Any:
         opt = coap_optimizer(kwargs.get("optimizer"))
-        if control.should_save and opt is not None and _needs_consolidation(opt):
+        if saving and opt is not None and _needs_consolidation(opt):
             opt.consolidate_state_dict(to=0)
         return control
 

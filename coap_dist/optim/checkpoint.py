@@ -152,8 +152,13 @@ class Checkpoints:
                 )
             return sd
         if self._layout is None:
-            if self._pending_load is not None:
-                return self._pending_load
+            if self._pending_load is not None:  # (a copy: callers rewrite its keys, as DCP)
+                pending = self._pending_load
+                return {
+                    **pending,
+                    "state": {i: dict(st) for i, st in pending["state"].items()},
+                    "param_groups": [{**g} for g in pending["param_groups"]],
+                }
             return {"state": {}, "param_groups": self._packed_groups()}
         return self._layout.state_dict(self._local_state_dict)
 
@@ -291,6 +296,15 @@ class Checkpoints:
                 self._pending_load["coap_shards"] = [
                     {**sd, "state": _snapshot(sd["state"])} for sd in state_dict["coap_shards"]
                 ]
+            # Until the bind replaces them with the layout's state, opt.state holds the
+            # loaded entries, as torch's does after a load: a caller testing it sees a
+            # loaded optimizer (DCP's get/set_optimizer_state_dict then take no
+            # zero-gradient initialisation step, which would be a real step of this state).
+            params = [p for g in self.param_groups for p in g["params"]]
+            self.state.clear()
+            for i, st in self._pending_load["state"].items():
+                if 0 <= int(i) < len(params):
+                    self.state[params[int(i)]] = dict(st)
             return
         self._load(state_dict)
 

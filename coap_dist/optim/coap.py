@@ -284,6 +284,8 @@ class _COAPBase(Checkpoints, Optimizer):
         load = old_state if old_state is not None else self._pending_load
         if load is not None:  # the loaded ranks decide (none saved: the ranks of rank_ratio)
             self._auto_rank = {int(i): int(r) for i, r in load.get("coap_ranks", {}).items()}
+        if old_layout is None:
+            self.state.clear()  # (only a pending load's entries: load_state_dict)
         layout = self._new_layout()
         auto = [g for g in self.groups if g.get("rank") == "auto"]
         if auto and layout.world != 1 and layout.resize_refusal:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -127,8 +128,8 @@ class _CpuFsdpTrainer(Trainer):
         self.is_fsdp_enabled = True
 
 
-def _args(out: str, fsdp: bool) -> TrainingArguments:
-    extra = {}
+def _args(out: str, fsdp: bool, **over: Any) -> TrainingArguments:
+    extra: dict[str, Any] = {}
     if fsdp:
         extra = dict(
             fsdp="full_shard",
@@ -139,7 +140,7 @@ def _args(out: str, fsdp: bool) -> TrainingArguments:
                 "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
             },
         )
-    return TrainingArguments(
+    settings: dict[str, Any] = dict(
         output_dir=out,
         use_cpu=True,
         per_device_train_batch_size=4,
@@ -152,16 +153,19 @@ def _args(out: str, fsdp: bool) -> TrainingArguments:
         lr_scheduler_type="constant",
         dataloader_num_workers=0,
         seed=0,
-        **extra,
     )
+    return TrainingArguments(**{**settings, **extra, **over})
 
 
-def _train(out: str, fsdp: bool, kwargs: dict, callbacks: list, resume: str | None = None) -> dict:
+def _train(
+    out: str, fsdp: bool, kwargs: dict, callbacks: list, resume: str | None = None, **over: Any
+) -> dict:
     cls = _CpuFsdpTrainer if fsdp else Trainer
     trainer = cls(
         model=_llama(),
-        args=_args(out, fsdp),
+        args=_args(out, fsdp, **over),
         train_dataset=_Tokens(),
+        eval_dataset=_Tokens() if "eval_strategy" in over else None,
         optimizer_cls_and_kwargs=(coap_dist.COAPAdamW, kwargs),
         callbacks=callbacks,
     )
@@ -204,11 +208,23 @@ def trainer_ddp_owner() -> dict:
     )
     same = all(torch.equal(full["weights"][n], w) for n, w in resumed["weights"].items())
     n_params = sum(1 for _ in _llama().parameters())
+    # Saves the Trainer decides at an epoch's end and after an evaluation (a new best).
+    other: dict[str, int] = {}
+    for strategy, over in [
+        ("epoch", {}),
+        ("best", dict(eval_strategy="steps", eval_steps=2, metric_for_best_model="loss")),
+    ]:
+        folder = os.path.join(OUT, f"ddp_{strategy}")
+        _train(folder, False, kw, [COAPCheckpointCallback()], save_strategy=strategy, **over)
+        first = sorted(os.listdir(folder))[0]
+        sd = torch.load(os.path.join(folder, first, "optimizer.pt"), weights_only=True)
+        other[strategy] = len(sd["state"])
     return {
         "layout": full["layout"],
         "saved_params": len(saved["state"]),
         "params": n_params,
         "resumed_equal": same,
+        "saved_params_by_strategy": other,
     }
 
 

@@ -42,3 +42,4 @@ def test_accelerate_and_hf_trainer_routes(tmp_path: Path) -> None:
     ddp = r["trainer_ddp_owner"]
     assert ddp["layout"] == "ddp_owner" and ddp["saved_params"] == ddp["params"], ddp
     assert ddp["resumed_equal"], ddp
+    assert ddp["saved_params_by_strategy"] == {"epoch": ddp["params"], "best": ddp["params"]}, ddp
