@@ -300,7 +300,7 @@ class Checkpoints:
             # loaded entries, as torch's does after a load: a caller testing it sees a
             # loaded optimizer (DCP's get/set_optimizer_state_dict then take no
             # zero-gradient initialisation step, which would be a real step of this state).
-            params = [p for g in self.param_groups for p in g["params"]]
+            params = [p for g in self.groups for p in g["params"]]
             self.state.clear()
             for i, st in self._pending_load["state"].items():
                 if 0 <= int(i) < len(params):
