@@ -346,15 +346,24 @@ def to_universal(
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise ValueError(f"coap-dist ds-to-universal: the checkpoint folder {src} does not exist")
+    tags = sorted(p.name for p in src.iterdir() if p.is_dir() and _rank_files(p))
     if tag is None:
         latest = src / "latest"
         if not latest.is_file():
-            raise ValueError(f"coap-dist ds-to-universal: no tag given and no {latest}")
+            raise ValueError(
+                f"coap-dist ds-to-universal: no tag given and no {latest}; pass --tag, one of "
+                f"{tags}"
+            )
         tag = latest.read_text().strip()
     folder = src / tag
     files = _rank_files(folder)
     if not files:
-        raise ValueError(f"coap-dist ds-to-universal: no ZeRO optimizer files in {folder}")
+        raise ValueError(
+            f"coap-dist ds-to-universal: no ZeRO optimizer files in {folder}; the tags of "
+            f"{src} with them: {tags}"
+        )
     shards, first = [], None
     for f in files:
         optim = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]

@@ -316,6 +316,10 @@ def _check_refusals(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torch.save(sd, files[0])
     with pytest.raises(ValueError, match=r"holds no COAP state"):
         to_universal(broken, root / "broken_u")
+    with pytest.raises(ValueError, match=r"folder .*nowhere does not exist"):
+        to_universal(root / "nowhere", root / "broken_u")
+    with pytest.raises(ValueError, match=r"no ZeRO optimizer files in .*/nope; the tags .*\['t'\]"):
+        to_universal(broken, root / "broken_u", tag="nope")
     from coap_dist.cli import main
 
     capsys.readouterr()
