@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,13 +53,38 @@ class NullLogger:
 
 
 class JsonlLogger:
-    """Appends ``{"run": run, "step": step, **record}`` as one JSON line per call to ``path``."""
+    """Appends ``{"run": run, "step": step, **record}`` as one JSON line per call to ``path``.
+    A run resumed at step k (``resumed_at``) into a file that already has this run's
+    records after k (an earlier attempt's, which went past the checkpoint) first removes
+    those, so that each step is in the file once."""
 
-    def __init__(self, path: Path, run: str) -> None:
+    def __init__(self, path: Path, run: str, resumed_at: int | None = None) -> None:
         self.path = path
         self.run = run
         path.parent.mkdir(parents=True, exist_ok=True)
+        if resumed_at is not None and path.is_file():
+            self._drop_after(resumed_at)
         self._file = path.open("a", encoding="utf-8")
+
+    def _drop_after(self, step: int) -> None:
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        keep = [line for line in lines if not self._later(line, step)]
+        if len(keep) != len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(keep), encoding="utf-8")
+            os.replace(tmp, self.path)
+
+    def _later(self, line: str, step: int) -> bool:
+        """Whether ``line`` is a record of this run after ``step`` (other lines are kept)."""
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False
+        return (
+            isinstance(record, dict)
+            and record.get("run") == self.run
+            and (isinstance(record.get("step"), int) and record["step"] > step)
+        )
 
     def log(self, record: Mapping[str, Any], step: int) -> None:
         """Write one line and flush, so a crashed run keeps its numbers. Non-finite floats
@@ -103,6 +129,7 @@ def build_logger(
     out_dir: Path,
     config: Mapping[str, Any],
     is_main: bool,
+    resumed_at: int | None = None,
 ) -> MetricsLogger:
     """The logger of one optimizer run.
 
@@ -112,10 +139,11 @@ def build_logger(
         out_dir: the run dir (JSON lines file, wandb's files).
         config: the resolved config, stored with the wandb run.
         is_main: whether this is global rank 0.
+        resumed_at: the checkpoint's step of a resumed run (:class:`JsonlLogger`).
     """
     if not is_main or cfg.name == "none":
         return NullLogger()
-    jsonl = JsonlLogger(out_dir / cfg.filename, run_name)
+    jsonl = JsonlLogger(out_dir / cfg.filename, run_name, resumed_at)
     if cfg.name == "jsonl":
         return jsonl
     from coap_dist.integrations.wandb import WandbLogger

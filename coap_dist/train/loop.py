@@ -179,7 +179,12 @@ def train_run(
                     "resume: %s was %r in the checkpoint, now %r (takes effect)", key, old, new
                 )
     logger = build_logger(
-        cfg.logger, run_name=opt_cfg.name, out_dir=out_dir, config=config_dict, is_main=env.is_main
+        cfg.logger,
+        run_name=opt_cfg.name,
+        out_dir=out_dir,
+        config=config_dict,
+        is_main=env.is_main,
+        resumed_at=start_step if meta is not None else None,
     )
     bar = tqdm(
         total=cfg.steps,

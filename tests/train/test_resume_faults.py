@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,6 +88,17 @@ def test_resumed_run_logs_what_the_uninterrupted_run_logs(uninterrupted, tmp_pat
     assert [h for h in resumed.history if h["step"] <= 3] == [
         h for h in result.history if h["step"] <= 3
     ]
+    # Resumed into a run dir whose metrics already go past the checkpoint (an earlier
+    # attempt's): those records are replaced, each step is in the file once.
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copy(run_dir / "metrics.jsonl", again / "metrics.jsonl")
+    run(compose_dict([*SIX, f"resume={ckpt(run_dir, 3)}"]), again)
+    lines = [json.loads(x) for x in (again / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["step"], "train/loss" in r) for r in lines]
+    assert len(keys) == len(set(keys)) and records(again).keys() == full.keys(), keys
+    for key, record in records(again).items():
+        assert comparable(record) == comparable(full[key]), key
 
 
 def test_changed_settings_take_effect_or_stop_the_run(uninterrupted, tmp_path) -> None:
