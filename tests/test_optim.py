@@ -228,6 +228,15 @@ def test_bad_group_and_shapes() -> None:
         opt.step()
         opt.zero_grad()
     assert opt._steps == [5] * len(opt.specs)
+    # The same edit met by a re-bind (add_param_group after steps): refused there too, the
+    # state kept.
+    groups = len(opt.param_groups)
+    opt.param_groups[0]["rank"] = 2
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\.rank was changed from 4 to 2"):
+        opt.add_param_group({"params": list(nn.Linear(4, 4).parameters()), "rank": 4})
+    opt.param_groups[0]["rank"] = 4
+    assert len(opt.param_groups) == groups and opt._steps == [5] * len(opt.specs)
+    assert all(opt.state[p] for p in model.parameters())
     with pytest.raises(
         ValueError, match=r"invalid `sharding`='owner': it needs torch\.distributed"
     ):

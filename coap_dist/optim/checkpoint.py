@@ -300,11 +300,17 @@ class Checkpoints:
             # loaded entries, as torch's does after a load: a caller testing it sees a
             # loaded optimizer (DCP's get/set_optimizer_state_dict then take no
             # zero-gradient initialisation step, which would be a real step of this state).
+            # (Only where the groups hold the tensors the optimizer was built with, which
+            # the indices count; a wrapper's flat partitions, as DeepSpeed's, do not.)
             params = [p for g in self.groups for p in g["params"]]
+            built = [r() for g in self._built for r in g]
             self.state.clear()
-            for i, st in self._pending_load["state"].items():
-                if 0 <= int(i) < len(params):
-                    self.state[params[int(i)]] = dict(st)
+            if len(built) == len(params) and all(
+                a is b for a, b in zip(built, params, strict=False)
+            ):
+                for i, st in self._pending_load["state"].items():
+                    if 0 <= int(i) < len(params):
+                        self.state[params[int(i)]] = dict(st)
             return
         self._load(state_dict)
 

@@ -263,6 +263,8 @@ class _COAPBase(Checkpoints, Optimizer):
         """Choose the layout from the tensors in the groups now and plan every parameter.
         State that already exists (tensors swapped after some steps) is carried over."""
         old_layout, old_state = self._layout, None
+        if old_layout is not None:
+            self._refuse_replanning()  # (a re-bind would plan from an edited group)
         added = len(self.groups) > self._bound_groups
         if old_layout is not None and any(self.state.values()):
             if old_layout.world != 1 and added:
@@ -655,14 +657,24 @@ class _COAPBase(Checkpoints, Optimizer):
         after the first step would be ignored: refused, naming it, before any write."""
         for j, (group, planned) in enumerate(zip(self.groups, self._planned, strict=False)):
             for key, was in planned.items():
-                if group.get(key) != was:
-                    raise ValueError(
-                        f"{self.name} param_groups[{j}].{key} was changed from {was!r} to "
-                        f"{group.get(key)!r} after the first step, but the state is planned "
-                        f"from it then. Set it back to {was!r}, or save state_dict() and load "
-                        f"it into a new optimizer built with {key}={group.get(key)!r} (rank, "
-                        "rank_ratio and state_bits are converted on load)"
+                now = group.get(key)
+                if now == was:
+                    continue
+                if key in ("rank", "rank_ratio", "state_bits"):
+                    other = (
+                        f"or save state_dict() and load it into a new optimizer built with "
+                        f"{key}={now!r} (its state is converted on load)"
                     )
+                else:
+                    other = (
+                        f"or start a new optimizer with {key}={now!r} (this state cannot be "
+                        "converted to it)"
+                    )
+                raise ValueError(
+                    f"{self.name} param_groups[{j}].{key} was changed from {was!r} to {now!r} "
+                    f"after the first step, but the state is planned from it then. Set it back "
+                    f"to {was!r}, {other}"
+                )
 
     def _replan(self, ranks: Mapping[int, int], energy: Mapping[int, Tensor], work: Work) -> None:
         """Bind a fresh layout planned with ``ranks`` (collective under sharding: every rank

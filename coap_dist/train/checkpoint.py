@@ -130,9 +130,10 @@ def estimated_bytes(strategy: Strategy) -> int:
 
 def _reason(err: BaseException) -> str:
     """The first line of an error's message; for DCP's ``CheckpointException`` (a
-    ``BaseException`` holding each rank's error), that of the first rank's error."""
+    ``BaseException`` holding each rank's error), that of the first failing rank's, named."""
     if isinstance(err, CheckpointException) and err.failures:
-        err = next(iter(err.failures.values()))[0]
+        rank, (inner, _) = next(iter(err.failures.items()))
+        return f"rank {rank}: {_reason(inner)}"
     return (str(err).splitlines() or [type(err).__name__])[0]
 
 

@@ -536,8 +536,8 @@ class DeepSpeedStrategy(Strategy):
         "gradient_accumulation_steps": "grad_accum",
         "gradient_clipping": "max_grad_norm",
         "zero_optimization.stage": "strategy=deepspeed_zero<stage>",
-        "bf16": "precision",
-        "fp16": "precision",
+        "bf16.enabled": "precision",
+        "fp16.enabled": "precision (fp32 or bf16)",
         "optimizer": "optimizer=<option> and its optimizer.<hyperparameter> keys",
         "checkpoint.load_universal": "resume= (the app converts COAP checkpoints itself)",
     }
@@ -553,13 +553,15 @@ class DeepSpeedStrategy(Strategy):
     def app_config(self, opt_cfg: OptimizerConfig | None) -> dict[str, Any]:
         """The JSON config from the app's settings: batch, accumulation, clipping, ZeRO
         stage, precision, optimizer (when given), universal load (a resized resume)."""
+        micro = self.cfg.batch_size // (self.env.world_size * self.cfg.grad_accum)
         config: dict[str, Any] = {
-            "train_micro_batch_size_per_gpu": self.cfg.batch_size
-            // (self.env.world_size * self.cfg.grad_accum),
+            "train_batch_size": micro * self.env.world_size * self.cfg.grad_accum,
+            "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": self.cfg.grad_accum,
             "gradient_clipping": self.cfg.max_grad_norm,
             "zero_optimization": {"stage": self.cfg.strategy.zero_stage},
             "bf16": {"enabled": self.cfg.precision == "bf16"},
+            "fp16": {"enabled": False},
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }

@@ -188,7 +188,8 @@ def test_misspelt_deepspeed_key_is_a_config_error(tmp_path) -> None:
             r"gradient_accumulation_steps=4 .*sets 1\); set grad_accum",
         ),
         ("gradient_clipping=0.01", r"\(the app sets 1\.0\); set max_grad_norm instead"),
-        ("bf16.enabled=true", r"strategy\.extra\.bf16=\{'enabled': True\} .*; set precision"),
+        ("bf16.enabled=true", r"strategy\.extra\.bf16\.enabled=True .*; set precision"),
+        ("fp16.enabled=true", r"fp16\.enabled=True .*sets False\); set precision \(fp32 or bf16"),
         ("zero_optimization.stage=3", r"stage=3 .*sets 2\); set strategy=deepspeed_zero<stage>"),
         ("optimizer.params.rank=4", r"extra\.optimizer=.*; set optimizer=<option> and its"),
         ("train_micro_batch_size_per_gpu=2", r"set batch_size \(divided by processes"),
@@ -199,6 +200,16 @@ def test_misspelt_deepspeed_key_is_a_config_error(tmp_path) -> None:
                 tmp_path,
             )
     assert not (tmp_path / "metrics.jsonl").exists()
+    # The app's own values, and the sub-keys of those sections it does not set, pass.
+    fine = [
+        "+strategy.extra.gradient_accumulation_steps=1",
+        "+strategy.extra.train_batch_size=4",
+        "+strategy.extra.bf16.immediate_grad_update=true",
+        "+strategy.extra.zero_optimization.overlap_comm=false",
+    ]
+    short = with_(SIX, "steps=2", "checkpoint.every=0", "eval.every=0", "logger=none")
+    (done,) = run(compose_dict([*short, "strategy=deepspeed_zero2", *fine]), tmp_path / "fine")
+    assert len(done.history) > 0
 
 
 @pytest.fixture
