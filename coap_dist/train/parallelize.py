@@ -555,7 +555,6 @@ class DeepSpeedStrategy(Strategy):
         stage, precision, optimizer (when given), universal load (a resized resume)."""
         micro = self.cfg.batch_size // (self.env.world_size * self.cfg.grad_accum)
         config: dict[str, Any] = {
-            "train_batch_size": micro * self.env.world_size * self.cfg.grad_accum,
             "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": self.cfg.grad_accum,
             "gradient_clipping": self.cfg.max_grad_norm,

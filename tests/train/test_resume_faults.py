@@ -193,6 +193,7 @@ def test_misspelt_deepspeed_key_is_a_config_error(tmp_path) -> None:
         ("zero_optimization.stage=3", r"stage=3 .*sets 2\); set strategy=deepspeed_zero<stage>"),
         ("optimizer.params.rank=4", r"extra\.optimizer=.*; set optimizer=<option> and its"),
         ("train_micro_batch_size_per_gpu=2", r"set batch_size \(divided by processes"),
+        ("train_batch_size=4", r"train_batch_size=4 would override .*; set batch_size instead"),
     ]:
         with pytest.raises(ConfigError, match=message):
             run(
@@ -203,7 +204,6 @@ def test_misspelt_deepspeed_key_is_a_config_error(tmp_path) -> None:
     # The app's own values, and the sub-keys of those sections it does not set, pass.
     fine = [
         "+strategy.extra.gradient_accumulation_steps=1",
-        "+strategy.extra.train_batch_size=4",
         "+strategy.extra.bf16.immediate_grad_update=true",
         "+strategy.extra.zero_optimization.overlap_comm=false",
     ]
