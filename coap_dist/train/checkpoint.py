@@ -53,6 +53,7 @@ from coap_dist.train.parallelize import (
     barrier,
     broadcast_object,
     gather_objects,
+    strategies_reading,
 )
 
 _META = "meta.pt"
@@ -283,10 +284,9 @@ def _dcp_state(strategy: Strategy) -> dict[str, Any]:
 
 def _strategies_of(meta: dict[str, Any]) -> list[str]:
     """The strategy options that resume a checkpoint of ``meta``'s format."""
-    fmt = meta["format"]
-    if fmt == "deepspeed":  # (at the saved stage: a changed stage is refused)
+    if meta["format"] == "deepspeed":  # (at the saved stage: a changed stage is refused)
         return [f"deepspeed_zero{meta.get('settings', {}).get('strategy.zero_stage', '<N>')}"]
-    return {"torch": ["single", "ddp", "ddp_owner"], "dcp": ["fsdp2", "hsdp"]}[fmt]
+    return strategies_reading(meta["format"])
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -690,6 +690,11 @@ _STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
+def strategies_reading(fmt: str) -> list[str]:
+    """The ``strategy.name`` values whose checkpoints have format ``fmt``."""
+    return [name for name, cls in _STRATEGIES.items() if cls.checkpoint_format == fmt]
+
+
 def build_strategy(cfg: TrainConfig, env: DistEnv) -> Strategy:
     """The :class:`Strategy` subclass for ``cfg.strategy.name``."""
     return _STRATEGIES[cfg.strategy.name](cfg, env)
