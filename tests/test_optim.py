@@ -61,6 +61,32 @@ def test_bad_input_names_the_field(kwargs: dict[str, Any], message: str) -> None
         COAPAdamW(_mlp().parameters(), **kwargs)
 
 
+def test_a_group_without_matrices_needs_no_rank() -> None:
+    """The usual decay / no-decay split with the rank on the matrices' group only: the
+    vectors' group needs none (it steps AdamW), and the run equals the one that sets the
+    rank on both groups. A group holding a matrix still needs one, also when added later."""
+    runs = []
+    for vector_kw in ({}, {"rank": 4}):
+        model = _mlp()
+        mats = [p for p in model.parameters() if p.ndim == 2]
+        vecs = [p for p in model.parameters() if p.ndim < 2]
+        opt = COAPAdamW(
+            [{"params": mats, "rank": 4}, {"params": vecs, "weight_decay": 0.0, **vector_kw}],
+            lr=1e-2,
+            update_interval=2,
+        )
+        for s in range(4):
+            model(torch.randn(4, 32, generator=torch.Generator().manual_seed(s))).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    extra = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"param_groups\[2\]: `rank` and `rank_ratio`"):
+        opt.add_param_group({"params": list(extra.parameters())})
+    assert len(opt.param_groups) == 2
+
+
 @pytest.mark.parametrize("refresh", ["fixed", "adaptive"])
 def test_add_param_group_after_steps_unfreezes_a_layer(refresh: str) -> None:
     """A group added after some steps (unfreezing a layer) joins at the next step: the

@@ -169,7 +169,10 @@ class _COAPBase(Checkpoints, Optimizer):
                 param_group[other] = None
         super().add_param_group(param_group)
         try:  # a refused group is not added
-            self.config_class.validate_group(self.param_groups[-1], where, own=own)
+            group = self.param_groups[-1]
+            self.config_class.validate_group(
+                group, where, own=own, matrices=any(_may_be_matrix(p) for p in group["params"])
+            )
             for j, p in enumerate(self.param_groups[-1]["params"]):
                 _refuse_unsupported(p, f"{where} parameter {j}")
         except BaseException:
@@ -1049,6 +1052,12 @@ def _refuse_unsupported(p: Tensor, where: str) -> None:
             f"{where} (shape {tuple(p.shape)}) is a {p.layout} tensor; COAP needs dense "
             "parameters. Give it to a separate optimizer (torch.optim.SparseAdam for sparse)"
         )
+
+
+def _may_be_matrix(p: Tensor) -> bool:
+    """Whether ``p`` is, or may be (an FSDP1 flat parameter), a 2-D matrix, which needs a
+    rank."""
+    return len(_global_shape(p)) == 2 or getattr(p, "_fsdp_flattened", False)
 
 
 def _global_shape(p: Tensor) -> tuple[int, ...]:

@@ -227,7 +227,7 @@ class COAPAdamWConfig(Hyperparameters):
     )
     rank: int | str | None = hp(
         None,
-        'r = min(rank, min(m, n)); exactly one of rank / rank_ratio for COAP groups; "auto": '
+        'r = min(rank, min(m, n)); exactly one of rank / rank_ratio for COAP groups holding a matrix; "auto": '
         "per-matrix ranks chosen at every SVD from the spectrum, within the state bytes of "
         "rank_ratio's fixed ranks (fixed schedule; under FSDP2 every matrix must be sharded)",
         optional(rank_value, "use rank_ratio"),
@@ -336,24 +336,39 @@ class COAPAdamWConfig(Hyperparameters):
 
     @classmethod
     def validate_group(
-        cls, group: Mapping[str, Any], where: str, own: Mapping[str, Any] | None = None
+        cls,
+        group: Mapping[str, Any],
+        where: str,
+        own: Mapping[str, Any] | None = None,
+        *,
+        matrices: bool = True,
     ) -> None:
         """Raise ValueError naming the first invalid field of a parameter group (defaults
         merged in). ``own``: the keys the caller set on this group itself, for the rule
-        that a group sets at most one of ``rank`` / ``rank_ratio``."""
+        that a group sets at most one of ``rank`` / ``rank_ratio``; ``matrices``: whether
+        the group may hold a 2-D parameter (one that needs a rank; a group of vectors and
+        convolutions only, e.g. the no-decay group of biases and norms, needs none)."""
         cls.check_group_keys(group, where)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key in cls.keys("group"):
             _check_field(fields[key], group.get(key), where)
-        cls._check_combined(group, where, own=group if own is None else own, group=True)
+        cls._check_combined(
+            group, where, own=group if own is None else own, group=True, matrices=matrices
+        )
 
     @classmethod
     def _check_combined(
-        cls, values: Mapping[str, Any], where: str, *, own: Mapping[str, Any], group: bool = False
+        cls,
+        values: Mapping[str, Any],
+        where: str,
+        *,
+        own: Mapping[str, Any],
+        group: bool = False,
+        matrices: bool = True,
     ) -> None:
         """Rules across fields: at most one of rank / rank_ratio set at one level; a group
-        (``group``) that COAP may project needs one of them (the constructor's defaults
-        need not: groups may set it)."""
+        (``group``) that COAP may project and that may hold a 2-D parameter (``matrices``)
+        needs one of them (the constructor's defaults need not: groups may set it)."""
         if values.get("rank") == "auto":
             _check_auto_rank(values, where, group=group)
         elif own.get("rank") is not None and own.get("rank_ratio") is not None:
@@ -363,6 +378,7 @@ class COAPAdamWConfig(Hyperparameters):
             )
         if (
             group
+            and matrices
             and values.get("algorithm") != "adamw"
             and values.get("rank") is None
             and values.get("rank_ratio") is None
