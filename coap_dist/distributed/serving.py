@@ -90,7 +90,10 @@ class OwnerCheckpoints:
             "on each rank, so state_dict() on one rank cannot return all of it. Call "
             "opt.consolidate_state_dict(to=0) on EVERY rank first, then opt.state_dict() on "
             "rank 0 (ZeroRedundancyOptimizer's convention); load_state_dict() of that state "
-            "works on any number of ranks"
+            "works on any number of ranks. For accelerate's save_state (state_dict() on every "
+            "rank) call coap_dist.integrations.accelerate.consolidate_on_save_state("
+            "accelerator, opt) once after prepare; for the HF Trainer add "
+            "coap_dist.integrations.hf.COAPCheckpointCallback()"
         )
 
     def _dcp_form(self, sd: dict[str, Any]) -> dict[str, Any]:

@@ -24,16 +24,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from coap_dist.integrations.accelerate import coap_optimizer, needs_consolidation
 
-def coap_optimizer(optimizer: Any) -> Any | None:
-    """The COAP optimizer inside accelerate's ``AcceleratedOptimizer`` (or None)."""
-    seen = 0
-    while optimizer is not None and seen < 8:
-        if hasattr(optimizer, "consolidate_state_dict") and hasattr(optimizer, "layout"):
-            return optimizer
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-    return None
+__all__ = ["COAPCheckpointCallback", "coap_optimizer"]
 
 
 class COAPCheckpointCallback(TrainerCallback):
@@ -55,12 +48,6 @@ class COAPCheckpointCallback(TrainerCallback):
     @staticmethod
     def _before_save(control: Any, saving: bool, kwargs: dict[str, Any]) -> Any:
         opt = coap_optimizer(kwargs.get("optimizer"))
-        if saving and opt is not None and _needs_consolidation(opt):
+        if saving and opt is not None and needs_consolidation(opt):
             opt.consolidate_state_dict(to=0)
         return control
-
-
-def _needs_consolidation(opt: Any) -> bool:
-    lay = opt.layout
-    view = getattr(lay, "view", None)
-    return lay.world > 1 and view is not None and not view.rank_local and view.name != "fsdp2_owner"

@@ -162,16 +162,25 @@ class Checkpoints:
             return {"state": {}, "param_groups": self._packed_groups()}
         return self._layout.state_dict(self._local_state_dict)
 
-    def consolidate_state_dict(self, to: int = 0) -> None:
+    def consolidate_state_dict(self, to: int | None = 0) -> None:
         """Collective (call it on every rank): gather the whole single-process state on rank
-        ``to`` of the layout's group, where the next :meth:`state_dict` returns it."""
+        ``to`` of the layout's group, where the next :meth:`state_dict` returns it; with
+        ``to=None`` on every rank (one gather per rank, the traffic of an all-gather: for
+        callers that call ``state_dict()`` on every rank and keep rank 0's, as accelerate's
+        ``save_state``)."""
         self._refuse_interrupted("consolidate_state_dict()")
         lay = self._bound()
-        full = lay.consolidate(to)
+        if to is not None and not 0 <= to < lay.world:
+            raise ValueError(
+                f"{self.name}.consolidate_state_dict: to={to!r} is not a rank of the layout's "
+                f"group (0 .. {lay.world - 1}); pass one of them, or to=None for every rank"
+            )
         self._consolidated = None
-        if full is not None:
-            sd = {"state": full, "param_groups": self._packed_groups(), **self._host_records()}
-            self._consolidated = (self._step_calls, sd)
+        for q in range(lay.world) if to is None else (to,):
+            full = lay.consolidate(q)
+            if full is not None:
+                sd = {"state": full, "param_groups": self._packed_groups(), **self._host_records()}
+                self._consolidated = (self._step_calls, sd)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load state (any form :meth:`state_dict` returns, from any world size for the

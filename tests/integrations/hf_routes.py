@@ -10,6 +10,11 @@ processes (launched by tests/integrations/test_hf.py; writes ``results.json``).
    main-process checkpoint holds the whole state and resuming ends where the uninterrupted
    run does. (Without the callback the main process's ``optimizer.state_dict()`` raises at
    once, without entering a collective: tests/distributed/test_owner.py.)
+4. accelerate DDP with ``sharding="owner"``: ``save_state`` without
+   :func:`~coap_dist.integrations.accelerate.consolidate_on_save_state` stops at once on
+   every rank, naming it; with it the saved optimizer file holds the whole state,
+   ``load_state`` into a fresh model and optimizer continues bitwise, and the same file
+   loaded into ONE process (sharding=None, the whole batch) continues to fp tolerance.
 
 Shim (CPU only): accelerate turns FSDP on only for GPU-like distributed types (MULTI_GPU,
 MULTI_NPU, ...), so on CPU it keeps MULTI_CPU and drops the plugin. :func:`_force_fsdp` sets
@@ -33,6 +38,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import coap_dist
+from coap_dist.integrations.accelerate import consolidate_on_save_state
 from coap_dist.integrations.hf import COAPCheckpointCallback, coap_optimizer
 
 KW = dict(lr=1e-2, rank=4, update_interval=2, reproject_factor=2)
@@ -228,8 +234,72 @@ def trainer_ddp_owner() -> dict:
     }
 
 
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 24), nn.Linear(24, 4))
+
+
+def _steps(model: nn.Module, opt: Any, steps: range, backward: Any, whole: bool = False) -> None:
+    for step in steps:
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step))
+        backward(model(x if whole else x[4 * RANK : 4 * RANK + 4]).square().mean())
+        opt.step()
+        opt.zero_grad()
+
+
+def accelerate_ddp_owner() -> dict:
+    out = os.path.join(OUT, "acc_ddp")
+    kw = dict(KW, sharding="owner", state_bits=8)
+    acc = Accelerator(cpu=True)
+    model = _mlp()
+    model, opt = acc.prepare(model, coap_dist.COAPAdamW(model.parameters(), **kw))
+    _steps(model, opt, range(3), acc.backward)
+    try:
+        acc.save_state(out + "_refused")
+        refusal = ""
+    except RuntimeError as e:
+        refusal = str(e)
+    handle = consolidate_on_save_state(acc, opt)
+    acc.save_state(out)
+    acc.wait_for_everyone()
+    _steps(model, opt, range(3, 6), acc.backward)
+    full = [p.detach().clone() for p in model.parameters()]
+    handle.remove()
+    _reset()
+    acc = Accelerator(cpu=True)
+    model = _mlp()
+    model, opt = acc.prepare(model, coap_dist.COAPAdamW(model.parameters(), **kw))
+    acc.load_state(out)
+    _steps(model, opt, range(3, 6), acc.backward)
+    resumed = [p.detach().clone() for p in model.parameters()]
+    _reset()
+    saved = torch.load(os.path.join(out, "optimizer.bin"), weights_only=True)
+    one = _mlp()  # one process, whole batch: the saved weights and optimizer state
+    from safetensors.torch import load_file
+
+    one.load_state_dict(
+        {
+            k.removeprefix("module."): v
+            for k, v in load_file(os.path.join(out, "model.safetensors")).items()
+        }
+    )
+    one_opt = coap_dist.COAPAdamW(one.parameters(), **dict(kw, sharding=None))
+    one_opt.load_state_dict(saved)
+    _steps(one, one_opt, range(3, 6), lambda loss: loss.backward(), whole=True)
+    return {
+        "refusal": refusal,
+        "saved_params": len(saved["state"]),
+        "params": len(full),
+        "resumed_equal": all(torch.equal(a, b) for a, b in zip(full, resumed, strict=True)),
+        "one_process_diff": max(
+            float((a - b).abs().max()) for a, b in zip(full, one.parameters(), strict=True)
+        ),
+    }
+
+
 def main() -> None:
     results = {"accelerate_fsdp2": accelerate_fsdp2()}
+    results["accelerate_ddp_owner"] = accelerate_ddp_owner()
     results["trainer_fsdp2"] = trainer_fsdp2()
     results["trainer_ddp_owner"] = trainer_ddp_owner()
     if RANK == 0:

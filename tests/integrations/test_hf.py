@@ -34,6 +34,11 @@ def test_accelerate_and_hf_trainer_routes(tmp_path: Path) -> None:
     acc = r["accelerate_fsdp2"]
     assert acc["layout"] == "fsdp2" and acc["refreshes"] == 3 * 3  # 3 matrices, k = 0, 2, 4
     assert acc["max_diff"] < 2e-5, acc
+    # 4. accelerate DDP + sharding="owner": save_state needs consolidate_on_save_state
+    own = r["accelerate_ddp_owner"]
+    assert "consolidate_on_save_state" in own["refusal"], own
+    assert own["saved_params"] == own["params"] and own["resumed_equal"], own
+    assert own["one_process_diff"] < 1e-4, own
     # 2. HF Trainer + FSDP2 (fsdp_config): DCP checkpoint, resume ends where the run did
     fsdp = r["trainer_fsdp2"]
     assert fsdp["layout"] == "fsdp2" and fsdp["resumed_equal"], fsdp
