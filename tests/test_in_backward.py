@@ -63,11 +63,12 @@ def _coap(model: nn.Module) -> coap_dist.COAPAdamW:
     return coap_dist.COAPAdamW(coap_dist.param_groups(model, rank=8), **KW)
 
 
-@pytest.mark.parametrize("kind", ["coap", "coap_8bit", "adamw_fused"])
+@pytest.mark.parametrize("kind", ["coap", "coap_8bit", "coap_auto", "adamw_fused"])
 def test_in_backward_takes_the_normal_steps_and_checkpoints(kind: str) -> None:
     """Six steps with refreshes at 0, 2 (recalibration at 4): the weights of the normal step
     (clip exact), the gradients freed; the state saved after 3 in-backward steps continues
-    in a normal-step optimizer exactly as the normal run does."""
+    in a normal-step optimizer exactly as the normal run does. ``rank="auto"``: the ranks
+    chosen at each SVD are the normal step's although the matrices come in many buckets."""
     torch.manual_seed(0)
     ref_model = Llama(LLAMA_PRESETS["tiny"])
     model = copy.deepcopy(ref_model)
@@ -77,6 +78,9 @@ def test_in_backward_takes_the_normal_steps_and_checkpoints(kind: str) -> None:
             return torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1, fused=True)
         if kind == "coap_8bit":
             return coap_dist.COAPAdamW(coap_dist.param_groups(m, rank=8), **KW, state_bits=8)
+        if kind == "coap_auto":  # an SVD at every refresh (0, 2, 4): the ranks move at each
+            groups = coap_dist.param_groups(m, rank="auto", rank_ratio=2)
+            return coap_dist.COAPAdamW(groups, **{**KW, "reproject_factor": 1})
         return _coap(m)
 
     # 8-bit: a ~1e-7 difference (the clip factor's rounding) can move a moment element to
@@ -93,6 +97,8 @@ def test_in_backward_takes_the_normal_steps_and_checkpoints(kind: str) -> None:
         assert _distance(model, ref_model) < tol, step
     if kind != "adamw_fused":
         assert opt.metrics()["optim/refreshes"] == ref.metrics()["optim/refreshes"] > 0
+    if kind == "coap_auto":  # chosen over the whole group, as the normal step's
+        assert [s.rank for s in opt.specs] == [s.rank for s in ref.specs]
     saved = copy.deepcopy(opt.state_dict())
     handle.remove()
     resumed_model = copy.deepcopy(model)

@@ -7,7 +7,10 @@ collect in a bucket; a full bucket is stepped with ``optimizer.step()`` (which s
 the parameters holding a gradient: the bucket's) and its gradients are set to ``None``. The
 rest is stepped at the end of the backward pass. Each parameter takes the step the normal
 loop would give it: its own step count, its own refresh schedule, the same non-finite rule,
-the same state, so checkpoints and resume are those of the normal step.
+the same state, so checkpoints and resume are those of the normal step. Parameters that the
+optimizer says must step with the rest of their group (COAP's ``steps_with_group``: the
+matrices of a ``rank="auto"`` group at its SVD steps, whose ranks are chosen over the group)
+keep their gradient out of their bucket's step and step together at the backward's end.
 
 Where the gradient comes from, per layout:
 
@@ -193,6 +196,9 @@ class InBackward:
         self._bucket_bytes = bucket_mb * 2**20
         self._ready: list[Tensor] = []
         self._ready_bytes = 0.0
+        # (parameter, its averaged and clipped gradient, its norm) stepped at the backward's
+        # end with the rest of its group (the optimizer's ``steps_with_group``)
+        self._held: list[tuple[Tensor, Tensor, Tensor]] = []
         self._ready_count: dict[int, int] = {}
         # the local norms of every gradient since the model's last forward (all the
         # backward passes over its graph: reentrant checkpointing runs one per segment)
@@ -261,6 +267,7 @@ class InBackward:
         for p in self._ready:
             p.grad = None
         self._ready, self._ready_bytes, self._queued = [], 0.0, False
+        self._held = []
         self._ready_count.clear()
 
     def _forward(self, module: nn.Module, args: Any) -> None:
@@ -334,24 +341,53 @@ class InBackward:
         if not params:
             return
         try:
-            grads = [p.grad for p in params]
-            assert all(g is not None for g in grads)
+            grads = [p.grad for p in params if p.grad is not None]
+            assert len(grads) == len(params)
             if self.comm is not None:
-                _average(grads, self.comm)  # type: ignore[arg-type]
-            measured = _local_norms(grads)  # type: ignore[arg-type]
+                _average(grads, self.comm)
+            measured = _local_norms(grads)
             self._norms += measured
             if self._mode == "step":
-                local = [_local(g) for g in grads]  # type: ignore[arg-type]
+                local = [_local(g) for g in grads]
                 norms = [n for _, n in measured]
                 if self._step_coef is not None:
                     torch._foreach_mul_(local, self._step_coef)
                     norms = list(torch._foreach_mul(norms, self._step_coef))
-                reuse = getattr(self.optimizer, "reuse_grad_norms", None)
-                if reuse is not None:  # COAP: its step's non-finite check is these norms
-                    reuse(local, norms)
-                self.optimizer.step()
+                together = getattr(self.optimizer, "steps_with_group", None)
+                hold = together(params) if together is not None else [False] * len(params)
+                self._held += [
+                    (p, g, n) for p, g, n, h in zip(params, grads, norms, hold, strict=True) if h
+                ]
+                now = [j for j, h in enumerate(hold) if not h]
+                for j, h in enumerate(hold):
+                    if h:  # out of this bucket's step; back at the backward's end
+                        params[j].grad = None
+                if now:
+                    self._step([local[j] for j in now], [norms[j] for j in now])
         finally:  # stepped or refused, a bucket's gradients never stay for the next pass
             for p in params:
+                p.grad = None
+
+    def _step(self, local: list[Tensor], norms: list[Tensor]) -> None:
+        """``optimizer.step()`` of the parameters holding a gradient, whose local gradient
+        tensors are ``local`` with 2-norms ``norms``."""
+        reuse = getattr(self.optimizer, "reuse_grad_norms", None)
+        if reuse is not None:  # COAP: its step's non-finite check is these norms
+            reuse(local, norms)
+        self.optimizer.step()
+
+    def _step_held(self) -> None:
+        """Step the parameters held back by :meth:`_flush` (all of a ``rank="auto"`` group's
+        matrices at an SVD step) in one ``step()``, then free their gradients."""
+        held, self._held = self._held, []
+        if not held:
+            return
+        try:
+            for p, g, _ in held:
+                p.grad = g
+            self._step([_local(g) for _, g, _ in held], [n for _, _, n in held])
+        finally:
+            for p, _, _ in held:
                 p.grad = None
 
     def _finish(self) -> None:
@@ -362,6 +398,7 @@ class InBackward:
         self._queued = False
         self._ready_count.clear()
         self._flush()
+        self._step_held()
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         by_dims: dict[tuple[int, ...], list[Tensor]] = {}
         for dims, n in self._norms:

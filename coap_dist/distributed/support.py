@@ -91,7 +91,7 @@ def _matrix_cells(**override: Cell) -> dict[str, Cell]:
         "bf16": _t(f"{_M} (rel. 2e-2)"),
         "resume": _t(f"{_M} (consolidated)"),
         "reshard": _t(f"{_M} (consolidated, -> another layout)"),
-        "in_backward": _t(f"{_M} (exact clipping; HSDP too)"),
+        "in_backward": _t(f"{_M} (exact clipping, rank='auto'; HSDP too)"),
     }
     return {**cells, **override}
 
@@ -120,7 +120,9 @@ SUPPORT: dict[str, dict[str, Cell]] = {
         bf16=_t("tests/test_optim.py"),
         resume=_t("tests/test_optim.py"),
         reshard=_t("tests/distributed/test_owner.py (consolidated state)"),
-        in_backward=_t("tests/test_in_backward.py (COAP, 8-bit, fused AdamW; app: tests/train)"),
+        in_backward=_t(
+            "tests/test_in_backward.py (COAP, 8-bit, rank='auto', fused AdamW; app: tests/train)"
+        ),
     ),
     "ddp": _row(**_matrix_cells()),
     "ddp_owner": _row(

@@ -560,6 +560,32 @@ class _COAPBase(Checkpoints, Optimizer):
         for g, n in zip(grads, norms, strict=True):
             self._checked[id(g)] = (weakref.ref(g), g._version, n)
 
+    def steps_with_group(self, params: Sequence[Tensor]) -> list[bool]:
+        """For callers that step a group's parameters over several ``step()`` calls
+        (``optimizer_in_backward``, bucket by bucket): whether each of ``params`` (tensors of
+        the groups) must take its next step in one call with the rest of its group. True for
+        the matrices of a ``rank="auto"`` group whose next step takes an SVD (the first, a
+        recalibration): their ranks are chosen over all of the group's matrices due then,
+        so stepping a subset would choose other ranks."""
+        if not any(g.get("rank") == "auto" for g in self.groups):
+            return [False] * len(params)
+        lay = self._bound()
+        index = {id(t): i for i, t in enumerate(lay.params)}
+        flat = [t for g in self.groups for t in g["params"]]
+        if len(flat) == len(lay.params):
+            index.update((id(t), i) for i, t in enumerate(flat))
+        out = []
+        for t in params:
+            i = index.get(id(t))
+            group = self.groups[self.group_of[i]] if i is not None else None
+            out.append(
+                i is not None
+                and group is not None
+                and group.get("rank") == "auto"
+                and refresh_due(self.specs[i], group, self._steps[i]) in ("init", "recalibrate")
+            )
+        return out
+
     def _begin(self, present: Sequence[bool]) -> tuple[Layout, list[int]]:
         """The bound layout and the parameters taking part now; binds again first when a
         wrapper swapped the tensors in the groups since."""

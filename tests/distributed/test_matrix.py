@@ -22,7 +22,10 @@ same, continued under the next layout of :data:`LAYOUTS`: FSDP1 -> DDP, DDP -> o
 the consolidated single-process form is the bridge between layouts) and ``in_backward``
 (:func:`coap_dist.optimizer_in_backward` with exact clipping to :data:`CLIP`, one bucket per
 parameter outside FSDP2: against one process that clips the averaged gradients with
-``clip_grad_norm_``; FSDP1 refuses it by name, the one refused cell) and ``clip`` (the
+``clip_grad_norm_``; FSDP1 refuses it by name, the one refused cell; ``in_backward_auto``:
+the same with ``rank="auto"``: at its SVD steps the group's matrices, arriving in several
+buckets, step together at the backward's end; one process's ranks) and
+``clip`` (the
 optimizer's ``clip_grad_norm_``, whose norms the step reuses as its non-finite check: the
 norm of torch's ``clip_grad_norm_`` on the full gradients, of order 2, inf and 1 in turn,
 then the same weights) and
@@ -64,6 +67,7 @@ FEATURES: dict[str, dict[str, Any]] = {
     "resume": dict(refresh="adaptive"),
     "reshard": dict(refresh="adaptive"),
     "in_backward": {},
+    "in_backward_auto": dict(rank="auto", rank_ratio=2),
     "clip": {},
     "no_check": dict(skip_nonfinite=False),
 }
@@ -179,20 +183,23 @@ def _cell(rank: int, world: int, layout: str, feature: str) -> float:
     return worst
 
 
-def _in_backward_cell(rank: int, world: int, layout: str) -> float:
+def _in_backward_cell(rank: int, world: int, layout: str, feature: str) -> float:
     """Max relative weight distance from one process of ``optimizer_in_backward`` under
-    ``layout`` (the model not wrapped in DDP: the handler averages); -1 where refused."""
+    ``layout`` (the model not wrapped in DDP: the handler averages); -1 where refused. With
+    ``rank="auto"`` (``in_backward_auto``) the ranks are one process's, chosen over the
+    whole group although its matrices arrive in several buckets."""
     torch.manual_seed(0)
     model = ConvNet(20)
     ref_model = copy.deepcopy(model)
-    ref = coap_dist.COAPAdamW(ref_model.parameters(), **KW)
+    kw = {**KW, **FEATURES[feature]}
+    ref = coap_dist.COAPAdamW(ref_model.parameters(), **kw)
     if layout in ("ddp", "ddp_owner"):
         net = model
         opt = coap_dist.COAPAdamW(
-            model.parameters(), **KW, sharding="owner" if layout == "ddp_owner" else None
+            model.parameters(), **kw, sharding="owner" if layout == "ddp_owner" else None
         )
     else:
-        net, opt = _wrap(layout, model, coap_dist.COAPAdamW, KW, world)
+        net, opt = _wrap(layout, model, coap_dist.COAPAdamW, kw, world)
     if layout == "fsdp1":
         with pytest.raises(ValueError, match=r"FSDP1 .* not supported.*fully_shard"):
             coap_dist.optimizer_in_backward(net, opt, max_grad_norm=CLIP)
@@ -220,7 +227,11 @@ def _in_backward_cell(rank: int, world: int, layout: str) -> float:
         for p, q in zip(_full(layout, net, grads=False), ref_model.parameters(), strict=True):
             q = q.detach()
             worst = max(worst, float((p.detach().view_as(q) - q).norm() / q.norm()))
-    assert 0 < clipped < STEPS, clipped  # the clip both acted and stayed off
+    if feature == "in_backward":
+        assert 0 < clipped < STEPS, clipped  # the clip both acted and stayed off
+    else:  # held to the backward's end at the SVD steps: one process's ranks
+        ranks = [s.rank for s in opt.specs if s.kind == "matrix"]
+        assert ranks == [s.rank for s in ref.specs if s.kind == "matrix"], (layout, ranks)
     return worst
 
 
@@ -228,8 +239,8 @@ def _worker(rank: int, world: int, out: str) -> None:
     rows = []
     for layout in LAYOUTS if world < 4 else HSDP:
         for feature in FEATURES:
-            if feature == "in_backward":
-                d = _in_backward_cell(rank, world, layout)
+            if feature.startswith("in_backward"):
+                d = _in_backward_cell(rank, world, layout, feature)
             else:
                 d = _cell(rank, world, layout, feature)
             rows.append((layout, feature, d))
