@@ -93,7 +93,10 @@ class OwnerCheckpoints:
             "works on any number of ranks. For accelerate's save_state (state_dict() on every "
             "rank) call coap_dist.integrations.accelerate.consolidate_on_save_state("
             "accelerator, opt) once after prepare; for the HF Trainer add "
-            "coap_dist.integrations.hf.COAPCheckpointCallback()"
+            "coap_dist.integrations.hf.COAPCheckpointCallback(); under DeepSpeed stage 0 "
+            "(engine.save_checkpoint calls state_dict() on every rank) drop `sharding` (the "
+            "layout follows zero_optimization.stage) or call opt.consolidate_state_dict(to=None) "
+            "on every rank before each save"
         )
 
     def _dcp_form(self, sd: dict[str, Any]) -> dict[str, Any]:

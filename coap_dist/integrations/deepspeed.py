@@ -54,8 +54,10 @@ group needs (:func:`~coap_dist.distributed.comm.transport_device`: the GPU for N
 buffer copied over and back).
 
 Refused at the first step with an error saying what to use instead: NVMe optimizer offload,
-mixture-of-experts groups and an explicit ``sharding`` argument. fp16 on CPU is refused by
-DeepSpeed itself.
+mixture-of-experts groups, ``round_robin_gradients`` (a fragment map that disagrees with the
+partitions: :func:`_check_fragment_map`) and an explicit ``sharding`` argument at stages 1-3
+(:func:`check_config` refuses it at every stage). fp16 on CPU is refused by DeepSpeed itself.
+Frozen parameters in the optimizer's groups are in no partition: no fragment, never stepped.
 """
 
 from __future__ import annotations
@@ -156,6 +158,33 @@ def _refuse_moe(groups: list[dict[str, Any]]) -> None:
         )
 
 
+def _check_fragment_map(params: list[Tensor], current: list[list[Tensor]], rank: int) -> None:
+    """Raise unless each parameter's ``_hp_mapping`` places it where its weights are.
+
+    At stages 1-2 every weight is a view of its group's flat 16/32-bit buffer at its offset o
+    there (``p.data.storage_offset()``), and rank k's fp32 partition holds [k s, (k + 1) s) of
+    that buffer (s = the partition's numel), so the mapping's fragment must satisfy
+    k s + hp_start - lp_start = o. ``round_robin_gradients`` breaks this in DeepSpeed 0.19.8:
+    the buffer is in round-robin order, the mapping (also DeepSpeed's own
+    ``safe_get_full_fp32_param``) in the original one, and every step would land on other
+    parameters' elements."""
+    for p in params:
+        m = getattr(p, "_hp_mapping", None)
+        if m is None:
+            continue
+        size = current[m.param_group_index][0].numel()
+        implied = rank * size + m.hp_fragment_address.start - m.lp_fragment_address.start
+        if implied != p.data.storage_offset():
+            raise ValueError(
+                "COAP under DeepSpeed: a parameter's _hp_mapping points at flat element "
+                f"{implied}, where its weights are at {p.data.storage_offset()}: DeepSpeed's "
+                "fragment map does not match its partitions. zero_optimization."
+                "round_robin_gradients=true does this (DeepSpeed 0.19.8 reorders the flat "
+                "buffer, not the map): set it to false (it only reorders gradient copies for "
+                "CPU offload)"
+            )
+
+
 class DeepSpeedZeroView(FragmentView):
     """ZeRO stages 1-2 (and ``BF16_Optimizer``): fragments from each model parameter's
     ``_hp_mapping`` into the flat fp32 partitions, over its ``_dp_group``."""
@@ -168,18 +197,30 @@ class DeepSpeedZeroView(FragmentView):
 
     def attach(self, current: list[list[Tensor]], built: list[list[Tensor | None]]) -> list[Tensor]:
         params = _model_params(built)
-        groups = {id(getattr(p, "_dp_group", None)) for p in params}
+        # Frozen parameters (model.parameters() with requires_grad=False ones) are not in
+        # DeepSpeed's partitions: no fragment on any rank, never stepped.
+        trainable = [p for p in params if hasattr(p, "_hp_mapping")]
+        groups = {id(getattr(p, "_dp_group", None)) for p in trainable}
         if len(groups) != 1:
-            raise ValueError("COAP under DeepSpeed: parameters span several data-parallel groups")
-        self.group = params[0]._dp_group  # type: ignore[attr-defined]
+            raise ValueError(
+                "COAP under DeepSpeed: the trainable parameters span several data-parallel "
+                "groups (expert or sequence parallelism); use one data-parallel group"
+            )
+        self.group = trainable[0]._dp_group  # type: ignore[attr-defined]
+        _check_fragment_map(trainable, current, dist.get_rank(self.group))
         self._params = params
         self.remember(current, built)
         return params
 
+    def _mapping(self, index: int) -> Any:
+        """The parameter's ``_hp_mapping`` (None where this rank holds none of it, or for a
+        frozen parameter)."""
+        return getattr(self._params[index], "_hp_mapping", None)
+
     def device(self) -> torch.device:
-        for p in self._params:
-            if p._hp_mapping is not None:  # type: ignore[attr-defined]
-                return p._hp_mapping.hp_fragment.device  # type: ignore[attr-defined]
+        for i in range(len(self._params)):
+            if (m := self._mapping(i)) is not None:
+                return m.hp_fragment.device
         return self._params[0].device
 
     def global_shape(self, index: int) -> tuple[int, ...]:
@@ -190,8 +231,8 @@ class DeepSpeedZeroView(FragmentView):
 
     def fragments(self, comm: Comm) -> list[list[Range] | None]:
         mine = []
-        for p in self._params:
-            m = p._hp_mapping  # type: ignore[attr-defined]
+        for i in range(len(self._params)):
+            m = self._mapping(i)
             if m is None:
                 mine.append((0, 0))
             else:
@@ -201,11 +242,11 @@ class DeepSpeedZeroView(FragmentView):
         return [[every[r][i] for r in range(comm.world)] for i in range(len(self._params))]  # type: ignore[index]
 
     def local(self, index: int) -> Tensor | None:
-        m = self._params[index]._hp_mapping  # type: ignore[attr-defined]
+        m = self._mapping(index)
         return None if m is None else m.hp_fragment
 
     def grad(self, index: int) -> Tensor | None:
-        m = self._params[index]._hp_mapping  # type: ignore[attr-defined]
+        m = self._mapping(index)
         if m is None:
             return None
         hp = m.hp_fragment
@@ -244,10 +285,14 @@ class DeepSpeedZero3View(FragmentView):
         self.group_of = [gi for gi, g in enumerate(built) for _ in g]
         return params
 
-    def _position(self, index: int) -> tuple[Tensor, int, int]:
-        """(flat fp32 partition of the sub-group, offset there, elements per rank)."""
+    def _position(self, index: int) -> tuple[Tensor, int, int] | None:
+        """(flat fp32 partition of the sub-group, offset there, elements per rank); None for
+        a frozen parameter (requires_grad=False: in no fp32 partition, never stepped)."""
         z3 = self._z3
-        sub, offset, part = z3.grad_position[z3.get_param_id(self._params[index])]
+        where = z3.grad_position.get(z3.get_param_id(self._params[index]))
+        if where is None:
+            return None
+        sub, offset, part = where
         return z3.fp32_partitioned_groups_flat[sub], offset, part
 
     def begin(self, current: list[list[Tensor]]) -> list[int] | None:
@@ -255,11 +300,13 @@ class DeepSpeedZero3View(FragmentView):
         return [
             i
             for i in range(len(self._params))
-            if self._position(i)[0].untyped_storage().data_ptr() in present
+            if (at := self._position(i)) is not None
+            and at[0].untyped_storage().data_ptr() in present
         ]
 
     def device(self) -> torch.device:
-        return self._position(0)[0].device
+        at = next(a for i in range(len(self._params)) if (a := self._position(i)) is not None)
+        return at[0].device
 
     def global_shape(self, index: int) -> tuple[int, ...]:
         return tuple(self._params[index].ds_shape)  # type: ignore[attr-defined]
@@ -270,31 +317,36 @@ class DeepSpeedZero3View(FragmentView):
     def fragments(self, comm: Comm) -> list[list[Range] | None]:
         out: list[list[Range] | None] = []
         for i, p in enumerate(self._params):
-            part = self._position(i)[2]
+            at = self._position(i)
+            if at is None:
+                out.append([(0, 0)] * comm.world)
+                continue
+            part = at[2]
             numel = p.ds_numel  # type: ignore[attr-defined]
             out.append(
                 [(min(r * part, numel), min((r + 1) * part, numel)) for r in range(comm.world)]
             )
         return out
 
-    def _numel(self, index: int) -> int:
-        part = self._position(index)[2]
+    def _held(self, index: int) -> tuple[Tensor, int, int] | None:
+        """(flat partition, offset, elements) of this rank's fragment; None if empty."""
+        at = self._position(index)
+        if at is None:
+            return None
+        flat, offset, part = at
         numel = self._params[index].ds_numel  # type: ignore[attr-defined]
-        return max(0, min(part, numel - self._rank * part))
+        n = max(0, min(part, numel - self._rank * part))
+        return (flat, offset, n) if n else None
 
     def local(self, index: int) -> Tensor | None:
-        n = self._numel(index)
-        if n == 0:
-            return None
-        flat, offset, _ = self._position(index)
-        return flat.narrow(0, offset, n)
+        held = self._held(index)
+        return None if held is None else held[0].narrow(0, held[1], held[2])
 
     def grad(self, index: int) -> Tensor | None:
-        n = self._numel(index)
-        flat, offset, _ = self._position(index)
-        if n == 0 or flat.grad is None:
+        held = self._held(index)
+        if held is None or held[0].grad is None:
             return None
-        return flat.grad.narrow(0, offset, n)
+        return held[0].grad.narrow(0, held[1], held[2])
 
 
 COAP_SHARDS = "coap_shards.pt"
@@ -449,6 +501,14 @@ def load_checkpoint(
     ``engine.load_checkpoint`` returns."""
     coap = _coap_of(engine)
     if not engine.load_universal_checkpoint():
+        universal = Path(load_dir) / (str(tag) if tag is not None else "") / "zero" / COAP_SHARDS
+        if universal.is_file() or (tag is None and (Path(load_dir) / "latest_universal").is_file()):
+            raise ValueError(
+                f"coap_dist load_checkpoint: {load_dir} holds a universal checkpoint (written "
+                "by `coap-dist ds-to-universal`), which DeepSpeed reads only with "
+                '"checkpoint": {"load_universal": true} in the engine\'s config: build the '
+                "engine with it, then call load_checkpoint again (nothing was loaded)"
+            )
         return engine.load_checkpoint(str(load_dir), tag, **kwargs)
     load_dir = Path(load_dir)
     if tag is None:
@@ -496,7 +556,21 @@ def check_config(config: Mapping[str, Any], where: str = "") -> None:
     config = dict(config)
     opt = config.get("optimizer")
     if isinstance(opt, Mapping):
+        for key in opt:  # DeepSpeed reads these three and ignores any other key silently
+            if key not in ("type", "params", "legacy_fusion"):
+                near = difflib.get_close_matches(str(key), ["type", "params"], n=1, cutoff=0.5)
+                hint = f" (did you mean {near[0]}?)" if near else ""
+                raise ValueError(
+                    f"{where}optimizer.{key} is not a key of DeepSpeed's optimizer section"
+                    f"{hint}; DeepSpeed would ignore it silently (its keys: type, params)"
+                )
         kind = str(opt.get("type", ""))
+        by_class = {cls.__name__: name for name, cls in OPTIMIZER_TYPES.items()}
+        if kind in by_class and kind not in OPTIMIZER_TYPES:
+            raise ValueError(
+                f'{where}optimizer.type="{kind}" is the class name; DeepSpeed\'s JSON type is '
+                f'"{by_class[kind]}" (COAP\'s types: {", ".join(OPTIMIZER_TYPES)})'
+            )
         same_letters = {name.lower(): name for name in OPTIMIZER_TYPES}.get(kind.lower())
         near = difflib.get_close_matches(kind, list(OPTIMIZER_TYPES), n=1, cutoff=0.75)
         if kind not in OPTIMIZER_TYPES and (same_letters or near):
@@ -506,9 +580,15 @@ def check_config(config: Mapping[str, Any], where: str = "") -> None:
                 f'"{same_letters or near[0]}"? (COAP\'s types: {", ".join(OPTIMIZER_TYPES)})'
             )
         if kind in OPTIMIZER_TYPES:
-            params = {
-                k: v for k, v in dict(opt.get("params", {})).items() if k not in ("sharding",)
-            }
+            params = dict(opt.get("params", {}))
+            sharding = params.pop("sharding", None)
+            if sharding not in (None, "none"):
+                raise ValueError(
+                    f"{where}optimizer.params.sharding={sharding!r} is invalid under DeepSpeed: "
+                    "the layout follows zero_optimization.stage (COAP's state is sharded over "
+                    "the data-parallel group at stages 1-3, replicated at stage 0). Remove it, "
+                    "or use stage 1-3 to shard the state"
+                )
             recipe = OPTIMIZER_TYPES[kind].config_class  # type: ignore[attr-defined]
             recipe.from_mapping(params, f"{where}optimizer.params.")
     clip = config.get("gradient_clipping")

@@ -26,8 +26,9 @@ master partition: 8 bytes per element held); the trajectory matches single-proce
 the rank-averaged gradient (fp32: weights to rtol 1e-4 / atol 1e-5 after 8 steps; bf16: losses
 to rtol 5e-2). Selected configs also save a checkpoint at step 4 with ``engine.save_checkpoint``,
 load it into a fresh engine and check that 4 more steps reproduce the uninterrupted run. Invalid
-setups (an explicit ``sharding``, an unknown JSON key) must fail with an error naming them, and
-every shipped ``configs/deepspeed/*.json`` must initialize and step. The adaptive case also
+setups (an explicit ``sharding``, ``round_robin_gradients``, an unknown JSON key) must fail
+with an error naming them, a frozen layer in ``model.parameters()`` must train as one process
+does at stages 1-3, and every shipped ``configs/deepspeed/*.json`` must initialize and step. The adaptive case also
 checks that both ranks took the same refresh decisions (and, through the trajectory, the same
 as one process) and resumes from its ZeRO checkpoint (``coap_refresh`` in each rank's file);
 the auto-rank case checks that both ranks chose the same ranks, some other than the fixed
@@ -373,6 +374,7 @@ def _worker(rank: int, world: int, ckpt_root: str, port: int) -> None:
     only = [c for c in os.environ.get("COAP_TEST_DS_CASES", "").split(",") if c]
     if not only:
         _check_errors(rank)
+        _check_frozen(rank)
         _check_shipped_configs(rank)
     refs: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[float]]] = {}
     report = []
@@ -533,6 +535,15 @@ def _check_errors(rank: int) -> None:
     for p, q in zip(engine.module.parameters(), before, strict=True):
         assert torch.equal(p.detach(), q), "a refused step changed a weight"
     engine.destroy()
+    # round-robin gradient partitioning: DeepSpeed's _hp_mapping keeps the original order
+    robin = _config(2, False, {"zero_optimization": {"stage": 2, "round_robin_gradients": True}})
+    engine, *_ = _build_cfg(robin)
+    engine.backward(_loss(engine, *_batch(rank, 0, 0)))
+    with pytest.raises(ValueError, match=r"round_robin_gradients=true does this"):
+        engine.step()
+    for p, q in zip(engine.module.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), q), "a refused step changed a weight"
+    engine.destroy()
     typo = _config(2, False, {})
     typo["optimizer"]["params"]["rnak"] = 4
     with pytest.raises(ValueError, match="unknown key `rnak`; did you mean `rank`"):
@@ -549,11 +560,53 @@ def _check_errors(rank: int) -> None:
         (lambda c: c["optimizer"]["params"].update(rnak=4), r"optimizer\.params\.rnak"),
         (lambda c: c["zero_optimization"].update(stagee=2), r"zero_optimization\.stagee: .*stage"),
         (lambda c: c.update(zero_optimisation={}), r"zero_optimisation is not a DeepSpeed"),
+        (lambda c: c["optimizer"].update(parms={}), r"optimizer\.parms is not .*mean params"),
+        (lambda c: c["optimizer"].update(type="COAPAdamW"), r'"COAPAdamW" is the class.*"COAP"'),
+        (
+            lambda c: c["optimizer"]["params"].update(sharding="owner"),
+            r"optimizer\.params\.sharding='owner' is invalid under DeepSpeed",
+        ),
     ):
         cfg = _config(2, False, {})
         edit(cfg)
         with pytest.raises(ValueError, match=message):
             check_config(cfg)
+
+
+def _check_frozen(rank: int) -> None:
+    """A frozen layer (fine-tuning) with ``model_parameters=model.parameters()``: DeepSpeed
+    partitions only the trainable parameters; at stages 1-3 COAP steps those as one process
+    does (weights to 1e-5 after 4 steps), the frozen ones keep their values and no state."""
+
+    def frozen_model() -> nn.Module:
+        model = _model()
+        model.fc1.requires_grad_(False)
+        return model
+
+    ref = frozen_model()
+    ref_opt = coap_dist.COAPAdamW(ref.parameters(), **KW)
+    for step in range(4):
+        for r in range(WORLD):
+            (_loss(ref, *_batch(r, step, 0)) / WORLD).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    import deepspeed
+
+    for stage in (1, 2, 3):
+        model = frozen_model()
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=model.parameters(),
+            config=_config(stage, False, {}),
+            dist_init_required=False,
+        )
+        _train(engine, rank, range(4))
+        for i, (p, q) in enumerate(zip(_full_params(engine), ref.parameters(), strict=True)):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-4, atol=1e-5, msg=f"{stage} {i}")
+        opt = _coap(engine)
+        assert not any(opt.state.get(p) for p in engine.module.fc1.parameters()), stage
+        assert opt.metrics()["optim/refreshes"] == 2 * 2, stage  # 2 matrices, k = 0, 2
+        engine.destroy()
 
 
 def _check_shipped_configs(rank: int) -> None:

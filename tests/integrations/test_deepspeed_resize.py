@@ -208,9 +208,16 @@ def _check_plain_load_refuses(
     rank: int, world: int, root: Path, case: tuple, saved_at: int
 ) -> None:
     """engine.load_checkpoint of the universal form alone (COAP's state never loaded): the
-    first step refuses, naming the loader, and changes no weight."""
+    first step refuses, naming the loader, and changes no weight. load_checkpoint of the
+    universal form into an engine built without ``load_universal`` (DeepSpeed would load
+    nothing, with a warning) refuses, naming the setting."""
     from coap_dist.integrations.deepspeed import load_checkpoint
 
+    plain = _build(world, case, universal=False)
+    for tag in (None, "t"):
+        with pytest.raises(ValueError, match=r'universal checkpoint.*"load_universal": true'):
+            load_checkpoint(plain, root / case[0] / f"w{saved_at}u", tag)
+    plain.destroy()
     engine = _build(world, case, universal=True)
     with pytest.raises(ValueError, match=r"coap_shards.pt is missing.*coap-dist ds-to-universal"):
         load_checkpoint(engine, root / "no_coap_u")  # refused before the engine loads
