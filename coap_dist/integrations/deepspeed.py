@@ -591,6 +591,15 @@ def check_config(config: Mapping[str, Any], where: str = "") -> None:
                 )
             recipe = OPTIMIZER_TYPES[kind].config_class  # type: ignore[attr-defined]
             recipe.from_mapping(params, f"{where}optimizer.params.")
+    zero = config.get("zero_optimization")
+    if isinstance(zero, Mapping) and zero.get("round_robin_gradients"):
+        kind = str(opt.get("type", "")) if isinstance(opt, Mapping) else ""
+        if kind in OPTIMIZER_TYPES:
+            raise ValueError(
+                f"{where}zero_optimization.round_robin_gradients=true is not supported with "
+                "COAP: DeepSpeed 0.19.8 reorders the flat buffer but not each parameter's "
+                "fragment map, so steps would land on other parameters' elements; set it false"
+            )
     clip = config.get("gradient_clipping")
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float)):
         raise ValueError(

@@ -561,6 +561,10 @@ def _check_errors(rank: int) -> None:
         (lambda c: c["zero_optimization"].update(stagee=2), r"zero_optimization\.stagee: .*stage"),
         (lambda c: c.update(zero_optimisation={}), r"zero_optimisation is not a DeepSpeed"),
         (lambda c: c["optimizer"].update(parms={}), r"optimizer\.parms is not .*mean params"),
+        (
+            lambda c: c["zero_optimization"].update(round_robin_gradients=True),
+            r"zero_optimization\.round_robin_gradients=true is not supported with COAP",
+        ),
         (lambda c: c["optimizer"].update(type="COAPAdamW"), r'"COAPAdamW" is the class.*"COAP"'),
         (
             lambda c: c["optimizer"]["params"].update(sharding="owner"),
