@@ -601,10 +601,12 @@ def check_config(config: Mapping[str, Any], where: str = "") -> None:
                 "fragment map, so steps would land on other parameters' elements; set it false"
             )
     clip = config.get("gradient_clipping")
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float)):
+    if clip is not None and (
+        isinstance(clip, bool) or not isinstance(clip, int | float) or not clip >= 0
+    ):
         raise ValueError(
-            f"{where}gradient_clipping={clip!r} must be a number (the max gradient norm; 0: "
-            "no clipping)"
+            f"{where}gradient_clipping={clip!r} must be a number >= 0 (the max gradient norm; "
+            "0: no clipping)"
         )
     unknown = unknown_config_keys(config)
     if unknown:

@@ -557,6 +557,7 @@ def _check_errors(rank: int) -> None:
         (lambda c: c["optimizer"].update(type="COAPP"), r'optimizer\.type="COAPP" .*"COAP"'),
         (lambda c: c["optimizer"].update(type="coap"), r'"coap" .*case-sensitive.*"COAP"'),
         (lambda c: c.update(gradient_clipping="1.0"), r"gradient_clipping='1\.0' must be a num"),
+        (lambda c: c.update(gradient_clipping=-1.0), r"gradient_clipping=-1\.0 must be a num"),
         (lambda c: c["optimizer"]["params"].update(rnak=4), r"optimizer\.params\.rnak"),
         (lambda c: c["zero_optimization"].update(stagee=2), r"zero_optimization\.stagee: .*stage"),
         (lambda c: c.update(zero_optimisation={}), r"zero_optimisation is not a DeepSpeed"),
