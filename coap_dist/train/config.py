@@ -607,15 +607,15 @@ RESUME_REFUSED: tuple[str, ...] = (
     "model.",
     "optimizer.name",
     "optimizer.kind",
-    "optimizer.rank",
-    "optimizer.rank_ratio",
-    "optimizer.state_bits",
+    *(f"optimizer.{key}" for key in COAPAdamWConfig.planned_keys()),
     "optimizer.proj_type",
     "optimizer.proj",
 )
 """Settings a resumed run must keep (field-path prefixes): the model's shape and what the
-optimizer state's shapes and formats depend on (rank, rank_ratio, state_bits, the optimizer
-itself, GaLore/APOLLO projection types). Everything else takes effect on resume: the
+optimizer state's shapes and formats depend on (COAP's hyperparameters that its state is
+planned from, ``COAPAdamWConfig.planned_keys()``: rank, rank_ratio, state_bits, algorithm,
+projection_side, rank_ratio_cnn, refresh, stagger; the optimizer itself; GaLore/APOLLO
+projection types). Everything else takes effect on resume: the
 optimizer's other hyperparameters (lr, betas, eps, weight_decay, update_interval,
 reproject_factor, scale, projector_update, moments, ...) replace the saved ones, and
 schedule, batch, data, precision, accumulation, logging, evaluation and checkpoint settings

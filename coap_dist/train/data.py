@@ -41,6 +41,9 @@ import torch
 from coap_dist.data import shakespeare_archive
 from coap_dist.train.config import ConfigError, DataConfig
 
+SCAN_CHUNK = 1 << 24
+"""Token ids read at a time by :func:`load_memmap`'s vocabulary check."""
+
 
 @functools.lru_cache(maxsize=1)
 def shakespeare_documents() -> dict[str, bytes]:
@@ -80,13 +83,18 @@ def load_memmap(path: str, dtype: str, vocab_size: int, field: str) -> np.ndarra
             f"{field}: size {file.stat().st_size} bytes is not a multiple of data.dtype={dtype}"
         )
     tokens = np.memmap(file, dtype=dtype, mode="r")
-    # Checking a prefix catches a wrong dtype or vocab_size without reading a large file whole.
-    head = np.asarray(tokens[: 1 << 20])
-    if head.size and (int(head.max()) >= vocab_size or int(head.min()) < 0):
+    # Every id is checked once, in chunks (one read of the file, about a second per GB): an id
+    # past the vocabulary anywhere would stop the run at the step that samples it.
+    lo, hi = 0, 0
+    for start in range(0, len(tokens), SCAN_CHUNK):
+        chunk = np.asarray(tokens[start : start + SCAN_CHUNK])
+        lo, hi = min(lo, int(chunk.min())), max(hi, int(chunk.max()))
+    if hi >= vocab_size or lo < 0:
         raise ConfigError(
-            f"{field} holds token ids in [{int(head.min())}, {int(head.max())}], outside "
-            f"[0, data.vocab_size={vocab_size}); check data.dtype and data.vocab_size"
+            f"{field} holds token ids in [{lo}, {hi}], outside [0, data.vocab_size="
+            f"{vocab_size}); check data.dtype and data.vocab_size"
         )
+    head = np.asarray(tokens[: 1 << 20])
     # A file of ids twice as wide read with this dtype (little-endian) alternates low and
     # high halves; the high halves of real ids are tiny, so the odd positions stay far
     # below the even ones, which no real token stream does over this many tokens.
@@ -99,6 +107,19 @@ def load_memmap(path: str, dtype: str, vocab_size: int, field: str) -> np.ndarra
                 f"with data.dtype={dtype}; set data.dtype to the dtype the file was written with"
             )
     return tokens
+
+
+def check_streams(train: np.ndarray, val: np.ndarray, seq_len: int) -> None:
+    """Raise ConfigError if a stream is too short for one window of ``seq_len`` + 1 tokens
+    (checked before the model is built: a short validation file would otherwise stop the
+    run at its first evaluation)."""
+    for what, tokens, need in (("training", train, seq_len + 2), ("validation", val, seq_len + 1)):
+        if len(tokens) < need:
+            raise ConfigError(
+                f"the {what} stream has {len(tokens)} tokens, too few for seq_len={seq_len} "
+                f"(it needs {need}); lower seq_len or give a longer "
+                f"data.{'train' if what == 'training' else 'val'}_path"
+            )
 
 
 def load_tokens(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:

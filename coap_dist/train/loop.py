@@ -25,7 +25,7 @@ from tqdm import tqdm
 from coap_dist.optim.schedule import COUNTERS
 from coap_dist.train import checkpoint
 from coap_dist.train.config import OptimizerConfig, TrainConfig, resume_settings
-from coap_dist.train.data import Batches, eval_batches
+from coap_dist.train.data import Batches, check_streams, eval_batches
 from coap_dist.train.loggers import build_logger
 from coap_dist.train.optim import optimizer_metrics, state_bytes
 from coap_dist.train.parallelize import (
@@ -139,6 +139,7 @@ def train_run(
         config_dict: the resolved config, stored with wandb runs.
     """
     train_tokens, val_tokens = tokens
+    check_streams(train_tokens, val_tokens, cfg.seq_len)
     settings = resume_settings(cfg, opt_cfg)
     strategy = build_strategy(cfg, env)
     meta: dict[str, Any] | None = None

@@ -14,6 +14,7 @@ from coap_dist.data import shakespeare_archive
 from coap_dist.train.config import ConfigError, DataConfig
 from coap_dist.train.data import (
     Batches,
+    check_streams,
     eval_batches,
     load_memmap,
     load_shakespeare,
@@ -112,6 +113,20 @@ def test_memmap_loader_reads_user_token_files(tmp_path) -> None:
     assert int(x.max()) < 1000 and torch.equal(x[:, 1:], y[:, :-1])
     with pytest.raises(ConfigError, match=r"data.train_path holds token ids in \[0, 999\]"):
         load_memmap(str(tmp_path / "train.bin"), "uint16", 500, "data.train_path")
+    # An id past the vocabulary anywhere in the file, here past the first 2^20 ids.
+    late = np.memmap(tmp_path / "late.bin", dtype=np.uint16, mode="w+", shape=(3 << 20,))
+    late[:] = 7
+    late[-1] = 1000
+    late.flush()
+    with pytest.raises(ConfigError, match=r"late_path holds token ids in \[0, 1000\], outside"):
+        load_memmap(str(tmp_path / "late.bin"), "uint16", 1000, "data.late_path")
+    # Streams too short for one window: refused before the model is built (the validation
+    # stream used to be read at the first evaluation only).
+    check_streams(train, val, seq_len=999)
+    with pytest.raises(ConfigError, match=r"validation stream has 1000 tokens, too few for seq"):
+        check_streams(train, val, seq_len=1000)
+    with pytest.raises(ConfigError, match=r"training stream has 4000 tokens.*data\.train_path"):
+        check_streams(train, val, seq_len=3999)
     with pytest.raises(ConfigError, match=r"not a multiple of data\.dtype=uint32"):
         (tmp_path / "odd.bin").write_bytes(b"\0" * 6)
         load_memmap(str(tmp_path / "odd.bin"), "uint32", 10, "data.train_path")

@@ -114,6 +114,8 @@ def test_changed_settings_take_effect_or_stop_the_run(uninterrupted, tmp_path) -
     for override, field, old, new in (
         ("optimizer.rank_ratio=2", "optimizer.rank_ratio", "4", "2"),
         ("optimizer.state_bits=16", "optimizer.state_bits", "None", "16"),
+        ("optimizer.projection_side=right", "optimizer.projection_side", "'auto'", "'right'"),
+        ("+optimizer.algorithm=adamw", "optimizer.algorithm", "'auto'", "'adamw'"),
         ("model.n_layers=2", "model.n_layers", "4", "2"),
     ):
         out = tmp_path / field
