@@ -61,6 +61,22 @@ def test_bad_input_names_the_field(kwargs: dict[str, Any], message: str) -> None
         COAPAdamW(_mlp().parameters(), **kwargs)
 
 
+@pytest.mark.parametrize("cls", [COAPAdamW, coap_dist.COAPAdafactor])
+def test_fp16_gradients_whose_sum_passes_fp16_range_are_finite(cls: type) -> None:
+    """The non-finite check reduces in fp32: a finite fp16 gradient whose sum exceeds
+    65504 (here ~1.3e5) steps; it used to be skipped as non-finite."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(256, 512).half())
+    opt = cls([w], lr=1e-2, rank=8)
+    before = w.detach().clone()
+    for step in range(4):
+        gen = torch.Generator().manual_seed(step)
+        w.grad = (1 + 0.1 * torch.randn(256, 512, generator=gen)).half()
+        opt.step()
+    assert opt.metrics()["optim/nonfinite_skips"] == 0
+    assert float((w.detach() - before).float().abs().max()) > 4e-3  # (4 steps, not 1)
+
+
 def test_a_group_without_matrices_needs_no_rank() -> None:
     """The usual decay / no-decay split with the rank on the matrices' group only: the
     vectors' group needs none (it steps AdamW), and the run equals the one that sets the

@@ -275,7 +275,9 @@ class OwnerCheckpoints:
                         recv: dict[str, Any] = {}
                         for k, shape, dtype in keys:
                             n = tensor_bytes(shape, dtype)
-                            recv[k] = host[off : off + n].view(dtype).view(shape).clone()
+                            # (copied first: a tensor after an odd-sized one, a bf16 or
+                            # 8-bit one, starts at an offset its dtype cannot view)
+                            recv[k] = host[off : off + n].clone().view(dtype).view(shape)
                             off += n
                         got.append((i, a, b, recv))
                 collected[q] = got

@@ -780,8 +780,9 @@ class _COAPBase(Checkpoints, Optimizer):
         """[has gradient, non-finite, non-zero] per parameter (this rank's pieces), then the
         metric partials of the previous step (residual sums, rejected refreshes).
 
-        One reduction per gradient: its sum (non-finite iff an entry is NaN or +-inf, or
-        the sum overflows), or before a parameter's first step its L2 norm (zero iff the
+        One reduction per gradient, accumulated and returned in fp32 (a fp16 gradient's
+        sum may pass fp16's 65504): its sum (non-finite iff an entry is NaN or +-inf, or
+        the sum overflows fp32), or before a parameter's first step its L2 norm (zero iff the
         gradient is, the deferred-initialisation rule; one foreach norm over those). With
         ``skip_nonfinite=False`` a parameter that has stepped needs none; a gradient that
         :meth:`clip_grad_norm_` measured and nothing changed since reuses that norm (no
@@ -803,7 +804,8 @@ class _COAPBase(Checkpoints, Optimizer):
                 values[i] = c[2]
         todo = [i for i in fresh if i not in values]
         if todo:  # one foreach norm over the fresh gradients still to read
-            values.update(zip(todo, torch._foreach_norm([present[i] for i in todo]), strict=True))
+            norms = torch._foreach_norm([present[i] for i in todo], 2, dtype=torch.float32)
+            values.update(zip(todo, norms, strict=True))
         stacks: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
         for i in read:
             if i not in values:
@@ -811,17 +813,17 @@ class _COAPBase(Checkpoints, Optimizer):
                 if 0 < g.numel() <= STACKED_SUM_NUMEL:  # (an empty shard: its own sum)
                     stacks.setdefault((g.numel(), g.dtype, g.device), []).append(i)
                 else:
-                    values[i] = g.sum()
+                    values[i] = g.sum(dtype=torch.float32)
         order, parts = [], []
         for (numel, _, _), members in stacks.items():
             if len(members) == 1:
-                values[members[0]] = present[members[0]].sum()
+                values[members[0]] = present[members[0]].sum(dtype=torch.float32)
                 continue
             rows = max(1, STACK_BUDGET_NUMEL // numel)  # bounds the stack's temporary
             for a in range(0, len(members), rows):
                 chunk = members[a : a + rows]
                 flat = torch.cat([present[i].reshape(-1) for i in chunk])
-                parts.append(flat.view(len(chunk), numel).sum(1).float())
+                parts.append(flat.view(len(chunk), numel).sum(1, dtype=torch.float32))
                 order += chunk
         if values:
             parts.append(

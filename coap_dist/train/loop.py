@@ -35,6 +35,7 @@ from coap_dist.train.parallelize import (
     all_reduce_mean,
     build_strategy,
     peak_memory_bytes,
+    reset_peak_memory,
 )
 from coap_dist.train.report import RunResult
 
@@ -148,6 +149,7 @@ def train_run(
         meta = checkpoint.read_meta(Path(cfg.resume))
         changes = checkpoint.check(Path(cfg.resume), meta, strategy, opt_cfg.name, settings)
 
+    reset_peak_memory(env.device)  # (this run's peak, not an earlier run's of the process)
     # Same seed, same initial weights on every rank, for every optimizer and every strategy.
     torch.manual_seed(cfg.seed)
     _, optimizer = strategy.setup(strategy.build_model(), opt_cfg)

@@ -160,9 +160,25 @@ def pick_device(setting: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Restart :func:`peak_memory_bytes` from the memory in use now (each run of a compare or
+    sweep reports its own peak): CUDA's peak statistics, or on Linux the resident-set high
+    water mark (``5`` written to ``/proc/self/clear_refs``). Elsewhere the peak stays the
+    process's lifetime one."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this process so far: CUDA max allocated on a GPU, else the peak
-    resident set size (``VmHWM`` of ``/proc/self/status``; ``ru_maxrss`` elsewhere)."""
+    """Peak memory of this process since the last :func:`reset_peak_memory`: CUDA max
+    allocated on a GPU, else the peak resident set size (``VmHWM`` of
+    ``/proc/self/status``; ``ru_maxrss`` elsewhere, the process's lifetime peak)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     try:

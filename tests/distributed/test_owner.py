@@ -148,6 +148,35 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     _auto_rank(rank, world)
     _replicas_bitwise(rank, world)
     _eight_bit_tucker(rank, world)
+    _odd_bytes(rank, world)
+
+
+def _odd_bytes(rank: int, world: int) -> None:
+    """Consolidation packs each rank's state tensors back to back: 8-bit moments of odd
+    length (4,099 codes) and bf16 projectors of odd element count put the tensors after
+    them at offsets their dtype cannot view. Gathered on every rank (``to=None``): one
+    process's state, bitwise."""
+    torch.manual_seed(0)
+    cases = [
+        (dict(lr=1e-2, state_bits=8), [torch.randn(4099), torch.randn(8)] * 2),
+        (dict(lr=1e-2, rank=1), [torch.randn(7, 7, dtype=torch.bfloat16) for _ in range(4)]),
+    ]
+    for kw, values in cases:
+        ps = [nn.Parameter(v.clone()) for v in values]
+        qs = [nn.Parameter(v.clone()) for v in values]
+        opt = coap_dist.COAPAdamW(ps, **kw, sharding="owner")
+        ref = coap_dist.COAPAdamW(qs, **kw)
+        for step in range(2):
+            for p, q in zip(ps, qs, strict=True):
+                g = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+                p.grad, q.grad = g.to(p.dtype), g.to(q.dtype)
+            opt.step()
+            ref.step()
+        opt.consolidate_state_dict(to=None)
+        got, want = opt.state_dict()["state"], ref.state_dict()["state"]
+        for i, st in want.items():
+            for key, val in st.items():
+                assert torch.equal(got[i][key], val), (kw, i, key)
 
 
 def _eight_bit_tucker(rank: int, world: int) -> None:
