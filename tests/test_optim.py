@@ -300,6 +300,20 @@ def test_param_groups_routing() -> None:
     g2 = param_groups(model, adamw_patterns=["layers.0.*"], coap_patterns=["output.weight"])
     coap2 = {names[id(p)] for p in g2[0]["params"]}
     assert "output.weight" in coap2 and "layers.0.attention.wq.weight" not in coap2
+    # Wrapped models split as the unwrapped one, patterns included: activation
+    # checkpointing's and FSDP1's module segments, torch.compile's, DataParallel's `module`.
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, layer in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(layer)
+    model.output = checkpoint_wrapper(model.output)
+    for wrapped in (model, torch.compile(model), nn.DataParallel(model)):
+        for kw in ({}, dict(adamw_patterns=["layers.0.*"], coap_patterns=["output.weight"])):
+            got = param_groups(wrapped, rank=8, **kw)
+            want = g2 if kw else groups
+            assert [[id(p) for p in g["params"]] for g in got] == [
+                [id(p) for p in g["params"]] for g in want
+            ], (type(wrapped).__name__, kw)
     # The optimizer's `algorithm` rules the COAP group (param_groups sets none there).
     mlp = _mlp()
     for algorithm, projected in (("auto", True), ("adamw", False)):

@@ -21,6 +21,21 @@ def _is_norm(module: nn.Module) -> bool:
     )
 
 
+WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+"""Module-name segments that wrappers insert (FSDP1, activation checkpointing,
+``torch.compile``): names are matched as in the unwrapped model."""
+
+
+def _unwrapped_name(root: nn.Module, name: str) -> str:
+    """``name`` as in the unwrapped model: without :data:`WRAPPER_SEGMENTS` and, under a
+    ``DistributedDataParallel`` / ``DataParallel`` root, without its leading ``module``."""
+    parts = [x for x in name.split(".") if x and x not in WRAPPER_SEGMENTS]
+    wrapped = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    if isinstance(root, wrapped) and parts[:1] == ["module"]:
+        parts = parts[1:]
+    return ".".join(parts)
+
+
 def param_groups(
     model: nn.Module,
     *,
@@ -36,7 +51,9 @@ def param_groups(
     embeddings, output heads (modules named one of :data:`HEAD_NAMES`), normalisation
     layers, biases and every other parameter with fewer than 2 dims go to
     ``algorithm="adamw"``. Name patterns (fnmatch on the full parameter name, e.g.
-    ``"layers.0.*"``) override: ``adamw_patterns`` first, then ``coap_patterns``.
+    ``"layers.0.*"``, as named in the unwrapped model: FSDP1's, activation checkpointing's,
+    ``torch.compile``'s and DDP's name segments are dropped) override: ``adamw_patterns``
+    first, then ``coap_patterns``.
     ``coap_overrides`` (rank, update_interval, ...) go into the COAP group. Shared (tied)
     parameters appear once. Empty groups are omitted.
     """
@@ -49,7 +66,8 @@ def param_groups(
     seen: set[int] = set()
     coap: list[nn.Parameter] = []
     adamw: list[nn.Parameter] = []
-    for mod_name, module in model.named_modules():
+    for raw_name, module in model.named_modules():
+        mod_name = _unwrapped_name(model, raw_name)
         for p_name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
