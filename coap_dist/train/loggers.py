@@ -61,14 +61,24 @@ class JsonlLogger:
     def __init__(self, path: Path, run: str, resumed_at: int | None = None) -> None:
         self.path = path
         self.run = run
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resumed_at is not None and path.is_file():
-            self._drop_after(resumed_at)
-        self._file = path.open("a", encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_file():
+                self._drop_after(resumed_at)
+            self._file = path.open("a", encoding="utf-8")
+        except OSError as err:
+            raise RunError(
+                f"logger: cannot open {path} for the metrics ({err.strerror or err}); set "
+                "logger.filename or hydra.run.dir to a writable place"
+            ) from err
 
-    def _drop_after(self, step: int) -> None:
+    def _drop_after(self, step: int | None) -> None:
+        """Remove this run's records after ``step`` (with a step) and a last line cut short
+        (a write that failed part-way: a full disk), which the next record would join."""
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        keep = [line for line in lines if not self._later(line, step)]
+        keep = [line for line in lines if step is None or not self._later(line, step)]
+        if keep and not keep[-1].endswith("\n"):
+            keep.pop()
         if len(keep) != len(lines):
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(keep), encoding="utf-8")

@@ -93,6 +93,8 @@ def test_resumed_run_logs_what_the_uninterrupted_run_logs(uninterrupted, tmp_pat
     again = tmp_path / "again"
     again.mkdir()
     shutil.copy(run_dir / "metrics.jsonl", again / "metrics.jsonl")
+    with open(again / "metrics.jsonl", "a") as f:  # a record cut short (a full disk)
+        f.write('{"run": "coap", "step": 5, "optim/ref')
     run(compose_dict([*SIX, f"resume={ckpt(run_dir, 3)}"]), again)
     lines = [json.loads(x) for x in (again / "metrics.jsonl").read_text().splitlines()]
     keys = [(r["step"], "train/loss" in r) for r in lines]
@@ -257,6 +259,9 @@ def test_full_disk_at_a_save_keeps_the_previous_checkpoint(small_tmpfs, tmp_path
     with pytest.raises(RuntimeError, match=r"logger: writing metrics to .* failed \(No space"):
         for step in range(10_000):
             logger.log({"train/loss": 1.0, "pad": "x" * 4096}, step)
+    # ... and a metrics file that cannot be opened (its folder is a file)
+    with pytest.raises(RuntimeError, match=r"logger: cannot open .* set logger\.filename"):
+        JsonlLogger(filler / "metrics.jsonl", "coap")
 
 
 def test_write_failing_half_way_leaves_no_tmp_and_the_previous_checkpoint(tmp_path) -> None:
