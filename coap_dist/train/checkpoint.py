@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -293,7 +294,19 @@ def read_meta(path: Path) -> dict[str, Any]:
     """The ``meta.pt`` of checkpoint directory ``path``; errors name the ``resume`` key."""
     if not (path / _META).is_file():
         raise ConfigError(f"resume={str(path)!r} is not a checkpoint directory (no {_META})")
-    return torch.load(path / _META, weights_only=True)
+    return _read(path, _META)
+
+
+def _read(path: Path, name: str) -> Any:
+    """``torch.load`` of file ``name`` of checkpoint ``path``; an unreadable or cut-short
+    file is a ConfigError naming it."""
+    try:
+        return torch.load(path / name, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ConfigError(
+            f"resume={str(path)!r}: {name} cannot be read ({_reason(err)}); the checkpoint "
+            "is incomplete or corrupt (a save that was cut off?): resume from another step"
+        ) from err
 
 
 def check(
@@ -415,7 +428,7 @@ def load(path: Path, meta: dict[str, Any], strategy: Strategy) -> None:
     fmt = strategy.checkpoint_format
     try:
         if fmt == "torch":
-            state = torch.load(path / _STATE, map_location="cpu", weights_only=True)
+            state = _read(path, _STATE)
             strategy.unwrapped.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
         elif fmt == "dcp":
@@ -438,6 +451,13 @@ def load(path: Path, meta: dict[str, Any], strategy: Strategy) -> None:
                 _load_universal(path, engine, env)
             else:
                 engine.load_checkpoint(str(path), tag="engine")
+    except ConfigError:
+        raise
+    except OSError as err:  # (a file of the checkpoint is missing or unreadable)
+        raise ConfigError(
+            f"resume={str(path)!r} cannot be read ({_reason(err)}); the checkpoint is "
+            "incomplete or corrupt: resume from another step"
+        ) from err
     except (RuntimeError, ValueError, KeyError, CheckpointException) as err:
         raise ConfigError(
             f"resume={str(path)!r} does not fit this run's model or optimizer: {_reason(err)}"

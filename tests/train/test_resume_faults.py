@@ -125,6 +125,16 @@ def test_changed_settings_take_effect_or_stop_the_run(uninterrupted, tmp_path) -
         with pytest.raises(ConfigError, match=message):
             run(compose_dict([*SIX, f"resume={saved}", override]), out)
         assert not (out / "metrics.jsonl").exists(), override
+    # A checkpoint cut short (a save killed part-way, a truncated copy): one line naming it.
+    for damage, name in (("truncate", "meta.pt"), ("truncate", "state.pt"), ("remove", "state.pt")):
+        broken = tmp_path / f"broken_{damage}_{name}"
+        shutil.copytree(saved, broken)
+        if damage == "remove":
+            (broken / name).unlink()
+        else:
+            (broken / name).write_bytes((broken / name).read_bytes()[:100])
+        with pytest.raises(ConfigError, match=r"cannot be read .*incomplete or corrupt"):
+            run(compose_dict([*SIX, f"resume={broken}"]), tmp_path / f"out_{damage}_{name}")
 
 
 def test_faults_stop_before_training_naming_the_field(uninterrupted, tmp_path) -> None:
