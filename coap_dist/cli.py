@@ -241,7 +241,10 @@ def _step_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     if args.optimizer == "coap" and args.rank is None and args.rank_ratio is None:
         parser.error("argument --rank: --optimizer coap needs --rank (or --rank-ratio)")
     _check_rank(args, parser, [args.optimizer])
-    seq_len = args.seq_len or LLAMA_PRESETS[args.model].max_seq_len
+    longest = LLAMA_PRESETS[args.model].max_seq_len
+    seq_len = args.seq_len or longest
+    if not 1 <= seq_len <= longest:
+        parser.error(f"argument --seq-len: {seq_len} is outside 1 .. {longest} ({args.model}'s)")
     batch = args.batch or 1
     peak = estimate_step_peak(
         args.model,

@@ -421,6 +421,10 @@ def test_cli_step_peak(capsys: pytest.CaptureFixture[str]) -> None:
         (["memory", "--model", "1b", "--optimizer", "adamw", "--in-backward"], "--in-backward"),
         (["memory", "--model", "1b", "--optimizer", "adamw", "--batch", "4"], "--batch"),
         (["memory", "--model", "1b", "--optimizer", "adamw", "--seq-len", "64"], "--seq-len"),
+        (
+            ["memory", "--model", "tiny", "--optimizer", "adamw", "--step", "--seq-len", "9999"],
+            "--seq-len",
+        ),
     ],
 )
 def test_cli_errors_name_the_flag(

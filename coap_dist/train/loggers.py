@@ -158,15 +158,26 @@ def build_logger(
         return jsonl
     from coap_dist.integrations.wandb import WandbLogger
 
-    wandb_logger = WandbLogger(
-        project=cfg.project,
-        entity=cfg.entity,
-        name=run_name,
-        group=cfg.group,
-        tags=cfg.tags,
-        mode=cfg.mode,
-        config=config,
-        dir=str(out_dir),
-        rank=0,
-    )
+    try:
+        wandb_logger = WandbLogger(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=run_name,
+            group=cfg.group,
+            tags=cfg.tags,
+            mode=cfg.mode,
+            config=config,
+            dir=str(out_dir),
+            rank=0,
+        )
+    except Exception as err:
+        if not type(err).__module__.startswith("wandb"):
+            raise
+        jsonl.close()
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise RunError(
+            f"logger=wandb: wandb.init failed (logger.mode={cfg.mode}): {first}. Log in "
+            "(wandb login), or log without network or account with logger.mode=offline "
+            "(or WANDB_MODE=offline), or use logger=jsonl"
+        ) from err
     return TeeLogger(jsonl, wandb_logger)

@@ -48,3 +48,20 @@ def test_offline_run_logs_the_optimizer_metrics(tmp_path, monkeypatch) -> None:
     ):
         assert key in train[-1], key
     assert result.name == "coap"
+
+
+def test_online_without_an_account_is_a_one_line_error(tmp_path, monkeypatch) -> None:
+    """wandb.init's own failure (online mode, no API key) stops the run with the app's line
+    naming what to do, before any training."""
+    pytest.importorskip("wandb")
+    from coap_dist.train.config import RunError
+
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # (no ~/.netrc credentials)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    overrides = [*FAST, "compare=false", "logger=wandb", "logger.mode=online", "plot=false"]
+    with pytest.raises(RunError, match=r"logger=wandb: wandb\.init failed .*logger\.mode=offline"):
+        run(compose_dict(overrides), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
