@@ -73,11 +73,15 @@ def run(config: dict[str, Any], output_dir: Path) -> list[RunResult]:
             )
         results = []
         for opt in cfg.runs:
-            results.append(train_run(cfg, opt, env, out_dir, tokens, config))
+            # (each run's wandb config names its own optimizer: the baseline's section)
+            run_config = {**config, "optimizer": config.get(opt.where, config.get("optimizer"))}
+            results.append(train_run(cfg, opt, env, out_dir, tokens, run_config))
             # The finished run's model, wrapper and optimizer sit in reference cycles (DDP's
             # reducer, FSDP hooks): free them now, so the next run starts from the same memory
             # and no gloo work object is left for interpreter shutdown to destroy (SIGABRT).
             gc.collect()
+            if cfg.compile:  # the next run compiles its own code (and pays for it) too
+                torch._dynamo.reset()
         if env.is_main:
             report(cfg, results, out_dir)
         completed = True

@@ -29,13 +29,25 @@ def test_offline_run_logs_the_optimizer_metrics(tmp_path, monkeypatch) -> None:
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    overrides = [*FAST, "compare=false", "logger=wandb", "logger.mode=offline", "plot=false"]
-    (result,) = run(compose_dict(overrides), tmp_path)
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    assert list(runs[0].glob("run-*.wandb"))  # the offline log `wandb sync` uploads
+    from coap_dist.integrations.wandb import WandbLogger
+
+    seen: list[tuple[str, str]] = []  # (run name, its config's optimizer name)
+    real_init = WandbLogger.__init__
+
+    def spy(self: WandbLogger, **kw: object) -> None:
+        seen.append((str(kw["name"]), kw["config"]["optimizer"]["name"]))  # type: ignore[index]
+        real_init(self, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(WandbLogger, "__init__", spy)
+    overrides = [*FAST, "logger=wandb", "logger.mode=offline", "plot=false"]
+    result, baseline = run(compose_dict(overrides), tmp_path)
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    assert all(list(r.glob("run-*.wandb")) for r in runs)  # the offline logs `wandb sync` uploads
+    # each run's config names its own optimizer (the baseline's section for the baseline)
+    assert seen == [(result.name, result.name), (baseline.name, baseline.name)], seen
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "train/loss" in r]
+    train = [r for r in records if "train/loss" in r and r["run"] == result.name]
     assert [r["step"] for r in train] == [2, 4]
     for key in (
         "train/lr",
