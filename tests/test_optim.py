@@ -75,6 +75,12 @@ def test_fp16_gradients_whose_sum_passes_fp16_range_are_finite(cls: type) -> Non
         opt.step()
     assert opt.metrics()["optim/nonfinite_skips"] == 0
     assert float((w.detach() - before).float().abs().max()) > 4e-3  # (4 steps, not 1)
+    # fp32 gradients of ~1e20 (finite; their squares are not): the first step is taken
+    big = nn.Parameter(torch.randn(64, 32))
+    opt = cls([big], lr=1e-2, rank=4)
+    big.grad = torch.randn(64, 32) * 1e20
+    opt.step()
+    assert opt.metrics()["optim/nonfinite_skips"] == 0 and float(opt.state[big]["step"]) == 1
 
 
 def test_a_group_without_matrices_needs_no_rank() -> None:
