@@ -410,8 +410,9 @@ def _reproject(spec: ParamSpec, values: dict[str, Tensor], where: str) -> None:
         raise ValueError(
             f"{where}: the saved projector has shape {tuple(p.shape)}, this optimizer projects "
             f"{spec.rows} x {spec.cols} (side {spec.side!r}, r = {spec.rank}): the projection "
-            "side or the parameter's shape differ; load with the saving optimizer's "
-            "projection_side"
+            "side or the parameter's shape differ, or the state is another parameter's (the "
+            "parameters in another order or split into other groups). Build the optimizer "
+            "with the saving one's parameter order and groups, and its projection_side"
         )
     r_old, r = p.shape[0], spec.rank
     if r_old != r:
