@@ -783,8 +783,7 @@ class _COAPBase(Checkpoints, Optimizer):
         One reduction per gradient, accumulated and returned in fp32 (a fp16 gradient's
         sum may pass fp16's 65504): its sum (non-finite iff an entry is NaN or +-inf, or
         the sum overflows fp32), or before a parameter's first step its max-norm (zero iff
-        the gradient is, the deferred-initialisation rule; it never overflows; one foreach
-        norm over those). With
+        the gradient is, the deferred-initialisation rule; it never overflows). With
         ``skip_nonfinite=False`` a parameter that has stepped needs none; a gradient that
         :meth:`clip_grad_norm_` measured and nothing changed since reuses that norm (no
         reduction here). Small gradients of one size (up to :data:`STACKED_SUM_NUMEL`
@@ -804,9 +803,13 @@ class _COAPBase(Checkpoints, Optimizer):
             if c is not None and c[0]() is g and c[1] == g._version:
                 values[i] = c[2]
         todo = [i for i in fresh if i not in values]
-        if todo:  # one foreach norm over the fresh gradients still to read
-            norms = torch._foreach_norm([present[i] for i in todo], math.inf, dtype=torch.float32)
-            values.update(zip(todo, norms, strict=True))
+        for i in todo:  # the fresh gradients still to read: max |g| (from aminmax: no
+            g = present[i]  # temporary, NaN propagates, no overflow); an empty shard: 0
+            if g.numel() == 0:
+                values[i] = torch.zeros((), device=g.device)
+                continue
+            lo, hi = torch.aminmax(g)
+            values[i] = torch.maximum(hi, lo.neg()).float()
         stacks: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
         for i in read:
             if i not in values:
