@@ -521,29 +521,29 @@ def _check_traffic(label: str, opt: Any, stage: int, rank: int, records: list) -
         assert max(rec.sent, rec.received) <= bound, (label, k, rec.sent, rec.received, bound)
 
 
+def _refused_first_step(cfg: dict[str, Any], rank: int, match: str) -> None:
+    """The engine of ``cfg`` builds, and its first step raises ``match`` before any weight
+    changes."""
+    engine, *_ = _build_cfg(cfg)
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    engine.backward(_loss(engine, *_batch(rank, 0, 0)))
+    with pytest.raises(ValueError, match=match):
+        engine.step()
+    for p, q in zip(engine.module.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), q), "a refused step changed a weight"
+    engine.destroy()
+
+
 def _check_errors(rank: int) -> None:
     """Invalid setups fail with an error naming the problem: a misspelt key at
     deepspeed.initialize, an explicit `sharding` at the first step (the layout is
     bound from the partitions the engine hands over), before any weight changes."""
     sharded = _config(2, False, {})
     sharded["optimizer"]["params"]["sharding"] = "owner"
-    engine, *_ = _build_cfg(sharded)
-    before = [p.detach().clone() for p in engine.module.parameters()]
-    engine.backward(_loss(engine, *_batch(rank, 0, 0)))
-    with pytest.raises(ValueError, match=r"invalid `sharding`='owner'; the layout follows"):
-        engine.step()
-    for p, q in zip(engine.module.parameters(), before, strict=True):
-        assert torch.equal(p.detach(), q), "a refused step changed a weight"
-    engine.destroy()
+    _refused_first_step(sharded, rank, r"invalid `sharding`='owner'; the layout follows")
     # round-robin gradient partitioning: DeepSpeed's _hp_mapping keeps the original order
     robin = _config(2, False, {"zero_optimization": {"stage": 2, "round_robin_gradients": True}})
-    engine, *_ = _build_cfg(robin)
-    engine.backward(_loss(engine, *_batch(rank, 0, 0)))
-    with pytest.raises(ValueError, match=r"round_robin_gradients=true does this"):
-        engine.step()
-    for p, q in zip(engine.module.parameters(), before, strict=True):
-        assert torch.equal(p.detach(), q), "a refused step changed a weight"
-    engine.destroy()
+    _refused_first_step(robin, rank, r"round_robin_gradients=true does this")
     typo = _config(2, False, {})
     typo["optimizer"]["params"]["rnak"] = 4
     with pytest.raises(ValueError, match="unknown key `rnak`; did you mean `rank`"):
