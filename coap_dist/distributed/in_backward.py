@@ -355,13 +355,13 @@ class InBackward:
                     norms = list(torch._foreach_mul(norms, self._step_coef))
                 together = getattr(self.optimizer, "steps_with_group", None)
                 hold = together(params) if together is not None else [False] * len(params)
-                self._held += [
-                    (p, g, n) for p, g, n, h in zip(params, grads, norms, hold, strict=True) if h
-                ]
-                now = [j for j, h in enumerate(hold) if not h]
-                for j, h in enumerate(hold):
+                now = []
+                for j, (p, g, n, h) in enumerate(zip(params, grads, norms, hold, strict=True)):
                     if h:  # out of this bucket's step; back at the backward's end
-                        params[j].grad = None
+                        self._held.append((p, g, n))
+                        p.grad = None
+                    else:
+                        now.append(j)
                 if now:
                     self._step([local[j] for j in now], [norms[j] for j in now])
         finally:  # stepped or refused, a bucket's gradients never stay for the next pass

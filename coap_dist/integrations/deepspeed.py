@@ -501,8 +501,11 @@ def load_checkpoint(
     ``engine.load_checkpoint`` returns."""
     coap = _coap_of(engine)
     if not engine.load_universal_checkpoint():
-        universal = Path(load_dir) / (str(tag) if tag is not None else "") / "zero" / COAP_SHARDS
-        if universal.is_file() or (tag is None and (Path(load_dir) / "latest_universal").is_file()):
+        folder = Path(load_dir)
+        marker = (
+            folder / "latest_universal" if tag is None else folder / str(tag) / "zero" / COAP_SHARDS
+        )
+        if marker.is_file():
             raise ValueError(
                 f"coap_dist load_checkpoint: {load_dir} holds a universal checkpoint (written "
                 "by `coap-dist ds-to-universal`), which DeepSpeed reads only with "
@@ -555,6 +558,7 @@ def check_config(config: Mapping[str, Any], where: str = "") -> None:
 
     config = dict(config)
     opt = config.get("optimizer")
+    kind = str(opt.get("type", "")) if isinstance(opt, Mapping) else ""
     if isinstance(opt, Mapping):
         for key in opt:  # DeepSpeed reads these three and ignores any other key silently
             if key not in ("type", "params", "legacy_fusion"):
@@ -564,7 +568,6 @@ def check_config(config: Mapping[str, Any], where: str = "") -> None:
                     f"{where}optimizer.{key} is not a key of DeepSpeed's optimizer section"
                     f"{hint}; DeepSpeed would ignore it silently (its keys: type, params)"
                 )
-        kind = str(opt.get("type", ""))
         by_class = {cls.__name__: name for name, cls in OPTIMIZER_TYPES.items()}
         if kind in by_class and kind not in OPTIMIZER_TYPES:
             raise ValueError(
@@ -592,14 +595,12 @@ def check_config(config: Mapping[str, Any], where: str = "") -> None:
             recipe = OPTIMIZER_TYPES[kind].config_class  # type: ignore[attr-defined]
             recipe.from_mapping(params, f"{where}optimizer.params.")
     zero = config.get("zero_optimization")
-    if isinstance(zero, Mapping) and zero.get("round_robin_gradients"):
-        kind = str(opt.get("type", "")) if isinstance(opt, Mapping) else ""
-        if kind in OPTIMIZER_TYPES:
-            raise ValueError(
-                f"{where}zero_optimization.round_robin_gradients=true is not supported with "
-                "COAP: DeepSpeed 0.19.8 reorders the flat buffer but not each parameter's "
-                "fragment map, so steps would land on other parameters' elements; set it false"
-            )
+    if isinstance(zero, Mapping) and zero.get("round_robin_gradients") and kind in OPTIMIZER_TYPES:
+        raise ValueError(
+            f"{where}zero_optimization.round_robin_gradients=true is not supported with "
+            "COAP: DeepSpeed 0.19.8 reorders the flat buffer but not each parameter's "
+            "fragment map, so steps would land on other parameters' elements; set it false"
+        )
     clip = config.get("gradient_clipping")
     if clip is not None and (
         isinstance(clip, bool) or not isinstance(clip, int | float) or not clip >= 0

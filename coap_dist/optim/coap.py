@@ -129,6 +129,8 @@ class _COAPBase(Checkpoints, Optimizer):
         self._checked: dict[int, tuple[weakref.ref[Tensor], int, Tensor]] = {}
         # per kind (index order, presence, first step): the last pattern and its tensor
         self._device_cache: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
+        # (the bound layout, and the optimizer index of each tensor id: steps_with_group)
+        self._index_of: tuple[Layout, dict[int, int]] | None = None
         self._pending_load: dict[str, Any] | None = None
         self._consolidated: tuple[int, dict[str, Any]] | None = None
         self._step_calls = 0
@@ -570,10 +572,13 @@ class _COAPBase(Checkpoints, Optimizer):
         if not any(g.get("rank") == "auto" for g in self.groups):
             return [False] * len(params)
         lay = self._bound()
-        index = {id(t): i for i, t in enumerate(lay.params)}
-        flat = [t for g in self.groups for t in g["params"]]
-        if len(flat) == len(lay.params):
-            index.update((id(t), i) for i, t in enumerate(flat))
+        if self._index_of is None or self._index_of[0] is not lay:  # (once per binding)
+            index = {id(t): i for i, t in enumerate(lay.params)}
+            flat = [t for g in self.groups for t in g["params"]]
+            if len(flat) == len(lay.params):
+                index.update((id(t), i) for i, t in enumerate(flat))
+            self._index_of = (lay, index)
+        index = self._index_of[1]
         out = []
         for t in params:
             i = index.get(id(t))

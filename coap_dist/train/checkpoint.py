@@ -426,9 +426,10 @@ def load(path: Path, meta: dict[str, Any], strategy: Strategy) -> None:
     assert optimizer is not None
     fresh = _hyperparameters(optimizer)
     fmt = strategy.checkpoint_format
+    state = _read(path, _STATE) if fmt == "torch" else None
     try:
         if fmt == "torch":
-            state = _read(path, _STATE)
+            assert state is not None
             strategy.unwrapped.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
         elif fmt == "dcp":
@@ -451,8 +452,6 @@ def load(path: Path, meta: dict[str, Any], strategy: Strategy) -> None:
                 _load_universal(path, engine, env)
             else:
                 engine.load_checkpoint(str(path), tag="engine")
-    except ConfigError:
-        raise
     except OSError as err:  # (a file of the checkpoint is missing or unreadable)
         raise ConfigError(
             f"resume={str(path)!r} cannot be read ({_reason(err)}); the checkpoint is "
