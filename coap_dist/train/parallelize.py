@@ -675,18 +675,28 @@ class DeepSpeedStrategy(Strategy):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``engine.backward`` and ``engine.step`` per micro-batch: the engine scales the loss
         by 1 / ``gradient_accumulation_steps`` and steps the optimizer (clipping first) at
-        the accumulation boundary. Returns (mean loss, the engine's global grad norm)."""
+        the accumulation boundary. Returns (mean loss, the global grad norm before clipping).
+
+        The norm is the engine's (``get_global_grad_norm``) where it keeps one: its ZeRO and
+        bf16 optimizers. A stage-0 fp32 engine clips without keeping the norm, so there the
+        app takes ||g||_2 of the module's gradients at the boundary, before ``engine.step``:
+        the engine has averaged them over the ranks in its last ``backward`` (one fused
+        norm per gradient; no communication)."""
         engine: Any = self.model  # a DeepSpeedEngine (deepspeed is untyped)
         assert engine is not None
         total = torch.zeros((), device=self.env.device)
-        for x, y in batches:
+        own: torch.Tensor | None = None
+        for j, (x, y) in enumerate(batches):
             loss = loss_fn(engine(x.to(self.env.device)), y.to(self.env.device))
             engine.backward(loss)
+            if j == len(batches) - 1 and engine.zero_optimization_stage() == 0:
+                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                own = torch.nn.utils.get_total_norm(grads) if grads else None
             engine.step()
             total += loss.detach()
         norm = engine.get_global_grad_norm()
         if norm is None:
-            norm = float("nan")
+            norm = own if own is not None else float("nan")
         return total / len(batches), torch.as_tensor(norm, dtype=torch.float32).detach()
 
     @property

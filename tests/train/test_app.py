@@ -185,11 +185,18 @@ def test_deepspeed_zero2_adamw_checkpoint_and_resume(single, tmp_path) -> None:
 
 @pytest.mark.deepspeed
 @pytest.mark.parametrize("stage", [0, 2, 3])
-def test_deepspeed_coap(stage: int, tmp_path) -> None:
+def test_deepspeed_coap(single, stage: int, tmp_path) -> None:
     pytest.importorskip("deepspeed")
+    _, (coap, _), _ = single
     overrides = [*FAST, f"strategy=deepspeed_zero{stage}", "compare=false", "checkpoint.every=2"]
     (ds,) = run(compose_dict(overrides), tmp_path)
     assert ds.name == "coap" and math.isfinite(ds.val_loss) and ds.state_bytes[0] > 0
+    # every stage logs the pre-clip norm (stage 0: the app's own, the engine keeps none)
+    np.testing.assert_allclose(
+        list(losses(ds, "train/grad_norm").values()),
+        list(losses(coap, "train/grad_norm").values()),
+        rtol=1e-3,
+    )
     resume = [*overrides, f"resume={ckpt(tmp_path, 'coap', 2)}"]
     (resumed,) = run(compose_dict(resume), tmp_path / "resumed")
     np.testing.assert_allclose(losses(resumed)[4], losses(ds)[4], rtol=1e-5)
