@@ -20,6 +20,8 @@ hsdp, deepspeed_zero0..3), data (shakespeare, memmap), logger (none, jsonl, wand
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import sys
 import tempfile
@@ -59,11 +61,13 @@ def main(cfg: DictConfig) -> None:
 
 def cli() -> None:
     """The ``coap-train`` console script and ``python -m coap_dist.train``: :func:`main`,
-    after checking what Hydra would report in its own words before any of the app's code
-    runs: a run directory that cannot be created (a read-only ``hydra.run.dir`` would end
-    in Hydra's traceback) and an override of a key the config does not have (Hydra's
-    message suggests appending it with ``+``). Either is one line naming the key, with the
-    nearest existing one for the second, and exit code 2."""
+    after checking what Hydra would report in its own words, or only part-way through a
+    sweep, before any of the app's code runs: a run (or sweep) directory that cannot be
+    created (a read-only ``hydra.run.dir`` would end in Hydra's traceback), an override of a
+    key the config does not have (Hydra's message suggests appending it with ``+``) and,
+    for a sweep (``-m``), every job's config (a bad value in its third job would stop the
+    sweep after two whole runs). Each is one line naming the key (with the nearest
+    existing one for a misspelt key) and the sweep job, and exit code 2."""
     problem = _launch_problem(sys.argv[1:])
     if problem:
         print(f"coap_dist.train: invalid config: {problem}", file=sys.stderr, flush=True)
@@ -71,22 +75,60 @@ def cli() -> None:
     main()
 
 
-def _single_run(argv: list[str]) -> tuple[str, list[str]] | None:
-    """``(config name, overrides)`` of a command line that starts one run of the package's
-    configs (the launch scripts pass ``--config-name=...``); None for anything else (a
-    sweep, ``--help``, ``--cfg``, another config path: Hydra handles those)."""
-    name, overrides = "train", []
+SWEEP_PRODUCT_CHECKED = 64
+"""A sweep of at most this many jobs has every job's config checked before it starts; a
+larger one has each swept value checked once (with the other keys at their first value)."""
+
+
+def _runs(argv: list[str]) -> tuple[str, list[str], list[list[str]], bool] | None:
+    """``(config name, overrides every job shares, each job's overrides, is a sweep)`` of a
+    command line that starts one run of the package's configs (the launch scripts pass
+    ``--config-name=...``; ``--config-dir`` adds a search path, as for the submitit
+    launcher) or a basic sweep of them (``-m``/``--multirun`` with ``a,b``, ``choice(...)``
+    or ``range(...)`` values); None for anything else (``--help``, ``--cfg``, another
+    primary config, a sweeper plugin's own syntax or a sweep over config files: Hydra
+    handles those)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    name, extra, overrides, sweep = "train", [], [], False
     args = iter(argv)
     for a in args:
-        if a.startswith("--config-name="):
-            name = a.partition("=")[2]
-        elif a in ("--config-name", "-cn"):
-            name = next(args, "")
+        flag, eq, value = a.partition("=")
+        if flag in ("--config-name", "-cn"):
+            name = value if eq else next(args, "")
+        elif flag in ("--config-dir", "-cd"):
+            where = Path(value if eq else next(args, "")).expanduser().absolute()
+            extra = [f"hydra.searchpath=[file://{where}]"]
+        elif a in ("-m", "--multirun"):
+            sweep = True
         elif a.startswith("-"):
             return None
         else:
             overrides.append(a)
-    return (name, overrides) if name else None
+    if not name or any(o.partition("=")[0] == "hydra.searchpath" for o in overrides):
+        return None
+    if not sweep:
+        return name, extra, [overrides], False
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        if any(o.get_key_element().startswith("hydra/sweeper") for o in parsed):
+            return None
+        values = [
+            [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+            if o.is_sweep_override()
+            else [str(o.input_line)]
+            for o in parsed
+        ]
+    except HydraException:  # Hydra reports a syntax error itself
+        return None
+    if math.prod(len(v) for v in values) <= SWEEP_PRODUCT_CHECKED:
+        return name, extra, [list(job) for job in itertools.product(*values)], True
+    first = [v[0] for v in values]
+    jobs = [first] + [
+        [*first[:i], value, *first[i + 1 :]] for i, vs in enumerate(values) for value in vs[1:]
+    ]
+    return name, extra, jobs, True
 
 
 def _compose(name: str, overrides: list[str]) -> DictConfig:
@@ -98,18 +140,57 @@ def _compose(name: str, overrides: list[str]) -> DictConfig:
 
 def _launch_problem(argv: list[str]) -> str | None:
     """Why this command line cannot start: overrides of unknown keys or config-group
-    options (every one, each with the nearest existing name), or a ``hydra.run.dir`` that
-    cannot be created (None: it can start, or it is not a single run; Hydra reports the
-    rest)."""
-    run = _single_run(argv)
-    if run is None:
+    options (every one, each with the nearest existing name), for a sweep a job whose
+    config the app refuses, or a ``hydra.run.dir`` (``hydra.sweep.dir``) that cannot be
+    created (None: it can start, or it is neither a single run nor a basic sweep; Hydra
+    reports the rest)."""
+    runs = _runs(argv)
+    if runs is None:
         return None
-    name, rest = run
+    name, extra, jobs, sweep = runs
+    given = set(argv)
+    cfg = None
+    for job in jobs:
+        swept = " ".join(o for o in job if o not in given)
+        cfg, problem = _compose_problem(name, extra, job)
+        if cfg is None:
+            return None
+        if problem is None and sweep:
+            problem = _job_problem(cfg)
+        if problem is not None:
+            return (f"sweep job {swept}: " if swept else "") + problem
+    assert cfg is not None
+    node = cfg.hydra.sweep if sweep else cfg.hydra.run
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    run_dir = Path(str(node.dir)).expanduser().absolute()
+    parent = run_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".coap-probe-"))
+    except OSError as err:
+        return (
+            f"{key}={str(run_dir)!r} cannot be created ({err.strerror or err} at "
+            f"{parent}); set {key} to a writable directory"
+        )
+    return None
+
+
+def _compose_problem(
+    name: str, extra: list[str], overrides: list[str]
+) -> tuple[DictConfig | None, str | None]:
+    """``(config, problem)`` of one run's ``overrides`` (after ``extra``, the search path):
+    the composed config and None, or the overrides of unknown keys and config-group
+    options (every one, each with the nearest existing name); ``(None, None)`` for an error
+    Hydra reports itself."""
     options: list[str] = []
     keys: list[tuple[str, list[str]]] = []  # (missing key, its overrides)
+    rest = list(overrides)
     while True:  # drop each invalid override until the rest composes
         try:
-            cfg = _compose(name, rest)
+            cfg = _compose(name, extra + rest)
             break
         except Exception as err:  # Hydra's own message follows, but for these two
             option = _unknown_option(rest, err)
@@ -122,24 +203,24 @@ def _launch_problem(argv: list[str]) -> str | None:
                 named = {o.partition("=")[0] for o in missing[1]}  # (and its +key= form)
                 drop = [o for o in rest if o.partition("=")[0].lstrip("+~") in named]
             else:
-                return None
+                return None, None
             rest = [o for o in rest if o not in drop]
     problems = options + [_unknown_key(key, bad, cfg) for key, bad in keys]
-    if problems:
-        return "; ".join(problems)
-    run_dir = Path(str(cfg.hydra.run.dir)).expanduser().absolute()
-    parent = run_dir
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    return cfg, "; ".join(problems) if problems else None
+
+
+def _job_problem(cfg: DictConfig) -> str | None:
+    """The app's refusal of one composed job config (what :func:`main` would raise when
+    the job starts), or None."""
+    from coap_dist.train.config import TrainConfig
+
     try:
-        if not parent.is_dir():
-            raise NotADirectoryError(20, "Not a directory")
-        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".coap-probe-"))
-    except OSError as err:
-        return (
-            f"hydra.run.dir={str(run_dir)!r} cannot be created ({err.strerror or err} at "
-            f"{parent}); set hydra.run.dir to a writable directory"
-        )
+        job = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
+        config = OmegaConf.to_container(job, resolve=True, throw_on_missing=True)
+        assert isinstance(config, dict)
+        TrainConfig.from_dict(cast(dict[str, Any], config))
+    except (ConfigError, OmegaConfBaseException) as err:
+        return str(err)
     return None
 
 

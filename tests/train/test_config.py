@@ -311,7 +311,25 @@ def test_overrides_of_keys_the_config_lacks_are_named_before_hydra_starts() -> N
     assert str(
         _launch_problem(["strategy=deepspeed_zero2", "strategy.extra.zero_optimization.stage=1"])
     ).endswith("add it with +strategy.extra.zero_optimization.stage=1")
-    assert _launch_problem(["--multirun", "optimizer.rnak=2"]) is None  # Hydra's to report
+    # A sweep: every job's config is checked before the first starts, naming the job.
+    assert str(_launch_problem(["--multirun", "optimizer.rnak=2,4"])).startswith(
+        "sweep job optimizer.rnak=2: the config has no key optimizer.rnak"
+    )
+    assert _launch_problem(["-m", "optimizer.rank=2,-1", "steps=3", "warmup_steps=0"]) == (
+        "sweep job optimizer.rank=-1: optimizer.rank=-1 is invalid: must be an integer >= 1 "
+        'or "auto", or None (use rank_ratio)'
+    )
+    assert str(_launch_problem(["-m", "optimizer=coap,adamww"])).startswith(
+        "sweep job optimizer=adamww: optimizer=adamww is not an option of config group"
+    )
+    # past SWEEP_PRODUCT_CHECKED jobs, each value once (the others at their first)
+    many = _launch_problem(["-m", "seed=range(0,70)", "optimizer.rank=choice(2,-1)"])
+    assert str(many).startswith("sweep job seed=0 optimizer.rank=-1: optimizer.rank=-1 is")
+    assert str(_launch_problem(["-m", "seed=1,2", "hydra.sweep.dir=/proc/x"])).startswith(
+        "hydra.sweep.dir='/proc/x' cannot be created"
+    )
+    assert _launch_problem(["-m", "seed=1,2", "optimizer.rank=2,4", "compare=false"]) is None
+    assert _launch_problem(["-m", "lr=interval(0,1)"]) is None  # a sweeper plugin's syntax
     for fine in (
         ["+optimizer.skip_nonfinite=false"],
         ["++optimizer.rank=4"],

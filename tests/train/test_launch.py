@@ -202,9 +202,9 @@ def test_sbatch_scripts_ask_for_no_gpus_of_their_own() -> None:
 
 def test_sweep_config_runs_as_printed_and_config_errors_fail_the_sweep(tmp_path) -> None:
     """The README's sweep composes with a strategy that matches its tasks (1 task: single);
-    a config error inside a sweep job is an exception the launcher reports (basic launcher
-    here: the sweep fails with the message), not a SystemExit that ends a submitit task
-    without a result."""
+    a bad point is refused before any job starts; a config error only a job can see is an
+    exception the launcher reports (basic launcher here: the sweep fails with the message),
+    not a SystemExit that ends a submitit task without a result."""
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="coap_dist.configs", version_base="1.3"):
@@ -222,29 +222,35 @@ def test_sweep_config_runs_as_printed_and_config_errors_fail_the_sweep(tmp_path)
     assert launcher.gpus_per_node is None and launcher.mem_gb is None
     readme = (REPO / "README.md").read_text()
     assert "coap-train --multirun --config-dir configs/submitit hydra/launcher=slurm" in readme
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "coap_dist.train",
-            "--multirun",
-            f"hydra.sweep.dir={tmp_path}",
-            "steps=2,-1",
-            "progress=false",
-            "batch_size=4",
-            "seq_len=16",
-            "warmup_steps=0",
-            "eval.batches=1",
-            "compare=false",
-            "plot=false",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+
+    def sweep(*points: str) -> subprocess.CompletedProcess[str]:
+        launch = [sys.executable, "-m", "coap_dist.train", "--multirun"]
+        small = ["progress=false", "batch_size=4", "seq_len=16", "warmup_steps=0"]
+        small += ["eval.batches=1", "compare=false", "plot=false"]
+        return subprocess.run(
+            [*launch, f"hydra.sweep.dir={tmp_path}", *points, *small],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    # A bad point is refused before the first job starts: one line, exit 2, nothing run.
+    proc = sweep("steps=2,-1")
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stderr.strip().splitlines() == [
+        "coap_dist.train: invalid config: sweep job steps=-1: steps must be a positive int, got -1"
+    ]
+    assert not any(tmp_path.iterdir())
+    # What only the job can see (a data file) fails it through the launcher.
+    proc = sweep(
+        "seed=1,2",
+        "data=memmap",
+        "data.vocab_size=256",
+        *(f"data.{s}_path={tmp_path / 'none.bin'}" for s in ("train", "val")),
     )
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
-    assert "steps must be a positive int, got -1" in proc.stderr
+    assert f"data.train_path is not a file: '{tmp_path / 'none.bin'}'" in proc.stderr
     assert "ConfigError" in proc.stderr  # raised through the launcher, not SystemExit(2)
 
 
