@@ -142,17 +142,20 @@ class LocalCheckpoints:
         elif isinstance(v, DTensor):
             v = v._local_tensor
         elif v.ndim and tuple(v.shape) != tuple(mine.shape):
-            s = self.specs[i]
-            if key.endswith("_scale"):
-                lo, hi = self._flat(i, key)
-                v = v[lo // fquant.BLOCK : -(-hi // fquant.BLOCK)]
-            elif key == "projector":
-                a, b = self._p_rows(i)
-            elif key == "exp_avg_sq_col":
-                a, b = 0, v.shape[0]
+            if key.endswith("_scale"):  # one fp32 absmax per block of the flat codes:
+                # those from the piece's first on (as many as its allocation: every block
+                # it touches; none for an empty matrix piece)
+                first = self._flat(i, key)[0] // fquant.BLOCK
+                v = v[first : first + mine.shape[0]]
             else:
-                a, b = self._rows(i)
-            v = v.reshape(-1, *mine.shape[1:])[a:b] if s.kind == "matrix" else v[a:b]
+                if key == "projector":
+                    a, b = self._p_rows(i)
+                elif key == "exp_avg_sq_col":
+                    a, b = 0, v.shape[0]
+                else:
+                    a, b = self._rows(i)
+                matrix = self.specs[i].kind == "matrix"
+                v = v.reshape(-1, *mine.shape[1:])[a:b] if matrix else v[a:b]
         if tuple(v.shape) != tuple(mine.shape):
             raise ValueError(
                 f"COAP (fsdp2): saved `{key}` of parameter {i} has local shape "

@@ -18,8 +18,9 @@ maxima), ``tucker`` (``rank_ratio_cnn=16``), ``auto`` (``rank="auto"``),
 micro-batches per step, gradients accumulated by the wrapper), ``bf16`` (bf16 parameters and
 state), ``resume`` (with adaptive refresh: after 4 steps ``consolidate_state_dict`` and a
 fresh wrapper and optimizer of the same layout load it and continue), ``reshard`` (the
-same, continued under the next layout of :data:`LAYOUTS`: FSDP1 -> DDP, DDP -> owner, ...;
-the consolidated single-process form is the bridge between layouts) and ``in_backward``
+same with 8-bit state and the Tucker convolution, continued under the next layout of
+:data:`LAYOUTS`: FSDP1 -> DDP, DDP -> owner, ...; the consolidated single-process form is
+the bridge between layouts, and each rank takes its rows and quantization blocks from it) and ``in_backward``
 (:func:`coap_dist.optimizer_in_backward` with exact clipping to :data:`CLIP`, one bucket per
 parameter outside FSDP2: against one process that clips the averaged gradients with
 ``clip_grad_norm_``; FSDP1 refuses it by name, the one refused cell; ``in_backward_auto``:
@@ -65,13 +66,13 @@ FEATURES: dict[str, dict[str, Any]] = {
     "accum": {},
     "bf16": {},
     "resume": dict(refresh="adaptive"),
-    "reshard": dict(refresh="adaptive"),
+    "reshard": dict(state_bits=8, rank_ratio_cnn=16.0, refresh="adaptive"),
     "in_backward": {},
     "in_backward_auto": dict(rank="auto", rank_ratio=2),
     "clip": {},
     "no_check": dict(skip_nonfinite=False),
 }
-TOL = {"bf16": 2e-2, "8bit": 1e-3, "8bit_dense": 1e-3}
+TOL = {"bf16": 2e-2, "8bit": 1e-3, "8bit_dense": 1e-3, "reshard": 1e-3}
 """8-bit state: a moment element whose value two computations put ~1e-7 apart (the FSDP2
 default's team refresh sums Gram matrices where one process takes a whole SVD) can land on
 the neighbouring 8-bit code, which moves that weight by ~3e-5 at once: measured 1.4e-4 under
