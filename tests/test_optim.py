@@ -6,12 +6,13 @@ import copy
 import io
 import math
 import pickle
+import re
 import warnings
 from typing import Any
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import coap_dist
 from coap_dist import COAPAdafactor, COAPAdamW, param_groups
@@ -859,6 +860,39 @@ def test_load_state_dict_new_hyperparameters_win_and_state_converts() -> None:
         with pytest.raises(ValueError, match=r"parameter 0: the saved projector has shape"):
             _fit(m_s, side, range(1))
     assert all(torch.equal(p, q) for p, q in zip(before, m_s.parameters(), strict=True))
+    # An up- (m x n) and a down-projection (n x m) listed in the other order: their COAP
+    # states have the same shapes (right vs left side), as AdamW moments of one size do
+    # for (4, 8) and (8, 4). Refused at the first step, position by position.
+    up, down = nn.Linear(32, 128, bias=False), nn.Linear(128, 32, bias=False)
+    small = nn.Linear(8, 4, bias=False)
+
+    def pair(first: list[Tensor], dense: Tensor) -> COAPAdamW:
+        groups = [{"params": first}, {"params": [dense], "algorithm": "adamw"}]
+        return COAPAdamW(groups, 1e-2, rank=8, **kw)
+
+    saving = pair([up.weight, down.weight], small.weight)
+    x = torch.randn(16, 32)
+    for _ in range(3):
+        (down(up(x)).square().mean() + small.weight.square().sum()).backward()
+        saving.step()
+        saving.zero_grad()
+    for first, dense, i, mine, theirs in (
+        ([down.weight, up.weight], small.weight, 0, (32, 128), (128, 32)),
+        ([up.weight, down.weight], small.weight.t().contiguous(), 2, (8, 4), (4, 8)),
+    ):
+        params = [nn.Parameter(t.detach().clone()) for t in (*first, dense)]
+        other = pair(params[:2], params[2])
+        other.load_state_dict(saving.state_dict())
+        for q in params:
+            q.grad = torch.ones_like(q)
+        with pytest.raises(
+            ValueError,
+            match=re.escape(
+                f"parameter {i} (group {i // 2}) has shape {mine}, but the checkpoint's parameter "
+                f"{i} had shape {theirs}: the parameters are in another order"
+            ),
+        ):
+            other.step()
     # An Adafactor checkpoint from before `beta1` became `betas[0]` still loads.
     m_old = _mlp()
     old_fac = COAPAdafactor(coap_dist.param_groups(m_old, rank=8), 1e-2, **kw)

@@ -5,7 +5,8 @@ A mixin of :class:`~coap_dist.optim.coap.COAPAdamW` and ``COAPAdafactor``: it re
 optimizer's groups, plan and bound layout (declared below) and converts saved state with
 :func:`coap_dist.optim.storage.convert_full`. The format: torch's (``state`` keyed by
 position in optimizer order, ``param_groups`` with positions), tensors only, plus
-``coap_steps`` (every parameter's update count, which every rank keeps) and, with adaptive
+``coap_steps`` (every parameter's update count, which every rank keeps), ``coap_shapes``
+(every parameter's global shape, checked position by position on load) and, with adaptive
 refresh, ``coap_refresh`` (every adaptive matrix's schedule record, also kept by every rank).
 ``torch.distributed.checkpoint`` keeps only ``state`` and ``param_groups``: there the
 per-parameter entries carry both (``step``, and the 0-d ``refresh_*`` entries of
@@ -113,7 +114,10 @@ class Checkpoints:
 
     def _host_records(self) -> dict[str, Any]:
         """What every rank keeps about every parameter: update counts and adaptive records."""
-        out: dict[str, Any] = {"coap_steps": list(self._steps)}
+        out: dict[str, Any] = {
+            "coap_steps": list(self._steps),
+            "coap_shapes": [list(s.shape) for s in self.specs],
+        }
         if self._auto_rank:
             out["coap_ranks"] = dict(self._auto_rank)
         if self._adaptive:
@@ -335,6 +339,7 @@ class Checkpoints:
             where = f"{self.name}.load_state_dict(coap_shards)"
             sd = {k: v for k, v in sd.items() if k != "coap_shards"}
             sd["state"] = assemble_all(self.specs, items, where)
+        self._check_shapes(sd.get("coap_shapes"))
         state = dict(sd["state"])
         partial = "coap_layout" in sd
         records: dict[int, AdaptiveState] = {}
@@ -369,6 +374,26 @@ class Checkpoints:
             # A matrix without a saved record (a fixed-schedule checkpoint) counts from now.
             fresh = AdaptiveState(last_svd=self._steps[i])
             self._adaptive[i] = saved.get(i) or records.get(i) or fresh
+
+
+    def _check_shapes(self, saved: Any) -> None:
+        """Refuse a state dict saved for parameters of other global shapes, position by
+        position (``coap_shapes``; absent in checkpoints of coap_dist before 2026-12-07).
+
+        A matrix's state has the same shapes for W (m x n, right side) and W^T (n x m,
+        left side), and an AdamW moment reshapes to any shape of its size: without this
+        check an up- and a down-projection listed in the other order would swap state."""
+        if saved is None:
+            return
+        for i, (shape, spec) in enumerate(zip(saved, self.specs, strict=False)):
+            if tuple(int(d) for d in shape) != spec.shape:
+                raise ValueError(
+                    f"{self.name}.load_state_dict: parameter {i} (group {spec.group}) has "
+                    f"shape {spec.shape}, but the checkpoint's parameter {i} had shape "
+                    f"{tuple(shape)}: the parameters are in another order or split into "
+                    "groups differently than when it was saved. Build the optimizer with "
+                    "the saving run's parameter order (model code and param_groups call)"
+                )
 
 
 def _from_shards(shards: Any, name: str) -> dict[str, Any]:
