@@ -77,14 +77,16 @@ def _check_rank(
         parser.error("argument --rank-ratio: not allowed with --rank")
 
 
-def _positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
+def _rank_ratio(text: str) -> float:
+    """argparse type: a rank ratio, a finite number >= 1 (r = min(m, n) // ratio)."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    if not (value >= 1 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(
+            f"must be a number >= 1 (r = min(m, n) // ratio; 1 keeps every direction), got {text!r}"
+        )
     return value
 
 
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mem.add_argument(
         "--rank-ratio",
-        type=_positive_float,
+        type=_rank_ratio,
         default=None,
         help="rank as min(m, n) // RATIO (instead of --rank)",
     )
@@ -145,10 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument(
         "--layout",
         choices=LAYOUTS,
-        default="ddp_owner",
-        help="how COAP spreads its state: owner (DDP, sharding='owner'), fsdp2 (FSDP2's "
-        "default), fsdp2_owner (FSDP2, sharding='owner'), zero (DeepSpeed ZeRO 1-3); other "
-        "optimizers' state is split evenly",
+        default=None,
+        help="with --world-size: how COAP spreads its state: ddp_owner (DDP, sharding='owner', "
+        "the default), fsdp2 (FSDP2's default), fsdp2_owner (FSDP2, sharding='owner'), zero "
+        "(DeepSpeed ZeRO 1-3); other optimizers' state is split evenly",
     )
     mem.add_argument(
         "--adamw-patterns",
@@ -268,6 +270,12 @@ def _step_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 
 def _memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.layout is not None and args.world_size == 1:
+        parser.error(
+            f"argument --layout: {args.layout} needs --world-size 2 or more (one process keeps "
+            "the whole state: the layouts differ in how ranks share it)"
+        )
+    args.layout = args.layout or "ddp_owner"
     if args.step:
         return _step_memory(args, parser)
     for flag, given in (

@@ -418,6 +418,8 @@ def test_cli_step_peak(capsys: pytest.CaptureFixture[str]) -> None:
         (["memory", "--model", "1b", "--optimizer", "adamw", "--world-size", "x"], "--world-size"),
         (["memory", "--model", "1b", "--optimizer", "adamw", "--dtype", "int8"], "--dtype"),
         (["memory", "--model", "1b"], "--optimizer"),
+        (["memory", "--model", "1b", "--optimizer", "coap", "--rank-ratio", "0.5"], "--rank-ratio"),
+        (["memory", "--model", "1b", "--optimizer", "adamw", "--layout", "fsdp2"], "--layout"),
         (["memory", "--model", "1b", "--optimizer", "adamw", "--in-backward"], "--in-backward"),
         (["memory", "--model", "1b", "--optimizer", "adamw", "--batch", "4"], "--batch"),
         (["memory", "--model", "1b", "--optimizer", "adamw", "--seq-len", "64"], "--seq-len"),

@@ -38,6 +38,8 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"rank": -3}, "`rank`=-3"),
     ({"rank": 2.5}, "`rank`=2.5"),
     ({"rank_ratio": 0}, "`rank_ratio`=0"),
+    ({"rank_ratio": 0.5}, r"`rank_ratio`=0.5 is invalid: must be a finite number >= 1"),
+    ({"rank": 4, "rank_ratio_cnn": 0.9}, r"`rank_ratio_cnn`=0.9 is invalid: must be a finite"),
     ({"rank": 4, "update_interval": 0}, "`update_interval`=0"),
     ({"rank": 4, "reproject_factor": 0}, "`reproject_factor`=0"),
     ({"rank": 4, "betas": (0.9, 1.0)}, "`betas`"),

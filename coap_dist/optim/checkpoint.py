@@ -375,7 +375,6 @@ class Checkpoints:
             fresh = AdaptiveState(last_svd=self._steps[i])
             self._adaptive[i] = saved.get(i) or records.get(i) or fresh
 
-
     def _check_shapes(self, saved: Any) -> None:
         """Refuse a state dict saved for parameters of other global shapes, position by
         position (``coap_shapes``; absent in checkpoints of coap_dist before 2026-12-07).

@@ -73,6 +73,17 @@ def number(*, low: float, strict: bool = False, high: float | None = None) -> Ch
     return check
 
 
+def ratio() -> Check:
+    """A rank ratio: a finite number >= 1 (ranks are dimensions // ratio)."""
+    at_least_one = number(low=1.0)
+    return lambda x: (
+        None
+        if at_least_one(x) is None
+        else "must be a finite number >= 1 (ranks are dimensions divided by it: 1 keeps every "
+        "direction, a ratio below 1 would ask for more directions than the weight has)"
+    )
+
+
 def integer(*, low: int) -> Check:
     """An int >= low (bools refused)."""
     return lambda x: None if _is_int(x) and x >= low else f"must be an integer >= {low}"
@@ -236,13 +247,13 @@ class COAPAdamWConfig(Hyperparameters):
     rank_ratio: float | None = hp(
         None,
         "r = max(min(m, n) // rank_ratio, 1)",
-        optional(number(low=0.0, strict=True), "use rank"),
+        optional(ratio(), "use rank"),
         planned=True,
     )
     rank_ratio_cnn: float | None = hp(
         None,
         "Tucker-2 ratio for 4-D convolutions of more than 9216 elements",
-        optional(number(low=0.0, strict=True), "convolutions use AdamW"),
+        optional(ratio(), "convolutions use AdamW"),
         planned=True,
     )
     update_interval: int = hp(32, "T_u: steps between projector moves", integer(low=1))

@@ -22,7 +22,12 @@ from coap_dist.train.parallelize import (
     init_distributed,
 )
 from coap_dist.train.report import RunResult, format_table, plot_losses, write_summary
-from coap_dist.train.rundir import RunDirLock, check_writable
+from coap_dist.train.rundir import (
+    RunDirLock,
+    check_writable,
+    earlier_outputs,
+    remove_earlier_outputs,
+)
 
 log = logging.getLogger("coap_dist.train")
 
@@ -100,6 +105,22 @@ def claim_run_dir(cfg: TrainConfig, out_dir: Path) -> RunDirLock:
         check_writable(out_dir / cfg.checkpoint.dir, "checkpoint.dir")
     lock = RunDirLock(out_dir)
     lock.acquire()
+    if cfg.resume is None:
+        metrics = None if cfg.logger.name == "none" else out_dir / cfg.logger.filename
+        names = [r.name for r in cfg.runs]
+        found = earlier_outputs(metrics, out_dir / cfg.checkpoint.dir, names)
+        if found and not cfg.overwrite:
+            lock.release()
+            raise ConfigError(
+                f"hydra.run.dir={str(out_dir)!r} holds an earlier job's outputs of the runs "
+                f"this one trains: {'; '.join(found)}. A fresh run there would mix its metrics "
+                "with them and replace those checkpoints. Choose another hydra.run.dir, "
+                "continue the earlier run with resume=<its step_N checkpoint>, or set "
+                "overwrite=true to remove them and start over"
+            )
+        if found:
+            remove_earlier_outputs(metrics, out_dir / cfg.checkpoint.dir, names)
+            log.info("overwrite=true: removed %s", "; ".join(found))
     return lock
 
 

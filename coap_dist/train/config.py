@@ -478,6 +478,7 @@ class TrainConfig:
     threads: int | str | None = "auto"
     progress: bool = True
     plot: bool = True
+    overwrite: bool = False
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
@@ -523,10 +524,16 @@ class TrainConfig:
             _int("threads", self.threads)
         _bool("progress", self.progress)
         _bool("plot", self.plot)
+        _bool("overwrite", self.overwrite)
         self._check_combination()
 
     def _check_combination(self) -> None:
         """Cross-field rules: each message names the fields that disagree."""
+        if self.overwrite and self.resume is not None:
+            raise ConfigError(
+                "overwrite=true starts this job's runs over in their run dir, resume= continues "
+                "one: set one of them"
+            )
         if self.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"seq_len ({self.seq_len}) must be <= model.max_seq_len ({self.model.max_seq_len})"
@@ -642,7 +649,8 @@ def resume_settings(cfg: TrainConfig, opt_cfg: OptimizerConfig) -> dict[str, Any
             out[prefix[:-1]] = list(value) if isinstance(value, tuple) else value
 
     for f in dataclasses.fields(cfg):
-        if f.name in ("optimizer", "baseline", "resume", "compare", "progress", "plot", "threads"):
+        job_only = ("resume", "compare", "progress", "plot", "threads", "overwrite")
+        if f.name in ("optimizer", "baseline", *job_only):
             continue  # which runs, and how they look: not part of a run's settings
         add(f"{f.name}.", getattr(cfg, f.name))
     add("optimizer.", opt_cfg.settings())

@@ -8,6 +8,10 @@
   (``flock`` on NFS: lock the run dir from one node, which rank 0 does).
 * :func:`check_writable`: create, fsync and remove a probe file, so that an unwritable
   ``hydra.run.dir`` or ``checkpoint.dir`` is a config error before the first step.
+* :func:`earlier_outputs` / :func:`remove_earlier_outputs`: what an earlier job left in the
+  run dir for the runs this one trains (metrics records, checkpoints). A fresh run there
+  would interleave its metrics with them and replace its checkpoints step by step: the app
+  refuses it unless ``overwrite=true``, which removes them first.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -81,3 +86,54 @@ def check_writable(directory: Path, field: str) -> None:
             f"{field}: {str(directory)!r} is not writable ({err.strerror or err}); choose a "
             f"directory this job can write to"
         ) from None
+
+
+def _records_of(metrics: Path, names: set[str]) -> dict[str, int]:
+    """Records per run name in ``names`` in the JSON-lines file ``metrics`` (none if absent)."""
+    counts: dict[str, int] = {}
+    if not metrics.is_file():
+        return counts
+    with metrics.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                run = json.loads(line).get("run")
+            except (ValueError, AttributeError):
+                continue
+            if run in names:
+                counts[run] = counts.get(run, 0) + 1
+    return counts
+
+
+def earlier_outputs(metrics: Path | None, checkpoints: Path, names: list[str]) -> list[str]:
+    """What an earlier job left for the runs ``names``: its records in ``metrics`` (the
+    metrics file, None without one) and its ``step_*`` checkpoint dirs under
+    ``checkpoints/<name>``, each as a phrase naming the path (empty: nothing)."""
+    found = []
+    if metrics is not None:
+        for run, n in _records_of(metrics, set(names)).items():
+            found.append(f"{n} metrics record(s) of run {run!r} in {metrics}")
+    for run in names:
+        steps = sorted(p.name for p in (checkpoints / run).glob("step_*") if p.is_dir())
+        if steps:
+            found.append(f"checkpoints {steps[0]} .. {steps[-1]} in {checkpoints / run}")
+    return found
+
+
+def remove_earlier_outputs(metrics: Path | None, checkpoints: Path, names: list[str]) -> None:
+    """Remove what :func:`earlier_outputs` finds: the runs' records (the file's other lines
+    stay; rewritten through a temporary file and ``os.replace``) and checkpoint dirs."""
+    if metrics is not None and _records_of(metrics, set(names)):
+        kept = []
+        for line in metrics.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                run = json.loads(line).get("run")
+            except (ValueError, AttributeError):
+                run = None
+            if run not in names:
+                kept.append(line)
+        tmp = metrics.with_name(metrics.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, metrics)
+    for run in names:
+        if (checkpoints / run).is_dir():
+            shutil.rmtree(checkpoints / run)

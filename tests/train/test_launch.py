@@ -113,8 +113,10 @@ def test_scripts_pass_shellcheck() -> None:
 
 
 def _without_slurm() -> dict[str, str]:
-    """This process's environment minus every SLURM_* variable (a login node's)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    """This process's environment minus every SLURM_* variable (a login node's) and the
+    port variables the scripts read (a distributed test may have set MASTER_PORT here)."""
+    ports = ("MASTER_PORT", "RDZV_PORT")
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ports}
 
 
 def dry_run_clean(script: str, *args: str, **env: str) -> str:
@@ -175,6 +177,10 @@ def test_dry_run_commands() -> None:
     assert "srun --kill-on-bad-exit=1 /v/python -m" in cpu and "--nproc-per-node=2" in cpu
     legacy = dry_run_clean("slurm_torchrun.sbatch", GPUS_PER_NODE="4", **slurm)
     assert "--nproc-per-node=4" in legacy
+    ported = dry_run_clean("slurm_torchrun.sbatch", MASTER_PORT="12345", **slurm)
+    assert "--rdzv-endpoint=node7:12345" in ported  # as in slurm_deepspeed.sbatch
+    both = dry_run_clean("slurm_torchrun.sbatch", MASTER_PORT="12345", RDZV_PORT="2345", **slurm)
+    assert "--rdzv-endpoint=node7:2345" in both
     dss = dry_run_clean("slurm_deepspeed.sbatch", "strategy=deepspeed_zero3", **slurm)
     assert "--no_ssh" in dss and "--node_rank=" in dss and "SLURM_NODEID" in dss
     assert "--hostfile outputs/slurm-42/hostfile --master_addr node7 --master_port 20042" in dss
@@ -354,10 +360,15 @@ def test_torchrun_deepspeed_two_processes(tmp_path, single_small) -> None:
     (again,) = run(compose_dict([*overrides, f"resume={ckpt}"]), tmp_path / "again")
     assert (universal / "source.sha256").read_text() != stamp
     np.testing.assert_allclose(train_losses(again)[6], expected, rtol=1e-5)
-    # ... and a run that saves step 3 again into this run dir drops the old form.
-    short = [o for o in overrides if not o.startswith("steps=")]
-    run(compose_dict([*short, "steps=3", "checkpoint.every=3"]), run_dir)
-    assert (ckpt / "meta.pt").is_file() and not universal.exists()
+    # ... and a rewound run (resumed at step 3 into this run dir) that saves step 6 again
+    # drops step 6's old form.
+    ckpt6 = ckpt.parent / "step_0000006"
+    longer = [*(o for o in overrides if not o.startswith("steps=")), "steps=7"]
+    run(compose_dict([*longer, f"resume={ckpt6}"]), tmp_path / "seven")  # converts step 6
+    universal6 = ckpt.parent / "step_0000006.universal"
+    assert (universal6 / "latest_universal").is_file()
+    run(compose_dict([*overrides, "checkpoint.every=3", f"resume={ckpt}"]), run_dir)
+    assert (ckpt6 / "meta.pt").is_file() and not universal6.exists()
     adamw_ckpt = run_dir / "checkpoints" / "adamw" / "step_0000003"
     with pytest.raises(ConfigError, match=r"resumes at the world size it was saved at \(2"):
         run(compose_dict([*overrides, "optimizer=adamw", f"resume={adamw_ckpt}"]), tmp_path / "a")

@@ -168,6 +168,29 @@ def test_faults_stop_before_training_naming_the_field(uninterrupted, tmp_path) -
         compose_dict(with_(SIX, "steps=2", "checkpoint.every=0")), held
     )  # free again once the holder died
     assert math.isfinite(result.val_loss)
+    # A fresh run into a run dir holding an earlier job's records (or checkpoints) of the
+    # same run stops before training; overwrite=true removes them and starts over.
+    before = (held / "metrics.jsonl").read_text()
+    two = with_(SIX, "steps=2", "checkpoint.every=0")
+    with pytest.raises(
+        ConfigError,
+        match=r"holds an earlier job's outputs of the runs this "
+        r"one trains: \d+ metrics record\(s\) of run 'coap' in .*overwrite=true",
+    ):
+        run(compose_dict(two), held)
+    assert (held / "metrics.jsonl").read_text() == before
+    run(compose_dict([*two, "optimizer.lr=1e-4", "overwrite=true"]), held)
+    old = [json.loads(x) for x in before.splitlines()]
+    new = [json.loads(x) for x in (held / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in new] == [r["step"] for r in old]  # the new run's records only
+    lrs = [(a["train/lr"], b["train/lr"]) for a, b in zip(old, new, strict=True) if "train/lr" in a]
+    assert lrs and all(b < a for a, b in lrs), lrs
+    kept = tmp_path / "kept"
+    shutil.copytree(uninterrupted[0] / "checkpoints", kept / "checkpoints")
+    with pytest.raises(ConfigError, match=r"checkpoints step_0000003 \.\. step_0000006 in"):
+        run(compose_dict([*SIX, "logger=none"]), kept)
+    with pytest.raises(ConfigError, match=r"overwrite=true starts this job's runs over"):
+        run(compose_dict([*SIX, "overwrite=true", f"resume={ckpt(kept, 3)}"]), kept)
     # An unwritable checkpoint dir (below a regular file: unwritable even for root).
     blocker = tmp_path / "a_file"
     blocker.write_text("")
