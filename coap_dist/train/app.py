@@ -4,6 +4,7 @@ comparison in turn on the same data, then (rank 0) print the table and write
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -12,7 +13,8 @@ from typing import Any
 
 import torch
 
-from coap_dist.train.config import ConfigError, TrainConfig
+from coap_dist.train import checkpoint
+from coap_dist.train.config import LATEST, ConfigError, TrainConfig
 from coap_dist.train.data import load_tokens
 from coap_dist.train.loop import train_run
 from coap_dist.train.parallelize import (
@@ -51,15 +53,16 @@ def run(config: dict[str, Any], output_dir: Path) -> list[RunResult]:
         if threads is not None:
             torch.set_num_threads(threads)
         out_dir = Path(broadcast_object(str(output_dir.resolve()), env))
-        error = None
+        error, resume = None, cfg.resume
         if env.is_main:
             try:
-                lock = claim_run_dir(cfg, out_dir)
+                lock, resume = claim_run_dir(cfg, out_dir)
             except ConfigError as err:
                 error = str(err)
-        error = broadcast_object(error, env)
+        error, resume = broadcast_object((error, resume), env)
         if error is not None:
             raise ConfigError(error)
+        cfg = dataclasses.replace(cfg, resume=resume)
         tokens = load_tokens(cfg.data)
         if env.is_main:
             log.info(
@@ -97,31 +100,41 @@ def run(config: dict[str, Any], output_dir: Path) -> list[RunResult]:
         close_distributed(wait=completed)
 
 
-def claim_run_dir(cfg: TrainConfig, out_dir: Path) -> RunDirLock:
-    """Rank 0, before training: the run dir and the checkpoint dir are writable, and no
-    other run holds the run dir (the returned lock is held until :func:`run` ends)."""
+def claim_run_dir(cfg: TrainConfig, out_dir: Path) -> tuple[RunDirLock, str | None]:
+    """Rank 0, before training: the run dir and the checkpoint dir are writable, no other
+    run holds the run dir (the returned lock is held until :func:`run` ends), and a fresh
+    run finds no earlier job's outputs of its runs there (``overwrite=true`` removes them).
+    Returns the lock and the checkpoint to resume: ``resume``, or for ``resume=latest`` the
+    newest complete ``step_N`` of the run in this run dir (None: none yet, a fresh start
+    that replaces the records of an attempt which stopped before its first checkpoint)."""
     check_writable(out_dir, "hydra.run.dir")
     if cfg.checkpoint.every:
         check_writable(out_dir / cfg.checkpoint.dir, "checkpoint.dir")
     lock = RunDirLock(out_dir)
     lock.acquire()
-    if cfg.resume is None:
-        metrics = None if cfg.logger.name == "none" else out_dir / cfg.logger.filename
-        names = [r.name for r in cfg.runs]
+    metrics = None if cfg.logger.name == "none" else out_dir / cfg.logger.filename
+    names = [r.name for r in cfg.runs]
+    resume, fresh_over = cfg.resume, cfg.overwrite
+    if resume == LATEST:
+        found_at = checkpoint.latest(out_dir / cfg.checkpoint.dir, names[0])
+        resume = None if found_at is None else str(found_at)
+        fresh_over = found_at is None
+        log.info("resume=latest: %s", resume or "no checkpoint yet in this run dir, a fresh start")
+    if resume is None:
         found = earlier_outputs(metrics, out_dir / cfg.checkpoint.dir, names)
-        if found and not cfg.overwrite:
+        if found and not fresh_over:
             lock.release()
             raise ConfigError(
                 f"hydra.run.dir={str(out_dir)!r} holds an earlier job's outputs of the runs "
                 f"this one trains: {'; '.join(found)}. A fresh run there would mix its metrics "
                 "with them and replace those checkpoints. Choose another hydra.run.dir, "
-                "continue the earlier run with resume=<its step_N checkpoint>, or set "
-                "overwrite=true to remove them and start over"
+                "continue the earlier run with resume=<its step_N checkpoint> (or "
+                "resume=latest), or set overwrite=true to remove them and start over"
             )
         if found:
             remove_earlier_outputs(metrics, out_dir / cfg.checkpoint.dir, names)
-            log.info("overwrite=true: removed %s", "; ".join(found))
-    return lock
+            log.info("a fresh start: removed %s", "; ".join(found))
+    return lock, resume
 
 
 def cpu_threads(setting: int | str | None, env: DistEnv) -> int | None:

@@ -29,6 +29,11 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 
+LATEST = "latest"
+"""``resume=latest``: the newest complete checkpoint of the run in its own run dir, or a
+fresh start where there is none yet (a requeued or restarted job continues by itself)."""
+
+
 class RunError(RuntimeError):
     """The run stopped for a reason outside its config (a full disk, a failing write): the
     message says what happened and what to do; ``coap-train`` prints it and exits 1 without
@@ -529,6 +534,11 @@ class TrainConfig:
 
     def _check_combination(self) -> None:
         """Cross-field rules: each message names the fields that disagree."""
+        if self.resume == LATEST and not self.checkpoint.every:
+            raise ConfigError(
+                "resume=latest continues from this run dir's newest checkpoint, but "
+                "checkpoint.every=0 writes none: set checkpoint.every (e.g. 100)"
+            )
         if self.overwrite and self.resume is not None:
             raise ConfigError(
                 "overwrite=true starts this job's runs over in their run dir, resume= continues "

@@ -103,6 +103,40 @@ def test_resumed_run_logs_what_the_uninterrupted_run_logs(uninterrupted, tmp_pat
         assert comparable(record) == comparable(full[key]), key
 
 
+def test_resume_latest_continues_a_requeued_job_in_its_run_dir(uninterrupted, tmp_path) -> None:
+    """``resume=latest`` (a requeued job's command line, run again as it was): the newest
+    checkpoint of the run dir, or a fresh start where an attempt stopped before its first;
+    either way the file ends with the uninterrupted run's records, each step once."""
+    run_dir, result = uninterrupted
+    full = records(run_dir)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    upto = {4: [], 2: []}
+    for line in lines:
+        for k, kept in upto.items():
+            if json.loads(line)["step"] <= k:
+                kept.append(line)
+    # Attempt 1 saved step 3 and logged step 4, then died.
+    requeued = tmp_path / "requeued"
+    shutil.copytree(ckpt(run_dir, 3), ckpt(requeued, 3))
+    (requeued / "metrics.jsonl").write_text("".join(upto[4]))
+    (resumed,) = run(compose_dict([*SIX, "resume=latest"]), requeued)
+    assert records(requeued).keys() == full.keys() and resumed.val_loss == result.val_loss
+    for key, record in records(requeued).items():
+        assert comparable(record) == comparable(full[key]), key
+    # Attempt 1 died before its first checkpoint: a fresh start replaces its records.
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "metrics.jsonl").write_text("".join(upto[2]))
+    (fresh,) = run(compose_dict([*SIX, "resume=latest"]), early)
+    got = [json.loads(x) for x in (early / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "train/loss" in r) for r in got] == [
+        (json.loads(x)["step"], "train/loss" in json.loads(x)) for x in lines
+    ]
+    assert fresh.val_loss == result.val_loss
+    with pytest.raises(ConfigError, match=r"resume=latest .* set checkpoint\.every"):
+        run(compose_dict(with_(SIX, "resume=latest", "checkpoint.every=0")), early)
+
+
 def test_changed_settings_take_effect_or_stop_the_run(uninterrupted, tmp_path) -> None:
     run_dir, _ = uninterrupted
     saved = ckpt(run_dir, 3)
