@@ -791,7 +791,8 @@ class Fsdp2Local(LocalCheckpoints, Layout):
                             cursor[q] += 1
                     new[k] = torch.cat(parts)
             p0, p1 = self._p_rows(i)
-            new["projector"] = change_projector(projectors[i], changes[i])[p0:p1]
+            # (on the host, with the moments: store_values puts them on the device)
+            new["projector"] = change_projector(projectors[i].cpu(), changes[i])[p0:p1]
             self.ensure_state(i)
             store_values(self._state(i), new, f"{where} of parameter {i}")
 

@@ -55,10 +55,25 @@ def _codebook_cpu(signed: bool) -> tuple[Tensor, Tensor]:
     return code, mids
 
 
+_ON_DEVICE: dict[tuple[bool, torch.device], tuple[Tensor, Tensor]] = {}
+"""The maps copied to each accelerator once: a copy per call would be a host-to-device copy
+(a stream synchronisation on CUDA) at every 8-bit moment read and write."""
+
+
 def codebook(signed: bool, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """(code (256,), midpoints (255,)) of the signed or unsigned dynamic map, fp32."""
-    code, mids = _codebook_cpu(signed)
-    return code.to(device), mids.to(device)
+    """(code (256,), midpoints (255,)) of the signed or unsigned dynamic map, fp32, on
+    ``device`` (read-only: shared by every caller)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _codebook_cpu(signed)
+    key = (signed, device)
+    fake = torch._guards.detect_fake_mode() is not None  # (a fake tensor belongs to its mode)
+    if key in _ON_DEVICE and not fake:
+        return _ON_DEVICE[key]
+    code, mids = (t.to(device) for t in _codebook_cpu(signed))
+    if not fake:
+        _ON_DEVICE[key] = code, mids
+    return code, mids
 
 
 def num_blocks(numel: int, block: int = BLOCK, offset: int = 0) -> int:

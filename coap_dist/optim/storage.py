@@ -273,15 +273,16 @@ def rank_change(old: int, new: int, energy: Tensor, projector: Tensor | None) ->
 
 
 def change_projector(projector: Tensor, change: RankChange) -> Tensor:
-    """The whole P (r_old x b) at the new rank: its kept rows, or the appended directions."""
+    """The whole P (r_old x b) at the new rank: its kept rows, or the appended directions
+    (fp64, on P's device: the change is computed on the host)."""
     p = projector.double()
     if change.keep is not None:
-        return p[change.keep]
+        return p[change.keep.to(p.device)]
     if change.new <= change.old:
         return p
     if change.directions is None:
         raise AssertionError("a rank increase of a piece keeping P needs its directions")
-    return torch.cat([p, change.directions])
+    return torch.cat([p, change.directions.to(p.device)])
 
 
 def apply_rank_change(values: dict[str, Tensor], change: RankChange) -> None:

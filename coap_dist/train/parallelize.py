@@ -151,13 +151,24 @@ def pick_device(setting: str, local_rank: int) -> torch.device:
             f"{build}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); "
             f"use device=cpu or device=auto"
         )
-    count = torch.cuda.device_count()
+    return torch.device("cuda", local_device(setting, local_rank, torch.cuda.device_count()))
+
+
+def local_device(setting: str, local_rank: int, count: int) -> int:
+    """This process's CUDA device index among the ``count`` it sees: ``LOCAL_RANK``, or 0
+    where ``srun`` started one process per task and bound GPUs to each task
+    (``--gpus-per-task``: each task sees its own, from index 0; not under torchrun, whose
+    processes share their task's GPUs). More processes per node than visible GPUs is a
+    config error."""
+    per_task = os.environ.get("SLURM_GPUS_PER_TASK") and "SLURM_LOCALID" in os.environ
+    if per_task and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return 0
     if local_rank >= count:
         raise ConfigError(
             f"device={setting}: LOCAL_RANK={local_rank} but only {count} GPU(s) are visible on "
             f"this node; start at most {count} processes per node (NPROC / NPROC_PER_NODE)"
         )
-    return torch.device("cuda", local_rank)
+    return local_rank
 
 
 def reset_peak_memory(device: torch.device) -> None:

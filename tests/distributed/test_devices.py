@@ -48,6 +48,7 @@ class HostWatch(TorchDispatchMode):
         self.devices: set[str] = set()
         self.collectives: list[str] = []
         self.syncs = 0
+        self.uploads = 0  # host-to-device copies (each a stream synchronisation on CUDA)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -68,6 +69,16 @@ class HostWatch(TorchDispatchMode):
         ):
             self.syncs += 1  # a device-to-host copy into an existing tensor (no values)
             return args[0].zero_()
+        to = kwargs.get("device")
+        if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" and to:
+            self.uploads += torch.device(to).type == "meta"
+        if (
+            func is torch.ops.aten.copy_.default
+            and args[0].device.type == "meta"
+            and args[1].device.type == "cpu"
+            and args[1].ndim
+        ):
+            self.uploads += 1
         if (
             func is torch.ops.aten._to_copy.default
             and args[0].device.type == "meta"
@@ -106,10 +117,15 @@ def _steps(
 
 
 def _check(watches: list[HostWatch], what: str) -> None:
+    """Collectives on the device, one host read per step, and no host-to-device copy at
+    the plain and update steps (k = 1, 2, 3, 5; the first step and the recalibration copy
+    the seeded Gaussian sketch, drawn on the host to be the same on every device)."""
     for k, w in enumerate(watches):
         assert w.devices == {"meta"}, f"{what} step {k}: collective tensors on {w.devices}"
         assert w.syncs == 1, f"{what} step {k}: {w.syncs} host synchronisations"
         assert w.collectives, f"{what} step {k}: no collective (not distributed?)"
+        if k not in (0, 4):
+            assert w.uploads == 0, f"{what} step {k}: {w.uploads} host-to-device copies"
 
 
 @pytest.fixture()
@@ -212,6 +228,52 @@ def _check_fsdp2_features(mesh: Any) -> None:
         sd = opt.state_dict()
     assert not watch.collectives and watch.syncs == 0
     assert any(isinstance(v, Pieces) for st in sd["state"].values() for v in st.values())
+
+
+class SpectrumWatch(HostWatch):
+    """:class:`HostWatch` that answers ``rank="auto"``'s fp64 read of the matrices'
+    spectra with a slowly decaying one, so that the first matrix's rank grows."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if (
+            func is torch.ops.aten._to_copy.default
+            and args[0].device.type == "meta"
+            and kwargs.get("device") == torch.device("cpu")
+            and args[0].dtype == torch.float64
+        ):
+            self.syncs += 1
+            x = args[0]
+            values = [1.0 / (1 + 0.01 * j) for j in range(16)] + [0.0] * x.numel()
+            return torch.tensor(values[: x.numel()], dtype=x.dtype).view(x.shape)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def test_fsdp2_auto_rank_changes_stay_on_the_device(fake_group: Any) -> None:
+    """``rank="auto"`` under FSDP2's default layout: the re-plan of the first step grows one
+    matrix's rank and shrinks the others' (P's new rows are drawn on the host, the whole P
+    assembled on the device: the grown P is built on the host with the moments, then stored)
+    and the steps after it stay on the device."""
+    mesh = init_device_mesh("cpu", (WORLD,))
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(64, 96), nn.Tanh(), nn.Linear(96, 128), nn.Linear(128, 64))
+    fully_shard(model, mesh=mesh)
+    params = list(model.parameters())
+    kw = dict(lr=1e-2, rank="auto", rank_ratio=8, update_interval=2, reproject_factor=2)
+    opt = coap_dist.COAPAdamW(params, **kw)
+    with HostWatch():
+        assert opt.layout.name == "fsdp2"
+    fixed = [s.rank for s in opt.specs if s.kind == "matrix"]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with SpectrumWatch():
+        opt.step()
+    ranks = [s.rank for s in opt.specs if s.kind == "matrix"]
+    assert ranks[0] > fixed[0] and ranks[1:] < fixed[1:], (fixed, ranks)
+    st = opt.state[params[0]]
+    assert st["projector"].device.type == st["exp_avg"].device.type == "meta"
+    for k, w in enumerate(_steps(opt, params, 3), start=1):
+        assert w.devices == {"meta"} and w.syncs == 1 and w.uploads == 0, (k, w.devices)
 
 
 def test_host_state_collectives_run_on_the_transport_device(fake_group: Any) -> None:

@@ -195,6 +195,24 @@ def test_dry_run_commands() -> None:
     assert f"--master_addr {host} --master_port 29500" in login_ds
 
 
+def test_local_device_under_torchrun_and_srun_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOCAL_RANK picks the GPU, except for one process per ``srun`` task with GPUs bound
+    to each task (``--gpus-per-task``): each sees its own as device 0. Too few GPUs for
+    the processes of a node is a config error naming the count."""
+    from coap_dist.train.parallelize import local_device
+
+    for key in ("SLURM_GPUS_PER_TASK", "SLURM_LOCALID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    assert local_device("cuda", 3, 8) == 3
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=3 but only 1 GPU\(s\) are visible"):
+        local_device("cuda", 3, 1)
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    monkeypatch.setenv("SLURM_GPUS_PER_TASK", "1")
+    assert local_device("cuda", 3, 1) == 0  # srun -n8 --gpus-per-task=1 coap-train ...
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "42")  # srun ... torchrun: LOCAL_RANK's
+    assert local_device("cuda", 3, 8) == 3
+
+
 def test_sbatch_scripts_ask_for_no_gpus_of_their_own() -> None:
     """GPUs and CPUs per task are sbatch options, so CPU-only nodes can run the scripts."""
     for script in ("slurm_torchrun.sbatch", "slurm_deepspeed.sbatch"):
