@@ -64,6 +64,40 @@ def test_bad_input_names_the_field(kwargs: dict[str, Any], message: str) -> None
         COAPAdamW(_mlp().parameters(), **kwargs)
 
 
+def test_fp64_parameters_step_and_clip_as_torch() -> None:
+    """fp64 matrices, vectors and AdamW groups step (their norms reduce in fp64, not
+    narrowed to fp32), and ``clip_grad_norm_`` gives torch's norm and gradients."""
+    torch.manual_seed(0)
+    ps = [nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in ((20, 30), (30,), (6, 5))]
+    twins = [nn.Parameter(p.detach().clone()) for p in ps]
+    groups = [{"params": ps[:2]}, {"params": ps[2:], "algorithm": "adamw"}]
+    opt = COAPAdamW(groups, lr=1e-2, rank=4, update_interval=2, reproject_factor=2)
+    for step in range(4):
+        with torch.no_grad():
+            for p, q in zip(ps, twins, strict=True):
+                q.copy_(p)
+        for q in (ps, twins):
+            sum((p**3).sum() for p in q).backward()
+        order = (2.0, 3.0, float("inf"), 1.0)[step]
+        got = opt.clip_grad_norm_(0.5, order)
+        want = torch.nn.utils.clip_grad_norm_(twins, 0.5, order)
+        assert float(got) == pytest.approx(float(want), rel=1e-6), (order, got, want)
+        assert all(
+            torch.allclose(p.grad, q.grad, rtol=1e-6) for p, q in zip(ps, twins, strict=True)
+        )
+        opt.step()
+        opt.zero_grad()
+        for q in twins:
+            q.grad = None
+    assert all(
+        v.dtype == torch.float64
+        for st in opt.state.values()
+        for k, v in st.items()
+        if k.startswith("exp_avg")
+    )
+    assert all(torch.isfinite(p).all() for p in ps)
+
+
 @pytest.mark.parametrize("cls", [COAPAdamW, coap_dist.COAPAdafactor])
 def test_fp16_gradients_whose_sum_passes_fp16_range_are_finite(cls: type) -> None:
     """The non-finite check reduces in fp32: a finite fp16 gradient whose sum exceeds
@@ -323,6 +357,35 @@ def test_param_groups_routing() -> None:
             assert [[id(p) for p in g["params"]] for g in got] == [
                 [id(p) for p in g["params"]] for g in want
             ], (type(wrapped).__name__, kw)
+    # nn.MultiheadAttention's input projection and transformers' GPT-2 Conv1D weights are
+    # linear maps too; a model with no such weight warns that COAP compresses nothing.
+    layer = nn.TransformerEncoderLayer(32, 2, 64)
+    coap_layer = {
+        n
+        for n, p in layer.named_parameters()
+        if any(p is q for q in param_groups(layer)[0]["params"])
+    }
+    assert coap_layer == {
+        "self_attn.in_proj_weight",
+        "self_attn.out_proj.weight",
+        "linear1.weight",
+        "linear2.weight",
+    }
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
+    )
+    coap_gpt2 = {
+        n
+        for n, p in gpt2.named_parameters()
+        if any(p is q for q in param_groups(gpt2)[0]["params"])
+    }
+    assert coap_gpt2 == {
+        f"transformer.h.0.{w}.weight"
+        for w in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+    with pytest.warns(UserWarning, match="COAP compresses nothing; name the matrices"):
+        assert param_groups(nn.Embedding(10, 4))[0]["algorithm"] == "adamw"
     # The optimizer's `algorithm` rules the COAP group (param_groups sets none there).
     mlp = _mlp()
     for algorithm, projected in (("auto", True), ("adamw", False)):

@@ -417,8 +417,10 @@ def residual_partials(g: Tensor, r: Tensor) -> Tensor:
 
 
 def _sq_norm(t: Tensor) -> Tensor:
-    """||t||_F^2 in fp32 without a full-size temporary (a fused norm, then its square)."""
-    return torch.linalg.vector_norm(t, dtype=torch.float32).square()
+    """||t||_F^2 in fp32 (fp64 for an fp64 t) without a full-size temporary (a fused norm,
+    then its square)."""
+    acc = torch.promote_types(t.dtype, torch.float32)
+    return torch.linalg.vector_norm(t, dtype=acc).square()
 
 
 def residual_from_sums(sums: Tensor) -> Tensor:

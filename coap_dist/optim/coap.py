@@ -514,12 +514,7 @@ class _COAPBase(Checkpoints, Optimizer):
         if not gs:
             local = torch.zeros((), device=lay.device)
         else:
-            same = all(g.dtype == torch.float32 for g in gs)
-            norms = (
-                torch._foreach_norm(gs, p)
-                if same
-                else torch._foreach_norm(gs, p, dtype=torch.float32)
-            )
+            norms = _norms_fp32(gs, p)
             stacked = torch.stack(norms)
             if math.isinf(p):
                 local = stacked.max()
@@ -1073,6 +1068,24 @@ class _COAPBase(Checkpoints, Optimizer):
             | ({} if self._layout is None else self._layout.metrics())
         )
         return out
+
+
+def _norms_fp32(gs: Sequence[Tensor], p: float) -> list[Tensor]:
+    """||g||_p of each gradient as an fp32 0-dim tensor: fp16 / bf16 ones reduced in fp32
+    (no overflow past 65504), fp32 and fp64 ones in their own dtype (a norm cannot narrow
+    fp64 on the way), each a foreach kernel per dtype kind."""
+    low = [i for i, g in enumerate(gs) if g.element_size() < 4]
+    wide = [i for i, g in enumerate(gs) if g.element_size() >= 4]
+    out: list[Tensor] = [torch.empty(())] * len(gs)
+    if low:
+        for i, n in zip(
+            low, torch._foreach_norm([gs[i] for i in low], p, dtype=torch.float32), strict=True
+        ):
+            out[i] = n
+    if wide:
+        for i, n in zip(wide, torch._foreach_norm([gs[i] for i in wide], p), strict=True):
+            out[i] = n.float()
+    return out
 
 
 def _refuse_unsupported(p: Tensor, where: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,6 +13,20 @@ from coap_dist.optim.config import COAPAdafactorConfig
 
 HEAD_NAMES = ("output", "lm_head", "head", "classifier", "embed_out")
 """Module names treated as output heads (kept in AdamW by default)."""
+
+
+MHA_WEIGHTS = frozenset({"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"})
+"""``nn.MultiheadAttention``'s input projections (its ``out_proj`` is an ``nn.Linear``)."""
+
+
+def _is_projection(module: nn.Module, p_name: str) -> bool:
+    """A weight matrix of a linear map: ``nn.Linear`` / convolutions, ``transformers``'
+    ``Conv1D`` (GPT-2's linears, weight stored in x out) and ``nn.MultiheadAttention``'s
+    input projections."""
+    if isinstance(module, nn.MultiheadAttention):
+        return p_name in MHA_WEIGHTS
+    linear = isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+    return p_name == "weight" and (linear or type(module).__name__ == "Conv1D")
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -45,7 +60,9 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Split a model's trainable parameters into a COAP group and an AdamW group.
 
-    Default rule: weights of linear and convolution layers go to COAP (the optimizer's
+    Default rule: weights of linear and convolution layers (``nn.Linear``, ``nn.Conv*``,
+    ``transformers``' ``Conv1D`` and ``nn.MultiheadAttention``'s input projections) go to
+    COAP (the optimizer's
     ``algorithm``, by default ``"auto"``: small convolutions still fall back to AdamW inside
     the optimizer; ``algorithm="adamw"`` given to the optimizer makes this group AdamW too);
     embeddings, output heads (modules named one of :data:`HEAD_NAMES`), normalisation
@@ -55,7 +72,8 @@ def param_groups(
     ``torch.compile``'s and DDP's name segments are dropped) override: ``adamw_patterns``
     first, then ``coap_patterns``.
     ``coap_overrides`` (rank, update_interval, ...) go into the COAP group. Shared (tied)
-    parameters appear once. Empty groups are omitted.
+    parameters appear once. Empty groups are omitted; a model without any such weight (and
+    no ``coap_patterns``) warns that COAP would compress nothing.
     """
     # (misspelt keys fail here, as in the optimizers' groups; the values are checked there)
     COAPAdafactorConfig.check_group_keys(
@@ -81,12 +99,20 @@ def param_groups(
             else:
                 # By module type and name, not p.ndim: under FSDP1 a weight is a 1-D fragment.
                 to_coap = (
-                    p_name == "weight"
-                    and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+                    _is_projection(module, p_name)
                     and leaf not in HEAD_NAMES
                     and not _is_norm(module)
                 )
             (coap if to_coap else adamw).append(p)
+    if not coap and not coap_pats and any(p.ndim >= 2 for p in adamw):
+        warnings.warn(
+            "coap_dist.param_groups: no parameter of this model is a weight of a linear or "
+            "convolution layer (nn.Linear, nn.Conv*, transformers' Conv1D, "
+            "nn.MultiheadAttention), so every one goes to AdamW and COAP compresses nothing; "
+            "name the matrices to compress with coap_patterns",
+            UserWarning,
+            stacklevel=2,
+        )
     groups: list[dict[str, Any]] = []
     if coap:
         # (no `algorithm` key: the optimizer's own, "auto" by default, rules this group)
