@@ -1171,6 +1171,20 @@ def test_auto_rank_redistributes_the_fixed_rank_bytes_and_resumes_exactly() -> N
     opt.load_state_dict(COAPAdamW(param_groups(_spectra_net()), **auto_kw).state_dict())
     opt._bound()
     assert [s.rank for s in opt.specs if s.kind == "matrix"] == fixed_ranks
+    # Loaded into an optimizer of fixed ranks, the saved auto ranks do not decide: its own
+    # rank wins, the state converting to it (and saving without `coap_ranks`).
+    _, sd = torch.load(io.BytesIO(hist[change][2]), weights_only=True)
+    fixed = COAPAdamW(param_groups(_spectra_net()), **{**kw, "rank_ratio": None, "rank": 3})
+    with pytest.warns(UserWarning, match="rank: 'auto' -> 3"):
+        fixed.load_state_dict(sd)
+    fixed._bound()
+    assert [s.rank for s in fixed.specs if s.kind == "matrix"] == [3, 3, 3]
+    assert all(
+        st["projector"].shape[0] == s.rank
+        for s, st in zip(fixed.specs, [fixed.state[p] for p in fixed.params], strict=True)
+        if s.kind == "matrix"
+    )
+    assert "coap_ranks" not in fixed.state_dict()
     with pytest.raises(ValueError, match="`rank`='auto' needs `rank_ratio`"):
         COAPAdamW(param_groups(_spectra_net()), rank="auto")
     with pytest.raises(ValueError, match="`rank`='auto' is invalid with `refresh`='adaptive'"):

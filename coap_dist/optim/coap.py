@@ -290,7 +290,18 @@ class _COAPBase(Checkpoints, Optimizer):
             old_state = self._local_state_dict()
         load = old_state if old_state is not None else self._pending_load
         if load is not None:  # the loaded ranks decide (none saved: the ranks of rank_ratio)
-            self._auto_rank = {int(i): int(r) for i, r in load.get("coap_ranks", {}).items()}
+            # ... of the matrices whose group is rank="auto" now: a fixed rank of this
+            # optimizer wins, the saved state converting to it (as a loaded fixed rank does)
+            auto_now = [
+                g.get("rank") == "auto"
+                for g, n in zip(self.groups, self._group_sizes(), strict=True)
+                for _ in range(n)
+            ]
+            self._auto_rank = {
+                int(i): int(r)
+                for i, r in load.get("coap_ranks", {}).items()
+                if int(i) < len(auto_now) and auto_now[int(i)]
+            }
         if old_layout is None:
             self.state.clear()  # (only a pending load's entries: load_state_dict)
         layout = self._new_layout()
