@@ -64,6 +64,30 @@ def test_bad_input_names_the_field(kwargs: dict[str, Any], message: str) -> None
         COAPAdamW(_mlp().parameters(), **kwargs)
 
 
+@pytest.mark.parametrize("cls", [COAPAdamW, coap_dist.COAPAdafactor])
+def test_an_invalid_group_edit_is_refused_before_the_step_writes(cls: type) -> None:
+    """A value set in ``param_groups`` after some steps that the step cannot take is
+    refused by name before anything is written; set back, the step runs on as if the
+    refused call had not happened (bitwise the uninterrupted run)."""
+    runs = []
+    for edit in (False, True):
+        model = _mlp()
+        opt = cls(model.parameters(), lr=1e-2, rank=4, update_interval=2, reproject_factor=2)
+        for k in range(5):
+            if edit and k == 3:
+                for key, bad in (("update_interval", 0), ("betas", (0.9,)), ("scale", "big")):
+                    good = opt.param_groups[0][key]
+                    opt.param_groups[0][key] = bad
+                    model(torch.randn(4, 32)).square().mean().backward()
+                    with pytest.raises(ValueError, match=rf"param_groups\[0\]: `{key}`="):
+                        opt.step()
+                    opt.zero_grad()
+                    opt.param_groups[0][key] = good
+            _fit(model, opt, range(k, k + 1))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 def test_fp64_parameters_step_and_clip_as_torch() -> None:
     """fp64 matrices, vectors and AdamW groups step (their norms reduce in fp64, not
     narrowed to fp32), and ``clip_grad_norm_`` gives torch's norm and gradients."""

@@ -124,6 +124,8 @@ class _COAPBase(Checkpoints, Optimizer):
         self._adaptive: dict[int, AdaptiveState] = {}
         self._auto_rank: dict[int, int] = {}  # rank="auto": each matrix's current rank
         self._planned: list[dict[str, Any]] = []  # planned_keys per group, at the bind
+        # per group dict id: its hyperparameters (lr aside) when last validated
+        self._validated: dict[int, tuple[Any, ...]] = {}
         self._pending: Tensor | None = None
         # id(gradient piece) -> (weak reference to it, its version then, its norm)
         self._checked: dict[int, tuple[weakref.ref[Tensor], int, Tensor]] = {}
@@ -407,6 +409,7 @@ class _COAPBase(Checkpoints, Optimizer):
         agreement and the gathering of the gradients): an exception here leaves the
         optimizer as it was (:meth:`step` restores its metrics). Returns the layout, the
         stepping parameters and this rank's work."""
+        self._check_edited_groups()
         self._refuse_replanning()
         # (the checked default never scans for this-rank presence here)
         decide_here = not self.skip_nonfinite and lay.uniform_grads and self._step_calls > 1
@@ -690,6 +693,23 @@ class _COAPBase(Checkpoints, Optimizer):
         keys = self.config_class.planned_keys()
         self._planned = [{k: g.get(k) for k in keys} for g in self.groups]
         return layout
+
+    def _check_edited_groups(self) -> None:
+        """Validate each group whose hyperparameters changed since it was last validated
+        (a user's or scheduler's edit of ``param_groups``): a value the step cannot take
+        (``update_interval=0``, one beta, ``weight_decay=None``) is refused by name before
+        the step writes anything, so that the step can run again once it is set back. The
+        learning rate, which a scheduler changes every step, is checked alone."""
+        keys = self.config_class.keys("group")
+        for gi, g in enumerate(self.groups):
+            where = f"{self.name} param_groups[{gi}]"
+            snapshot = tuple(g.get(k) for k in keys if k != "lr")
+            if self._validated.get(id(g)) != snapshot:
+                matrices = any(_may_be_matrix(p) for p in g["params"])
+                self.config_class.validate_group(g, where, own={}, matrices=matrices)
+                self._validated[id(g)] = snapshot
+            else:
+                self.config_class.check_value("lr", g.get("lr"), where)
 
     def _refuse_replanning(self) -> None:
         """A group's edit of a hyperparameter the plan is made from (``rank``,

@@ -346,6 +346,11 @@ class COAPAdamWConfig(Hyperparameters):
                 )
 
     @classmethod
+    def check_value(cls, key: str, value: Any, where: str) -> None:
+        """Raise ValueError if ``value`` is not a valid ``key`` (one field's own check)."""
+        _check_field(next(f for f in dataclasses.fields(cls) if f.name == key), value, where)
+
+    @classmethod
     def validate_group(
         cls,
         group: Mapping[str, Any],
