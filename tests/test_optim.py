@@ -88,6 +88,22 @@ def test_an_invalid_group_edit_is_refused_before_the_step_writes(cls: type) -> N
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+def test_a_channels_last_model_is_refused_naming_the_conversion_that_fixes_it() -> None:
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 64, 3)).to(memory_format=torch.channels_last)
+    opt = COAPAdamW(m.parameters(), rank=4)
+    m(torch.randn(2, 3, 12, 12)).sum().backward()
+    with pytest.raises(
+        ValueError,
+        match=r"not contiguous \(e\.g\. channels_last.*"
+        r"model\.to\(memory_format=torch\.contiguous_format\)",
+    ):
+        opt.step()
+    m.to(memory_format=torch.contiguous_format)  # the same parameters, converted in place
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, m.parameters(), strict=True))
+
+
 def test_fp64_parameters_step_and_clip_as_torch() -> None:
     """fp64 matrices, vectors and AdamW groups step (their norms reduce in fp64, not
     narrowed to fp32), and ``clip_grad_norm_`` gives torch's norm and gradients."""

@@ -136,7 +136,10 @@ class ReplicatedView(FragmentView):
             if not t.is_contiguous():
                 raise ValueError(
                     f"COAP: a parameter of shape {tuple(t.shape)} is not contiguous (e.g. "
-                    "channels_last); make it contiguous before building the optimizer"
+                    "channels_last, or a transposed view): COAP steps each parameter in "
+                    "place through views of its memory in row-major order. Convert the model "
+                    "before the first step with model.to(memory_format=torch.contiguous_format) "
+                    "(its parameters stay the same tensors: the optimizer keeps them)"
                 )
         devices = {t.device for t in flat}
         if len(devices) > 1:
