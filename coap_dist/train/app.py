@@ -121,7 +121,8 @@ def claim_run_dir(cfg: TrainConfig, out_dir: Path) -> tuple[RunDirLock, str | No
         fresh_over = found_at is None
         log.info("resume=latest: %s", resume or "no checkpoint yet in this run dir, a fresh start")
     if resume is None:
-        found = earlier_outputs(metrics, out_dir / cfg.checkpoint.dir, names)
+        root = out_dir / cfg.checkpoint.dir
+        found = earlier_outputs(metrics, {n: checkpoint.complete(root, n) for n in names})
         if found and not fresh_over:
             lock.release()
             raise ConfigError(

@@ -92,9 +92,15 @@ def step_dir(root: Path, run_name: str, step: int) -> Path:
     return root / run_name / f"step_{step:07d}"
 
 
+def complete(root: Path, run_name: str) -> list[Path]:
+    """The complete checkpoints of ``run_name`` under ``root``, oldest first (not a save's
+    ``.tmp`` dir nor a ``.universal`` conversion)."""
+    return sorted(p for p in (root / run_name).glob("step_*") if p.is_dir() and p.suffix == "")
+
+
 def latest(root: Path, run_name: str) -> Path | None:
     """The newest complete checkpoint of ``run_name`` under ``root`` (None if there is none)."""
-    done = sorted(p for p in (root / run_name).glob("step_*") if p.is_dir() and p.suffix == "")
+    done = complete(root, run_name)
     return done[-1] if done else None
 
 

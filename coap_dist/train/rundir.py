@@ -23,6 +23,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from coap_dist.train.config import ConfigError
@@ -104,18 +105,18 @@ def _records_of(metrics: Path, names: set[str]) -> dict[str, int]:
     return counts
 
 
-def earlier_outputs(metrics: Path | None, checkpoints: Path, names: list[str]) -> list[str]:
-    """What an earlier job left for the runs ``names``: its records in ``metrics`` (the
-    metrics file, None without one) and its ``step_*`` checkpoint dirs under
-    ``checkpoints/<name>``, each as a phrase naming the path (empty: nothing)."""
+def earlier_outputs(metrics: Path | None, saved: Mapping[str, list[Path]]) -> list[str]:
+    """What an earlier job left for the runs named in ``saved``: its records in ``metrics``
+    (the metrics file, None without one) and its complete checkpoints (``saved[run]``),
+    each as a phrase naming the path (empty: nothing)."""
     found = []
     if metrics is not None:
-        for run, n in _records_of(metrics, set(names)).items():
+        for run, n in _records_of(metrics, set(saved)).items():
             found.append(f"{n} metrics record(s) of run {run!r} in {metrics}")
-    for run in names:
-        steps = sorted(p.name for p in (checkpoints / run).glob("step_*") if p.is_dir())
+    for steps in saved.values():
         if steps:
-            found.append(f"checkpoints {steps[0]} .. {steps[-1]} in {checkpoints / run}")
+            where = steps[0].parent
+            found.append(f"checkpoints {steps[0].name} .. {steps[-1].name} in {where}")
     return found
 
 
