@@ -1107,16 +1107,14 @@ def _norms_fp32(gs: Sequence[Tensor], p: float) -> list[Tensor]:
     fp64 on the way), each a foreach kernel per dtype kind."""
     low = [i for i, g in enumerate(gs) if g.element_size() < 4]
     wide = [i for i, g in enumerate(gs) if g.element_size() >= 4]
-    out: list[Tensor] = [torch.empty(())] * len(gs)
+    got: dict[int, Tensor] = {}
     if low:
-        for i, n in zip(
-            low, torch._foreach_norm([gs[i] for i in low], p, dtype=torch.float32), strict=True
-        ):
-            out[i] = n
+        norms = torch._foreach_norm([gs[i] for i in low], p, dtype=torch.float32)
+        got.update(zip(low, norms, strict=True))
     if wide:
-        for i, n in zip(wide, torch._foreach_norm([gs[i] for i in wide], p), strict=True):
-            out[i] = n.float()
-    return out
+        norms = torch._foreach_norm([gs[i] for i in wide], p)
+        got.update(zip(wide, (n.float() for n in norms), strict=True))
+    return [got[i] for i in range(len(gs))]
 
 
 def _refuse_unsupported(p: Tensor, where: str) -> None:
