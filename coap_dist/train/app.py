@@ -113,15 +113,14 @@ def claim_run_dir(cfg: TrainConfig, out_dir: Path) -> tuple[RunDirLock, str | No
     lock = RunDirLock(out_dir)
     lock.acquire()
     metrics = None if cfg.logger.name == "none" else out_dir / cfg.logger.filename
-    names = [r.name for r in cfg.runs]
+    names, root = [r.name for r in cfg.runs], out_dir / cfg.checkpoint.dir
     resume, fresh_over = cfg.resume, cfg.overwrite
     if resume == LATEST:
-        found_at = checkpoint.latest(out_dir / cfg.checkpoint.dir, names[0])
+        found_at = checkpoint.latest(root, names[0])
         resume = None if found_at is None else str(found_at)
         fresh_over = found_at is None
         log.info("resume=latest: %s", resume or "no checkpoint yet in this run dir, a fresh start")
     if resume is None:
-        root = out_dir / cfg.checkpoint.dir
         found = earlier_outputs(metrics, {n: checkpoint.complete(root, n) for n in names})
         if found and not fresh_over:
             lock.release()
@@ -133,7 +132,7 @@ def claim_run_dir(cfg: TrainConfig, out_dir: Path) -> tuple[RunDirLock, str | No
                 "resume=latest), or set overwrite=true to remove them and start over"
             )
         if found:
-            remove_earlier_outputs(metrics, out_dir / cfg.checkpoint.dir, names)
+            remove_earlier_outputs(metrics, root, names)
             log.info("a fresh start: removed %s", "; ".join(found))
     return lock, resume
 

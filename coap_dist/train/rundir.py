@@ -89,6 +89,14 @@ def check_writable(directory: Path, field: str) -> None:
         ) from None
 
 
+def _run_of(line: str) -> object:
+    """The ``run`` of one metrics line (None for a line that is not a record)."""
+    try:
+        return json.loads(line).get("run")
+    except (ValueError, AttributeError):
+        return None
+
+
 def _records_of(metrics: Path, names: set[str]) -> dict[str, int]:
     """Records per run name in ``names`` in the JSON-lines file ``metrics`` (none if absent)."""
     counts: dict[str, int] = {}
@@ -96,11 +104,8 @@ def _records_of(metrics: Path, names: set[str]) -> dict[str, int]:
         return counts
     with metrics.open(encoding="utf-8") as f:
         for line in f:
-            try:
-                run = json.loads(line).get("run")
-            except (ValueError, AttributeError):
-                continue
-            if run in names:
+            run = _run_of(line)
+            if isinstance(run, str) and run in names:
                 counts[run] = counts.get(run, 0) + 1
     return counts
 
@@ -124,14 +129,8 @@ def remove_earlier_outputs(metrics: Path | None, checkpoints: Path, names: list[
     """Remove what :func:`earlier_outputs` finds: the runs' records (the file's other lines
     stay; rewritten through a temporary file and ``os.replace``) and checkpoint dirs."""
     if metrics is not None and _records_of(metrics, set(names)):
-        kept = []
-        for line in metrics.read_text(encoding="utf-8").splitlines(keepends=True):
-            try:
-                run = json.loads(line).get("run")
-            except (ValueError, AttributeError):
-                run = None
-            if run not in names:
-                kept.append(line)
+        lines = metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if _run_of(line) not in names]
         tmp = metrics.with_name(metrics.name + ".tmp")
         tmp.write_text("".join(kept), encoding="utf-8")
         os.replace(tmp, metrics)
