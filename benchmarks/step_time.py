@@ -16,7 +16,9 @@ every repeat) so that load from other processes on the machine hits all of them 
 
 Rows: ``floor`` (the projected-Adam floor: two GEMMs and an r-wide Adam on a fixed P,
 :class:`ProjectedAdamFloor`), ``adamw_fused``, ``adamw`` (foreach), ``coap``,
-``coap_reference``, ``coap_dense`` (COAP's AdamW path on the same tensors), ``adamw_fused+clip``
+``coap_reference``, ``coap_dense`` (COAP's AdamW path on the same tensors; ``coap_dense-unchecked``:
+with ``skip_nonfinite=False``), ``adamw_fused+check`` (fused AdamW under ``torch.amp.GradScaler``
+at scale 1: torch's own non-finite check and skip, :class:`ScalerChecked`), ``adamw_fused+clip``
 / ``coap_dense+clip`` (``clip_grad_norm_`` then ``step()``, timed together), ``galore``,
 ``apollo``; ``adamw_fused@vectors`` / ``coap_dense@vectors``: the two AdamW paths on
 ``--vectors`` 1-D tensors of d entries instead (what norm weights and biases cost, where
@@ -142,6 +144,25 @@ class ClipThenStep:
         self.opt.step()
 
 
+class ScalerChecked:
+    """torch's own protection against a non-finite gradient: ``torch.amp.GradScaler`` at a
+    fixed scale of 1 around a fused AdamW. Each step, ``GradScaler.step`` runs its check of
+    every gradient (``torch._amp_foreach_non_finite_check_and_unscale_``, one pass) and hands
+    the found-inf flag to the fused kernel, which skips the step on a non-finite gradient;
+    ``update()`` keeps the scale (finite gradients, growth interval 2^30). The same protection
+    as COAP's default ``skip_nonfinite=True``, at the whole-step grain."""
+
+    def __init__(self, opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+        self.opt = opt
+        device = params[0].device.type
+        self.scaler = torch.amp.GradScaler(device, init_scale=1.0, growth_interval=2**30)
+        self.scaler.scale(torch.ones((), device=params[0].device))  # creates its scale
+
+    def step(self) -> None:
+        self.scaler.step(self.opt)
+        self.scaler.update()
+
+
 def factories(args: argparse.Namespace) -> dict[str, OptimizerFactory]:
     """Optimizer constructors by label, all with the same lr, rank and refresh interval.
 
@@ -172,6 +193,12 @@ def factories(args: argparse.Namespace) -> dict[str, OptimizerFactory]:
         if not args.no_reference:
             out["coap_reference"] = coap("reference")
         out["coap_dense"] = lambda ps: COAPAdamW([{"params": ps, "algorithm": "adamw"}], lr=1e-3)
+        out["coap_dense-unchecked"] = lambda ps: COAPAdamW(
+            [{"params": ps, "algorithm": "adamw"}], lr=1e-3, skip_nonfinite=False
+        )
+        out["adamw_fused+check"] = lambda ps: ScalerChecked(
+            torch.optim.AdamW(ps, lr=1e-3, fused=True), ps
+        )
         out["adamw_fused@vectors"] = out["adamw_fused"]
         out["coap_dense@vectors"] = out["coap_dense"]
         out["adamw_fused+clip"] = lambda ps: ClipThenStep(
@@ -285,7 +312,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "@" not in label
         for base in ("adamw_fused", "adamw", "floor")
     ]
-    pairs += [("coap_dense@vectors", "adamw_fused@vectors")]
+    pairs += [("coap_dense@vectors", "adamw_fused@vectors"), ("coap_dense", "adamw_fused+check")]
     pairs += [
         (label, "galore") for label in labels if label.startswith("coap") and "@" not in label
     ]

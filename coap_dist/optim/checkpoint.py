@@ -358,10 +358,12 @@ class Checkpoints:
                 state[i] = convert_full(
                     self.specs[int(i)], st, f"{self.name}.load_state_dict: parameter {i}"
                 )
-        lay.load_state_dict({**sd, "state": state})
         steps = sd.get("coap_steps")
         if steps is None:
-            steps = [int(state[i]["step"]) if i in state else 0 for i in range(len(self.specs))]
+            steps = self._entry_steps(lay, state)
+        saved = {int(i): AdaptiveState.from_list(v) for i, v in sd.get("coap_refresh", {}).items()}
+        self._refuse_lost_records(sd, steps, saved, records)
+        lay.load_state_dict({**sd, "state": state})
         if len(steps) > len(self.specs):
             raise ValueError(
                 f"{self.name}.load_state_dict: step counts of {len(steps)} parameters, but "
@@ -369,11 +371,80 @@ class Checkpoints:
             )
         # Parameters the checkpoint does not cover (groups added since) start at 0.
         self._steps = [int(k) for k in steps] + [0] * (len(self.specs) - len(steps))
-        saved = {int(i): AdaptiveState.from_list(v) for i, v in sd.get("coap_refresh", {}).items()}
         for i in self._adaptive:
             # A matrix without a saved record (a fixed-schedule checkpoint) counts from now.
             fresh = AdaptiveState(last_svd=self._steps[i])
             self._adaptive[i] = saved.get(i) or records.get(i) or fresh
+
+    def _entry_steps(self, lay: Layout, state: Mapping[Any, Mapping[str, Any]]) -> list[int]:
+        """Update counts from the entries' ``step`` when the state dict has no
+        ``coap_steps``: a torch-format state dict, or one rebuilt by DCP's
+        ``StateDictOptions(flatten_optimizer_state_dict=True)`` (torchtitan's setting),
+        whose unflattening keeps only the keys of this rank's live state, so that a rank of
+        a sharded layout gets no entry for a parameter it holds no piece of.
+
+        At world > 1 every rank contributes the counts it has: one sum over the ranks of
+        (k_i, c_i, q_i) = (1, t_i, t_i^2) where entry i has a count t_i, else zeros. Every
+        rank then takes t_i = c_i / k_i (0 where no rank had one) and refuses alike when
+        the counts differ between ranks (k_i q_i != c_i^2). A collective on every rank
+        (whether ``coap_steps`` is in the state dict is the same on every rank)."""
+        n = len(self.specs)
+        local = [0.0] * (3 * n)
+        for key, st in state.items():
+            i = int(key)
+            if "step" in st and 0 <= i < n:
+                t = float(st["step"])
+                local[3 * i : 3 * i + 3] = [1.0, t, t * t]
+        if lay.world > 1:
+            summed = torch.tensor(local, dtype=torch.float64, device=lay.device)
+            local = lay.reduce_sum(summed).cpu().tolist()
+        steps = []
+        for i in range(n):
+            k, c, q = local[3 * i : 3 * i + 3]
+            if k > 0 and k * q != c * c:
+                raise ValueError(
+                    f"{self.name}.load_state_dict: the ranks' entries for parameter {i} hold "
+                    "different step counts: the ranks were given different checkpoints. Load "
+                    "the same checkpoint on every rank"
+                )
+            steps.append(round(c / k) if k > 0 else 0)
+        return steps
+
+    def _refuse_lost_records(
+        self,
+        sd: Mapping[str, Any],
+        steps: Sequence[int],
+        saved: Mapping[int, AdaptiveState],
+        records: Mapping[int, AdaptiveState],
+    ) -> None:
+        """Refuse a state dict saved with ``refresh="adaptive"`` that has lost the refresh
+        records of matrices that had stepped (``coap_refresh`` and the entries'
+        ``refresh_*`` keys): DCP's ``flatten_optimizer_state_dict=True`` drops both on
+        load. Resuming would restart their refresh schedules silently."""
+        groups = sd.get("param_groups") or []
+        adaptive_saved = {
+            int(pid) for g in groups if g.get("refresh") == "adaptive" for pid in g["params"]
+        }
+        lost = [
+            i
+            for i in self._adaptive
+            if i in adaptive_saved
+            and i < len(steps)
+            and int(steps[i]) > 0
+            and i not in saved
+            and i not in records
+        ]
+        if lost:
+            raise ValueError(
+                f"{self.name}.load_state_dict: the checkpoint was saved with "
+                f"refresh='adaptive', but the state dict has no refresh records for parameters "
+                f"{lost[:8]}{' ...' if len(lost) > 8 else ''}. DCP's "
+                "StateDictOptions(flatten_optimizer_state_dict=True) drops them when it "
+                "rebuilds the state dict from this optimizer's live state, so resuming would "
+                "restart their refresh schedules. With refresh='adaptive', save and load "
+                "without that option (flattened checkpoints resume exactly with "
+                "refresh='fixed', the default)"
+            )
 
     def _check_shapes(self, saved: Any) -> None:
         """Refuse a state dict saved for parameters of other global shapes, position by

@@ -21,6 +21,8 @@ One spawn at 4 ranks saves, one at 3 loads:
   resumed losses are printed next to the uninterrupted run's. Across layouts: the 8-bit
   default checkpoint under the owner layout, the plain owner checkpoint under the default
   layout and a default-layout checkpoint under the owner layout, each within 2e-5.
+* ``flatten_optimizer_state_dict=True`` (torchtitan's): a fixed-schedule checkpoint resumes
+  under both layouts as the unflattened route does (bitwise); an adaptive one is refused.
 * Refusals: ``rank="auto"`` has no DCP form (its shapes are chosen during training) and
   ``state_dict()`` says so naming ``consolidate_state_dict``; ``torch.save`` of a DCP-form
   state dict raises saying how to save it; pieces of another rank are refused by name.
@@ -38,6 +40,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -141,18 +144,17 @@ def _full(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.full_tensor() for n, p in model.named_parameters()}
 
 
-def _save(model: nn.Module, opt: Any, path: str) -> None:
-    dcp.save(
-        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-        checkpoint_id=path,
-    )
+def _save(model: nn.Module, opt: Any, path: str, options: Any = None) -> None:
+    optim = get_optimizer_state_dict(model, opt, options=options)
+    dcp.save({"model": get_model_state_dict(model), "optim": optim}, checkpoint_id=path)
 
 
-def _load(model: nn.Module, opt: Any, path: str) -> None:
-    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+def _load(model: nn.Module, opt: Any, path: str, options: Any = None) -> None:
+    optim = get_optimizer_state_dict(model, opt, options=options)
+    sd = {"model": get_model_state_dict(model), "optim": optim}
     dcp.load(sd, checkpoint_id=path)
     set_model_state_dict(model, sd["model"])
-    set_optimizer_state_dict(model, opt, sd["optim"])
+    set_optimizer_state_dict(model, opt, sd["optim"], options=options)
 
 
 def _load_one_process(name: str, path: str) -> tuple[nn.Module, Any]:
@@ -266,6 +268,7 @@ def _phase_load(rank: int, world: int, tmp: str) -> None:
     if rank == 0:
         print(f"owner -> default: {WORST[-2]:.1e}; default -> owner: {WORST[-1]:.1e}")
     _check_foreign(opt)
+    _check_flattened(mesh, tmp)
     # The default layout's 8-bit state unsplit (HSDP, 3 replicas of 1 shard: every scale
     # whole) has the same DCP form: the HSDP-4 checkpoint loads into it, its own save loads
     # back into 3 shards.
@@ -285,6 +288,40 @@ def _phase_load(rank: int, world: int, tmp: str) -> None:
     _train(model, opt, range(STEPS, STEPS + 4), mesh, ref, TOL_8BIT_DEFAULT)
     if rank == 0:
         print(f"8-bit default: HSDP 4 -> 3 x 1 -> FSDP2 3: {WORST[-2]:.1e}, {WORST[-1]:.1e}")
+
+
+def _check_flattened(mesh: Any, tmp: str) -> None:
+    """DCP's ``StateDictOptions(flatten_optimizer_state_dict=True)`` (torchtitan's setting):
+    it drops the state dict's top-level records on save and rebuilds each parameter's entry
+    from the loading optimizer's live keys, so an owner-layout rank gets no entry (no step
+    count) for a parameter it holds no piece of. A fixed-schedule checkpoint resumes under
+    both layouts bitwise equal to the unflattened route; an adaptive one (refresh records
+    lost) is refused by name, leaving the optimizer loadable."""
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    path = os.path.join(tmp, "8bit_dense")
+    finals = []
+    for owner in (True, False):
+        for options in (None, flat):
+            model, opt = _build("8bit_dense", mesh, owner)
+            _load(model, opt, path)  # (the checkpoint saved at 4 ranks, unflattened)
+            _train(model, opt, range(SAVE_AT, SAVE_AT + 2), mesh)
+            again = os.path.join(tmp, f"flat_{options is not None}_{owner}")
+            _save(model, opt, again, options)
+            model, opt = _build("8bit_dense", mesh, owner)
+            _load(model, opt, again, options)
+            _train(model, opt, range(SAVE_AT + 2, STEPS), mesh)
+            finals.append(_full(model))
+    for plain, flattened in (finals[0:2], finals[2:4]):  # owner, default layout
+        for n, p in flattened.items():
+            assert torch.equal(p, plain[n]), f"flattened DCP resume differs at {n}"
+    model, opt = _build("plain", mesh)  # refresh="adaptive"
+    _load(model, opt, os.path.join(tmp, "plain"))
+    _save(model, opt, os.path.join(tmp, "flat_adaptive"), flat)
+    model, opt = _build("plain", mesh)
+    with pytest.raises(ValueError, match=r"refresh='adaptive'.*flatten_optimizer_state_dict"):
+        _load(model, opt, os.path.join(tmp, "flat_adaptive"), flat)
+    _load(model, opt, os.path.join(tmp, "plain"))  # the refusal changed nothing
+    _train(model, opt, range(SAVE_AT, SAVE_AT + 1), mesh)
 
 
 def _check_foreign(opt: Any) -> None:
