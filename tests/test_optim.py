@@ -1206,6 +1206,17 @@ def test_auto_rank_redistributes_the_fixed_rank_bytes_and_resumes_exactly() -> N
         assert [h[0] for h in hist2] == [h[0] for h in hist[at + 1 :]]
         for (n, p), q in zip(model2.named_parameters(), model.parameters(), strict=True):
             assert torch.equal(p, q), f"resumed after step {at + 1}: {n} differs"
+    # DCP's state-dict API keeps only `state` and `param_groups` (no `coap_ranks`): the ranks
+    # come back from the saved projectors' shapes, and the resume is still bitwise.
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    assert sorted(get_optimizer_state_dict(model, opt)) == ["param_groups", "state"]
+    w0, sd = torch.load(io.BytesIO(hist[change][2]), weights_only=True)
+    dropped = {k: sd[k] for k in ("state", "param_groups")}
+    model2, _, hist2 = run(auto_kw, range(change + 1, 12), (w0, dropped))
+    assert [h[0] for h in hist2] == [h[0] for h in hist[change + 1 :]]
+    for (n, p), q in zip(model2.named_parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q), f"resumed from DCP's form: {n} differs"
     # A checkpoint saved before any SVD chose ranks (no `coap_ranks`) plans with the ranks of
     # rank_ratio, not with those this optimizer chose since.
     opt.load_state_dict(COAPAdamW(param_groups(_spectra_net()), **auto_kw).state_dict())

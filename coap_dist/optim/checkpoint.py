@@ -297,7 +297,7 @@ class Checkpoints:
                 stacklevel=2,
             )
         self._consolidated = None
-        ranks = {int(i): int(r) for i, r in state_dict.get("coap_ranks", {}).items()}
+        ranks = saved_ranks(state_dict)
         if self._layout is not None and ranks != self._auto_rank:
             # rank="auto": the saved ranks decide the plan; bind again at the next step.
             self._layout = None
@@ -464,6 +464,26 @@ class Checkpoints:
                     "groups differently than when it was saved. Build the optimizer with "
                     "the saving run's parameter order (model code and param_groups call)"
                 )
+
+
+def saved_ranks(sd: Mapping[str, Any]) -> dict[int, int]:
+    """The ranks of a state dict's ``rank="auto"`` matrices, by position: its ``coap_ranks``
+    record, or where that record was dropped (DCP's ``get_optimizer_state_dict`` /
+    ``get_state_dict`` keep only ``state`` and ``param_groups``) the rows r of each saved
+    projector (r x b) of a group saved with ``rank="auto"``."""
+    if "coap_ranks" in sd:
+        return {int(i): int(r) for i, r in sd["coap_ranks"].items()}
+    state = sd.get("state") or {}
+    out = {}
+    for group in sd.get("param_groups") or []:
+        if group.get("rank") != "auto":
+            continue
+        for pid in group["params"]:
+            st = state.get(pid)
+            proj = st.get("projector") if isinstance(st, Mapping) else None
+            if proj is not None and len(proj.shape) == 2:
+                out[int(pid)] = int(proj.shape[0])
+    return out
 
 
 def _from_shards(shards: Any, name: str) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from torch.optim import Optimizer
 
 from coap_dist.functional import projection as fproj
 from coap_dist.optim import autorank, kernels, schedule
-from coap_dist.optim.checkpoint import PENDING_STATE, Checkpoints
+from coap_dist.optim.checkpoint import PENDING_STATE, Checkpoints, saved_ranks
 from coap_dist.optim.config import COAPAdafactorConfig, COAPAdamWConfig
 from coap_dist.optim.layout import (
     Layout,
@@ -300,9 +300,7 @@ class _COAPBase(Checkpoints, Optimizer):
                 for _ in range(n)
             ]
             self._auto_rank = {
-                int(i): int(r)
-                for i, r in load.get("coap_ranks", {}).items()
-                if int(i) < len(auto_now) and auto_now[int(i)]
+                i: r for i, r in saved_ranks(load).items() if i < len(auto_now) and auto_now[i]
             }
         if old_layout is None:
             self.state.clear()  # (only a pending load's entries: load_state_dict)
