@@ -57,8 +57,11 @@ Chunk = tuple[torch.Size, Tensor]
 _NOT_A_TENSOR = (
     "COAP: this is one rank's part of the optimizer's sharded checkpoint form, which only "
     "torch.distributed.checkpoint can save and load (dcp.save / dcp.load of "
-    "get_optimizer_state_dict). For a one-file checkpoint call opt.consolidate_state_dict(to=0) "
-    "on every rank, then opt.state_dict() on that rank"
+    "get_optimizer_state_dict with its default options). StateDictOptions(full_state_dict=True) "
+    "(accelerate's and the HF Trainer's FULL_STATE_DICT) cannot gather these pieces, which are "
+    "not DTensors, and a per-rank torch.save (accelerate's use_dcp=False) cannot write them: use "
+    "SHARDED_STATE_DICT / dcp.save, or for a one-file checkpoint call "
+    "opt.consolidate_state_dict(to=0) on every rank, then opt.state_dict() on that rank"
 )
 
 

@@ -96,7 +96,9 @@ class OwnerCheckpoints:
             "coap_dist.integrations.hf.COAPCheckpointCallback(); under DeepSpeed stage 0 "
             "(engine.save_checkpoint calls state_dict() on every rank) drop `sharding` (the "
             "layout follows zero_optimization.stage) or call opt.consolidate_state_dict(to=None) "
-            "on every rank before each save"
+            "on every rank before each save. (torch.distributed.checkpoint's "
+            "set_optimizer_state_dict asks for state_dict() too, as a template: to load a "
+            "full state dict here call opt.load_state_dict(sd) on every rank)"
         )
 
     def _dcp_form(self, sd: dict[str, Any]) -> dict[str, Any]:

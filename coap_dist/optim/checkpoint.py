@@ -356,7 +356,10 @@ class Checkpoints:
                 # a rank's pieces, and the counters a DCP form gives the ranks without a
                 # piece, are checked by the layout (they must be its own)
                 state[i] = convert_full(
-                    self.specs[int(i)], st, f"{self.name}.load_state_dict: parameter {i}"
+                    self.specs[int(i)],
+                    st,
+                    f"{self.name}.load_state_dict: parameter {i}",
+                    optional=("projector",) if lay.world > 1 else (),
                 )
         steps = sd.get("coap_steps")
         if steps is None:

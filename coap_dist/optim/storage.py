@@ -353,7 +353,9 @@ def store_values(into: State, values: Mapping[str, Tensor], where: str) -> None:
             into[k].copy_(encoded)
 
 
-def convert_full(spec: ParamSpec, saved: Mapping[str, Any], where: str) -> State:
+def convert_full(
+    spec: ParamSpec, saved: Mapping[str, Any], where: str, optional: Sequence[str] = ()
+) -> State:
     """A parameter's full-form state converted to the format ``spec`` plans.
 
     * dtype and ``state_bits``: moments are read (dequantized) and stored in the planned
@@ -362,13 +364,18 @@ def convert_full(spec: ParamSpec, saved: Mapping[str, Any], where: str) -> State
     * anything else that differs (another projection side or shape, another optimizer's or
       algorithm's keys, Tucker ranks) raises ValueError naming the key and the reason.
 
+    ``optional``: planned keys that may be absent and then stay absent, for a rank that does
+    not keep them (a matrix's ``projector`` held by another rank: DCP's full-state-dict load
+    hands each rank only the keys of its own state dict); a matrix without its projector
+    cannot change rank.
+
     Tensors end on the CPU (the layout places them).
     """
     expect = state_shapes(spec)
     have = {k: v for k, v in saved.items()}
     names = {k[:-2] if k.endswith("_q") else k for k in have if not k.endswith("_scale")}
     planned = {k[:-2] if k.endswith("_q") else k for k in expect if not k.endswith("_scale")}
-    if names != planned:
+    if names != planned and not (names < planned and planned - names <= set(optional)):
         raise ValueError(
             f"{where}: the saved state holds {sorted(names)} but this optimizer keeps "
             f"{sorted(planned)} for a {spec.kind} parameter of shape {spec.shape}; it was saved "
@@ -376,12 +383,20 @@ def convert_full(spec: ParamSpec, saved: Mapping[str, Any], where: str) -> State
             "algorithm='adamw' vs COAP). Load it into the optimizer that saved it"
         )
     values = _read_values(have)
-    if spec.kind == "matrix":
+    if spec.kind == "matrix" and "projector" in values:
         _reproject(spec, values, where)
+    elif spec.kind == "matrix" and values["exp_avg"].numel() != spec.rows * spec.rank:
+        raise ValueError(
+            f"{where}: the saved moments have {values['exp_avg'].numel() // spec.rows} columns, "
+            f"this optimizer's rank is {spec.rank}, and the projector a rank change needs is "
+            "not in this rank's part of the state dict (DCP's full-state-dict load hands each "
+            "rank the keys it keeps). Load the full state dict with opt.load_state_dict(sd) on "
+            "every rank"
+        )
     out: State = {}
     for key, (shape, dtype) in expect.items():
         base = key[:-2] if key.endswith("_q") else key[:-6] if key.endswith("_scale") else key
-        if key.endswith("_scale"):
+        if key.endswith("_scale") or base not in values:
             continue
         v = values[base]
         if v.numel() != math.prod(shape) or (spec.kind != "dense" and tuple(v.shape) != shape):

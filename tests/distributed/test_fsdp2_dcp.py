@@ -21,6 +21,8 @@ One spawn at 4 ranks saves, one at 3 loads:
   resumed losses are printed next to the uninterrupted run's. Across layouts: the 8-bit
   default checkpoint under the owner layout, the plain owner checkpoint under the default
   layout and a default-layout checkpoint under the owner layout, each within 2e-5.
+* ``full_state_dict=True, broadcast_from_rank0=True``: a one-process full state dict loads
+  into both layouts from rank 0.
 * ``flatten_optimizer_state_dict=True`` (torchtitan's): a fixed-schedule checkpoint resumes
   under both layouts as the unflattened route does (bitwise); an adaptive one is refused.
 * Refusals: ``rank="auto"`` has no DCP form (its shapes are chosen during training) and
@@ -269,6 +271,7 @@ def _phase_load(rank: int, world: int, tmp: str) -> None:
         print(f"owner -> default: {WORST[-2]:.1e}; default -> owner: {WORST[-1]:.1e}")
     _check_foreign(opt)
     _check_flattened(mesh, tmp)
+    _check_full(mesh, tmp)
     # The default layout's 8-bit state unsplit (HSDP, 3 replicas of 1 shard: every scale
     # whole) has the same DCP form: the HSDP-4 checkpoint loads into it, its own save loads
     # back into 3 shards.
@@ -322,6 +325,22 @@ def _check_flattened(mesh: Any, tmp: str) -> None:
         _load(model, opt, os.path.join(tmp, "flat_adaptive"), flat)
     _load(model, opt, os.path.join(tmp, "plain"))  # the refusal changed nothing
     _train(model, opt, range(SAVE_AT, SAVE_AT + 1), mesh)
+
+
+def _check_full(mesh: Any, tmp: str) -> None:
+    """``StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)`` (accelerate's
+    FULL_STATE_DICT load, torchtune's): a one-process optimizer's full state dict, held by
+    rank 0 only, loads into both FSDP2 layouts and trains on next to that process."""
+    path = os.path.join(tmp, "plain")
+    full = StateDictOptions(full_state_dict=True)
+    bcast = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    for owner in (True, False):
+        ref = _load_one_process("plain", path)
+        sd = get_optimizer_state_dict(ref[0], ref[1], options=full)
+        model, opt = _build("plain", mesh, owner)
+        _load(model, opt, path)  # (the weights; the optimizer's state is replaced next)
+        set_optimizer_state_dict(model, opt, sd if dist.get_rank() == 0 else {}, options=bcast)
+        _train(model, opt, range(SAVE_AT, SAVE_AT + 2), mesh, ref)
 
 
 def _check_foreign(opt: Any) -> None:
