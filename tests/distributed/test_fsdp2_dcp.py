@@ -22,7 +22,8 @@ One spawn at 4 ranks saves, one at 3 loads:
   default checkpoint under the owner layout, the plain owner checkpoint under the default
   layout and a default-layout checkpoint under the owner layout, each within 2e-5.
 * ``full_state_dict=True, broadcast_from_rank0=True``: a one-process full state dict loads
-  into both layouts from rank 0.
+  into both layouts from rank 0; the default layout's own full save (``torch.save`` on rank
+  0) resumes bitwise.
 * ``flatten_optimizer_state_dict=True`` (torchtitan's): a fixed-schedule checkpoint resumes
   under both layouts as the unflattened route does (bitwise); an adaptive one is refused.
 * Refusals: ``rank="auto"`` has no DCP form (its shapes are chosen during training) and
@@ -341,6 +342,24 @@ def _check_full(mesh: Any, tmp: str) -> None:
         _load(model, opt, path)  # (the weights; the optimizer's state is replaced next)
         set_optimizer_state_dict(model, opt, sd if dist.get_rank() == 0 else {}, options=bcast)
         _train(model, opt, range(SAVE_AT, SAVE_AT + 2), mesh, ref)
+    # The default layout's own full save (fp32 state: DTensors, which torch gathers) on rank
+    # 0, through torch.save, loads back by broadcast and continues bitwise.
+    offload = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    saved = (
+        get_model_state_dict(model, options=offload),
+        get_optimizer_state_dict(model, opt, options=offload),
+    )
+    buf = io.BytesIO()
+    torch.save(saved, buf)  # (rank 0 holds the dicts; the others' are empty)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert bool(loaded[1]) == (dist.get_rank() == 0)
+    model2, opt2 = _build("plain", mesh, owner=False)
+    set_model_state_dict(model2, loaded[0], options=bcast)
+    set_optimizer_state_dict(model2, opt2, loaded[1], options=bcast)
+    for m, o in ((model, opt), (model2, opt2)):
+        _train(m, o, range(SAVE_AT + 2, SAVE_AT + 4), mesh)
+    for n, p in _full(model2).items():
+        assert torch.equal(p, _full(model)[n]), f"full-state-dict resume differs at {n}"
 
 
 def _check_foreign(opt: Any) -> None:
