@@ -365,13 +365,13 @@ class Checkpoints:
         if steps is None:
             steps = self._entry_steps(lay, state)
         saved = {int(i): AdaptiveState.from_list(v) for i, v in sd.get("coap_refresh", {}).items()}
-        self._refuse_lost_records(sd, steps, saved, records)
-        lay.load_state_dict({**sd, "state": state})
         if len(steps) > len(self.specs):
             raise ValueError(
                 f"{self.name}.load_state_dict: step counts of {len(steps)} parameters, but "
                 f"this optimizer has {len(self.specs)}: load a checkpoint of these parameters"
             )
+        self._refuse_lost_records(sd, steps, saved, records)
+        lay.load_state_dict({**sd, "state": state})
         # Parameters the checkpoint does not cover (groups added since) start at 0.
         self._steps = [int(k) for k in steps] + [0] * (len(self.specs) - len(steps))
         for i in self._adaptive:
@@ -432,7 +432,7 @@ class Checkpoints:
             i
             for i in self._adaptive
             if i in adaptive_saved
-            and i < len(steps)
+            and i < len(steps)  # (groups added since the save: not in the checkpoint)
             and int(steps[i]) > 0
             and i not in saved
             and i not in records

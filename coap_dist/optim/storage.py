@@ -375,7 +375,7 @@ def convert_full(
     have = {k: v for k, v in saved.items()}
     names = {k[:-2] if k.endswith("_q") else k for k in have if not k.endswith("_scale")}
     planned = {k[:-2] if k.endswith("_q") else k for k in expect if not k.endswith("_scale")}
-    if names != planned and not (names < planned and planned - names <= set(optional)):
+    if not (names <= planned and planned - names <= set(optional)):
         raise ValueError(
             f"{where}: the saved state holds {sorted(names)} but this optimizer keeps "
             f"{sorted(planned)} for a {spec.kind} parameter of shape {spec.shape}; it was saved "
