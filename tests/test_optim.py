@@ -512,7 +512,8 @@ def test_adamw_path_is_torch_adamw_with_the_papers_eps() -> None:
 
 def test_state_dict_round_trip_is_bitwise() -> None:
     """Save at step 7, torch.load(weights_only=True) into a fresh optimizer, continue: the
-    trajectory equals the uninterrupted run bit for bit (fp32, 8-bit, conv)."""
+    trajectory equals the uninterrupted run bit for bit (fp32, 8-bit, conv); the retired
+    per-matrix ``refreshes`` entry of earlier versions' checkpoints is dropped on load."""
     for conv, bits in ((False, None), (False, 8), (True, None)):
 
         def factory(m: nn.Module, bits: int | None = bits) -> COAPAdamW:
@@ -532,6 +533,9 @@ def test_state_dict_round_trip_is_bitwise() -> None:
         torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buf)
         buf.seek(0)
         ck = torch.load(buf, weights_only=True)
+        for st in ck["optim"]["state"].values():  # an earlier version's checkpoint
+            if "projector" in st or "factor0" in st:
+                st["refreshes"] = torch.tensor(4.0)  # (its retired per-matrix count)
         fresh = _conv_net(0) if conv else _mlp(0)
         fresh.load_state_dict(ck["model"])
         fresh_opt = factory(fresh)
@@ -592,7 +596,9 @@ def test_conv_and_8bit_over_two_cycles(dtype: torch.dtype, bits: int | None) -> 
     st2, st3 = opt.state[model.c2.weight], opt.state[model.c3.weight]
     assert st2["factor0"].shape == (64, 32) and st2["factor1"].shape == (48, 24)
     assert st3["factor0"].shape == (160, 40) and "factor1" not in st3
-    assert float(st2["refreshes"]) == 6.0  # k = 0, 2, 4, 6, 8, 10
+    projected = sum(1 for spec in opt.specs if spec.kind in ("matrix", "conv"))
+    assert projected == 2 and "refreshes" not in st2  # c2 and c3 (Tucker), not c1 or head
+    assert opt.metrics()["optim/refreshes"] == 6 * projected  # k = 0, 2, 4, 6, 8, 10
     assert st2["factor0"].dtype == dtype  # factors are never quantized: parameter dtype
     f = st2["factor0"].float()
     torch.testing.assert_close(
@@ -852,7 +858,6 @@ def test_adaptive_refresh_follows_the_residual_within_budget_and_resumes_exactly
             w2, opt2, _ = _adaptive_run(grads, ADAPTIVE, (w0, sd), range(at + 1, steps))
             assert torch.equal(w2, w), f"resumed after update {at + 1}: weights differ"
             assert opt2._adaptive == opt._adaptive, f"resumed after update {at + 1}: records"
-            assert int(opt2.state[w2]["refreshes"]) == int(st["refreshes"])
     static, moving = counts[False], counts[True]
     assert static["optim/refresh_skips"] >= 15, static
     assert static["optim/recalibrations"] <= 3, static

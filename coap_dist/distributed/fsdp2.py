@@ -531,9 +531,6 @@ class Fsdp2Local(LocalCheckpoints, Layout):
             ]
             for bucket in refresh_buckets(split, sizes):
                 oks.extend(self._split_refresh(work, bucket, due))
-        for i in due:
-            if self._keeps(i):
-                self._state(i)["refreshes"] += 1
         return oks
 
     def _store(self, i: int, proj: Tensor) -> None:

@@ -246,7 +246,7 @@ class OwnerLayout(OwnerCheckpoints, Layout):
                 shapes = {
                     k: v
                     for k, v in state_shapes(e.spec, holder=True).items()
-                    if k in ("step", "refreshes", "projector")
+                    if k in ("step", "projector")
                 }
             else:
                 shapes = state_shapes(e.spec, rows=mine.size, holder=holder)
@@ -400,14 +400,7 @@ class OwnerLayout(OwnerCheckpoints, Layout):
         ]
         for bucket in refresh_buckets(team_due, sizes):
             oks.extend(self._team_refresh(work, bucket, due))
-        for i in due:
-            if self._state_present(i):
-                self._state(i)["refreshes"] += 1
         return oks
-
-    def _state_present(self, i: int) -> bool:
-        assert self._core is not None
-        return bool(self._core.state.get(self._params[i]))
 
     def _round(
         self,

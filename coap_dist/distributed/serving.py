@@ -205,7 +205,7 @@ class OwnerCheckpoints:
             if mine is None:
                 self._core.state[p] = {
                     k: (saved[k].to(self.device) if k == "projector" else saved[k].clone().cpu())
-                    for k in ("step", "refreshes", "projector")
+                    for k in ("step", "projector")
                 }
                 continue
             self._core.state[p] = slice_full(

@@ -39,6 +39,11 @@ fresh state."""
 REFRESH_KEYS = ("refresh_credit", "refresh_base", "refresh_rho", "refresh_last")
 """Per-parameter state-dict entries (0-d fp64 tensors) of an adaptive matrix's schedule
 record, :meth:`AdaptiveState.as_list` order; added to the saved copies only."""
+RETIRED_KEYS = ("refreshes",)
+"""Per-parameter entries that checkpoints of earlier versions hold and nothing reads any
+more (a matrix's refresh count, kept only by the ranks holding its state, which broke
+torch's full-state-dict load without a broadcast; ``metrics()`` counts refreshes): dropped
+on load."""
 
 
 def refresh_entries(record: Sequence[float]) -> dict[str, Tensor]:
@@ -261,7 +266,9 @@ class Checkpoints:
         position = {pid: i for i, pid in enumerate(pid for g in saved for pid in g["params"])}
         state_dict = {
             **state_dict,
-            "state": {position[k]: v for k, v in state_dict["state"].items() if k in position},
+            "state": {
+                position[k]: _current(v) for k, v in state_dict["state"].items() if k in position
+            },
             "param_groups": [{**g, "params": [position[p] for p in g["params"]]} for g in saved],
         }
         backup = [dict(g) for g in self.groups]
@@ -334,7 +341,7 @@ class Checkpoints:
             for shard in sd["coap_shards"]:
                 for i, st in shard["state"].items():
                     a, b = shard["coap_pieces"][i]
-                    kept = {k: v for k, v in st.items() if k not in REFRESH_KEYS}
+                    kept = {k: v for k, v in _current(st).items() if k not in REFRESH_KEYS}
                     items.append((int(i), a, b, kept))
             where = f"{self.name}.load_state_dict(coap_shards)"
             sd = {k: v for k, v in sd.items() if k != "coap_shards"}
@@ -487,6 +494,13 @@ def saved_ranks(sd: Mapping[str, Any]) -> dict[int, int]:
             if proj is not None and len(proj.shape) == 2:
                 out[int(pid)] = int(proj.shape[0])
     return out
+
+
+def _current(entry: Any) -> Any:
+    """A saved parameter entry without its :data:`RETIRED_KEYS`."""
+    if isinstance(entry, Mapping) and any(k in entry for k in RETIRED_KEYS):
+        return {k: v for k, v in entry.items() if k not in RETIRED_KEYS}
+    return entry
 
 
 def _from_shards(shards: Any, name: str) -> dict[str, Any]:

@@ -207,7 +207,6 @@ def state_shapes(
         out.update(_moment(spec, "exp_avg", shape, spec.numel, offset))
         out.update(_moment(spec, "exp_avg_sq", shape, spec.numel, offset))
         return out
-    out["refreshes"] = ((), torch.float32)
     if spec.kind == "conv":
         o, i = spec.shape[:2]
         r0, r1 = spec.ranks_cnn

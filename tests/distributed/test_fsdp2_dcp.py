@@ -21,8 +21,8 @@ One spawn at 4 ranks saves, one at 3 loads:
   resumed losses are printed next to the uninterrupted run's. Across layouts: the 8-bit
   default checkpoint under the owner layout, the plain owner checkpoint under the default
   layout and a default-layout checkpoint under the owner layout, each within 2e-5.
-* ``full_state_dict=True, broadcast_from_rank0=True``: a one-process full state dict loads
-  into both layouts from rank 0; the default layout's own full save (``torch.save`` on rank
+* ``full_state_dict=True``: a one-process full state dict loads into both layouts from rank
+  0 (``broadcast_from_rank0=True``) and from every rank (without it); the default layout's own full save (``torch.save`` on rank
   0) resumes bitwise.
 * ``flatten_optimizer_state_dict=True`` (torchtitan's): a fixed-schedule checkpoint resumes
   under both layouts as the unflattened route does (bitwise); an adaptive one is refused.
@@ -331,16 +331,20 @@ def _check_flattened(mesh: Any, tmp: str) -> None:
 def _check_full(mesh: Any, tmp: str) -> None:
     """``StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)`` (accelerate's
     FULL_STATE_DICT load, torchtune's): a one-process optimizer's full state dict, held by
-    rank 0 only, loads into both FSDP2 layouts and trains on next to that process."""
+    rank 0 only, loads into both FSDP2 layouts and trains on next to that process; so does
+    the same dict held by every rank, without the broadcast."""
     path = os.path.join(tmp, "plain")
     full = StateDictOptions(full_state_dict=True)
     bcast = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    for owner in (True, False):
+    for owner, options in ((True, bcast), (False, bcast), (True, full), (False, full)):
+        # full: every rank holds the whole dict (torch hands each rank every 0-d entry,
+        # so each rank's own state dict must name every one of them)
         ref = _load_one_process("plain", path)
         sd = get_optimizer_state_dict(ref[0], ref[1], options=full)
         model, opt = _build("plain", mesh, owner)
         _load(model, opt, path)  # (the weights; the optimizer's state is replaced next)
-        set_optimizer_state_dict(model, opt, sd if dist.get_rank() == 0 else {}, options=bcast)
+        given = sd if dist.get_rank() == 0 or options is full else {}
+        set_optimizer_state_dict(model, opt, given, options=options)
         _train(model, opt, range(SAVE_AT, SAVE_AT + 2), mesh, ref)
     # The default layout's own full save (fp32 state: DTensors, which torch gathers) on rank
     # 0, through torch.save, loads back by broadcast and continues bitwise.

@@ -132,10 +132,6 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         assert sides == {"right", "left"}, sides
     m = opt.metrics()
     assert m["optim/refreshes"] == 5 * 3 == ref.metrics()["optim/refreshes"]
-    for p in lay.params:
-        st = opt.state.get(p)
-        if st and "refreshes" in st:
-            assert float(st["refreshes"]) == 5.0
     _check_traffic(rank, world, opt, records, tmp)
     _check_state_bytes(world, opt, ref)
     _resume(rank, world, tmp)

@@ -314,6 +314,9 @@ def _check_state(
     opt = _coap(engine)
     params = list(engine.module.parameters())
     chosen = {id(q): s.rank for q, s in zip(opt.layout.params, opt.specs, strict=True)}
+    if fixed:  # (the adaptive schedule decides its own refreshes)
+        matrices = sum(1 for s in opt.specs if s.kind == "matrix")
+        assert opt.metrics()["optim/refreshes"] == REFRESHES * matrices, label
     for p in params:
         shape = tuple(getattr(p, "ds_shape", None) or p.shape)
         st = opt.state.get(p)
@@ -340,8 +343,6 @@ def _check_state(
                 quantized = opt.specs[0].fmt.quantized and rows * r >= 4096
                 want = torch.uint8 if quantized else torch.float32
                 assert st[moment].dtype == want, (label, shape, st[moment].dtype)
-            if fixed:  # (the adaptive schedule decides its own refreshes)
-                assert float(st["refreshes"]) == REFRESHES, (label, shape, st["refreshes"])
             assert float(st["step"]) == STEPS, (label, shape, st["step"])
         else:
             held = torch.tensor([1 if st else 0])
