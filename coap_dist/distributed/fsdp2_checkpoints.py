@@ -31,6 +31,7 @@ from coap_dist.distributed.pieces import (
     piece_range,
     refuse_auto_rank,
     state_piece,
+    torch_full_state_ranks,
 )
 from coap_dist.distributed.placement import Range
 from coap_dist.functional import quant as fquant
@@ -106,6 +107,12 @@ class LocalCheckpoints:
     def _piece(self, i: int, key: str, t: Tensor) -> Pieces:
         s = self.specs[i]
         return state_piece(s, key, t, *self._rows(i), math.prod(s.shape[1:]))
+
+    def full_state_ranks(self) -> list[int] | None:
+        # (torch gathers the fp32 DTensors itself, but not 8-bit rows cut on blocks or a
+        # convolution whole on one rank; one gather to the ranks that keep the dict moves
+        # less than its all-gather of every DTensor)
+        return None if self.world == 1 else torch_full_state_ranks(self.comm)
 
     def state_dict(self, saved: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         assert self._core is not None

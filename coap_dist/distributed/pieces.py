@@ -24,10 +24,12 @@ other way round.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -40,6 +42,11 @@ from coap_dist.functional import quant as fquant
 from coap_dist.optim.checkpoint import refresh_entries
 from coap_dist.optim.spec import ParamSpec, state_shapes
 
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from coap_dist.distributed.comm import Comm
+
 __all__ = [
     "Pieces",
     "counters",
@@ -49,6 +56,7 @@ __all__ = [
     "piece_tensor",
     "refuse_auto_rank",
     "state_piece",
+    "torch_full_state_ranks",
 ]
 
 Chunk = tuple[torch.Size, Tensor]
@@ -57,11 +65,12 @@ Chunk = tuple[torch.Size, Tensor]
 _NOT_A_TENSOR = (
     "COAP: this is one rank's part of the optimizer's sharded checkpoint form, which only "
     "torch.distributed.checkpoint can save and load (dcp.save / dcp.load of "
-    "get_optimizer_state_dict with its default options). StateDictOptions(full_state_dict=True) "
-    "(accelerate's and the HF Trainer's FULL_STATE_DICT) cannot gather these pieces, which are "
-    "not DTensors, and a per-rank torch.save (accelerate's use_dcp=False) cannot write them: use "
-    "SHARDED_STATE_DICT / dcp.save, or for a one-file checkpoint call "
-    "opt.consolidate_state_dict(to=0) on every rank, then opt.state_dict() on that rank"
+    "get_optimizer_state_dict with its default options); a per-rank torch.save (of "
+    "opt.state_dict(), or accelerate's use_dcp=False) cannot write it. Use dcp.save "
+    "(SHARDED_STATE_DICT), or for one file get_optimizer_state_dict(model, opt, "
+    "options=StateDictOptions(full_state_dict=True, cpu_offload=True)) on every rank "
+    "(accelerate's and the HF Trainer's FULL_STATE_DICT; COAP gathers its whole state for it) "
+    "or opt.consolidate_state_dict(to=0) on every rank, then opt.state_dict() on that rank"
 )
 
 
@@ -216,6 +225,42 @@ def piece_tensor(key: str, shape: Sequence[int], local: Tensor, lo: int, hi: int
         chunks.append((torch.Size(offsets), flat[off : off + n].view(sizes)))
         off += n
     return Pieces(shape, local, chunks)
+
+
+def torch_full_state_ranks(comm: Comm) -> list[int] | None:
+    """The ranks of ``comm``'s group to get the whole state when torch's full-state gather
+    (``torch.distributed.checkpoint.state_dict._get_optim_state_dict`` with
+    ``full_state_dict=True``) is what called this rank's ``state_dict()``: the rank that is
+    global rank 0 under ``cpu_offload`` (torch keeps only its dict), else every rank. None
+    when the caller is anything else (torch's load asks for a template with
+    ``full_state_dict=False``; a direct ``opt.state_dict()``).
+
+    The gather gives no sign but its own frame, which is read here (its ``info``); a torch
+    that renamed it leaves the old behaviour: the pieces refuse at ``torch.save`` naming
+    the routes that work (tests/integrations/test_hf.py catches that on the pinned torch).
+    """
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(24):
+        if frame is None:
+            return None
+        code = frame.f_code
+        if (
+            code.co_name == "_get_optim_state_dict"
+            and frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict"
+        ):
+            info = frame.f_locals.get("info")
+            if not getattr(info, "full_state_dict", False):
+                return None
+            everyone = list(range(comm.world))
+            if not getattr(info, "cpu_offload", False):
+                return everyone
+            group = comm.group
+            first = [
+                r for r in everyone if (r if group is None else dist.get_global_rank(group, r)) == 0
+            ]
+            return first or everyone
+        frame = frame.f_back
+    return None
 
 
 def own_piece(saved: Pieces, want: Tensor, where: str) -> Tensor:

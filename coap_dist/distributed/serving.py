@@ -36,6 +36,7 @@ from coap_dist.distributed.pieces import (
     own_piece,
     refuse_auto_rank,
     state_piece,
+    torch_full_state_ranks,
 )
 from coap_dist.distributed.placement import Piece, Placement
 from coap_dist.distributed.routes import Geometry
@@ -71,6 +72,11 @@ class OwnerCheckpoints:
         def ensure_state(self, index: int) -> None:
             """Allocate this rank's state of parameter ``index`` (the layout's)."""
             ...
+
+    def full_state_ranks(self) -> list[int] | None:
+        if self.world == 1 or self.view.rank_local:
+            return None  # (DeepSpeed saves each rank's pieces through its engine)
+        return torch_full_state_ranks(self.comm)
 
     def state_dict(self, saved: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         if self.view.rank_local:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -137,8 +137,14 @@ class Checkpoints:
         returns DTensor state for ``torch.distributed.checkpoint``; DeepSpeed this rank's
         pieces; the other owner layouts raise unless :meth:`consolidate_state_dict` ran on
         every rank first (then the rank it named gets the whole state). Never enters a
-        collective. Refused after a ``step()`` that stopped part-way through its writes
-        (its state is partly updated: load a checkpoint first).
+        collective, except when torch's full-state gather calls it
+        (``get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))``:
+        accelerate's and the HF Trainer's FSDP ``FULL_STATE_DICT``, torchtune's), which every
+        rank runs together: then a sharded layout gathers the whole single-process state
+        itself (``Layout.full_state_ranks``), on rank 0 with ``cpu_offload`` (torch keeps
+        only rank 0's dict) and on every rank without, since torch gathers only DTensors.
+        Refused after a ``step()`` that stopped part-way through its writes (its state is
+        partly updated: load a checkpoint first).
         """
         self._refuse_interrupted("state_dict()")
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
@@ -169,6 +175,11 @@ class Checkpoints:
                     "param_groups": [{**g} for g in pending["param_groups"]],
                 }
             return {"state": {}, "param_groups": self._packed_groups()}
+        ranks = self._layout.full_state_ranks()
+        if ranks is not None:
+            # torch's full-state gather, on every rank now: the whole state where it keeps it
+            full = self._gather_full(ranks)
+            return full or {"state": {}, "param_groups": self._packed_groups()}
         return self._layout.state_dict(self._local_state_dict)
 
     def consolidate_state_dict(self, to: int | None = 0) -> None:
@@ -185,11 +196,23 @@ class Checkpoints:
                 f"group (0 .. {lay.world - 1}); pass one of them, or to=None for every rank"
             )
         self._consolidated = None
-        for q in range(lay.world) if to is None else (to,):
+        sd = self._gather_full(range(lay.world) if to is None else (to,))
+        if sd is not None:
+            self._consolidated = (self._step_calls, sd)
+
+    def _gather_full(self, ranks: Iterable[int]) -> dict[str, Any] | None:
+        """Collective: the whole single-process state dict on each of ``ranks`` (None on
+        the others), adaptive records in the entries too (as one process's)."""
+        lay = self._bound()
+        sd = None
+        for q in ranks:
             full = lay.consolidate(q)
             if full is not None:
+                for i, st in self._adaptive.items():
+                    if i in full:
+                        full[i] = {**full[i], **refresh_entries(st.as_list())}
                 sd = {"state": full, "param_groups": self._packed_groups(), **self._host_records()}
-                self._consolidated = (self._step_calls, sd)
+        return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load state (any form :meth:`state_dict` returns, from any world size for the

@@ -305,6 +305,15 @@ class Layout(abc.ABC):
         """Collective: the single-process state of every parameter on rank ``to`` (None
         elsewhere)."""
 
+    def full_state_ranks(self) -> list[int] | None:
+        """No communication. Where ``state_dict()`` is being called by torch's full-state
+        gather (``get_optimizer_state_dict(..., StateDictOptions(full_state_dict=True))``,
+        which every rank runs together) and this layout's own state dict is not the whole
+        state: the ranks of this layout's group that are to get the whole state (torch keeps
+        only global rank 0's dict under ``cpu_offload``); None otherwise, as here (one
+        process and replicated state are whole)."""
+        return None
+
     def metrics(self) -> dict[str, float]:
         """Layout counters for loggers (collectives and bytes of the last step)."""
         return {}

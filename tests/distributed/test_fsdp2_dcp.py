@@ -22,8 +22,9 @@ One spawn at 4 ranks saves, one at 3 loads:
   default checkpoint under the owner layout, the plain owner checkpoint under the default
   layout and a default-layout checkpoint under the owner layout, each within 2e-5.
 * ``full_state_dict=True``: a one-process full state dict loads into both layouts from rank
-  0 (``broadcast_from_rank0=True``) and from every rank (without it); the default layout's own full save (``torch.save`` on rank
-  0) resumes bitwise.
+  0 (``broadcast_from_rank0=True``) and from every rank (without it); each layout's own full
+  save (``torch.save`` on rank 0: fp32 DTensors, owner pieces with 8-bit and Tucker state,
+  8-bit rows cut on blocks) resumes bitwise.
 * ``flatten_optimizer_state_dict=True`` (torchtitan's): a fixed-schedule checkpoint resumes
   under both layouts as the unflattened route does (bitwise); an adaptive one is refused.
 * Refusals: ``rank="auto"`` has no DCP form (its shapes are chosen during training) and
@@ -346,25 +347,40 @@ def _check_full(mesh: Any, tmp: str) -> None:
         given = sd if dist.get_rank() == 0 or options is full else {}
         set_optimizer_state_dict(model, opt, given, options=options)
         _train(model, opt, range(SAVE_AT, SAVE_AT + 2), mesh, ref)
-    # The default layout's own full save (fp32 state: DTensors, which torch gathers) on rank
-    # 0, through torch.save, loads back by broadcast and continues bitwise.
-    offload = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    saved = (
-        get_model_state_dict(model, options=offload),
-        get_optimizer_state_dict(model, opt, options=offload),
-    )
-    buf = io.BytesIO()
-    torch.save(saved, buf)  # (rank 0 holds the dicts; the others' are empty)
-    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
-    assert bool(loaded[1]) == (dist.get_rank() == 0)
-    model2, opt2 = _build("plain", mesh, owner=False)
-    set_model_state_dict(model2, loaded[0], options=bcast)
-    set_optimizer_state_dict(model2, opt2, loaded[1], options=bcast)
-    for m, o in ((model, opt), (model2, opt2)):
-        _train(m, o, range(SAVE_AT + 2, SAVE_AT + 4), mesh)
-    uninterrupted = _full(model)
-    for n, p in _full(model2).items():
-        assert torch.equal(p, uninterrupted[n]), f"full-state-dict resume differs at {n}"
+    # A full save (accelerate's and the HF Trainer's FULL_STATE_DICT: torch gathers DTensors
+    # only, COAP gathers its own state when torch's gather calls state_dict()), torch.save on
+    # rank 0, loads back by broadcast and continues bitwise: the default layout's fp32
+    # DTensors; the owner layout's pieces (8-bit, a Tucker convolution, adaptive records); the
+    # default layout's 8-bit rows cut on blocks with a Tucker convolution whole on one rank,
+    # without cpu_offload (then every rank gets the whole dict, as torch's gather gives).
+    n_params = len(list(model.parameters()))
+    for name, owner, cpu in (
+        ("plain", False, True),
+        ("8bit_tucker", True, True),
+        ("tucker_default", False, False),
+    ):
+        if name != "plain":
+            model, opt = _build(name, mesh, owner)
+            _load(model, opt, os.path.join(tmp, name))
+            _train(model, opt, range(SAVE_AT, SAVE_AT + 2), mesh)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=cpu)
+        saved = (
+            get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, opt, options=options),
+        )
+        holds = dist.get_rank() == 0 or not cpu  # (with cpu_offload the others' are empty)
+        assert len(saved[1].get("state", {})) == (n_params if holds else 0), name
+        buf = io.BytesIO()
+        torch.save(saved, buf)
+        loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+        model2, opt2 = _build(name, mesh, owner)
+        set_model_state_dict(model2, loaded[0], options=bcast)
+        set_optimizer_state_dict(model2, opt2, loaded[1], options=bcast)
+        for m, o in ((model, opt), (model2, opt2)):
+            _train(m, o, range(SAVE_AT + 2, SAVE_AT + 4), mesh)
+        uninterrupted = _full(model)
+        for n, p in _full(model2).items():
+            assert torch.equal(p, uninterrupted[n]), f"{name}: full-state resume differs at {n}"
 
 
 def _check_foreign(opt: Any) -> None:

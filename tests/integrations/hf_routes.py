@@ -10,6 +10,12 @@ processes (launched by tests/integrations/test_hf.py; writes ``results.json``).
    main-process checkpoint holds the whole state and resuming ends where the uninterrupted
    run does. (Without the callback the main process's ``optimizer.state_dict()`` raises at
    once, without entering a collective: tests/distributed/test_owner.py.)
+5. FSDP2 ``FULL_STATE_DICT`` (torch gathers DTensors only; COAP gathers its own state when
+   torch's full-state gather asks): accelerate ``save_state`` / ``load_state`` under the owner
+   layout and under the default layout with 8-bit state (rows cut on quantization blocks),
+   and the HF Trainer (owner layout, 8-bit), with no callback or hook: the file holds every
+   parameter's single-process state and the resumed run ends bitwise where the
+   uninterrupted one does.
 4. accelerate DDP with ``sharding="owner"``: ``save_state`` without
    :func:`~coap_dist.integrations.accelerate.consolidate_on_save_state` stops at once on
    every rank, naming it; with it the saved optimizer file holds the whole state,
@@ -18,8 +24,9 @@ processes (launched by tests/integrations/test_hf.py; writes ``results.json``).
 
 Shim (CPU only): accelerate turns FSDP on only for GPU-like distributed types (MULTI_GPU,
 MULTI_NPU, ...), so on CPU it keeps MULTI_CPU and drops the plugin. :func:`_force_fsdp` sets
-``distributed_type = FSDP`` and the plugin on the shared accelerator state, which is what
-accelerate itself does on a GPU node; nothing else is changed.
+``distributed_type = FSDP`` and the plugin on the shared accelerator state (and the type on
+the shared partial state), which is what accelerate itself does on a GPU node; nothing else
+is changed.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
@@ -50,10 +57,15 @@ def _force_fsdp(state: AcceleratorState, plugin: FullyShardedDataParallelPlugin)
     """The CPU shim of the module docstring."""
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = plugin
+    # (AcceleratorState copies PartialState's type each time it is built, so accelerate
+    # sets it there too when it turns FSDP on)
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def _reset() -> None:
     AcceleratorState._reset_state(reset_partial_state=False)
+    if PartialState._shared_state.get("distributed_type") == DistributedType.FSDP:
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_CPU
 
 
 def accelerate_fsdp2() -> dict:
@@ -134,7 +146,9 @@ class _CpuFsdpTrainer(Trainer):
         self.is_fsdp_enabled = True
 
 
-def _args(out: str, fsdp: bool, **over: Any) -> TrainingArguments:
+def _args(
+    out: str, fsdp: bool, sd_type: str = "SHARDED_STATE_DICT", **over: Any
+) -> TrainingArguments:
     extra: dict[str, Any] = {}
     if fsdp:
         extra = dict(
@@ -142,7 +156,7 @@ def _args(out: str, fsdp: bool, **over: Any) -> TrainingArguments:
             fsdp_config={
                 "fsdp_version": 2,
                 "reshard_after_forward": True,
-                "state_dict_type": "SHARDED_STATE_DICT",
+                "state_dict_type": sd_type,
                 "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
             },
         )
@@ -164,12 +178,18 @@ def _args(out: str, fsdp: bool, **over: Any) -> TrainingArguments:
 
 
 def _train(
-    out: str, fsdp: bool, kwargs: dict, callbacks: list, resume: str | None = None, **over: Any
+    out: str,
+    fsdp: bool,
+    kwargs: dict,
+    callbacks: list,
+    resume: str | None = None,
+    sd_type: str = "SHARDED_STATE_DICT",
+    **over: Any,
 ) -> dict:
     cls = _CpuFsdpTrainer if fsdp else Trainer
     trainer = cls(
         model=_llama(),
-        args=_args(out, fsdp, **over),
+        args=_args(out, fsdp, sd_type, **over),
         train_dataset=_Tokens(),
         eval_dataset=_Tokens() if "eval_strategy" in over else None,
         optimizer_cls_and_kwargs=(coap_dist.COAPAdamW, kwargs),
@@ -187,17 +207,23 @@ def _train(
     return out_d
 
 
-def trainer_fsdp2() -> dict:
-    out = os.path.join(OUT, "fsdp2")
-    full = _train(out, True, dict(KW), [])
-    resumed = _train(out + "_resumed", True, dict(KW), [], resume=os.path.join(out, "checkpoint-2"))
+def trainer_fsdp2(kw: dict, sd_type: str = "SHARDED_STATE_DICT") -> dict:
+    out = os.path.join(OUT, f"fsdp2_{sd_type}")
+    full = _train(out, True, kw, [], sd_type=sd_type)
+    resume = os.path.join(out, "checkpoint-2")
+    resumed = _train(out + "_resumed", True, kw, [], resume=resume, sd_type=sd_type)
     same = all(torch.equal(full["weights"][n], w) for n, w in resumed["weights"].items())
-    return {
+    out_d = {
         "layout": full["layout"],
         "resumed_equal": same,
         "losses": full["losses"],
         "resumed_losses": resumed["losses"],
     }
+    if sd_type == "FULL_STATE_DICT":  # one file: the single-process state
+        saved = torch.load(os.path.join(resume, "optimizer.bin"), weights_only=True)
+        out_d["saved_params"] = len(saved["state"])
+        out_d["params"] = sum(1 for _ in _llama().parameters())
+    return out_d
 
 
 def trainer_ddp_owner() -> dict:
@@ -297,10 +323,54 @@ def accelerate_ddp_owner() -> dict:
     }
 
 
+def accelerate_fsdp2_full(kw: dict) -> dict:
+    """save_state / load_state with FULL_STATE_DICT, nothing else added: torch's full-state
+    gather calls state_dict() on every rank, where COAP gathers its whole state itself."""
+    tag = "owner" if kw.get("sharding") else "default"
+    out = os.path.join(OUT, f"acc_fsdp2_full_{tag}")
+
+    def prepared() -> tuple[Accelerator, nn.Module, Any]:
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT"
+        )
+        acc = Accelerator(fsdp_plugin=plugin, cpu=True)
+        _force_fsdp(acc.state, plugin)
+        model = _mlp()
+        model, opt = acc.prepare(model, coap_dist.COAPAdamW(model.parameters(), **kw))
+        return acc, model, opt
+
+    acc, model, opt = prepared()
+    _steps(model, opt, range(3), acc.backward)
+    acc.save_state(out)
+    acc.wait_for_everyone()
+    _steps(model, opt, range(3, 6), acc.backward)
+    full = [p.full_tensor() for p in model.parameters()]
+    layout = coap_optimizer(opt).layout.name
+    _reset()
+    acc, model, opt = prepared()
+    acc.load_state(out)
+    _steps(model, opt, range(3, 6), acc.backward)
+    resumed = [p.full_tensor() for p in model.parameters()]
+    _reset()
+    saved = torch.load(os.path.join(out, "optimizer.bin"), weights_only=True)
+    return {
+        "layout": layout,
+        "saved_params": len(saved["state"]),
+        "params": len(full),
+        "resumed_equal": all(torch.equal(a, b) for a, b in zip(full, resumed, strict=True)),
+    }
+
+
 def main() -> None:
     results = {"accelerate_fsdp2": accelerate_fsdp2()}
     results["accelerate_ddp_owner"] = accelerate_ddp_owner()
-    results["trainer_fsdp2"] = trainer_fsdp2()
+    # FULL_STATE_DICT: the owner layout's pieces; the default layout's 8-bit rows (on blocks)
+    results["accelerate_fsdp2_full_owner"] = accelerate_fsdp2_full(dict(KW, sharding="owner"))
+    results["accelerate_fsdp2_full_default"] = accelerate_fsdp2_full(dict(KW, state_bits=8))
+    results["trainer_fsdp2"] = trainer_fsdp2(dict(KW))
+    results["trainer_fsdp2_full"] = trainer_fsdp2(
+        dict(KW, sharding="owner", state_bits=8), "FULL_STATE_DICT"
+    )
     results["trainer_ddp_owner"] = trainer_ddp_owner()
     if RANK == 0:
         with open(os.path.join(OUT, "results.json"), "w") as f:

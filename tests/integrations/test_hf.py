@@ -39,6 +39,15 @@ def test_accelerate_and_hf_trainer_routes(tmp_path: Path) -> None:
     assert "consolidate_on_save_state" in own["refusal"], own
     assert own["saved_params"] == own["params"] and own["resumed_equal"], own
     assert own["one_process_diff"] < 1e-4, own
+    # 5. FSDP2 FULL_STATE_DICT: one file of the whole single-process state, resumed bitwise
+    for route in ("accelerate_fsdp2_full_owner", "accelerate_fsdp2_full_default"):
+        full = r[route]
+        assert full["saved_params"] == full["params"] and full["resumed_equal"], (route, full)
+    assert r["accelerate_fsdp2_full_owner"]["layout"] == "fsdp2_owner"
+    assert r["accelerate_fsdp2_full_default"]["layout"] == "fsdp2"
+    tf = r["trainer_fsdp2_full"]
+    assert tf["layout"] == "fsdp2_owner" and tf["saved_params"] == tf["params"], tf
+    assert tf["resumed_equal"] and tf["losses"] == tf["resumed_losses"], tf
     # 2. HF Trainer + FSDP2 (fsdp_config): DCP checkpoint, resume ends where the run did
     fsdp = r["trainer_fsdp2"]
     assert fsdp["layout"] == "fsdp2" and fsdp["resumed_equal"], fsdp
