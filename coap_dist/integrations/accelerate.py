@@ -3,8 +3,10 @@
 ``accelerator.prepare(model, opt)`` works under every layout (COAP binds late). What
 ``save_state`` saves depends on the setup:
 
-* FSDP: ``save_fsdp_optimizer`` (``torch.distributed.checkpoint`` on every rank): works with
-  both FSDP2 layouts.
+* FSDP: ``save_fsdp_optimizer``: ``torch.distributed.checkpoint`` on every rank
+  (``SHARDED_STATE_DICT``) or torch's full-state gather and one file from rank 0
+  (``FULL_STATE_DICT``, for which COAP gathers its own state): both work with both FSDP2
+  layouts.
 * DeepSpeed: the engine's per-rank files: works.
 * Otherwise (one process, DDP): ``opt.state_dict()`` on EVERY rank, of which the main
   process writes its own. Replicated COAP state (``sharding=None``) saves as is. With

@@ -4,10 +4,13 @@ The Trainer builds the optimizer itself (``optimizer_cls_and_kwargs=(COAPAdamW, 
 before it wraps the model, which COAP's late binding supports under every layout. What it
 saves depends on the setup:
 
-* FSDP (``fsdp_config={"fsdp_version": 2}``): accelerate's ``save_fsdp_optimizer``, i.e.
-  ``torch.distributed.checkpoint`` of ``get_optimizer_state_dict`` on every rank: works with
-  COAP's FSDP2 default layout (DTensor state) and with ``sharding="owner"`` (its pieces as
-  :class:`~coap_dist.distributed.pieces.Pieces`; ``rank="auto"`` excepted).
+* FSDP (``fsdp_config={"fsdp_version": 2}``): accelerate's ``save_fsdp_optimizer``. With
+  ``"state_dict_type": "SHARDED_STATE_DICT"``, ``torch.distributed.checkpoint`` of
+  ``get_optimizer_state_dict`` on every rank: works with COAP's FSDP2 default layout (DTensor
+  state) and with ``sharding="owner"`` (its pieces as
+  :class:`~coap_dist.distributed.pieces.Pieces`; ``rank="auto"`` excepted). With
+  ``"FULL_STATE_DICT"``, torch's full-state gather, for which COAP gathers its own whole
+  state on rank 0: one file of the single-process state, for every layout.
 * DeepSpeed: ``engine.save_checkpoint`` (per-rank files): works.
 * Otherwise (one process, DDP): ``torch.save(optimizer.state_dict())`` on the main process
   only. Replicated COAP state (``sharding=None``) saves as is; with ``sharding="owner"`` the
