@@ -55,6 +55,12 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"rank": 4, "scale": 0.0}, "`scale`=0.0"),
     ({"rank": 4, "rank_ratio_cnn": -2}, "`rank_ratio_cnn`=-2"),
     ({"rank": 4, "sharding": "zero9"}, "`sharding`='zero9'"),
+    ({"rank": 4, "amsgrad": True}, "`amsgrad`=True (a torch.optim.AdamW flag) cannot be"),
+    ({"rank": 4, "maximize": True}, "`maximize`=True .* negate the loss"),
+    ({"rank": 4, "capturable": True}, "`capturable`=True .* skip_nonfinite=False"),
+    ({"rank": 4, "fused": False}, "`fused`=False .*Accepted: None or True"),
+    ({"rank": 4, "foreach": False}, "`foreach`=False"),
+    ({"rank": 4, "amsgrad": 0}, "`amsgrad`=0"),
 ]
 
 
@@ -62,6 +68,28 @@ BAD: list[tuple[dict[str, Any], str]] = [
 def test_bad_input_names_the_field(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         COAPAdamW(_mlp().parameters(), **kwargs)
+
+
+def test_torch_adamw_flags_are_accepted_where_honoured() -> None:
+    """AdamW code passes torch's flags out of habit: at the values COAP honours they are
+    accepted and change nothing (the same trajectory; nothing kept in the groups)."""
+    flags = dict(
+        amsgrad=False, maximize=False, capturable=False, differentiable=False, foreach=None
+    )
+    runs = []
+    for cls, extra in ((COAPAdamW, dict(fused=True)), (COAPAdafactor, dict(foreach=True))):
+        for kw in ({}, {**flags, **extra}):
+            model = _mlp()
+            opt = cls(model.parameters(), rank=4, update_interval=2, **kw)
+            assert not set(flags) & set(opt.param_groups[0]), "flags are not hyperparameters"
+            for s in range(3):
+                x = torch.randn(8, 32, generator=torch.Generator().manual_seed(s))
+                model(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+            runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in ((runs[0], runs[1]), (runs[2], runs[3])):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("cls", [COAPAdamW, coap_dist.COAPAdafactor])

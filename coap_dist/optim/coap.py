@@ -49,7 +49,7 @@ from torch.optim import Optimizer
 from coap_dist.functional import projection as fproj
 from coap_dist.optim import autorank, kernels, schedule
 from coap_dist.optim.checkpoint import PENDING_STATE, Checkpoints, saved_ranks
-from coap_dist.optim.config import COAPAdafactorConfig, COAPAdamWConfig
+from coap_dist.optim.config import COAPAdafactorConfig, COAPAdamWConfig, without_torch_flags
 from coap_dist.optim.layout import (
     Layout,
     Update,
@@ -96,6 +96,7 @@ class _COAPBase(Checkpoints, Optimizer):
             )
         if lr is not None:
             given["lr"] = lr
+        hyperparameters = without_torch_flags(hyperparameters, name)
         self.config = self.config_class.from_mapping({**given, **hyperparameters}, name)
         if not isinstance(sharding, Layout) and sharding not in SHARDING_NAMES:
             raise ValueError(

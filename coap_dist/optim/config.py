@@ -463,6 +463,49 @@ def _check_field(f: dataclasses.Field[Any], value: Any, where: str) -> None:
         raise ValueError(f"{_at(where, f.name)}={value!r} is invalid: {problem}")
 
 
+TORCH_FLAGS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "amsgrad": ((False,), "COAP keeps no running maximum of the second moment"),
+    "maximize": ((False,), "negate the loss to maximise it"),
+    "capturable": (
+        (False,),
+        "COAP's refresh schedule is host control flow (a refresh runs other kernels), so "
+        "its step cannot be captured in a CUDA graph; skip_nonfinite=False gives a step "
+        "without host synchronisation",
+    ),
+    "differentiable": ((False,), "COAP's step runs under torch.no_grad"),
+    "foreach": (
+        (None, True),
+        "COAP's AdamW parameters always step through torch's fused multi-tensor kernel and "
+        "its matrices through COAP's own step: there is no per-tensor loop to choose",
+    ),
+    "fused": (
+        (None, True),
+        "COAP's AdamW parameters always step through torch's fused kernel",
+    ),
+}
+"""``torch.optim.AdamW``'s implementation flags, which code written for AdamW passes out of
+habit: (the values COAP honours, why it cannot honour the others). Not hyperparameters:
+accepted at those values and kept nowhere (:func:`without_torch_flags`)."""
+
+
+def without_torch_flags(kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``kwargs`` without the :data:`TORCH_FLAGS` COAP honours (``amsgrad=False``,
+    ``fused=True``, ...); any other value of one is refused naming the flag, the value and
+    why."""
+    out = {}
+    for key, value in kwargs.items():
+        if key not in TORCH_FLAGS:
+            out[key] = value
+            continue
+        honoured, why = TORCH_FLAGS[key]
+        if not any(value is v for v in honoured):
+            raise ValueError(
+                f"{where}: `{key}`={value!r} (a torch.optim.AdamW flag) cannot be honoured: "
+                f"{why}. Accepted: {' or '.join(repr(v) for v in honoured)}, or leave it out"
+            )
+    return out
+
+
 def _refuse_unknown(key: str, known: Iterable[str], where: str, *, near_only: bool) -> None:
     """Raise for ``key`` not in ``known`` (only when it resembles one, with ``near_only``)."""
     known = sorted(known)
