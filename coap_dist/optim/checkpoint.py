@@ -157,6 +157,13 @@ class Checkpoints:
         return sd
 
     def _state_dict(self) -> dict[str, Any]:
+        ranks = None if self._layout is None else self._layout.full_state_ranks()
+        if ranks is not None:
+            # torch's full-state gather, on every rank now: the whole state where it keeps
+            # it (gathered afresh, whatever an earlier consolidate_state_dict left here on
+            # some ranks, so that every rank enters the same collectives)
+            full = self._gather_full(ranks)
+            return full or {"state": {}, "param_groups": self._packed_groups()}
         if self._consolidated is not None:
             at, sd = self._consolidated
             if at != self._step_calls:
@@ -175,11 +182,6 @@ class Checkpoints:
                     "param_groups": [{**g} for g in pending["param_groups"]],
                 }
             return {"state": {}, "param_groups": self._packed_groups()}
-        ranks = self._layout.full_state_ranks()
-        if ranks is not None:
-            # torch's full-state gather, on every rank now: the whole state where it keeps it
-            full = self._gather_full(ranks)
-            return full or {"state": {}, "param_groups": self._packed_groups()}
         return self._layout.state_dict(self._local_state_dict)
 
     def consolidate_state_dict(self, to: int | None = 0) -> None:

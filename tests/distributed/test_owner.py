@@ -13,7 +13,8 @@ fed the same gradients:
   1.15 x total / N plus one matrix's state;
 * checkpoints: ``state_dict()`` on one rank raises at once without a collective; after
   ``consolidate_state_dict(to=0)`` rank 0 alone saves the single-process state, which resumes
-  at another world size (2 -> 3, 3 -> 1 process);
+  at another world size (2 -> 3, 3 -> 1 process); torch's full-state gather
+  (``get_optimizer_state_dict(..., full_state_dict=True)``) returns that same state;
 * ZeRO-2 (``reduce_gradients=True``, no DDP) with a parameter missing its gradient on rank 0
   and a NaN on rank 1 only (skipped on every rank); COAPAdafactor with split matrices (two
   rounds of team sums per step); ranks built with other hyperparameters fail at bind;
@@ -36,6 +37,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 import coap_dist
 from coap_dist.distributed import OwnerSharding
@@ -120,6 +122,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         _check_close(opt, model, ref_model, f"step {step}")
         if step == SAVE_AT - 1:
             _checkpoint(rank, world, opt, ref, tmp)
+            _torch_full_state(rank, world, model, opt, tmp)
     lay = opt.layout
     split = [
         i for i, s in enumerate(opt.specs) if s.kind == "matrix" and not lay.placement.whole(i)
@@ -278,11 +281,34 @@ def _checkpoint(
     for i, st in ref_sd["state"].items():
         for key, val in st.items():
             got = sd["state"][i][key]
-            if lay.placement.whole(i) or key in ("step", "refreshes"):
+            if lay.placement.whole(i) or key == "step":
                 assert torch.equal(got, val), (i, key)
             else:
                 torch.testing.assert_close(got, val, atol=1e-4, rtol=1e-4, msg=f"{i} {key}")
     torch.save(sd, os.path.join(tmp, f"owner_w{world}.pt"))
+
+
+def _torch_full_state(
+    rank: int, world: int, model: nn.Module, opt: coap_dist.COAPAdamW, tmp: str
+) -> None:
+    """torch's full-state gather (``get_optimizer_state_dict(..., full_state_dict=True)`` on
+    every rank) of the DDP owner layout: COAP gathers its whole state for it, the same
+    state (bitwise) as ``consolidate_state_dict``'s, even right after that call left it on
+    rank 0 alone (every rank enters the same collectives); with ``cpu_offload`` only rank 0
+    keeps it, without it every rank does."""
+    fqn = {id(p): n for n, p in model.named_parameters()}
+    names = [fqn[id(p)] for p in opt.layout.params]
+    for cpu in (True, False):
+        options = StateDictOptions(full_state_dict=True, cpu_offload=cpu)
+        full = get_optimizer_state_dict(model, opt, options=options)
+        if rank != 0 and cpu:
+            assert not full, "cpu_offload: torch keeps rank 0's dict only"
+            continue
+        saved = torch.load(os.path.join(tmp, f"owner_w{world}.pt"), weights_only=True)
+        assert len(full["state"]) == len(saved["state"])
+        for i, st in saved["state"].items():
+            for key, val in st.items():
+                assert torch.equal(full["state"][names[i]][key].cpu(), val), (names[i], key)
 
 
 def _replay(model: nn.Module, step: int, world: int) -> None:
