@@ -108,14 +108,15 @@ class Checkpoints:
         global step counts every rank keeps."""
         lay = self._bound()
         state = {i: dict(self.state[p]) for i, p in enumerate(lay.params) if self.state.get(p)}
+        return self._saved_form(state)
+
+    def _saved_form(self, state: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        """The state dict of parameter entries ``state`` (by index): each adaptive matrix's
+        entry with its record (:data:`REFRESH_KEYS`), the groups and the host records."""
         for i, st in self._adaptive.items():
             if i in state:
-                state[i].update(refresh_entries(st.as_list()))
-        return {
-            "state": state,
-            "param_groups": self._packed_groups(),
-            **self._host_records(),
-        }
+                state[i] = {**state[i], **refresh_entries(st.as_list())}
+        return {"state": state, "param_groups": self._packed_groups(), **self._host_records()}
 
     def _host_records(self) -> dict[str, Any]:
         """What every rank keeps about every parameter: update counts and adaptive records."""
@@ -210,10 +211,7 @@ class Checkpoints:
         for q in ranks:
             full = lay.consolidate(q)
             if full is not None:
-                for i, st in self._adaptive.items():
-                    if i in full:
-                        full[i] = {**full[i], **refresh_entries(st.as_list())}
-                sd = {"state": full, "param_groups": self._packed_groups(), **self._host_records()}
+                sd = self._saved_form(full)
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
