@@ -93,6 +93,26 @@ def test_correlation_gradient_matches_autograd(side: str, scale_free: bool) -> N
     torch.testing.assert_close(new.double(), expect, atol=1e-5, rtol=1e-4)
 
 
+def test_orthonormalize_rows_cholesky_form_is_householders_q() -> None:
+    """Within its step bound the Cholesky form returns Householder's Q (diag(R) > 0) to fp32
+    rounding; beyond the bound, or without one, it is Householder's bitwise; a P without full
+    rank gives NaN (rejected by all_finite), never a wrong basis."""
+    torch.manual_seed(0)
+    r, b = 16, 64
+    p = torch.linalg.qr(torch.randn(b, r))[0].t()
+    for size in (0.05, fproj.CHOLESKY_QR_MAX_STEP):
+        d = torch.randn(r, b)
+        moved = p + size * d / torch.linalg.matrix_norm(d, ord=2)
+        chol = fproj.orthonormalize_rows(moved, step=size)
+        torch.testing.assert_close(chol, fproj.orthonormalize_rows(moved), atol=2e-6, rtol=0)
+        torch.testing.assert_close(chol @ chol.t(), torch.eye(r), atol=2e-6, rtol=0)
+        too_far = fproj.orthonormalize_rows(moved, step=2 * size + 0.5)
+        assert torch.equal(too_far, fproj.orthonormalize_rows(moved))
+    moved[3] = 0.0  # rank r - 1
+    assert not bool(fproj.all_finite(fproj.orthonormalize_rows(moved, step=0.1)))
+    assert bool(fproj.all_finite(fproj.orthonormalize_rows(moved)))
+
+
 def test_default_update_moves_projector_reference_does_not() -> None:
     """At gradient entries of 1e-4 the scale-free update moves P and lowers the residual; the
     published update does not move P at all (its gradient scales with |G|^2)."""

@@ -227,6 +227,18 @@ def piece_tensor(key: str, shape: Sequence[int], local: Tensor, lo: int, hi: int
     return Pieces(shape, local, chunks)
 
 
+FSDP1_STATE_DICT_REFUSAL = (
+    "COAP: torch's get_optimizer_state_dict on an FSDP1 model hands the optimizer state to "
+    "FSDP.optim_state_dict, which reshapes only state laid out like FSDP1's flat-parameter "
+    "shards (AdamW's moments), not COAP's low-rank moments and projectors. Save with "
+    "opt.consolidate_state_dict(to=0) on EVERY rank, then torch.save(opt.state_dict(), path) "
+    "on rank 0; opt.load_state_dict(torch.load(path)) on every rank resumes it at any world "
+    "size and under any layout"
+)
+"""Raised (on every rank alike, before any collective) when torch's state-dict API meets an
+FSDP1 model: what it would do next with COAP's state fails inside torch."""
+
+
 def torch_full_state_ranks(comm: Comm) -> list[int] | None:
     """The ranks of ``comm``'s group to get the whole state when torch's full-state gather
     (``torch.distributed.checkpoint.state_dict._get_optim_state_dict`` with
@@ -234,6 +246,9 @@ def torch_full_state_ranks(comm: Comm) -> list[int] | None:
     global rank 0 under ``cpu_offload`` (torch keeps only its dict), else every rank. None
     when the caller is anything else (torch's load asks for a template with
     ``full_state_dict=False``; a direct ``opt.state_dict()``).
+
+    Raises :data:`FSDP1_STATE_DICT_REFUSAL` when that call is on an FSDP1 model (its
+    ``info.fsdp_modules``), with or without ``full_state_dict``.
 
     The gather gives no sign but its own frame, which is read here (its ``info``); a torch
     that renamed it leaves the old behaviour: the pieces refuse at ``torch.save`` naming
@@ -249,6 +264,8 @@ def torch_full_state_ranks(comm: Comm) -> list[int] | None:
             and frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict"
         ):
             info = frame.f_locals.get("info")
+            if getattr(info, "fsdp_modules", None):
+                raise RuntimeError(FSDP1_STATE_DICT_REFUSAL)
             if not getattr(info, "full_state_dict", False):
                 return None
             everyone = list(range(comm.world))

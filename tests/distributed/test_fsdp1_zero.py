@@ -4,7 +4,8 @@ COAPAdamW fed the same averaged gradients over two full refresh cycles (fragment
 and ending mid-row; empty fragments on 3 ranks): FSDP1 within 1e-5 (updates applied to
 fragments by rectangle), the wrappers bitwise. An optimizer built before FSDP1 wrapping
 fails at its first step, one built after without the layout at construction, both with the
-advice; the consolidated state equals the single-process state."""
+advice; torch's get_optimizer_state_dict on the FSDP1 model is refused naming the route that
+works, whose consolidated state equals the single-process state."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -77,6 +79,12 @@ def _fsdp1(rank: int, world: int) -> None:
         assert (rec.sent, rec.received) == (predicted.sent, predicted.received)
         assert max(rec.sent, rec.received) <= bound_bytes(lay._entries, world, rank, dtypes)
     assert opt.metrics()["optim/refreshes"] == 3 * 5  # k = 0, 2, 4, 6, 8
+    # torch's state-dict API on an FSDP1 model would hand COAP's state to
+    # FSDP.optim_state_dict (AdamW-shaped state only): refused on every rank alike, before
+    # any collective, naming the route that works (it used to gather, then fail in torch).
+    for full in (True, False):
+        with pytest.raises(RuntimeError, match=r"FSDP\.optim_state_dict.*consolidate_state_dict"):
+            get_optimizer_state_dict(fsdp, opt, options=StateDictOptions(full_state_dict=full))
     # The whole state, consolidated on rank 0, is the single-process state.
     opt.consolidate_state_dict(to=0)
     if rank == 0:
