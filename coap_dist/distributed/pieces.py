@@ -227,9 +227,11 @@ def piece_tensor(key: str, shape: Sequence[int], local: Tensor, lo: int, hi: int
     return Pieces(shape, local, chunks)
 
 
+_FSDP1_MODULE = "torch.distributed.fsdp.fully_sharded_data_parallel"
+_FSDP1_SAVES = frozenset({"optim_state_dict", "full_optim_state_dict", "sharded_optim_state_dict"})
 FSDP1_STATE_DICT_REFUSAL = (
-    "COAP: torch's get_optimizer_state_dict on an FSDP1 model hands the optimizer state to "
-    "FSDP.optim_state_dict, which reshapes only state laid out like FSDP1's flat-parameter "
+    "COAP: FSDP.optim_state_dict (which torch's get_optimizer_state_dict calls on an FSDP1 "
+    "model) reshapes only optimizer state laid out like FSDP1's flat-parameter "
     "shards (AdamW's moments), not COAP's low-rank moments and projectors. Save with "
     "opt.consolidate_state_dict(to=0) on EVERY rank, then torch.save(opt.state_dict(), path) "
     "on rank 0; opt.load_state_dict(torch.load(path)) on every rank resumes it at any world "
@@ -248,7 +250,9 @@ def torch_full_state_ranks(comm: Comm) -> list[int] | None:
     ``full_state_dict=False``; a direct ``opt.state_dict()``).
 
     Raises :data:`FSDP1_STATE_DICT_REFUSAL` when that call is on an FSDP1 model (its
-    ``info.fsdp_modules``), with or without ``full_state_dict``.
+    ``info.fsdp_modules``), with or without ``full_state_dict``, and when the caller is
+    FSDP1's own ``FSDP.optim_state_dict`` / ``full_optim_state_dict`` /
+    ``sharded_optim_state_dict``.
 
     The gather gives no sign but its own frame, which is read here (its ``info``); a torch
     that renamed it leaves the old behaviour: the pieces refuse at ``torch.save`` naming
@@ -259,6 +263,8 @@ def torch_full_state_ranks(comm: Comm) -> list[int] | None:
         if frame is None:
             return None
         code = frame.f_code
+        if code.co_name in _FSDP1_SAVES and frame.f_globals.get("__name__") == _FSDP1_MODULE:
+            raise RuntimeError(FSDP1_STATE_DICT_REFUSAL)
         if (
             code.co_name == "_get_optim_state_dict"
             and frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict"

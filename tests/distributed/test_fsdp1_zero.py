@@ -82,11 +82,19 @@ def _fsdp1(rank: int, world: int) -> None:
     # torch's state-dict API on an FSDP1 model would hand COAP's state to
     # FSDP.optim_state_dict (AdamW-shaped state only): refused on every rank alike, before
     # any collective, naming the route that works (it used to gather, then fail in torch).
-    for full in (True, False):
+    saves = [
+        lambda: get_optimizer_state_dict(fsdp, opt, options=StateDictOptions(full_state_dict=True)),
+        lambda: get_optimizer_state_dict(fsdp, opt),
+        lambda: FSDP.optim_state_dict(fsdp, opt),
+        lambda: FSDP.full_optim_state_dict(fsdp, opt),
+    ]
+    for save in saves:
         with pytest.raises(RuntimeError, match=r"FSDP\.optim_state_dict.*consolidate_state_dict"):
-            get_optimizer_state_dict(fsdp, opt, options=StateDictOptions(full_state_dict=full))
+            save()
     # The whole state, consolidated on rank 0, is the single-process state.
     opt.consolidate_state_dict(to=0)
+    with pytest.raises(RuntimeError, match=r"FSDP\.optim_state_dict"):
+        FSDP.optim_state_dict(fsdp, opt)  # also with the whole state at hand on rank 0
     if rank == 0:
         sd = opt.state_dict()
         for k, st in ref.state_dict()["state"].items():
